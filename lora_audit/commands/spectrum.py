@@ -1,0 +1,205 @@
+"""``lora-audit spectrum``: the intruder-dimension audit of tuned models against their base.
+
+Thin: parse and check options, open the checkpoint stream, call ``lora_audit.spectral.engine.audit``,
+write JSON/CSV atomically after success, print a summary. torch and the loaders are imported
+inside the command so ``lora-audit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import device_option, user_errors
+
+DEFAULT_SWEEP = "0.1,0.2,...,0.9"
+
+
+def parse_sweep(text: str) -> tuple[float, ...]:
+    """"0.1,0.3,0.5" -> (0.1, 0.3, 0.5); "0.1,0.2,...,0.9" -> 0.1 to 0.9 in steps of 0.1;
+    "none" or "" -> (). Values must lie strictly between 0 and 1 (ValueError otherwise)."""
+    text = (text or "").strip()
+    if text.lower() in ("", "none"):
+        return ()
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    values: list[float] = []
+    for i, tok in enumerate(tokens):
+        if tok in ("...", "…"):
+            if len(values) < 2 or i + 1 >= len(tokens) or tokens[i + 1] in ("...", "…"):
+                raise ValueError("'...' needs two values before it and one after, e.g. 0.1,0.2,...,0.9")
+            a, b = values[-2], values[-1]
+            end = float(tokens[i + 1])
+            step = b - a
+            if step <= 0 or end <= b:
+                raise ValueError(f"'{a},{b},...,{end}' is not an increasing progression")
+            x = b + step
+            while x < end - 1e-9:
+                values.append(round(x, 10))
+                x += step
+            continue
+        try:
+            values.append(float(tok))
+        except ValueError:
+            raise ValueError(f"{tok!r} is not a number") from None
+    bad = [v for v in values if not 0.0 < v < 1.0]
+    if bad:
+        raise ValueError(f"every epsilon must lie strictly between 0 and 1, got {', '.join(f'{v:g}' for v in bad)}")
+    return tuple(sorted(set(values)))
+
+
+def _sweep_callback(ctx, param, value):
+    try:
+        return parse_sweep(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _output_path(ctx, param, value):
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.exists() and p.is_dir():
+        raise click.BadParameter(f"{value} is a folder; give a file name", ctx=ctx, param=param)
+    if p.parent.exists() and not p.parent.is_dir():
+        raise click.BadParameter(f"{p.parent} is not a folder", ctx=ctx, param=param)
+    return p
+
+
+@click.command("spectrum")
+@click.argument("base")
+@click.argument("tuned", nargs=-1, required=True)
+@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many top singular vectors of each tuned matrix to examine.")
+@click.option("--epsilon", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Intruder threshold: a direction is an intruder if max |cos| < epsilon.")
+@click.option("--epsilon-sweep", "epsilon_sweep", default=DEFAULT_SWEEP, show_default=True,
+              callback=_sweep_callback,
+              help="Further thresholds to count at: comma-separated values in (0, 1), "
+                   "'a,b,...,c' for a progression, or 'none'.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=True), callback=_output_path,
+              help="Write the full result (per matrix cosines, metrics, provenance) to this JSON file.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=True), callback=_output_path,
+              help="Write one row per tuned model x matrix to this CSV file.")
+@device_option
+@click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
+@click.option("--float64", "float64", is_flag=True, help="Compute SVDs in float64 instead of float32.")
+@click.option("--include-embeddings", is_flag=True, help="Also audit embeddings and lm_head (excluded by default, as in the paper).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Base-spectrum cache folder [default: the lora-audit cache, ~/.cache/lora-audit].")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table: one line per tuned model.")
+@user_errors
+def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device, exact, float64,
+             include_embeddings, cache_dir, no_cache, allow_pickle, quiet):
+    """Intruder-dimension audit of TUNED models against BASE (Shuttleworth et al. 2024).
+
+    \b
+    An intruder dimension is one of the top-k singular vectors of a tuned weight matrix that has
+    no counterpart (max |cos| < epsilon) among the base matrix's singular vectors.
+
+    BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id. Each TUNED:
+    the same kinds, or a PEFT adapter folder (applied to BASE). Every 2-D weight that differs is
+    audited; the summary names the models and matrices with the most intruders.
+
+    \b
+    Example:
+      lora-audit spectrum ./base ./adapter ./full-ft --json spectrum.json --csv spectrum.csv
+    """
+    import torch
+
+    from ..checkpoints import open_stream
+    from ..device import resolve_device
+    from ..spectral.engine import audit
+
+    dev = resolve_device(device)  # DeviceError before any loading
+    dtype = torch.float64 if float64 else torch.float32
+    cache = None if no_cache else _open_cache(cache_dir)
+    stream = open_stream(base, list(tuned), include_embeddings=include_embeddings, dtype=dtype,
+                         allow_pickle=allow_pickle)
+    with _closing(stream):
+        result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
+                       cache=cache, dtype=dtype, progress=not quiet, base_label=base, tuned_labels=list(tuned),
+                       extra_settings={"include_embeddings": include_embeddings})
+    if json_path is not None:
+        result.write_json(json_path)
+    if csv_path is not None:
+        result.write_csv(csv_path)
+    click.echo(format_summary(result, quiet=quiet))
+    for label, p in (("JSON", json_path), ("CSV", csv_path)):
+        if p is not None and not quiet:
+            click.echo(f"{label} written to {p}")
+
+
+def _open_cache(cache_dir):
+    """The base-spectrum cache (``lora_audit.spectral.cache``); None while that module is absent."""
+    try:
+        from ..spectral.cache import SpectrumCache, default_cache_dir
+    except ImportError:
+        return None
+    return SpectrumCache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+
+
+class _closing:
+    """``with`` for streams that may or may not hold open files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        enter = getattr(self.stream, "__enter__", None)
+        return enter() if enter else self.stream
+
+    def __exit__(self, *exc):
+        exit_ = getattr(self.stream, "__exit__", None)
+        if exit_:
+            return exit_(*exc)
+        close = getattr(self.stream, "close", None)
+        if close:
+            close()
+        return False
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
+    """The short table printed to stdout: totals per tuned model, worst matrices and layers, warnings."""
+    sweep = list(result.epsilon_sweep)
+    if quiet:
+        return "\n".join(f"{r.tuned}: {r.total_intruders} intruders in {len(r.matrices)} matrices"
+                         for r in result.results)
+    show = [e for e in (0.3, 0.7, 0.9) if e in sweep and e != result.epsilon]
+    lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {result.base}", ""]
+    width = max([5] + [min(40, len(r.tuned)) for r in result.results])
+    header = f"{'TUNED':<{width}}  {'matrices':>8}  {'intruders':>9}  " + "".join(
+        f"{'eps ' + format(e, 'g'):>8}  " for e in show) + "min max|cos|"
+    lines.append(header)
+    for r in result.results:
+        cos = [m.min_cos for m in r.matrices if m.min_cos is not None]
+        sweep_cells = "".join(f"{r.sweep_totals[sweep.index(e)]:>8}  " for e in show)
+        lines.append(f"{_short(r.tuned, width):<{width}}  {len(r.matrices):>8}  {r.total_intruders:>9}  "
+                     f"{sweep_cells}{(format(min(cos), '.3f') if cos else '-'):>12}")
+    for r in result.results:
+        if not r.matrices:
+            continue
+        lines += ["", f"Worst matrices of {r.tuned}:"]
+        name_w = max(len(m.name) for m in r.worst_matrices(worst))
+        for m in r.worst_matrices(worst):
+            extra = f"r={m.adapter_rank}, " if m.adapter_rank else ""
+            rel = f"{m.relative_delta_norm:.3g}" if m.relative_delta_norm is not None else "-"
+            lines.append(f"  {m.name:<{name_w}}  {m.intruders:>2} intruders  min max|cos| {m.min_cos:.3f}  "
+                         f"({extra}eff. rank {m.effective_rank:.1f}, |dW|/|W0| {rel})")
+        layers = sorted(r.by_layer().items(), key=lambda kv: (-kv[1], int(kv[0])))
+        if layers and layers[0][1] > 0:
+            lines.append("  by layer: " + ", ".join(f"{k}: {v}" for k, v in layers[:worst] if v > 0))
+        modules = sorted(r.by_module().items(), key=lambda kv: (-kv[1], kv[0]))
+        if modules and modules[0][1] > 0:
+            lines.append("  by module: " + ", ".join(f"{k}: {v}" for k, v in modules if v > 0))
+    warn = [(r.tuned, w) for r in result.results for w in r.warnings]
+    if warn:
+        lines += ["", "Warnings:"] + [f"  {t}: {w}" for t, w in warn]
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""Result records of ``lora-audit spectrum`` and their JSON / CSV.
+
+Schema ``"spectrum"``, version ``SCHEMA_VERSION`` (bump on any incompatible change). Fields
+marked [contract] are fixed by issue 2 and must never be renamed; the rest may grow. Indices
+are 0-based. Top level, in this order::
+
+    {
+      "lora_audit": {...},              provenance: schema, schema_version, tool_version,
+                                        git_hash, created, python, libraries, settings
+                                        (k, epsilon, epsilon_sweep, device, dtype, exact, ...)
+      "base": str,                      [contract] the BASE argument as given
+      "k": int,                         [contract] top-k tuned singular vectors examined
+      "epsilon": float,                 [contract] intruder threshold: max_cos < epsilon
+      "epsilon_sweep": [float, ...],    thresholds of the sweep, ascending
+      "results": [                      [contract] one entry per TUNED, in argument order
+        {
+          "tuned": str,                 [contract] the TUNED argument as given
+          "total_intruders": int,       [contract] sum of "intruders" over "matrices"
+          "sweep_totals": [int, ...],   total intruders at each epsilon of "epsilon_sweep"
+          "matrices_audited": int,      len(matrices)
+          "matrices_unchanged": int,    base matrices this model left exactly as they were
+          "by_module": {module: int},   intruders per module name (q_proj, down_proj, ...)
+          "by_layer": {"0": int, ...},  intruders per layer index (matrices with a layer)
+          "info": {...},                what the loader found (format, adapter config, ...)
+          "warnings": [str, ...],       e.g. adapters initialised by rewriting the base (pissa)
+          "seconds": float,             compute time spent on this model
+          "matrices": [                 [contract] one per matrix that differs from the base
+            {
+              "name": str,              [contract] BASE parameter name, e.g.
+                                        "model.layers.0.self_attn.q_proj.weight"
+              "shape": [m, n],          [contract] analysed as (out x in)
+              "max_cos": [float]*k',    [contract] k' = min(k, m, n) values, in the order of
+                                        the tuned singular values (largest first)
+              "intruders": int,         [contract] count of max_cos < epsilon
+              "module": str,            e.g. "q_proj" (the name's last component before .weight)
+              "layer": int | null,      transformer block index, null for non-block weights
+              "kind": str,              "linear" | "embedding" | "conv"
+              "transposed": bool,       stored (in x out) (GPT-2 Conv1D) and transposed
+              "delta_type": str,        "dense" | "lowrank" | "dora"
+              "adapter_rank": int|null, r of a LoRA/DoRA delta
+              "method": str,            "exact" | "lowrank" | "randomized" (how top-k was found)
+              "converged": bool,        False when an iterative method missed its tolerance
+              "tuned_singular_values": [float]*k',   sigma_j of W1
+              "base_index": [int]*k',   best-matching base left singular vector of each y_j
+              "sweep_counts": [int],    intruders at each epsilon of "epsilon_sweep"
+              "intruder_details": [     one per intruder
+                {"index": j, "singular_value": float, "max_cos": float,
+                 "base_index": i, "base_singular_value": float | null}
+              ],
+              "delta_norm": float,      ||dW||_F
+              "relative_delta_norm": float | null,   ||dW||_F / ||W0||_F
+              "spectral_norm": float,   ||dW||_2
+              "effective_rank": float,  Roy & Vetterli 2007, exp entropy of s_i / sum s
+              "stable_rank": float,     ||dW||_F^2 / ||dW||_2^2
+              "notes": [str, ...]       loader notes, fast-path fallbacks
+            }, ...
+          ]
+        }, ...
+      ]
+    }
+
+The CSV export (``to_csv``) has one row per tuned model x matrix; see ``CSV_COLUMNS``.
+This module imports neither torch nor the checkpoint code: report code reads results here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from . import provenance, read_result, write_result
+
+SCHEMA = "spectrum"
+SCHEMA_VERSION = 1
+DEFAULT_EPSILON_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layer)\.(\d+)(?:\.|$)")
+_ANY_INDEX_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """(module, layer) of a parameter name: "model.layers.3.mlp.down_proj.weight" -> ("down_proj", 3);
+    "transformer.h.0.attn.c_attn.weight" -> ("c_attn", 0); "lm_head.weight" -> ("lm_head", None)."""
+    parts = name.split(".")
+    if parts and parts[-1] in ("weight", "bias", "base_layer"):
+        parts = parts[:-1]
+    if parts and parts[-1] == "base_layer":
+        parts = parts[:-1]
+    module = parts[-1] if parts else name
+    m = _LAYER_RE.search(name) or _ANY_INDEX_RE.search(name)
+    return module, (int(m.group(1)) if m else None)
+
+
+@dataclass
+class IntruderRecord:
+    index: int
+    singular_value: float
+    max_cos: float
+    base_index: int
+    base_singular_value: float | None = None
+
+
+@dataclass
+class MatrixResult:
+    name: str
+    shape: list[int]
+    max_cos: list[float]
+    intruders: int
+    module: str = ""
+    layer: int | None = None
+    kind: str = "linear"
+    transposed: bool = False
+    delta_type: str = "dense"
+    adapter_rank: int | None = None
+    method: str = "exact"
+    converged: bool = True
+    tuned_singular_values: list[float] = field(default_factory=list)
+    base_index: list[int] = field(default_factory=list)
+    sweep_counts: list[int] = field(default_factory=list)
+    intruder_details: list[IntruderRecord] = field(default_factory=list)
+    delta_norm: float | None = None
+    relative_delta_norm: float | None = None
+    spectral_norm: float | None = None
+    effective_rank: float | None = None
+    stable_rank: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def min_cos(self) -> float | None:
+        return min(self.max_cos) if self.max_cos else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = [int(x) for x in self.shape]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "MatrixResult":
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["intruder_details"] = [IntruderRecord(**{k: v for k, v in x.items()
+                                                    if k in IntruderRecord.__dataclass_fields__})
+                                  for x in d.get("intruder_details", [])]
+        if "module" not in d or "layer" not in d:
+            module, layer = split_name(d["name"])
+            kw.setdefault("module", module)
+            kw.setdefault("layer", layer)
+        return cls(**kw)
+
+
+@dataclass
+class TunedResult:
+    tuned: str
+    matrices: list[MatrixResult] = field(default_factory=list)
+    sweep_totals: list[int] = field(default_factory=list)
+    matrices_unchanged: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total_intruders(self) -> int:
+        return sum(m.intruders for m in self.matrices)
+
+    def by_module(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.matrices:
+            out[m.module] = out.get(m.module, 0) + m.intruders
+        return out
+
+    def by_layer(self) -> dict[str, int]:
+        out: dict[int, int] = {}
+        for m in self.matrices:
+            if m.layer is not None:
+                out[m.layer] = out.get(m.layer, 0) + m.intruders
+        return {str(k): out[k] for k in sorted(out)}
+
+    def worst_matrices(self, n: int = 5) -> list[MatrixResult]:
+        """Most intruders first, then lowest similarity."""
+        ranked = sorted(self.matrices, key=lambda m: (-m.intruders, m.min_cos if m.min_cos is not None else 1.0))
+        return ranked[:n]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tuned": self.tuned,
+            "total_intruders": int(self.total_intruders),
+            "sweep_totals": [int(x) for x in self.sweep_totals],
+            "matrices_audited": len(self.matrices),
+            "matrices_unchanged": int(self.matrices_unchanged),
+            "by_module": self.by_module(),
+            "by_layer": self.by_layer(),
+            "info": self.info,
+            "warnings": list(self.warnings),
+            "seconds": round(float(self.seconds), 3),
+            "matrices": [m.to_json() for m in self.matrices],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TunedResult":
+        return cls(tuned=d["tuned"], matrices=[MatrixResult.from_json(m) for m in d.get("matrices", [])],
+                   sweep_totals=list(d.get("sweep_totals", [])), matrices_unchanged=d.get("matrices_unchanged", 0),
+                   info=dict(d.get("info", {})), warnings=list(d.get("warnings", [])),
+                   seconds=float(d.get("seconds", 0.0)))
+
+
+@dataclass
+class SpectrumResult:
+    base: str
+    k: int
+    epsilon: float
+    epsilon_sweep: list[float] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
+    results: list[TunedResult] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
+    provenance_block: dict[str, Any] | None = None  # set when read from a file
+
+    def to_json(self) -> dict[str, Any]:
+        prov = self.provenance_block or provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
+                                                   epsilon_sweep=list(self.epsilon_sweep), **self.settings)
+        return {
+            "lora_audit": prov,
+            "base": self.base,
+            "k": int(self.k),
+            "epsilon": float(self.epsilon),
+            "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
+            "results": [r.to_json() for r in self.results],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], *, source: str = "spectrum JSON") -> "SpectrumResult":
+        """Parse a spectrum result; InputError naming the problem when it is not one."""
+        prov = obj.get("lora_audit")
+        if isinstance(prov, dict):
+            if prov.get("schema") not in (None, SCHEMA):
+                raise InputError(f"{source}: a {prov.get('schema')!r} result, not a spectrum result")
+            v = prov.get("schema_version")
+            if isinstance(v, int) and v > SCHEMA_VERSION:
+                raise InputError(f"{source}: spectrum schema version {v} is newer than this lora-audit "
+                                 f"understands ({SCHEMA_VERSION}); upgrade lora-audit")
+        missing = [key for key in ("base", "k", "epsilon", "results") if key not in obj]
+        if missing:
+            raise InputError(f"{source}: not a spectrum result (missing {', '.join(missing)})")
+        try:
+            return cls(base=obj["base"], k=int(obj["k"]), epsilon=float(obj["epsilon"]),
+                       epsilon_sweep=[float(e) for e in obj.get("epsilon_sweep", [])],
+                       results=[TunedResult.from_json(r) for r in obj["results"]],
+                       settings=dict((prov or {}).get("settings", {})) if isinstance(prov, dict) else {},
+                       provenance_block=prov if isinstance(prov, dict) else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{source}: malformed spectrum result ({type(e).__name__}: {e})") from None
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return write_result(path, self.to_json())
+
+    # ---- tables -------------------------------------------------------------------------
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per tuned model x matrix (the CSV's rows)."""
+        out = []
+        for r in self.results:
+            for m in r.matrices:
+                row = {
+                    "tuned": r.tuned, "name": m.name, "module": m.module, "layer": m.layer,
+                    "rows": m.shape[0], "cols": m.shape[1], "kind": m.kind, "delta_type": m.delta_type,
+                    "adapter_rank": m.adapter_rank, "method": m.method, "intruders": m.intruders,
+                    "min_max_cos": m.min_cos,
+                    "max_cos": ";".join(f"{c:.6f}" for c in m.max_cos),
+                    "delta_norm": m.delta_norm, "relative_delta_norm": m.relative_delta_norm,
+                    "effective_rank": m.effective_rank, "stable_rank": m.stable_rank,
+                }
+                for e, c in zip(self.epsilon_sweep, m.sweep_counts):
+                    row[f"intruders_eps_{e:g}"] = c
+                out.append(row)
+        return out
+
+    def csv_columns(self) -> list[str]:
+        return CSV_COLUMNS + [f"intruders_eps_{e:g}" for e in self.epsilon_sweep]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows(), columns=self.csv_columns())
+
+    def to_csv(self) -> str:
+        return self.to_dataframe().to_csv(index=False)
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        from ..io import atomic_write_text
+
+        return atomic_write_text(path, self.to_csv())
+
+
+CSV_COLUMNS = ["tuned", "name", "module", "layer", "rows", "cols", "kind", "delta_type", "adapter_rank",
+               "method", "intruders", "min_max_cos", "max_cos", "delta_norm", "relative_delta_norm",
+               "effective_rank", "stable_rank"]
+
+
+def load_spectrum(path: str | os.PathLike) -> SpectrumResult:
+    """Read a ``lora-audit spectrum --json`` file (InputError when it is not one)."""
+    return SpectrumResult.from_json(read_result(path), source=str(path))

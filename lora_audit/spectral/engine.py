@@ -1,0 +1,256 @@
+"""The spectral audit engine: a stream of (name, W0, deltas) in, a ``SpectrumResult`` out.
+
+For every base matrix W0 (out x in) the stream yields, the engine
+
+1. decomposes W0 once (thin SVD; from the on-disk base-spectrum cache when one is given),
+2. audits every tuned model's delta against it while it is in memory: the top-k left singular
+   vectors y_j of W1 = W0 + dW and c_j = max_i |<y_j, u0_i>| over ALL base left singular
+   vectors (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence",
+   Sec. 3); y_j is an intruder dimension when c_j < epsilon,
+3. measures dW itself (Frobenius norm, effective and stable rank; ``metrics``).
+
+How the top-k of W1 is found depends on the delta (the engine never parses files):
+
+    exact=True            two full SVDs, the paper's algorithm (``exact.exact_topk``)
+    LowRank / DoRA        ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(n r) per
+                          product, no second full SVD
+    Dense                 ``randomized.randomized_topk``: randomised top-k with a convergence check
+
+A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
+did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_changed
+from ..device import resolve_device
+from ..errors import InputError
+from ..progress import progress as progress_bar
+from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, IntruderRecord, MatrixResult, SpectrumResult, TunedResult,
+                                split_name)
+from .exact import base_spectrum, exact_topk
+from .metrics import count_intruders, intruder_details, sweep_counts, update_metrics
+from .types import BaseSpectrum, TopK
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    k: int = 10
+    epsilon: float = 0.5
+    epsilon_sweep: tuple[float, ...] = DEFAULT_EPSILON_SWEEP
+    exact: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        validate_settings(self.k, self.epsilon, self.epsilon_sweep, self.dtype)
+
+
+def validate_settings(k: int, epsilon: float, epsilon_sweep: Sequence[float], dtype: torch.dtype) -> None:
+    """InputError naming the bad value (the CLI checks the same before loading anything)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be an integer >= 1, got {k!r}")
+    if not 0.0 < float(epsilon) < 1.0:
+        raise InputError(f"epsilon must lie strictly between 0 and 1 (a cosine threshold), got {epsilon!r}")
+    bad = [e for e in epsilon_sweep if not 0.0 < float(e) < 1.0]
+    if bad:
+        raise InputError(f"epsilon sweep values must lie strictly between 0 and 1, got {bad}")
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"the audit computes in float32 or float64 (SVD in half precision is noise), got {dtype}")
+
+
+def delta_type(delta: Delta) -> str:
+    return {Dense: "dense", LowRank: "lowrank", DoRA: "dora"}.get(type(delta), type(delta).__name__.lower())
+
+
+# ---- top-k dispatch ---------------------------------------------------------------------------
+def _fast_topk(base: BaseSpectrum, delta: Delta, k: int) -> TopK:
+    """The fast path for this delta type; ImportError/NotImplementedError when there is none."""
+    if isinstance(delta, (LowRank, DoRA)):
+        from .lowrank import lowrank_topk
+
+        return lowrank_topk(base, delta, k)
+    if isinstance(delta, Dense):
+        from .randomized import randomized_topk
+
+        return randomized_topk(base, delta.tuned, k)
+    raise NotImplementedError(f"no fast path for {type(delta).__name__}")
+
+
+def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, exact: bool) -> tuple[TopK, list[str]]:
+    """Top-k of W1 measured against the base; (TopK, notes about fallbacks)."""
+    notes: list[str] = []
+    if not exact:
+        try:
+            top = _fast_topk(base, delta, k)
+        except (ImportError, NotImplementedError) as e:
+            notes.append(f"fast path unavailable ({e}); exact SVD used")
+        else:
+            if top.converged:
+                return top, notes
+            notes.append(f"{top.method} did not converge (residual {top.residual}); exact SVD used")
+    return exact_topk(base, delta.merged(W0), k), notes
+
+
+# ---- one matrix group ---------------------------------------------------------------------------
+def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta: Delta,
+                 settings: AuditSettings, *, base_norm: float) -> MatrixResult | None:
+    """Audit one tuned model's delta against one base matrix; None when W1 == W0 exactly."""
+    metrics = update_metrics(delta, W0, base_norm=base_norm)
+    if metrics.delta_norm == 0.0:
+        return None
+    top, notes = tuned_topk(base, W0, delta, settings.k, exact=settings.exact)
+    max_cos = [float(c) for c in top.max_cos.detach().cpu().double().tolist()]
+    details = intruder_details(top, settings.epsilon, base.S)
+    module, layer = split_name(group.name)
+    return MatrixResult(
+        name=group.name, shape=list(group.shape), max_cos=max_cos,
+        intruders=count_intruders(max_cos, settings.epsilon), module=module, layer=layer, kind=group.kind,
+        transposed=bool(group.transposed), delta_type=delta_type(delta),
+        adapter_rank=delta.rank if isinstance(delta, (LowRank, DoRA)) else None,
+        method=top.method, converged=bool(top.converged),
+        tuned_singular_values=[float(s) for s in top.singular_values.detach().cpu().double().tolist()],
+        base_index=[int(i) for i in top.argmax_base.detach().cpu().tolist()],
+        sweep_counts=sweep_counts(max_cos, settings.epsilon_sweep),
+        intruder_details=[IntruderRecord(**vars(d)) for d in details],
+        delta_norm=metrics.delta_norm, relative_delta_norm=metrics.relative_delta_norm,
+        spectral_norm=metrics.spectral_norm, effective_rank=metrics.effective_rank,
+        stable_rank=metrics.stable_rank, notes=list(group.notes) + notes,
+    )
+
+
+def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.device,
+                spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum]) -> list[tuple[MatrixResult | None, float]]:
+    """Decompose W0 once, then audit every tuned model's delta against it.
+
+    Returns one (MatrixResult or None for 'unchanged', seconds) per tuned model, in order.
+    """
+    changed = [d is not None and is_changed(d, group.base) for d in group.deltas]
+    if not any(changed):
+        return [(None, 0.0) for _ in group.deltas]
+    W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
+    base = spectrum_of(W0, device)
+    base_norm = float(torch.linalg.matrix_norm(W0.double()))
+    out: list[tuple[MatrixResult | None, float]] = []
+    for delta, ch in zip(group.deltas, changed):
+        if not ch:
+            out.append((None, 0.0))
+            continue
+        t0 = time.perf_counter()
+        rec = audit_matrix(group, base, W0, delta.to(device=device, dtype=settings.dtype), settings,
+                           base_norm=base_norm)
+        out.append((rec, time.perf_counter() - t0))
+    return out
+
+
+def _spectrum_function(cache) -> Callable[[torch.Tensor, torch.device], BaseSpectrum]:
+    if cache is None:
+        return lambda W0, device: base_spectrum(W0.to(device))
+    return lambda W0, device: cache.base_spectrum(W0, device)
+
+
+# ---- the whole stream ---------------------------------------------------------------------------
+def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
+          epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP, device: str | torch.device = "auto",
+          exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
+          base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
+          extra_settings: dict[str, Any] | None = None) -> SpectrumResult:
+    """Audit every tuned model of ``stream`` against its base; see the module docstring.
+
+    Args:
+        stream: ``lora_audit.checkpoints.open_stream(...)`` (MatrixGroups plus ``.info[i]`` and
+            ``.warnings[i]`` per tuned model), or any iterable of MatrixGroups.
+        k: top-k tuned singular vectors examined per matrix (the paper: 10).
+        epsilon: intruder threshold on max |cos| (the paper: 0.5).
+        epsilon_sweep: further thresholds whose counts are reported alongside.
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
+        exact: always use the paper's two-SVD algorithm.
+        cache: a ``SpectrumCache`` (``.base_spectrum(W0, device)``), or None to decompose afresh.
+        dtype: torch.float32 (default) or torch.float64 for the SVDs.
+        base_label / tuned_labels: what to record as "base" and "tuned" (default: the stream's
+            ``base`` / ``tuned`` attributes when it has them).
+    Raises:
+        InputError: bad settings, or a stream with no matrix at all.
+    """
+    sweep = tuple(sorted({float(e) for e in epsilon_sweep}))
+    settings = AuditSettings(k=k, epsilon=float(epsilon), epsilon_sweep=sweep, exact=exact, dtype=dtype)
+    dev = resolve_device(device)
+    spectrum_of = _spectrum_function(cache)
+
+    n_tuned = _n_tuned(stream, tuned_labels)
+    base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
+    labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, n_tuned)
+    results: list[TunedResult] | None = None
+    n_groups = 0
+    total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
+    bar = progress_bar(total=total, desc="spectrum", unit="matrix")
+    if not progress:
+        bar.disable = True
+    try:
+        for group in stream:
+            n_groups += 1
+            if results is None:
+                n_tuned = n_tuned or len(group.deltas)
+                labels = labels or [f"tuned[{i}]" for i in range(n_tuned)]
+                results = [TunedResult(tuned=labels[i]) for i in range(n_tuned)]
+            if len(group.deltas) != len(results):
+                raise ValueError(f"{group.name}: {len(group.deltas)} deltas for {len(results)} tuned models")
+            for res, (rec, secs) in zip(results, audit_group(group, settings, dev, spectrum_of)):
+                if rec is None:
+                    res.matrices_unchanged += 1
+                else:
+                    res.matrices.append(rec)
+                res.seconds += secs
+            bar.set_postfix_str(group.name[-40:], refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    if results is None:
+        raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
+
+    for i, res in enumerate(results):
+        res.info = dict(_per_tuned(stream, "info", i) or {})
+        res.warnings = list(_per_tuned(stream, "warnings", i) or [])
+        if not res.matrices:
+            res.warnings.append("no weight matrix differs from the base: nothing to audit")
+        res.sweep_totals = [sum(m.sweep_counts[j] for m in res.matrices) for j in range(len(sweep))]
+        fallbacks = sum(1 for m in res.matrices if any("exact SVD used" in n for n in m.notes))
+        if fallbacks:
+            res.warnings.append(f"{fallbacks} matrices fell back from the fast path to the exact SVD")
+
+    run_settings = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
+                    "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
+                    "matrices_in_stream": n_groups}
+    run_settings.update(extra_settings or {})
+    return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
+                          settings=run_settings)
+
+
+def _n_tuned(stream, tuned_labels) -> int | None:
+    if tuned_labels is not None:
+        return len(tuned_labels)
+    for attr in ("tuned", "info"):
+        v = getattr(stream, attr, None)
+        if isinstance(v, (list, tuple)):
+            return len(v)
+    return None
+
+
+def _labels(stream, n: int | None) -> list[str] | None:
+    tuned = getattr(stream, "tuned", None)
+    if isinstance(tuned, (list, tuple)):
+        return [str(t) for t in tuned]
+    return [f"tuned[{i}]" for i in range(n)] if n else None
+
+
+def _per_tuned(stream, attr: str, i: int):
+    seq = getattr(stream, attr, None)
+    try:
+        return seq[i] if seq is not None else None
+    except (IndexError, KeyError, TypeError):
+        return None
