@@ -110,11 +110,13 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     """
     import torch
 
-    from ..checkpoints import open_stream
     from ..device import resolve_device
-    from ..spectral.engine import audit
 
     dev = resolve_device(device)  # DeviceError before any loading
+
+    from ..checkpoints import open_stream
+    from ..spectral.engine import audit
+
     dtype = torch.float64 if float64 else torch.float32
     cache = None if no_cache else _open_cache(cache_dir)
     stream = open_stream(base, list(tuned), include_embeddings=include_embeddings, dtype=dtype,

@@ -60,6 +60,24 @@ def reference_audit(base_dir, tuned, k: int = 10, epsilon: float = 0.5) -> dict[
     return out
 
 
+def peft_deltas(base_dir, adapter) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({name: dW}, {name: W0}) in float64, dW from peft's own ``get_delta_weight`` (its scaling,
+    rsLoRA, rank/alpha patterns), for every LoRA layer of a non-DoRA adapter."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                                      str(adapter)).double()
+    deltas, bases = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            deltas[key] = mod.get_delta_weight("default").detach()
+            bases[key] = mod.get_base_layer().weight.detach()
+    return deltas, bases
+
+
 def np_metrics(dW: np.ndarray, W0: np.ndarray) -> dict[str, float]:
     """Direct float64 formulas on a materialised dW (numpy, not torch)."""
     s = np.linalg.svd(dW, compute_uv=False)
