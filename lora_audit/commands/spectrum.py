@@ -188,19 +188,24 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
     for r in result.results:
         if not r.matrices:
             continue
+        if r.total_intruders == 0:
+            low = min(r.matrices, key=lambda m: m.min_cos)
+            lines += ["", f"{r.tuned}: no intruders; lowest max|cos| {low.min_cos:.3f} in {low.name}"]
+            continue
         lines += ["", f"Worst matrices of {r.tuned}:"]
-        name_w = max(len(m.name) for m in r.worst_matrices(worst))
-        for m in r.worst_matrices(worst):
+        shown = [m for m in r.worst_matrices(worst) if m.intruders > 0]
+        name_w = max(len(m.name) for m in shown)
+        for m in shown:
             extra = f"r={m.adapter_rank}, " if m.adapter_rank else ""
             rel = f"{m.relative_delta_norm:.3g}" if m.relative_delta_norm is not None else "-"
-            lines.append(f"  {m.name:<{name_w}}  {m.intruders:>2} intruders  min max|cos| {m.min_cos:.3f}  "
+            noun = "intruder " if m.intruders == 1 else "intruders"
+            lines.append(f"  {m.name:<{name_w}}  {m.intruders:>2} {noun}  min max|cos| {m.min_cos:.3f}  "
                          f"({extra}eff. rank {m.effective_rank:.1f}, |dW|/|W0| {rel})")
         layers = sorted(r.by_layer().items(), key=lambda kv: (-kv[1], int(kv[0])))
         if layers and layers[0][1] > 0:
-            lines.append("  by layer: " + ", ".join(f"{k}: {v}" for k, v in layers[:worst] if v > 0))
+            lines.append("  worst layers: " + ", ".join(f"{k} ({v})" for k, v in layers[:worst] if v > 0))
         modules = sorted(r.by_module().items(), key=lambda kv: (-kv[1], kv[0]))
-        if modules and modules[0][1] > 0:
-            lines.append("  by module: " + ", ".join(f"{k}: {v}" for k, v in modules if v > 0))
+        lines.append("  by module: " + ", ".join(f"{k} ({v})" for k, v in modules if v > 0))
     warn = [(r.tuned, w) for r in result.results for w in r.warnings]
     if warn:
         lines += ["", "Warnings:"] + [f"  {t}: {w}" for t, w in warn]

@@ -188,9 +188,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     results: list[TunedResult] | None = None
     n_groups = 0
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
-    bar = progress_bar(total=total, desc="spectrum", unit="matrix")
-    if not progress:
-        bar.disable = True
+    bar = progress_bar(total=total, desc="spectrum", unit="matrix") if progress else _NoBar()
     try:
         for group in stream:
             n_groups += 1
@@ -229,6 +227,17 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     run_settings.update(extra_settings or {})
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
                           settings=run_settings)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
 
 
 def _n_tuned(stream, tuned_labels) -> int | None:
