@@ -96,3 +96,40 @@ def test_bad_settings_and_empty_stream():
                     ({"dtype": torch.float16}, "float32 or float64")]:
         with pytest.raises(InputError, match=msg):
             audit(W, progress=False, device="cpu", **kw)
+
+
+def test_each_base_matrix_decomposed_once_for_many_tuned():
+    """The cache hook is asked once per changed base matrix, however many tuned models share it."""
+    from lora_audit.spectral.exact import base_spectrum
+
+    class CountingCache:
+        calls = 0
+
+        def base_spectrum(self, W0, device):
+            CountingCache.calls += 1
+            return base_spectrum(W0.to(device))
+
+    groups, _, _ = _groups()
+    unchanged = MatrixGroup("model.layers.2.mlp.up_proj.weight", torch.randn(8, 8), [None, None, None])
+    res = audit(groups + [unchanged], cache=CountingCache(), device="cpu", progress=False, exact=True)
+    assert CountingCache.calls == 2  # two changed base matrices, three tuned models, one untouched matrix
+    assert res.results[0].matrices_unchanged == 1
+
+
+def test_fast_path_that_does_not_converge_falls_back_to_exact(monkeypatch):
+    import lora_audit.spectral.engine as engine
+    from lora_audit.spectral.types import TopK
+
+    def unconverged(base, delta, k):
+        return TopK(singular_values=torch.ones(k), max_cos=torch.zeros(k), argmax_base=torch.zeros(k, dtype=torch.long),
+                    method="randomized", converged=False, residual=0.3)
+
+    monkeypatch.setattr(engine, "_fast_topk", unconverged)
+    groups, W0s, W1s = _groups()
+    res = audit(groups, device="cpu", progress=False)
+    rec = {m.name: m for m in res.results[0].matrices}[groups[0].name]
+    ref_cos, ref_count = reference_intruders(W0s[0], W1s[(0, 0)])
+    assert rec.method == "exact" and rec.intruders == ref_count
+    assert rec.max_cos == pytest.approx(ref_cos, abs=1e-4)
+    assert any("did not converge" in n for n in rec.notes)
+    assert any("fell back" in w for w in res.results[0].warnings)
