@@ -90,10 +90,13 @@ def _output_path(ctx, param, value):
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @click.option("--allow-pickle", is_flag=True,
               help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")
+@click.option("--no-metrics", "no_metrics", is_flag=True,
+              help="Skip effective/stable rank of dense and DoRA updates (each costs a full SVD of dW); "
+                   "LoRA updates always get them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table: one line per tuned model.")
 @user_errors
 def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device, exact, float64,
-             include_embeddings, cache_dir, no_cache, allow_pickle, quiet):
+             include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, quiet):
     """Intruder-dimension audit of TUNED models against BASE (Shuttleworth et al. 2024).
 
     \b
@@ -124,7 +127,7 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     with _closing(stream):
         result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                        cache=cache, dtype=dtype, progress=not quiet, base_label=base, tuned_labels=list(tuned),
-                       extra_settings={"include_embeddings": include_embeddings})
+                       dense_metrics=not no_metrics, extra_settings={"include_embeddings": include_embeddings})
     if json_path is not None:
         result.write_json(json_path)
     if csv_path is not None:
@@ -199,8 +202,9 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
             extra = f"r={m.adapter_rank}, " if m.adapter_rank else ""
             rel = f"{m.relative_delta_norm:.3g}" if m.relative_delta_norm is not None else "-"
             noun = "intruder " if m.intruders == 1 else "intruders"
+            erank = f"eff. rank {m.effective_rank:.1f}, " if m.effective_rank is not None else ""
             lines.append(f"  {m.name:<{name_w}}  {m.intruders:>2} {noun}  min max|cos| {m.min_cos:.3f}  "
-                         f"({extra}eff. rank {m.effective_rank:.1f}, |dW|/|W0| {rel})")
+                         f"({extra}{erank}|dW|/|W0| {rel})")
         layers = sorted(r.by_layer().items(), key=lambda kv: (-kv[1], int(kv[0])))
         if layers and layers[0][1] > 0:
             lines.append("  worst layers: " + ", ".join(f"{k} ({v})" for k, v in layers[:worst] if v > 0))

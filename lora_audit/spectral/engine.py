@@ -46,6 +46,7 @@ class AuditSettings:
     epsilon_sweep: tuple[float, ...] = DEFAULT_EPSILON_SWEEP
     exact: bool = False
     dtype: torch.dtype = torch.float32
+    dense_metrics: bool = True  # full spectrum of a dense/DoRA dW (effective and stable rank)
 
     def __post_init__(self):
         validate_settings(self.k, self.epsilon, self.epsilon_sweep, self.dtype)
@@ -101,7 +102,7 @@ def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, ex
 def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta: Delta,
                  settings: AuditSettings, *, base_norm: float) -> MatrixResult | None:
     """Audit one tuned model's delta against one base matrix; None when W1 == W0 exactly."""
-    metrics = update_metrics(delta, W0, base_norm=base_norm)
+    metrics = update_metrics(delta, W0, base_norm=base_norm, spectrum=settings.dense_metrics)
     if metrics.delta_norm == 0.0:
         return None
     top, notes = tuned_topk(base, W0, delta, settings.k, exact=settings.exact)
@@ -159,7 +160,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
           epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP, device: str | torch.device = "auto",
           exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
           base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
-          extra_settings: dict[str, Any] | None = None) -> SpectrumResult:
+          dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None) -> SpectrumResult:
     """Audit every tuned model of ``stream`` against its base; see the module docstring.
 
     Args:
@@ -174,11 +175,14 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
         dtype: torch.float32 (default) or torch.float64 for the SVDs.
         base_label / tuned_labels: what to record as "base" and "tuned" (default: the stream's
             ``base`` / ``tuned`` attributes when it has them).
+        dense_metrics: compute the effective/stable rank of dense and DoRA updates (a full
+            singular value decomposition of dW each; LoRA updates always get them cheaply).
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
     sweep = tuple(sorted({float(e) for e in epsilon_sweep}))
-    settings = AuditSettings(k=k, epsilon=float(epsilon), epsilon_sweep=sweep, exact=exact, dtype=dtype)
+    settings = AuditSettings(k=k, epsilon=float(epsilon), epsilon_sweep=sweep, exact=exact, dtype=dtype,
+                             dense_metrics=dense_metrics)
     dev = resolve_device(device)
     spectrum_of = _spectrum_function(cache)
 
@@ -223,7 +227,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
 
     run_settings = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
                     "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
-                    "matrices_in_stream": n_groups}
+                    "matrices_in_stream": n_groups, "dense_metrics": bool(dense_metrics)}
     run_settings.update(extra_settings or {})
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
                           settings=run_settings)

@@ -35,10 +35,10 @@ from .types import TopK
 @dataclass
 class UpdateMetrics:
     delta_norm: float  # ||dW||_F
-    relative_delta_norm: float  # ||dW||_F / ||W0||_F (inf-free: 0 base norm gives None)
-    effective_rank: float  # Roy & Vetterli 2007
-    stable_rank: float  # ||dW||_F^2 / ||dW||_2^2
-    spectral_norm: float  # ||dW||_2 = s_1
+    relative_delta_norm: float | None  # ||dW||_F / ||W0||_F (None when ||W0||_F = 0, never inf)
+    effective_rank: float | None  # Roy & Vetterli 2007 (None when not computed)
+    stable_rank: float | None  # ||dW||_F^2 / ||dW||_2^2
+    spectral_norm: float | None  # ||dW||_2 = s_1
 
 
 def lowrank_singular_values(B: Tensor, A: Tensor, scale: float) -> Tensor:
@@ -80,11 +80,21 @@ def metrics_from_singular_values(s: Tensor, base_norm: float | None) -> UpdateMe
                          spectral_norm=s1)
 
 
-def update_metrics(delta: Delta, W0: Tensor, *, base_norm: float | None = None) -> UpdateMetrics:
-    """Frobenius norm (absolute and relative to ||W0||_F), effective rank and stable rank of dW."""
+def update_metrics(delta: Delta, W0: Tensor, *, base_norm: float | None = None,
+                   spectrum: bool = True) -> UpdateMetrics:
+    """Frobenius norm (absolute and relative to ||W0||_F), effective rank and stable rank of dW.
+
+    ``spectrum=False`` skips the full singular value decomposition of a dense (Dense, DoRA) dW,
+    which costs as much as an SVD of W1: only the norms are computed and the two ranks and the
+    spectral norm are None. A LowRank dW always gets all measures (they cost O((m + n) r^2)).
+    """
     if base_norm is None:
         base_norm = float(torch.linalg.matrix_norm(W0.double() if W0.dtype != torch.float64 else W0))
-    return metrics_from_singular_values(update_singular_values(delta, W0), base_norm)
+    if spectrum or isinstance(delta, LowRank):
+        return metrics_from_singular_values(update_singular_values(delta, W0), base_norm)
+    fro = float(torch.linalg.matrix_norm(delta.update(W0).double()))
+    return UpdateMetrics(delta_norm=fro, relative_delta_norm=fro / base_norm if base_norm else None,
+                         effective_rank=None, stable_rank=None, spectral_norm=None)
 
 
 @dataclass

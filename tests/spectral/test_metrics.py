@@ -81,3 +81,16 @@ def test_intruder_details_and_sweep():
     cos = top.max_cos.tolist()
     assert count_intruders(cos, 0.5) == 2
     assert sweep_counts(cos, [0.1, 0.3, 0.5, 0.7, 0.99]) == [0, 1, 2, 3, 4]
+
+
+def test_norms_only_for_dense_when_spectrum_skipped():
+    g = torch.Generator().manual_seed(9)
+    W0 = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    dW = 0.1 * torch.randn(12, 10, generator=g, dtype=torch.float64)
+    expected = np_metrics(dW.numpy(), W0.numpy())
+    m = update_metrics(Dense(W0 + dW), W0, spectrum=False)
+    assert m.delta_norm == pytest.approx(expected["delta_norm"], rel=1e-10)
+    assert m.relative_delta_norm == pytest.approx(expected["relative_delta_norm"], rel=1e-10)
+    assert (m.effective_rank, m.stable_rank, m.spectral_norm) == (None, None, None)
+    lr = update_metrics(LowRank(dW[:, :2], torch.eye(2, 10, dtype=torch.float64), 1.0), W0, spectrum=False)
+    assert lr.effective_rank is not None  # cheap for LoRA: always computed
