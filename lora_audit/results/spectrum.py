@@ -42,6 +42,9 @@ are 0-based. Top level, in this order::
               "converged": bool,        False when an iterative method missed its tolerance
               "tuned_singular_values": [float]*k',   sigma_j of W1
               "base_index": [int]*k',   best-matching base left singular vector of each y_j
+              "cos_top_base": [[float]*k'']*k' | null,  |<y_j, u0_i>| for the top k'' = min(k, p)
+                                        base vectors: row j = tuned vector j (heat maps, the
+                                        paper's Fig. 1); null when the method did not give it
               "sweep_counts": [int],    intruders at each epsilon of "epsilon_sweep"
               "intruder_details": [     one per intruder
                 {"index": j, "singular_value": float, "max_cos": float,
@@ -120,6 +123,7 @@ class MatrixResult:
     converged: bool = True
     tuned_singular_values: list[float] = field(default_factory=list)
     base_index: list[int] = field(default_factory=list)
+    cos_top_base: list[list[float]] | None = None
     sweep_counts: list[int] = field(default_factory=list)
     intruder_details: list[IntruderRecord] = field(default_factory=list)
     delta_norm: float | None = None

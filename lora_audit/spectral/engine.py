@@ -117,12 +117,21 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
         method=top.method, converged=bool(top.converged),
         tuned_singular_values=[float(s) for s in top.singular_values.detach().cpu().double().tolist()],
         base_index=[int(i) for i in top.argmax_base.detach().cpu().tolist()],
+        cos_top_base=_cos_top_base(top, settings.k),
         sweep_counts=sweep_counts(max_cos, settings.epsilon_sweep),
         intruder_details=[IntruderRecord(**vars(d)) for d in details],
         delta_norm=metrics.delta_norm, relative_delta_norm=metrics.relative_delta_norm,
         spectral_norm=metrics.spectral_norm, effective_rank=metrics.effective_rank,
         stable_rank=metrics.stable_rank, notes=list(group.notes) + notes,
     )
+
+
+def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:
+    """|cos| of each tuned top vector with the top-k base vectors, rows = tuned (4 decimals)."""
+    if top.base_coords is None:
+        return None
+    block = top.base_coords[:k].abs().T  # (p, k') -> (k', k'')
+    return [[round(float(x), 4) for x in row] for row in block.detach().cpu().double().tolist()]
 
 
 def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.device,

@@ -133,3 +133,15 @@ def test_fast_path_that_does_not_converge_falls_back_to_exact(monkeypatch):
     assert rec.max_cos == pytest.approx(ref_cos, abs=1e-4)
     assert any("did not converge" in n for n in rec.notes)
     assert any("fell back" in w for w in res.results[0].warnings)
+
+
+def test_cos_top_base_heat_map_rows_are_tuned_vectors():
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(20, 12, generator=g, dtype=torch.float64)
+    W1 = W0 + 0.3 * torch.randn(20, 12, generator=g, dtype=torch.float64)
+    m = audit([MatrixGroup("w", W0, [Dense(W1)])], k=5, dtype=torch.float64, exact=True, device="cpu",
+              progress=False).results[0].matrices[0]
+    U0 = torch.linalg.svd(W0, full_matrices=False)[0]
+    U1 = torch.linalg.svd(W1, full_matrices=False)[0]
+    expected = (U1[:, :5].T @ U0[:, :5]).abs()  # (5 tuned, 5 base)
+    assert torch.allclose(torch.tensor(m.cos_top_base, dtype=torch.float64), expected, atol=1e-4)

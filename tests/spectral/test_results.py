@@ -37,7 +37,7 @@ def test_json_contract_keys_and_types(result, tmp_path):
     m = r0["matrices"][0]
     for key in ("name", "shape", "max_cos", "intruders", "delta_norm", "relative_delta_norm", "effective_rank",
                 "stable_rank", "intruder_details", "tuned_singular_values", "method", "module", "layer",
-                "sweep_counts", "base_index"):
+                "sweep_counts", "base_index", "cos_top_base"):
         assert key in m, key
     assert m["name"] == "model.layers.0.mlp.up_proj.weight" and m["shape"] == [20, 16]
     assert len(m["max_cos"]) == 4 and isinstance(m["intruders"], int)
