@@ -210,7 +210,7 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
             lines.append("  worst layers: " + ", ".join(f"{k} ({v})" for k, v in layers[:worst] if v > 0))
         modules = sorted(r.by_module().items(), key=lambda kv: (-kv[1], kv[0]))
         lines.append("  by module: " + ", ".join(f"{k} ({v})" for k, v in modules if v > 0))
-    warn = [(r.tuned, w) for r in result.results for w in r.warnings]
+    warn = [("base", w) for w in result.warnings] + [(r.tuned, w) for r in result.results for w in r.warnings]
     if warn:
         lines += ["", "Warnings:"] + [f"  {t}: {w}" for t, w in warn]
     return "\n".join(lines)

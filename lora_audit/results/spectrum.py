@@ -12,6 +12,8 @@ are 0-based. Top level, in this order::
       "k": int,                         [contract] top-k tuned singular vectors examined
       "epsilon": float,                 [contract] intruder threshold: max_cos < epsilon
       "epsilon_sweep": [float, ...],    thresholds of the sweep, ascending
+      "warnings": [str, ...],           about the base or the run as a whole (per-model ones
+                                        are under each result)
       "results": [                      [contract] one entry per TUNED, in argument order
         {
           "tuned": str,                 [contract] the TUNED argument as given
@@ -219,6 +221,7 @@ class SpectrumResult:
     epsilon_sweep: list[float] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
     results: list[TunedResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
+    warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
     provenance_block: dict[str, Any] | None = None  # set when read from a file
 
     def to_json(self) -> dict[str, Any]:
@@ -230,6 +233,7 @@ class SpectrumResult:
             "k": int(self.k),
             "epsilon": float(self.epsilon),
             "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
+            "warnings": list(self.warnings),
             "results": [r.to_json() for r in self.results],
         }
 
@@ -251,6 +255,7 @@ class SpectrumResult:
             return cls(base=obj["base"], k=int(obj["k"]), epsilon=float(obj["epsilon"]),
                        epsilon_sweep=[float(e) for e in obj.get("epsilon_sweep", [])],
                        results=[TunedResult.from_json(r) for r in obj["results"]],
+                       warnings=[str(w) for w in obj.get("warnings", [])],
                        settings=dict((prov or {}).get("settings", {})) if isinstance(prov, dict) else {},
                        provenance_block=prov if isinstance(prov, dict) else None)
         except (KeyError, TypeError, ValueError) as e:

@@ -12,9 +12,10 @@ For every base matrix W0 (out x in) the stream yields, the engine
 How the top-k of W1 is found depends on the delta (the engine never parses files):
 
     exact=True            two full SVDs, the paper's algorithm (``exact.exact_topk``)
-    LowRank / DoRA        ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(n r) per
+    LowRank               ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(p r) per
                           product, no second full SVD
-    Dense                 ``randomized.randomized_topk``: randomised top-k with a convergence check
+    Dense / DoRA          ``randomized.randomized_topk``: block Krylov top-k of the materialised
+                          W1, started on the base's top vectors, with a residual check
 
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
@@ -70,16 +71,25 @@ def delta_type(delta: Delta) -> str:
 
 
 # ---- top-k dispatch ---------------------------------------------------------------------------
-def _fast_topk(base: BaseSpectrum, delta: Delta, k: int) -> TopK:
-    """The fast path for this delta type; ImportError/NotImplementedError when there is none."""
+def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> TopK:
+    """The fast path for this delta type; ImportError/NotImplementedError when there is none.
+
+    LowRank -> ``lowrank_topk``; DoRA -> ``lowrank_topk`` if it takes it, else (a row rescaling is
+    not low rank in the base basis) ``randomized_topk`` on the materialised W1; Dense ->
+    ``randomized_topk``.
+    """
     if isinstance(delta, (LowRank, DoRA)):
         from .lowrank import lowrank_topk
 
-        return lowrank_topk(base, delta, k)
-    if isinstance(delta, Dense):
+        try:
+            return lowrank_topk(base, delta, k)
+        except NotImplementedError:
+            if not isinstance(delta, DoRA):
+                raise
+    if isinstance(delta, (Dense, DoRA)):
         from .randomized import randomized_topk
 
-        return randomized_topk(base, delta.tuned, k)
+        return randomized_topk(base, delta.merged(W0), k)
     raise NotImplementedError(f"no fast path for {type(delta).__name__}")
 
 
@@ -88,7 +98,7 @@ def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, ex
     notes: list[str] = []
     if not exact:
         try:
-            top = _fast_topk(base, delta, k)
+            top = _fast_topk(base, W0, delta, k)
         except (ImportError, NotImplementedError) as e:
             notes.append(f"fast path unavailable ({e}); exact SVD used")
         else:
@@ -239,7 +249,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
                     "matrices_in_stream": n_groups, "dense_metrics": bool(dense_metrics)}
     run_settings.update(extra_settings or {})
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
-                          settings=run_settings)
+                          settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))
 
 
 class _NoBar:

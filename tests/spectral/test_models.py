@@ -8,15 +8,11 @@ leaves the spectrum alone (no intruders) and one that certainly has intruders.""
 import pytest
 import torch
 
+from lora_audit.checkpoints import open_stream
 from lora_audit.spectral.engine import audit
 from tests.helpers import make_peft_adapter, make_tiny_llama
 from tests.spectral.fixtures import make_full_finetune
 from tests.spectral.reference import reference_audit
-
-try:
-    from lora_audit.checkpoints import open_stream
-except ImportError:  # the streaming loader is another engineer's piece; these tests wait for it
-    pytest.skip("lora_audit.checkpoints.open_stream is not there yet", allow_module_level=True)
 
 
 def run(base, tuned: list, *, exact=False, dtype=torch.float32, k=10, epsilon=0.5):
@@ -75,6 +71,7 @@ def test_gpt2_conv1d_adapter(tiny_gpt2, adapters):
     m = {x.name: x for x in res.results[0].matrices}
     assert m["transformer.h.0.attn.c_attn.weight"].shape == [192, 64]  # analysed as (out x in)
     assert m["transformer.h.0.attn.c_attn.weight"].transposed
+    assert any("Conv1D" in w for w in res.warnings)  # the stream's note about the base reaches the result
     assert_matches_reference(res.results[0], reference_audit(tiny_gpt2, adapters["gpt2"]))
 
 

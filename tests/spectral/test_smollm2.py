@@ -11,11 +11,6 @@ from lora_audit.cli import cli
 from tests.helpers import make_peft_adapter
 from tests.spectral.reference import reference_audit
 
-try:
-    from lora_audit.checkpoints import open_stream  # noqa: F401
-except ImportError:  # the streaming loader is another engineer's piece; this test waits for it
-    pytest.skip("lora_audit.checkpoints.open_stream is not there yet", allow_module_level=True)
-
 
 @pytest.mark.smollm2
 def test_smollm2_lora_through_cli(smollm2_dir, tmp_path):
