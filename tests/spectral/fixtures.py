@@ -31,3 +31,19 @@ def make_full_finetune(base_dir: str | Path, out: str | Path, *, seed: int = 7, 
     model.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
 
+
+
+def randomize_embedding_A(adapter: str | Path, *, seed: int = 8, std: float = 0.5) -> Path:
+    """PEFT initialises lora_embedding_A to zeros (and B randomly): an untrained embedding LoRA is
+    then an exact no-op. Fill A with random values in the saved file so the adapter changes the
+    embedding (peft reads the file back for the reference merge)."""
+    from safetensors.torch import load_file, save_file
+
+    f = Path(adapter) / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    g = torch.Generator().manual_seed(seed)
+    for key, t in tensors.items():
+        if key.endswith("lora_embedding_A"):
+            tensors[key] = std * torch.randn(t.shape, generator=g, dtype=t.dtype)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return Path(adapter)

@@ -16,28 +16,30 @@ from tests.helpers import reference_intruders
 EXCLUDED = ("embed_tokens", "lm_head", "wte", "wpe")
 
 
-def _state_dict_out_in(model) -> dict[str, torch.Tensor]:
+def _state_dict_out_in(model, include_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """Every 2-D weight of a transformers model, as (out x in) float64: GPT-2 Conv1D weights are
-    stored (in x out) and are transposed here (transformers.pytorch_utils.Conv1D)."""
+    stored (in x out) and are transposed here (transformers.pytorch_utils.Conv1D). Embedding
+    tables stay as stored, (vocab x dim)."""
     from transformers.pytorch_utils import Conv1D
 
     conv1d = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
     out = {}
     for name, p in model.state_dict().items():
-        if p.ndim != 2 or any(x in name for x in EXCLUDED):
+        if p.ndim != 2 or (not include_embeddings and any(x in name for x in EXCLUDED)):
             continue
         t = p.detach().double()
         out[name] = t.T.contiguous() if name in conv1d else t
     return out
 
 
-def merged_weights(base_dir: str | Path, tuned: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def merged_weights(base_dir: str | Path, tuned: str | Path, include_embeddings: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(base weights, tuned weights) by base parameter name, float64, (out x in). An adapter is
     merged by peft's ``merge_and_unload``; a folder is read with transformers."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    base_w = _state_dict_out_in(base)
+    base_w = _state_dict_out_in(base, include_embeddings)
     if (Path(tuned) / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -45,12 +47,14 @@ def merged_weights(base_dir: str | Path, tuned: str | Path) -> tuple[dict[str, t
         merged = PeftModel.from_pretrained(fresh, str(tuned)).merge_and_unload()
     else:
         merged = AutoModelForCausalLM.from_pretrained(str(tuned), dtype=torch.float32)
-    return base_w, _state_dict_out_in(merged)
+    return base_w, _state_dict_out_in(merged, include_embeddings)
 
 
-def reference_audit(base_dir, tuned, k: int = 10, epsilon: float = 0.5) -> dict[str, tuple[list[float], int]]:
-    """name -> (max_cos, intruder count) for every 2-D non-embedding weight that differs."""
-    base_w, tuned_w = merged_weights(base_dir, tuned)
+def reference_audit(base_dir, tuned, k: int = 10, epsilon: float = 0.5, include_embeddings: bool = False
+                    ) -> dict[str, tuple[list[float], int]]:
+    """name -> (max_cos, intruder count) for every 2-D weight that differs (embeddings and lm_head
+    only when asked)."""
+    base_w, tuned_w = merged_weights(base_dir, tuned, include_embeddings)
     out = {}
     for name, W0 in base_w.items():
         W1 = tuned_w[name]

@@ -11,12 +11,12 @@ import torch
 from lora_audit.checkpoints import open_stream
 from lora_audit.spectral.engine import audit
 from tests.helpers import make_peft_adapter, make_tiny_llama
-from tests.spectral.fixtures import make_full_finetune
+from tests.spectral.fixtures import make_full_finetune, randomize_embedding_A
 from tests.spectral.reference import reference_audit
 
 
-def run(base, tuned: list, *, exact=False, dtype=torch.float32, k=10, epsilon=0.5):
-    stream = open_stream(str(base), [str(t) for t in tuned], include_embeddings=False, dtype=dtype,
+def run(base, tuned: list, *, exact=False, dtype=torch.float32, k=10, epsilon=0.5, include_embeddings=False):
+    stream = open_stream(str(base), [str(t) for t in tuned], include_embeddings=include_embeddings, dtype=dtype,
                          allow_pickle=False)
     return audit(stream, k=k, epsilon=epsilon, exact=exact, dtype=dtype, device="cpu", progress=False,
                  base_label=str(base), tuned_labels=[str(t) for t in tuned])
@@ -45,6 +45,8 @@ def adapters(tiny_llama, tiny_gpt2, tmp_path_factory):
         "gpt2": make_peft_adapter(tiny_gpt2, d / "gpt2", r=4, lora_alpha=8, seed=5, fan_in_fan_out=True,
                                   target_modules=["c_attn", "c_proj", "c_fc"]),
         "full": make_full_finetune(tiny_llama, d / "full"),
+        "embedding": randomize_embedding_A(make_peft_adapter(tiny_llama, d / "embedding", r=4, lora_alpha=8, seed=6,
+                                                             target_modules=["embed_tokens", "o_proj"])),
         "sharded_base": make_tiny_llama(d / "sharded", shard_size="60KB", tokenizer=False),  # same seed as tiny_llama
     }
 
@@ -92,3 +94,13 @@ def test_float64_metrics_equal_direct_formulas(tiny_llama, adapters):
         expected = np_metrics(deltas[m.name].numpy(), base_w[m.name].numpy())
         for key, value in expected.items():
             assert getattr(m, key) == pytest.approx(value, rel=1e-6), (m.name, key)
+
+
+def test_embedding_lora_only_with_include_embeddings(tiny_llama, adapters):
+    without = run(tiny_llama, [adapters["embedding"]])
+    assert {m.module for m in without.results[0].matrices} == {"o_proj"}
+    assert_matches_reference(without.results[0], reference_audit(tiny_llama, adapters["embedding"]))
+    res = run(tiny_llama, [adapters["embedding"]], include_embeddings=True)
+    emb = {m.name: m for m in res.results[0].matrices}["model.embed_tokens.weight"]
+    assert emb.kind == "embedding" and emb.shape == [512, 64]
+    assert_matches_reference(res.results[0], reference_audit(tiny_llama, adapters["embedding"], include_embeddings=True))
