@@ -20,7 +20,8 @@ are 0-based. Top level, in this order::
           "total_intruders": int,       [contract] sum of "intruders" over "matrices"
           "sweep_totals": [int, ...],   total intruders at each epsilon of "epsilon_sweep"
           "matrices_audited": int,      len(matrices)
-          "matrices_unchanged": int,    base matrices this model left exactly as they were
+          "matrices_unchanged": int,    matrices of the audit plan (those any tuned model
+                                        touches) that this model leaves exactly as they were
           "by_module": {module: int},   intruders per module name (q_proj, down_proj, ...)
           "by_layer": {"0": int, ...},  intruders per layer index (matrices with a layer)
           "info": {...},                what the loader found (format, adapter config, ...)

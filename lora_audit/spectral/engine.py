@@ -208,7 +208,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     n_tuned = _n_tuned(stream, tuned_labels)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
     labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, n_tuned)
-    results: list[TunedResult] | None = None
+    results: list[TunedResult] | None = [TunedResult(tuned=t) for t in labels] if labels else None
     n_groups = 0
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
     bar = progress_bar(total=total, desc="spectrum", unit="matrix") if progress else _NoBar()
@@ -222,21 +222,21 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             if len(group.deltas) != len(results):
                 raise ValueError(f"{group.name}: {len(group.deltas)} deltas for {len(results)} tuned models")
             for res, (rec, secs) in zip(results, audit_group(group, settings, dev, spectrum_of)):
-                if rec is None:
-                    res.matrices_unchanged += 1
-                else:
+                if rec is not None:
                     res.matrices.append(rec)
                 res.seconds += secs
             bar.set_postfix_str(group.name[-40:], refresh=False)
             bar.update(1)
     finally:
         bar.close()
-    if results is None:
+    if results is None or (n_groups == 0 and not total):
         raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
+    planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
 
     for i, res in enumerate(results):
         res.info = dict(_per_tuned(stream, "info", i) or {})
         res.warnings = list(_per_tuned(stream, "warnings", i) or [])
+        res.matrices_unchanged = planned - len(res.matrices)
         if not res.matrices:
             res.warnings.append("no weight matrix differs from the base: nothing to audit")
         res.sweep_totals = [sum(m.sweep_counts[j] for m in res.matrices) for j in range(len(sweep))]
@@ -246,7 +246,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
 
     run_settings = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
                     "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
-                    "matrices_in_stream": n_groups, "dense_metrics": bool(dense_metrics)}
+                    "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics)}
     run_settings.update(extra_settings or {})
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
                           settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))

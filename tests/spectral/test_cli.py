@@ -156,3 +156,15 @@ def test_real_subprocess(tiny_llama, ckpts, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(tiny_llama), str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "Traceback" not in bad.stderr
+
+
+def test_tuned_identical_to_base(tiny_llama, tmp_path):
+    """A 'fine-tune' that changed nothing: exit 0, zero matrices, a warning saying so."""
+    js = tmp_path / "same.json"
+    r = invoke(tiny_llama, tiny_llama, tiny_llama, "--json", js)
+    assert r.exit_code == 0, r.output
+    obj = json.loads(js.read_text())
+    for entry in obj["results"]:
+        assert entry["total_intruders"] == 0 and entry["matrices"] == [] and entry["matrices_unchanged"] > 0
+        assert any("no weight matrix differs" in w for w in entry["warnings"])
+    assert "nothing to audit" in r.output
