@@ -86,7 +86,7 @@ def _output_path(ctx, param, value):
 @click.option("--float64", "float64", is_flag=True, help="Compute SVDs in float64 instead of float32.")
 @click.option("--include-embeddings", is_flag=True, help="Also audit embeddings and lm_head (excluded by default, as in the paper).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Base-spectrum cache folder [default: the lora-audit cache, ~/.cache/lora-audit].")
+              help="Base-spectrum cache folder [default: ~/.cache/lora-audit/spectra, or $LORA_AUDIT_CACHE/spectra].")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @click.option("--allow-pickle", is_flag=True,
               help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")
@@ -139,12 +139,16 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
 
 
 def _open_cache(cache_dir):
-    """The base-spectrum cache (``lora_audit.spectral.cache``); None while that module is absent."""
-    try:
-        from ..spectral.cache import SpectrumCache, default_cache_dir
-    except ImportError:
+    """The base-spectrum cache (``lora_audit.spectral.cache.SpectrumCache``) in ``cache_dir``,
+    default ``<lora-audit cache>/spectra``; None when this build has no cache module."""
+    import importlib.util
+
+    if importlib.util.find_spec("lora_audit.spectral.cache") is None:
         return None
-    return SpectrumCache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    from ..checkpoints.default_model import cache_root
+    from ..spectral.cache import SpectrumCache
+
+    return SpectrumCache(Path(cache_dir).expanduser() if cache_dir else cache_root() / "spectra")
 
 
 class _closing:
