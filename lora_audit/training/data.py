@@ -1,0 +1,129 @@
+"""Training data: JSONL with {"prompt", "response"} (loss on the response only; the prompt is
+wrapped in the tokenizer's chat template when it has one) or {"text"} (loss on every token);
+``builtin:NAME`` reads ``lora_audit/data/train/NAME.jsonl``.
+
+Batches use dynamic padding (each batch padded to its longest row, right padding) so short
+examples cost little on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError, InputError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "train"
+IGNORE = -100
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+
+
+def resolve_data(spec: str) -> Path:
+    """A path for ``spec`` (a JSONL file or ``builtin:NAME``); InputError when it does not exist."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = BUILTIN_DIR / f"{name}.jsonl"
+        if not path.is_file():
+            raise InputError(f"no built-in data set {name!r}; available: {', '.join(builtin_names())}")
+        return path
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"{spec}: data file not found (give a JSONL file or builtin:NAME, "
+                         f"built-ins: {', '.join(builtin_names())})")
+    return path
+
+
+def load_records(spec: str) -> list[dict]:
+    """Parse the JSONL; a FormatError names the file and line of the first bad row."""
+    path = resolve_data(spec)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
+            if "text" in row and isinstance(row["text"], str):
+                rows.append({"text": row["text"]})
+            elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+                rows.append({"prompt": row["prompt"], "response": row["response"]})
+            else:
+                raise FormatError(f'{path}:{lineno}: expected {{"prompt": str, "response": str}} or '
+                                  f'{{"text": str}}, got keys {sorted(row)}')
+    if not rows:
+        raise InputError(f"{path}: no training examples")
+    return rows
+
+
+def encode(row: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE on prompt tokens) for one example, cut at ``max_length``."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if "text" in row:
+        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + eos
+        return ids[:max_length], ids[:max_length]
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": row["response"]}],
+                                             tokenize=False)
+        if not full.startswith(prompt):  # template rewrites the prompt: fall back to concatenation
+            full = prompt + row["response"]
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if ids[:len(p_ids)] != p_ids:  # tokenisation merged across the boundary
+            ids = p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids = ids + ([] if ids and ids[-1] in eos else eos)
+    else:
+        p_ids = tokenizer(row["prompt"] + "\n", add_special_tokens=True)["input_ids"]
+        ids = p_ids + tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
+    labels = [IGNORE] * len(p_ids) + ids[len(p_ids):]
+    return ids[:max_length], labels[:max_length]
+
+
+class Batches:
+    """Endless seeded shuffled batches with dynamic padding: dicts of input_ids, attention_mask,
+    labels, each (batch, longest row in the batch)."""
+
+    def __init__(self, rows: list[dict], tokenizer, *, batch_size: int, max_length: int, seed: int):
+        self.examples = [encode(r, tokenizer, max_length) for r in rows]
+        self.examples = [e for e in self.examples if any(l != IGNORE for l in e[1][1:])]
+        if not self.examples:
+            raise InputError(f"no example has response tokens within --max-length {max_length}")
+        self.batch_size = batch_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        picked = []
+        for _ in range(min(self.batch_size, len(self.examples))):
+            if not self.order:
+                self.order = list(range(len(self.examples)))
+                self.rng.shuffle(self.order)
+            picked.append(self.examples[self.order.pop()])
+        return collate(picked, self.pad)
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), n), pad, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
