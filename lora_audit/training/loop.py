@@ -29,21 +29,35 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
           alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
           target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
           warmup: int | None = None) -> dict:
+    """Fine-tune ``base`` and save; see ``fit`` for the arguments. Returns the training record."""
+    model, tok, record = fit(method=method, base=base, data=data, steps=steps, rank=rank, alpha=alpha, lr=lr,
+                             batch_size=batch_size, max_length=max_length, target_modules=target_modules,
+                             seed=seed, device=device, warmup=warmup)
+    from . import export
+
+    export.save(model, tok, out, record, full=record["method"] == "full")
+    return record
+
+
+def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
+        alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
+        target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
+        warmup: int | None = None):
     """Fine-tune ``base`` on ``data`` with ``method`` and write the result to ``out``.
 
     Args:
         method: one of ``METHODS``.
         base: model folder (anything ``lora_audit.checkpoints.load_model`` opens).
         data: JSONL file ({"prompt","response"} or {"text"}) or ``builtin:NAME``.
-        out: output folder: a PEFT adapter (adapters) or a safetensors model folder (full).
         target_modules: module names for the adapters; default every linear layer but the head.
-    Returns the record written to ``out/training.json`` (method, hyper-parameters, seed,
+    Returns (trained model in eval mode, tokenizer, record); ``train`` writes the model to
+    ``out`` (PEFT adapter, or safetensors folder for full) and the record to ``out/training.json`` (method, hyper-parameters, seed,
     loss curve, wall time, provenance).
     """
     from ..checkpoints import load_model
     from ..progress import progress
     from ..results import provenance
-    from . import export, full, lora
+    from . import full, lora
     from .data import Batches, load_records
 
     method = check_method(method)
@@ -89,5 +103,4 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     record.update(method=method, loss=losses, final_loss=losses[-1],
                   trainable_parameters=sum(p.numel() for p in params),
                   wall_time_s=round(time.perf_counter() - t0, 3))
-    export.save(model, tok, out, record, full=method == "full")
-    return record
+    return model, tok, record

@@ -1,0 +1,138 @@
+"""Reference fine-tuning: each method's defining property, PEFT round trips, data errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lora_audit.errors import FormatError, InputError
+from lora_audit.training.loop import fit, train
+
+KW = dict(data="builtin:alpaca-mini", steps=3, batch_size=2, max_length=64, device="cpu", lr=1e-2)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 30, 44, 2, 7]])
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ffa-lora"])
+def test_adapter_round_trips_through_peft(tiny_llama, tmp_path, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok, rec = fit(method=method, base=str(tiny_llama), **KW)
+    from lora_audit.training import export
+
+    export.save(model, tok, tmp_path / "a", rec, full=False)
+    want = _logits(model, IDS)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    before = _logits(base, IDS)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "a")).eval()
+    got = _logits(loaded, IDS)
+    assert not torch.allclose(before, want, atol=1e-4), "training changed nothing"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    saved = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert saved["method"] == method and len(saved["loss"]) == 3 and all(math.isfinite(x) for x in saved["loss"])
+    assert saved["settings"]["seed"] == 0 and "libraries" in saved
+
+
+def test_adapter_matches_loading_stream(tiny_llama, tmp_path):
+    """The saved LoRA, read by the audit's stream, gives W0 + (alpha/r) B A of the trained model."""
+    from lora_audit.checkpoints.deltas import materialize
+    from lora_audit.checkpoints.stream import open_stream
+
+    model, tok, rec = fit(method="lora", base=str(tiny_llama), target_modules=["q_proj"], **KW)
+    from lora_audit.training import export
+
+    export.save(model, tok, tmp_path / "a", rec, full=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    want = layer.base_layer.weight.double() + (2.0 * layer.lora_B["default"].weight.double()
+                                               @ layer.lora_A["default"].weight.double())
+    groups = {g.name: g for g in open_stream(tiny_llama, [tmp_path / "a"])}
+    g = groups["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(materialize(g.deltas[0], g.base).double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_rslora_scale(tiny_llama):
+    model, _, _ = fit(method="rslora", base=str(tiny_llama), rank=4, alpha=8, **KW)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    model, _, _ = fit(method="lora", base=str(tiny_llama), rank=4, alpha=8, **KW)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(2.0)
+
+
+def test_ffa_lora_leaves_a_unchanged(tiny_llama):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_audit.training.lora import lora_config
+
+    model, _, _ = fit(method="ffa-lora", base=str(tiny_llama), **KW)
+    torch.manual_seed(0)
+    init = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), lora_config("ffa-lora", 8, 16, None))
+    trained = dict(model.named_parameters())
+    n_a = 0
+    for name, p in init.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(trained[name], p), name
+            n_a += 1
+        if "lora_B" in name:
+            assert trained[name].abs().sum() > 0, f"{name} did not train"
+    assert n_a > 0
+
+
+def test_full_saves_a_model_folder(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, rec = fit(method="full", base=str(tiny_llama), **KW)
+    from lora_audit.training import export
+
+    export.save(model, tok, tmp_path / "f", rec, full=True)
+    assert (tmp_path / "f" / "model.safetensors").is_file() and (tmp_path / "f" / "tokenizer.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f"))
+    torch.testing.assert_close(_logits(back, IDS), _logits(model, IDS))
+
+
+def test_response_only_loss_masks_prompt(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from lora_audit.training.data import IGNORE, encode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    ids, labels = encode({"prompt": "hello there", "response": "general kenobi"}, tok, 512)
+    n_masked = sum(1 for x in labels if x == IGNORE)
+    assert 0 < n_masked < len(ids)
+    assert labels[n_masked:] == ids[n_masked:]
+    resp = tok.decode(ids[n_masked:])
+    assert "general kenobi" in resp and "hello" not in resp
+    ids2, labels2 = encode({"text": "plain text"}, tok, 512)
+    assert labels2 == ids2
+
+
+def test_data_errors(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:2"):
+        train(method="lora", base=str(tiny_llama), data=str(bad), out=tmp_path / "o", steps=1)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "a"}\n')
+    with pytest.raises(FormatError, match=r"wrong.jsonl:1.*prompt"):
+        train(method="lora", base=str(tiny_llama), data=str(wrong), out=tmp_path / "o", steps=1)
+    with pytest.raises(InputError, match="not found"):
+        train(method="lora", base=str(tiny_llama), data=str(tmp_path / "none.jsonl"), out=tmp_path / "o", steps=1)
+    with pytest.raises(InputError, match="alpaca-mini"):
+        train(method="lora", base=str(tiny_llama), data="builtin:nope", out=tmp_path / "o", steps=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_seeded_runs_repeat(tiny_llama):
+    _, _, r1 = fit(method="lora", base=str(tiny_llama), **KW)
+    _, _, r2 = fit(method="lora", base=str(tiny_llama), **KW)
+    assert r1["loss"] == r2["loss"]
