@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 
-METHODS = ("lora", "rslora", "dora", "ffa-lora", "full")
+METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "full")
 DEFAULT_LR = {"full": 2e-5}  # adapters: 2e-4
 
 
@@ -69,8 +69,15 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     torch.manual_seed(seed)
     loaded = load_model(base, device=device)
     model, tok = loaded.model, loaded.tokenizer
+    batches = Batches(rows, tok, batch_size=batch_size, max_length=max_length, seed=seed)
+    ga_init = None
     if method == "full":
         model = full.prepare(model)
+    elif method == "lora-ga":
+        from . import lora_ga
+
+        model, ga_init = lora_ga.wrap(model, batches, method_cfg=lora.lora_config("lora", rank, alpha, target_modules),
+                                      seed=seed)
     else:
         model = lora.wrap(model, method, rank, alpha, target_modules, seed)
     model.train()
@@ -79,7 +86,6 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = min(10, steps // 10) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    batches = Batches(rows, tok, batch_size=batch_size, max_length=max_length, seed=seed)
     losses: list[float] = []
     with progress(total=steps, desc=f"finetune {method}", unit="step") as bar:
         for step in range(steps):
@@ -103,4 +109,9 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     record.update(method=method, loss=losses, final_loss=losses[-1],
                   trainable_parameters=sum(p.numel() for p in params),
                   wall_time_s=round(time.perf_counter() - t0, 3))
+    if ga_init is not None:  # save as plain rank-2r LoRA against the original base
+        from . import lora_ga
+
+        model = lora_ga.to_plain_lora(model, ga_init, load_model(base, device=str(dev)).model).eval()
+        record["saved_as"] = f"plain LoRA of rank {2 * rank} against the original base ([B_final, -B_init] [A_final; A_init])"
     return model, tok, record

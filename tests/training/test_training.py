@@ -136,3 +136,75 @@ def test_seeded_runs_repeat(tiny_llama):
     _, _, r1 = fit(method="lora", base=str(tiny_llama), **KW)
     _, _, r2 = fit(method="lora", base=str(tiny_llama), **KW)
     assert r1["loss"] == r2["loss"]
+
+
+def test_lora_ga_start_equals_base_and_first_gradient(tiny_llama):
+    """LoRA-GA (arXiv 2407.05000): the initialised model equals the base, and the first step's
+    adapter gradients are the projections of the full gradient G: dL/dA = s B^T G, dL/dB = s G A^T."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_audit.training import lora, lora_ga
+    from lora_audit.training.data import Batches, load_records
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    batch = next(Batches(load_records("builtin:alpaca-mini"), tok, batch_size=4, max_length=64, seed=0))
+
+    class Same:  # the same batch for gradient estimation and the first step
+        def __next__(self):
+            return batch
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    base.zero_grad()
+    base(**batch).loss.backward()
+    G = {n: p.grad.detach().clone() for n, p in base.named_parameters() if n.endswith("q_proj.weight")}
+    model, init = lora_ga.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), Same(),
+                               method_cfg=lora.lora_config("lora", 4, 8, ["q_proj"]), grad_batches=1)
+    torch.testing.assert_close(_logits(model, IDS), _logits(base, IDS), atol=1e-4, rtol=1e-4)
+    assert any(B.abs().sum() > 0 for _, B in init.values()), "B_init should be non-zero"
+    model.zero_grad()
+    model(**batch).loss.backward()
+    for n, m in model.named_modules():
+        if n in init:
+            s = m.scaling["default"]
+            g = G[n.replace("base_model.model.", "") + ".weight"]
+            A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+            # the modified base W0 - s B A with the adapter gives the base output, so dL/dW is G
+            torch.testing.assert_close(m.lora_A["default"].weight.grad, s * B.T @ g, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(m.lora_B["default"].weight.grad, s * g @ A.T, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_ga_saved_as_plain_lora_on_original_base(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rec = train(method="lora-ga", base=str(tiny_llama), out=tmp_path / "ga", rank=4, target_modules=["q_proj", "v_proj"],
+                **KW)
+    cfg = json.loads((tmp_path / "ga" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True and "saved_as" in rec
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    before = _logits(base, IDS)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "ga")).eval()
+    assert not torch.allclose(_logits(loaded, IDS), before, atol=1e-4)
+
+
+def test_lora_ga_conversion_equals_trained_model(tiny_llama):
+    """Merged weights of the rank-2r plain LoRA on the original base == the trained LoRA-GA model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_audit.training import lora, lora_ga
+    from lora_audit.training.data import Batches, load_records
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    batches = Batches(load_records("builtin:alpaca-mini"), tok, batch_size=2, max_length=64, seed=0)
+    model, init = lora_ga.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), batches,
+                               method_cfg=lora.lora_config("rslora", 4, 8, ["q_proj"]), grad_batches=2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(**next(batches)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    plain = lora_ga.to_plain_lora(model, init, AutoModelForCausalLM.from_pretrained(str(tiny_llama)))
+    trained = {n: p.detach().double() for n, p in model.merge_and_unload().named_parameters()}
+    merged = {n: p.detach().double() for n, p in plain.merge_and_unload().named_parameters()}
+    for n in trained:
+        torch.testing.assert_close(merged[n], trained[n], atol=1e-5, rtol=1e-5)
