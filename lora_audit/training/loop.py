@@ -12,8 +12,8 @@ import torch
 
 from ..errors import InputError
 
-METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "full")
-DEFAULT_LR = {"full": 2e-5}  # adapters: 2e-4
+METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "lora-sb", "full")
+DEFAULT_LR = {"full": 2e-5, "lora-sb": 2e-3}  # other adapters: 2e-4
 
 
 def check_method(method: str) -> str:
@@ -70,7 +70,7 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     loaded = load_model(base, device=device)
     model, tok = loaded.model, loaded.tokenizer
     batches = Batches(rows, tok, batch_size=batch_size, max_length=max_length, seed=seed)
-    ga_init = None
+    ga_init = sb_names = None
     if method == "full":
         model = full.prepare(model)
     elif method == "lora-ga":
@@ -78,6 +78,10 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
 
         model, ga_init = lora_ga.wrap(model, batches, method_cfg=lora.lora_config("lora", rank, alpha, target_modules),
                                       seed=seed)
+    elif method == "lora-sb":
+        from . import lora_sb
+
+        model, sb_names = lora_sb.wrap(model, batches, rank=rank, lr=lr, target_modules=target_modules)
     else:
         model = lora.wrap(model, method, rank, alpha, target_modules, seed)
     model.train()
@@ -114,4 +118,9 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
 
         model = lora_ga.to_plain_lora(model, ga_init, load_model(base, device=str(dev)).model).eval()
         record["saved_as"] = f"plain LoRA of rank {2 * rank} against the original base ([B_final, -B_init] [A_final; A_init])"
+    if sb_names is not None:  # save as plain LoRA with B' = B R, scale 1
+        from . import lora_sb
+
+        model = lora_sb.to_plain_lora(model, sb_names, load_model(base, device=str(dev)).model, rank).eval()
+        record["saved_as"] = "plain LoRA with B' = B R, A, lora_alpha = r (scale 1)"
     return model, tok, record

@@ -208,3 +208,42 @@ def test_lora_ga_conversion_equals_trained_model(tiny_llama):
     merged = {n: p.detach().double() for n, p in plain.merge_and_unload().named_parameters()}
     for n in trained:
         torch.testing.assert_close(merged[n], trained[n], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_sb_trains_only_r_and_saves_b_r(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_audit.training import lora_sb
+    from lora_audit.training.data import Batches, load_records
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    batches = Batches(load_records("builtin:alpaca-mini"), tok, batch_size=2, max_length=64, seed=0)
+    model, names = lora_sb.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), batches, rank=4, lr=1e-3,
+                                target_modules=["q_proj", "v_proj"], grad_batches=2)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".R") for n in trainable) and len(trainable) == len(names) == 4
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith((".A", ".B"))}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(**next(batches)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, b in model.named_buffers():
+        if n in frozen:
+            assert torch.equal(b, frozen[n])
+    plain = lora_sb.to_plain_lora(model, names, AutoModelForCausalLM.from_pretrained(str(tiny_llama)), 4)
+    for n in names:
+        sb, m = model.get_submodule(n), plain.base_model.model.get_submodule(n)
+        want = sb.B.double() @ sb.R.double() @ sb.A.double()
+        got = m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double() * m.scaling["default"]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    plain.save_pretrained(str(tmp_path / "sb"))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "sb"))
+    torch.testing.assert_close(_logits(loaded.eval(), IDS), _logits(model.eval(), IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_sb_through_train(tiny_llama, tmp_path):
+    rec = train(method="lora-sb", base=str(tiny_llama), out=tmp_path / "sb", rank=4, **KW)
+    assert rec["trainable_parameters"] == 4 * 4 * 2 * 7  # r x r per module, 7 targets x 2 layers
+    assert json.loads((tmp_path / "sb" / "adapter_config.json").read_text())["lora_alpha"] == 4
