@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 
-METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "lora-sb", "full")
+METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "lora-sb", "lora-mgpo", "full")
 DEFAULT_LR = {"full": 2e-5, "lora-sb": 2e-3}  # other adapters: 2e-4
 
 
@@ -83,19 +83,28 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
 
         model, sb_names = lora_sb.wrap(model, batches, rank=rank, lr=lr, target_modules=target_modules)
     else:
-        model = lora.wrap(model, method, rank, alpha, target_modules, seed)
+        model = lora.wrap(model, "lora" if method == "lora-mgpo" else method, rank, alpha, target_modules, seed)
     model.train()
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = min(10, steps // 10) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    mgpo = None
+    if method == "lora-mgpo":
+        from .mgpo import MGPO
+
+        mgpo = MGPO(model, opt)
     losses: list[float] = []
     with progress(total=steps, desc=f"finetune {method}", unit="step") as bar:
         for step in range(steps):
             batch = {k: v.to(dev) for k, v in next(batches).items()}
+            if mgpo is not None:
+                mgpo.apply()
             loss = model(**batch).loss
             loss.backward()
+            if mgpo is not None:
+                mgpo.restore()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()

@@ -247,3 +247,44 @@ def test_lora_sb_through_train(tiny_llama, tmp_path):
     rec = train(method="lora-sb", base=str(tiny_llama), out=tmp_path / "sb", rank=4, **KW)
     assert rec["trainable_parameters"] == 4 * 4 * 2 * 7  # r x r per module, 7 targets x 2 layers
     assert json.loads((tmp_path / "sb" / "adapter_config.json").read_text())["lora_alpha"] == 4
+
+
+def test_mgpo_perturbation_formula_and_removal(tiny_llama):
+    from lora_audit.training.mgpo import MGPO, lora_layers, perturbation
+
+    # hand-built case: s = 2, rho = 0.1, v = 2 (m_B A + B m_A) computed by hand
+    A = torch.tensor([[1.0, 0.0, 0.0]])  # (1, 3)
+    B = torch.tensor([[0.0], [2.0]])  # (2, 1)
+    m_A = torch.tensor([[0.0, 1.0, 0.0]])
+    m_B = torch.tensor([[1.0], [0.0]])
+    v = torch.tensor([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]])  # 2 * ([[1,0,0],[0,0,0]] + [[0,0,0],[0,2,0]])
+    want = -0.1 * v / math.sqrt(20.0)
+    torch.testing.assert_close(perturbation(A, B, m_A, m_B, 2.0, 0.1, None), want)
+    torch.testing.assert_close(perturbation(A, B, m_A, m_B, 2.0, 0.1, 0.5), want * 2.0)
+    torch.testing.assert_close(perturbation(A, B, m_A, m_B, 2.0, 0.1, 1e-6), want * 10.0)
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_audit.training import lora
+
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), "lora", 4, 8, ["q_proj"], 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mg = MGPO(model, opt, rho=0.5)
+    base = {id(m): m.get_base_layer().weight.detach().clone() for m in lora_layers(model)}
+    batch = {"input_ids": IDS, "labels": IDS}
+    for step in range(3):
+        mg.apply()
+        if step > 0:  # momentum exists after the first step: the base is perturbed during the pass
+            assert any(not torch.equal(m.get_base_layer().weight, base[id(m)]) for m in lora_layers(model))
+        model(**batch).loss.backward()
+        mg.restore()
+        for m in lora_layers(model):
+            assert torch.equal(m.get_base_layer().weight, base[id(m)])
+        opt.step()
+        opt.zero_grad()
+    assert mg.g_bar
+
+
+def test_mgpo_through_train(tiny_llama, tmp_path):
+    rec = train(method="lora-mgpo", base=str(tiny_llama), out=tmp_path / "m", **KW)
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file() and len(rec["loss"]) == 3
