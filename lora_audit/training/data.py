@@ -43,23 +43,26 @@ def load_records(spec: str) -> list[dict]:
     """Parse the JSONL; a FormatError names the file and line of the first bad row."""
     path = resolve_data(spec)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
-            if "text" in row and isinstance(row["text"], str):
-                rows.append({"text": row["text"]})
-            elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-                rows.append({"prompt": row["prompt"], "response": row["response"]})
-            else:
-                raise FormatError(f'{path}:{lineno}: expected {{"prompt": str, "response": str}} or '
-                                  f'{{"text": str}}, got keys {sorted(row)}')
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text ({e.reason})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
+        if "text" in row and isinstance(row["text"], str):
+            rows.append({"text": row["text"]})
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            rows.append({"prompt": row["prompt"], "response": row["response"]})
+        else:
+            raise FormatError(f'{path}:{lineno}: expected {{"prompt": str, "response": str}} or '
+                              f'{{"text": str}}, got keys {sorted(row)}')
     if not rows:
         raise InputError(f"{path}: no training examples")
     return rows
