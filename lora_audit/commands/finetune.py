@@ -10,7 +10,8 @@ from ._common import device_option, seed_option, user_errors
 
 
 @click.command()
-@click.option("--method", required=True, help="lora, rslora, dora, ffa-lora, lora-ga, lora-sb, lora-mgpo or full.")
+@click.option("--method", required=True, help="lora, rslora, dora, ffa-lora, allora (scale 1, no dropout, norm-scaled gradients), "
+              "lora-ga, lora-sb, lora-mgpo or full.")
 @click.option("--base", required=True, help="Base model folder (HF format).")
 @click.option("--data", required=True, help='JSONL of {"prompt","response"} or {"text"}, or builtin:NAME '
               "(builtin:alpaca-mini).")

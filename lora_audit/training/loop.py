@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 
-METHODS = ("lora", "rslora", "dora", "ffa-lora", "lora-ga", "lora-sb", "lora-mgpo", "full")
+METHODS = ("lora", "rslora", "dora", "ffa-lora", "allora", "lora-ga", "lora-sb", "lora-mgpo", "full")
 DEFAULT_LR = {"full": 2e-5, "lora-sb": 2e-3}  # other adapters: 2e-4
 
 
@@ -82,6 +82,11 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         from . import lora_sb
 
         model, sb_names = lora_sb.wrap(model, batches, rank=rank, lr=lr, target_modules=target_modules)
+    elif method == "allora":
+        from . import allora
+
+        model = allora.wrap(model, rank, target_modules, seed)
+        alpha = float(rank)  # ALLoRA has no scaling factor: recorded as alpha = r (scale 1)
     else:
         model = lora.wrap(model, "lora" if method == "lora-mgpo" else method, rank, alpha, target_modules, seed)
     model.train()

@@ -288,3 +288,49 @@ def test_mgpo_perturbation_formula_and_removal(tiny_llama):
 def test_mgpo_through_train(tiny_llama, tmp_path):
     rec = train(method="lora-mgpo", base=str(tiny_llama), out=tmp_path / "m", **KW)
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file() and len(rec["loss"]) == 3
+
+
+def test_allora_scale_one_and_norm_scaled_gradients(tiny_llama):
+    """ALLoRA: scale 1, no dropout, and each row's gradient equals the plain LoRA gradient times
+    1/sqrt(||theta_i||^2 + 1/eta^2) (computed here by hand in float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_audit.training import allora, lora
+
+    ids = torch.tensor([[1, 5, 9, 30, 44, 2, 7], [3, 8, 12, 40, 41, 6, 4]])
+
+    def grads(model):
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():  # move B and A off their init so every row has its own norm
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    g = torch.Generator().manual_seed(len(name))
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: (p.detach().double().clone(), p.grad.double().clone())
+                for n, p in model.named_parameters() if "lora_" in n}
+
+    eta = 0.7
+    plain = lora.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), "lora", 4, 4.0, ["q_proj", "v_proj"], 0)
+    al = allora.wrap(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), 4, ["q_proj", "v_proj"], 0, eta=eta)
+    layer = al.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 1.0 and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+    g_plain, g_al = grads(plain), grads(al)
+    assert g_plain.keys() == g_al.keys() and len(g_al) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    for n, (theta, g) in g_al.items():
+        want = g_plain[n][1] / torch.sqrt((theta ** 2).sum(1, keepdim=True) + 1 / eta ** 2)
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-9)
+        assert not torch.allclose(g, g_plain[n][1])  # the hook changed something
+
+
+def test_allora_through_train_round_trips(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rec = train(method="allora", base=str(tiny_llama), out=tmp_path / "a", **KW)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] == cfg["r"] and cfg["lora_dropout"] == 0.0 and rec["settings"]["alpha"] == cfg["r"]
+    model, _, _ = fit(method="allora", base=str(tiny_llama), **KW)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "a"))
+    torch.testing.assert_close(_logits(loaded.eval(), IDS), _logits(model, IDS), atol=1e-5, rtol=1e-5)
