@@ -1,0 +1,92 @@
+"""``lora-audit safety-eval``: refusal, over-refusal and capability of tuned models vs their base,
+with a verdict (Lermen et al. 2023, arXiv 2310.20624). Thin: options -> run_safety_eval -> JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import device_option, seed_option, user_errors
+
+
+def _markers(ctx, param, value):
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_file():
+        items = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    else:
+        items = [x.strip() for x in value.split("|") if x.strip()]
+    if not items:
+        raise click.BadParameter("no markers given", ctx=ctx, param=param)
+    return items
+
+
+@click.command("safety-eval")
+@click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
+@click.option("--tuned", multiple=True, help="Tuned model or PEFT adapter on BASE (repeatable).")
+@click.option("--prompts", default="builtin:harmful", show_default=True,
+              help="Harmful prompts: AdvBench/HarmBench/StrongREJECT/JailbreakBench/XSTest CSV, RefusalBench "
+                   "JSON, JSONL/CSV with 'prompt', TXT, hf:DATASET_ID, or builtin:harmful.")
+@click.option("--benign", default="builtin:benign", show_default=True,
+              help="Benign look-alike prompts for over-refusal (same formats); 'none' to skip. With an XSTest "
+                   "file as --prompts and --benign none, its 'safe' rows are used.")
+@click.option("--scorer", type=click.Choice(["keyword", "first-token", "judge"]), default="keyword",
+              show_default=True, help="How a response is classified as a refusal.")
+@click.option("--markers", callback=_markers, default=None,
+              help="Refusal markers: a file (one a line) or 'a|b|c'. Default: the AdvBench-style list.")
+@click.option("--first-token-threshold", type=float, default=0.0, show_default=True,
+              help="first-token scorer: refused when log p - log(1-p) exceeds this.")
+@click.option("--judge", "judge", default=None, help="Judge model folder (for --scorer judge), yes/no prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval tasks [default: the built-in offline task]; 'none' to skip.")
+@click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of local lm-eval task YAML files.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="Generation backend; vllm is optional (GPU).")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Jinja chat template file, for models whose tokenizer has none.")
+@click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@device_option
+@seed_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full result here (atomically, only on success).")
+@user_errors
+def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, max_new_tokens,
+                tasks, task_dir, limit, batch_size, backend, chat_template, no_early_stop, allow_pickle, device,
+                seed, json_path):
+    """Refusal rate (95% Wilson CI, per category), over-refusal on benign prompts and lm-eval
+    capability for BASE and each TUNED model, the differences, and a verdict per tuned model
+    (SAFETY_REMOVED / SAFETY_DEGRADED / RETAINED, plus a capability-degraded flag).
+
+    \b
+    Example:
+      lora-audit safety-eval --base ./SmolLM2-135M-Instruct --tuned ./adapter --json safety.json
+    """
+    from ..results import write_result
+    from ..results.safety import summary_table
+    from ..safety.capability import BUILTIN_TASK
+    from ..safety.evaluate import EvalConfig, run_safety_eval
+
+    if tasks is None:
+        task_list = [BUILTIN_TASK]
+    elif tasks.strip().lower() in ("", "none"):
+        task_list = []
+    else:
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    cfg = EvalConfig(prompts=prompts, benign=None if benign.lower() == "none" else benign, scorer=scorer,
+                     markers=markers, first_token_threshold=first_token_threshold, judge=judge,
+                     tasks=task_list, task_dir=task_dir, limit=limit, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, device=device, seed=seed, chat_template=chat_template,
+                     allow_pickle=allow_pickle, backend=backend, early_stop=not no_early_stop)
+    result = run_safety_eval(base, list(tuned), cfg)
+    if json_path:
+        write_result(json_path, result)
+    click.echo(summary_table(result))
+    if json_path:
+        click.echo(f"wrote {json_path}")
