@@ -1,0 +1,246 @@
+"""The on-disk base-spectrum cache: the thin SVD of each base matrix, computed once.
+
+The base spectrum W0 = U diag(S) Vh does not change between audits, so a hub screening many
+adapters of one base pays each base SVD once. One entry per base matrix, in one folder:
+
+    <root>/<key>.safetensors      tensors U (m, p), S (p,), Vh (p, n); never pickle
+    key = sha256("lora-audit-spectrum/<version>", dtype, shape, raw bytes of W0)
+
+The key is a content hash of the tensor itself (not its name or file), so a renamed or
+re-saved checkpoint with the same weights hits, and a different tensor never does. The dtype
+is part of the key and the spectrum is stored in the dtype it was computed in: a ``--float64``
+audit never reads a float32 spectrum, and vice versa.
+
+Integrity: entries are written atomically (``lora_audit.io.atomic_write_bytes``: temporary
+file, fsync, rename), and every read is verified: the safetensors header must parse, its
+metadata must name the same key, format, dtype and shape, the tensors must have the shapes
+(m, p), (p,), (p, n), and the sha256 of the payload must equal the checksum stored in the
+metadata. A truncated, bit-flipped or mislabelled entry is reported with a warning, deleted
+and recomputed: never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..io import atomic_write_bytes
+from .exact import base_spectrum as _compute_spectrum
+from .types import BaseSpectrum
+
+FORMAT = "lora-audit-spectrum"
+VERSION = "1"
+SUFFIX = ".safetensors"
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was unreadable or failed verification and is being rebuilt."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry as ``ls`` shows it (read from the header only, no tensor data)."""
+
+    key: str
+    path: Path
+    size: int  # bytes on disk
+    shape: tuple[int, int] | None  # W0's (m, n); None when the header is unreadable
+    dtype: str | None
+    created: float  # modification time, seconds since the epoch
+    ok: bool  # header readable and of this format (the payload is only checked on use)
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "path": str(self.path), "bytes": self.size,
+                "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)), "ok": self.ok}
+
+
+def _contiguous_bytes(t: Tensor) -> memoryview:
+    """The raw bytes of ``t`` (on the CPU, contiguous) without a copy when possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.numpy()).cast("B")
+
+
+def tensor_key(W0: Tensor) -> str:
+    """Content hash of a base matrix: sha256 over format, dtype, shape and raw bytes (hex).
+
+    sha256 runs at ~1.7 GB/s here (hardware SHA) and releases the GIL, so the prefetch thread
+    can hash the next matrix while this one is decomposed.
+    """
+    if W0.dtype not in _DTYPES:
+        raise ValueError(f"the spectrum cache holds float32 or float64 matrices, got {W0.dtype}")
+    h = hashlib.sha256()
+    h.update(f"{FORMAT}/{VERSION}|{_DTYPES[W0.dtype]}|{tuple(W0.shape)}|".encode())
+    h.update(_contiguous_bytes(W0))
+    return h.hexdigest()
+
+
+def _payload_checksum(U: Tensor, S: Tensor, Vh: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (U, S, Vh):
+        h.update(_contiguous_bytes(t))
+    return h.hexdigest()
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header of ``path`` (ValueError when it is not one)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 10_000_000:
+            raise ValueError(f"implausible header length {n}")
+        text = fh.read(n)
+        if len(text) != n:
+            raise ValueError("truncated header")
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
+
+
+class SpectrumCache:
+    """Base spectra on disk under ``root`` (created on first write).
+
+    >>> cache = SpectrumCache("~/.cache/lora-audit/spectra")
+    >>> base = cache.base_spectrum(W0, torch.device("cpu"))   # SVD on a miss, a file read on a hit
+
+    ``hits``/``misses``/``rebuilt`` count this object's lookups (for tests and the bench).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.hits = 0
+        self.misses = 0
+        self.rebuilt = 0
+
+    def __repr__(self) -> str:
+        return f"SpectrumCache({str(self.root)!r})"
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def path_for(self, key: str) -> Path:
+        return self.root / f"{key}{SUFFIX}"
+
+    def lookup(self, W0: Tensor, *, key: str | None = None) -> tuple[str, BaseSpectrum | None]:
+        """(key, verified spectrum on the CPU) or (key, None) on a miss. A bad entry is warned
+        about, deleted and reported as a miss. Safe to call from a background thread."""
+        key = key or tensor_key(W0)
+        path = self.path_for(key)
+        if not path.is_file():
+            return key, None
+        try:
+            spec = self._read(path, key, W0)
+        except Exception as e:  # any failure to read or verify: never use it
+            warnings.warn(f"spectrum cache entry {path.name} is corrupt ({e}); deleting and recomputing it",
+                          CacheWarning, stacklevel=2)
+            self.rebuilt += 1
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            return key, None
+        return key, spec
+
+    def base_spectrum(self, W0: Tensor, device: torch.device | str | None = None, *,
+                      key: str | None = None, found: BaseSpectrum | None = None) -> BaseSpectrum:
+        """The thin SVD of W0 on ``device``: from the cache when present and valid, else computed
+        (``exact.base_spectrum``, in W0's dtype) and stored. ``key``/``found`` come from an
+        earlier ``lookup`` (the prefetch thread) to avoid hashing and reading twice."""
+        device = torch.device(device) if device is not None else W0.device
+        if found is None:
+            key, found = self.lookup(W0, key=key)
+        if found is not None:
+            self.hits += 1
+            return BaseSpectrum(U=found.U.to(device), S=found.S.to(device), Vh=found.Vh.to(device), key=key)
+        self.misses += 1
+        spec = _compute_spectrum(W0.to(device), key=key)
+        self.store(key, W0, spec)
+        return spec
+
+    def store(self, key: str, W0: Tensor, spec: BaseSpectrum) -> Path:
+        """Write one entry atomically (a reader never sees half a file)."""
+        from safetensors.torch import save
+
+        U, S, Vh = (t.detach().cpu().contiguous() for t in (spec.U, spec.S, spec.Vh))
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "dtype": _DTYPES[W0.dtype],
+                "shape": json.dumps(list(W0.shape)), "checksum": _payload_checksum(U, S, Vh)}
+        return atomic_write_bytes(self.path_for(key), save({"U": U, "S": S, "Vh": Vh}, metadata=meta))
+
+    def _read(self, path: Path, key: str, W0: Tensor) -> BaseSpectrum:
+        from safetensors.torch import load
+
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        want = {"format": FORMAT, "version": VERSION, "key": key, "dtype": _DTYPES[W0.dtype],
+                "shape": json.dumps(list(W0.shape))}
+        bad = {k: meta.get(k) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            raise ValueError(f"metadata does not match: {bad}")
+        t = load(data)
+        m, n_ = W0.shape
+        p = min(m, n_)
+        shapes = {"U": (m, p), "S": (p,), "Vh": (p, n_)}
+        for name, shape in shapes.items():
+            if name not in t or tuple(t[name].shape) != shape or t[name].dtype != W0.dtype:
+                got = (tuple(t[name].shape), t[name].dtype) if name in t else "missing"
+                raise ValueError(f"tensor {name}: expected {shape} {W0.dtype}, got {got}")
+        if _payload_checksum(t["U"], t["S"], t["Vh"]) != meta.get("checksum"):
+            raise ValueError("checksum mismatch")
+        return BaseSpectrum(U=t["U"], S=t["S"], Vh=t["Vh"], key=key)
+
+    # ---- housekeeping -----------------------------------------------------------------------
+    def entries(self) -> list[CacheEntry]:
+        """Every entry (header only, no payload read), oldest first; unreadable ones with ok=False."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for path in self.root.glob(f"*{SUFFIX}"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            shape, dtype, ok = None, None, False
+            try:
+                meta = _read_header(path).get("__metadata__") or {}
+                if meta.get("format") == FORMAT:
+                    shape = tuple(json.loads(meta["shape"]))
+                    dtype, ok = meta.get("dtype"), True
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            out.append(CacheEntry(key=path.name[: -len(SUFFIX)], path=path, size=st.st_size, shape=shape,
+                                  dtype=dtype, created=st.st_mtime, ok=ok))
+        return sorted(out, key=lambda e: (e.created, e.key))
+
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    def clear(self) -> tuple[int, int]:
+        """Delete every entry and leftover temporary file; (files removed, bytes freed).
+        Files that are not the cache's own are left alone."""
+        if not self.root.is_dir():
+            return 0, 0
+        n = freed = 0
+        for path in list(self.root.glob(f"*{SUFFIX}")) + list(self.root.glob(f".*{SUFFIX}.*.tmp")):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            n += 1
+            freed += size
+        return n, freed
