@@ -1,0 +1,198 @@
+"""``lora-audit report`` (result JSON -> one self-contained HTML or Markdown file) and
+``lora-audit audit`` (spectrum + safety-eval + report in one go, into one folder).
+
+Thin: options -> lora_audit.report / spectral.engine / safety.evaluate. Outputs are written
+atomically and only after everything has been computed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from ._common import device_option, seed_option, user_errors
+from .spectrum import DEFAULT_SWEEP, _sweep_callback
+
+REPORTS_DIR = Path("reports")
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return s[:80] or "report"
+
+
+def _out_file(ctx, param, value):
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.is_dir():
+        raise click.BadParameter(f"{value} is a folder; give a file name", ctx=ctx, param=param)
+    if p.parent.exists() and not p.parent.is_dir():
+        raise click.BadParameter(f"{p.parent} is not a folder", ctx=ctx, param=param)
+    return p
+
+
+@click.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=True), callback=_out_file, default=None,
+              help="Output file [default: reports/<first result's name>.html, or .md].")
+@click.option("--title", default=None, help="Report title [default: 'lora-audit report'].")
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True,
+              help="html: one self-contained page with figures; md: a Markdown summary (tables only).")
+@click.option("--csv-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
+@click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
+@user_errors
+def report(results, out, title, fmt, csv_dir, no_csv):
+    """Render RESULTS (JSON files from 'lora-audit spectrum --json' and/or 'lora-audit safety-eval
+    --json', in any order and number) into one report.
+
+    \b
+    The HTML file has inline CSS and SVG figures and no network references: it opens from disk
+    and can be attached to a release decision. It starts with one verdict line per tuned model
+    (intruder dimensions, refusal drop with its 95% interval, capability change) and what was run
+    (tool version, git hash, input hashes, settings); then the spectrum section (intruders vs
+    epsilon, layer x module heat maps, |cos| heat maps of the worst matrices, singular values,
+    effective rank of dW per layer) and the safety section (refusal with intervals, per category,
+    over-refusal, capability, collapsed response samples). Many tuned models are compared side
+    by side, most risky first.
+
+    \b
+    Examples:
+      lora-audit report spectrum.json safety.json --out reports/my-finetunes.html
+      lora-audit report spectrum.json --format md --title "LoRA vs full fine-tuning"
+    """
+    from ..report import build_report
+
+    if out is None:
+        out = REPORTS_DIR / f"{_slug(Path(results[0]).stem)}.{fmt}"
+    csv_target = False if no_csv else (Path(csv_dir) if csv_dir else None)
+    path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target)
+    click.echo(f"Report written to {path}")
+    if csv_target is not False:
+        from ..report import default_csv_dir
+
+        click.echo(f"Tables (CSV) in {csv_target or default_csv_dir(Path(path))}")
+
+
+def _out_dir(ctx, param, value):
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.exists() and not p.is_dir():
+        raise click.BadParameter(f"{value} exists and is not a folder", ctx=ctx, param=param)
+    if p.is_dir() and any(p.iterdir()) and not ((p / "index.html").exists() or (p / "spectrum.json").exists()):
+        raise click.BadParameter(f"{value} is a folder with other files in it; give a new folder "
+                                 "(an earlier audit folder is replaced)", ctx=ctx, param=param)
+    return p
+
+
+@click.command("audit")
+@click.argument("base")
+@click.argument("tuned", nargs=-1, required=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False), callback=_out_dir, default=None,
+              help="Output folder, replaced atomically [default: reports/<first TUNED's name>/].")
+@click.option("--title", default=None, help="Report title.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Top singular vectors of each tuned matrix to examine.")
+@click.option("--epsilon", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Intruder threshold: max |cos| < epsilon.")
+@click.option("--epsilon-sweep", "epsilon_sweep", default=DEFAULT_SWEEP, show_default=True,
+              callback=_sweep_callback, help="Thresholds for the intruders-vs-epsilon curves.")
+@click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
+@click.option("--skip-safety", is_flag=True, help="Only the spectrum audit (no generation).")
+@click.option("--prompts", default="builtin:harmful", show_default=True,
+              help="Harmful prompts (any format 'lora-audit safety-eval' reads).")
+@click.option("--benign", default="builtin:benign", show_default=True,
+              help="Benign look-alike prompts for over-refusal; 'none' to skip.")
+@click.option("--scorer", type=click.Choice(["keyword", "first-token"]), default="keyword", show_default=True,
+              help="How a response is classified as a refusal (the judge scorer: use safety-eval).")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval tasks [default: the built-in offline task]; 'none' to skip.")
+@click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of local lm-eval task YAML files.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@device_option
+@seed_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
+@user_errors
+def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, prompts, benign,
+          scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet):
+    """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
+    over-refusal / capability (safety-eval) and the HTML report.
+
+    \b
+    Writes into the --out folder: spectrum.json, safety.json (unless --skip-safety),
+    index.html (open it in a browser) and tables/*.csv. Nothing is written if a step fails.
+
+    \b
+    Example:
+      lora-audit audit ./SmolLM2-135M-Instruct ./adapter-a ./adapter-b --out reports/ab/
+    """
+    import torch
+
+    from ..device import resolve_device
+    from ..results import fingerprint
+
+    dev = resolve_device(device)
+    if out is None:
+        out = REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
+        _out_dir(click.get_current_context(), None, str(out))
+
+    from ..checkpoints import open_stream
+    from ..spectral.engine import audit as spectral_audit
+    from .spectrum import _closing, _open_cache, format_summary
+
+    dtype = torch.float32
+    inputs = {"base": {"source": base, "fingerprint": fingerprint(base)}}
+    for t in tuned:
+        inputs[t] = {"source": t, "fingerprint": fingerprint(t)}
+    cache = None if no_cache else _open_cache(None)
+    stream = open_stream(base, list(tuned), dtype=dtype, allow_pickle=allow_pickle)
+    with _closing(stream):
+        spec = spectral_audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
+                              cache=cache, dtype=dtype, progress=not quiet, base_label=base,
+                              tuned_labels=list(tuned), extra_settings={"inputs": inputs})
+    click.echo(format_summary(spec, quiet=quiet))
+    spec_json = spec.to_json()
+
+    safety = None
+    if not skip_safety:
+        from ..results.safety import summary_table
+        from ..safety.capability import BUILTIN_TASK
+        from ..safety.evaluate import EvalConfig, run_safety_eval
+
+        if tasks is None:
+            task_list = [BUILTIN_TASK]
+        elif tasks.strip().lower() in ("", "none"):
+            task_list = []
+        else:
+            task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() == "none" else benign,
+                         scorer=scorer, tasks=task_list, task_dir=task_dir, limit=limit, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, device=str(dev), seed=seed, allow_pickle=allow_pickle)
+        safety = run_safety_eval(base, list(tuned), cfg)
+        click.echo("")
+        click.echo(summary_table(safety))
+
+    from ..io import atomic_dir, atomic_write_json
+    from ..report import gather, render, write_csvs
+    from ..report.tables import all_tables
+
+    title = title or f"lora-audit: {', '.join(Path(str(t).rstrip('/')).name for t in tuned)}"
+    with atomic_dir(out) as tmp:
+        files = [atomic_write_json(tmp / "spectrum.json", spec_json)]
+        if safety is not None:
+            files.append(atomic_write_json(tmp / "safety.json", safety))
+        data = gather(files, title=title)
+        for src, f in zip(data.sources, files):
+            src.label = f.name  # as found next to the report
+        (tmp / "index.html").write_text(render(data, "html"), encoding="utf-8")
+        write_csvs(all_tables(data), tmp / "tables")
+    click.echo(f"\nReport written to {out / 'index.html'} (results and tables/ in {out})")

@@ -1,0 +1,321 @@
+"""Report figures: matplotlib (Agg) rendered to inline SVG strings.
+
+Every figure has labelled axes, uses a colour-blind-safe palette (Okabe & Ito 2008 for lines
+and bars, viridis for heat maps; lines also differ by marker and dash so they survive grey-scale
+printing) and is sized for a laptop-width page. The SVG is made safe to inline many times in one
+HTML page: no XML prolog, no metadata, no namespace URLs, and every id prefixed per figure.
+Text strings (model and matrix names) end up as SVG text, escaped by matplotlib's writer.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import re
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Okabe-Ito, without yellow (too light on white) first.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DASHES = ["-", "--", "-.", ":"]
+HEAT_CMAP = "viridis"
+MAX_POINTS = 400  # per line: keeps the SVG small
+
+_counter = itertools.count(1)
+
+RC = {
+    "svg.fonttype": "none",  # text stays text: smaller, selectable, escaped by the writer
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+
+
+def style(i: int) -> dict:
+    """Colour, marker and dash of the i-th series."""
+    return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": DASHES[(i // len(OKABE_ITO)) % len(DASHES)]}
+
+
+def new_figure(width: float = 7.0, height: float = 3.2) -> Figure:
+    with plt.rc_context(RC):
+        fig = Figure(figsize=(width, height), layout="constrained")
+    return fig
+
+
+_ID_RE = re.compile(r'\bid="([^"]+)"')
+
+
+def to_svg(fig: Figure, *, desc: str = "") -> str:
+    """The figure as an inline-safe SVG string (see the module docstring)."""
+    buf = io.StringIO()
+    with plt.rc_context(RC):
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop <?xml ...?> and <!DOCTYPE ...> (it names a URL)
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+    n = next(_counter)
+    svg = _compact(svg)
+    ids = set(_ID_RE.findall(svg))
+    if ids:
+        svg = _ID_RE.sub(lambda m: f'id="f{n}-{m.group(1)}"', svg)
+        svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#f{n}-{m.group(1)})" if m.group(1) in ids else m.group(0), svg)
+        svg = re.sub(r'href="#([^"]+)"', lambda m: f'href="#f{n}-{m.group(1)}"' if m.group(1) in ids else m.group(0),
+                     svg)
+    # Scale with the page: keep the viewBox, let CSS set the width.
+    svg = re.sub(r'<svg([^>]*?)\swidth="[^"]*"\s+height="[^"]*"', r'<svg\1', svg, count=1)
+    label = _xml_escape(desc)
+    # natural size (points -> CSS px) as the largest width: small figures do not blow up
+    width_px = fig.get_figwidth() * 72 * 1.3
+    svg = svg.replace("<svg", f'<svg role="img" aria-label="{label}" class="fig" style="max-width:{width_px:.0f}px"', 1)
+    return svg.strip()
+
+
+_NUM_RE = re.compile(r"(\d+\.\d\d)\d+")
+
+
+def _compact(svg: str) -> str:
+    """Smaller SVG: no unreferenced ids, 2-decimal coordinates, short font lists, no indentation."""
+    referenced = set(re.findall(r"url\(#([^)]+)\)", svg)) | set(re.findall(r'href="#([^"]+)"', svg))
+    svg = _ID_RE.sub(lambda m: m.group(0) if m.group(1) in referenced else "", svg)
+    svg = re.sub(r'\s(d|x|y|transform|points|width|height)="([^"]*)"',
+                 lambda m: " " + m.group(1) + '="' + _NUM_RE.sub(r"\1", m.group(2)) + '"', svg)
+    svg = re.sub(r"font-family: [^;\"]*;?\s*", "", svg)
+    svg = re.sub(r'\stransform="rotate\(-?0 [^"]*\)"', "", svg)
+    svg = svg.replace("<style type=\"text/css\">",
+                      "<style type=\"text/css\">text{font-family:'DejaVu Sans',Arial,sans-serif}", 1)
+    svg = re.sub(r"<g\s*>\s*</g>", "", svg)
+    svg = re.sub(r">\s+<", "><", svg)
+    svg = re.sub(r"\s*\n\s*", " ", svg)
+    return svg
+
+
+def _xml_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _thin(xs: Sequence, ys: Sequence) -> tuple[list, list]:
+    if len(xs) <= MAX_POINTS:
+        return list(xs), list(ys)
+    step = math.ceil(len(xs) / MAX_POINTS)
+    return list(xs)[::step], list(ys)[::step]
+
+
+def short_label(name: str, width: int = 28) -> str:
+    name = str(name)
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _image(ax, arr, vmax: float, aspect: str = "auto"):
+    """A heat map drawn as one embedded image (a few hundred bytes, unlike one SVG path per
+    cell); cell (r, c) covers [c, c+1] x [r, r+1] with row 0 at the top."""
+    import numpy as np
+
+    nr, nc = (arr.shape if getattr(arr, "ndim", 0) == 2 else (0, 0))
+    cmap = matplotlib.colormaps[HEAT_CMAP].with_extremes(bad="#ffffff")
+    im = ax.imshow(np.ma.masked_invalid(arr) if nr and nc else np.zeros((1, 1)), cmap=cmap, vmin=0, vmax=vmax,
+                   interpolation="none", extent=(0, max(nc, 1), max(nr, 1), 0), aspect=aspect)
+    ax.grid(False)
+    for r in range(1, nr):
+        ax.axhline(r, color="white", linewidth=0.6)
+    for c in range(1, nc):
+        ax.axvline(c, color="white", linewidth=0.6)
+    return im
+
+
+# ---- spectrum ---------------------------------------------------------------------------
+def epsilon_curves(series: list[tuple[str, list[float], list[float]]], *, epsilon: float | None = None,
+                   ylabel: str = "intruder dimensions (total)") -> str:
+    """Intruders vs epsilon, one line per tuned model (the paper's Fig. 4 style)."""
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 3.4)
+        ax = fig.add_subplot()
+        for i, (name, eps, counts) in enumerate(series):
+            ax.plot(eps, counts, label=short_label(name), linewidth=1.6, markersize=4, **style(i))
+        if epsilon is not None:
+            ax.axvline(epsilon, color="#555555", linewidth=0.8, linestyle=":")
+            ax.annotate(f"ε = {epsilon:g}", (epsilon, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -10), textcoords="offset points", fontsize=8, color="#333333")
+        ax.set_xlabel("similarity threshold ε (intruder if max |cos| < ε)")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        if series:
+            ax.legend(loc="upper left", frameon=False, ncol=1 if len(series) <= 6 else 2)
+        return to_svg(fig, desc="Intruder dimensions versus epsilon for each tuned model")
+
+
+def layer_module_heatmap(grid: list[list[float]], layers: list[str], modules: list[str], *, title: str,
+                         cbar_label: str = "intruder dimensions") -> str:
+    """Layer (rows) x module (columns) heat map with the count in each cell."""
+    import numpy as np
+
+    arr = np.asarray(grid, dtype=float) if grid else np.zeros((0, 0))
+    with plt.rc_context(RC):
+        h = min(7.5, 1.1 + 0.22 * max(1, len(layers)))
+        fig = new_figure(min(7.0, 2.2 + 0.75 * max(1, len(modules))), h)
+        ax = fig.add_subplot()
+        masked = np.ma.masked_invalid(arr)
+        vmax = max(1.0, float(np.nanmax(arr))) if arr.size and not np.all(np.isnan(arr)) else 1.0
+        mesh = _image(ax, masked, vmax)
+        ax.set_xticks([i + 0.5 for i in range(len(modules))], [short_label(m, 14) for m in modules],
+                      rotation=30 if len(modules) > 4 else 0, ha="right" if len(modules) > 4 else "center")
+        step = max(1, math.ceil(len(layers) / 32))
+        ax.set_yticks([i + 0.5 for i in range(0, len(layers), step)], layers[::step])
+        ax.set_xlabel("module")
+        ax.set_ylabel("layer")
+        ax.set_title(title, loc="left")
+        if arr.size and len(layers) * len(modules) <= 400:
+            for (r, c), v in np.ndenumerate(arr):
+                if not np.isnan(v):
+                    ax.text(c + 0.5, r + 0.5, f"{v:g}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 * vmax else "white")
+        cb = fig.colorbar(mesh, ax=ax, shrink=0.9)
+        cb.set_label(cbar_label)
+        return to_svg(fig, desc=f"Heat map of {cbar_label} per layer and module: {title}")
+
+
+def cos_heatmap(cos: list[list[float]], *, title: str, intruder_rows: Sequence[int] = (),
+                epsilon: float | None = None) -> str:
+    """|cos| of the top tuned singular vectors (rows) against the top base vectors (columns),
+    the paper's Fig. 1 style: a bright diagonal means the tuned vectors are the base's; dark
+    rows are intruders."""
+    import numpy as np
+
+    arr = np.asarray(cos, dtype=float)
+    with plt.rc_context(RC):
+        fig = new_figure(3.6, 3.2)
+        ax = fig.add_subplot()
+        mesh = _image(ax, arr, 1.0, aspect="equal")
+        nr, nc = arr.shape if arr.ndim == 2 else (0, 0)
+        ax.set_xticks([i + 0.5 for i in range(nc)], [str(i + 1) for i in range(nc)])
+        ax.set_yticks([i + 0.5 for i in range(nr)], [str(i + 1) for i in range(nr)])
+        ax.set_xlabel("base singular vector (rank)")
+        ax.set_ylabel("tuned singular vector (rank)")
+        for r in intruder_rows:
+            if 0 <= r < nr:
+                ax.annotate("◀", (nc, r + 0.5), xytext=(2, 0), textcoords="offset points", va="center",
+                            fontsize=8, color="#D55E00", annotation_clip=False)
+        ax.set_title(title, loc="left", fontsize=8)
+        cb = fig.colorbar(mesh, ax=ax, shrink=0.85)
+        cb.set_label("|cos|")
+        return to_svg(fig, desc=f"Cosine similarity of top singular vectors: {title}")
+
+
+def singular_values(series: list[tuple[str, list[float], list[bool]]], *, title: str) -> str:
+    """Top singular values of tuned matrices (log scale); intruder directions drawn as crosses."""
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 3.0)
+        ax = fig.add_subplot()
+        for i, (name, sv, intr) in enumerate(series):
+            st = style(i)
+            x = list(range(1, len(sv) + 1))
+            ax.plot(x, sv, label=short_label(name, 40), color=st["color"], linestyle=st["linestyle"],
+                    linewidth=1.4)
+            ax.scatter([a for a, f in zip(x, intr) if not f], [s for s, f in zip(sv, intr) if not f],
+                       color=st["color"], marker="o", s=14, zorder=3)
+            ax.scatter([a for a, f in zip(x, intr) if f], [s for s, f in zip(sv, intr) if f],
+                       color=st["color"], marker="X", s=46, zorder=4, edgecolors="black", linewidths=0.4)
+        if any(min(sv, default=1) > 0 for _, sv, _ in series):
+            ax.set_yscale("log")
+        ax.set_xlabel("rank j of tuned singular value")
+        ax.set_ylabel("σ_j (log scale)")
+        ax.set_title(title + "   (× = intruder)", loc="left")
+        if series:
+            ax.legend(loc="upper right", frameon=False, fontsize=7)
+        return to_svg(fig, desc=f"Singular value spectra: {title}")
+
+
+def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel: str, title: str = "") -> str:
+    """One line per tuned model against the layer index (e.g. mean effective rank of dW)."""
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 3.0)
+        ax = fig.add_subplot()
+        for i, (name, xs, ys) in enumerate(series):
+            xs, ys = _thin(xs, ys)
+            ax.plot(xs, ys, label=short_label(name), linewidth=1.5, markersize=4, **style(i))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        if title:
+            ax.set_title(title, loc="left")
+        if series:
+            ax.legend(loc="best", frameon=False, ncol=1 if len(series) <= 6 else 2)
+        return to_svg(fig, desc=f"{ylabel} per layer")
+
+
+# ---- safety -----------------------------------------------------------------------------
+def rate_intervals(rows: list[tuple[str, float | None, Sequence[float] | None, float | None, Sequence[float] | None]],
+                   *, xlabel: str = "refusal rate on harmful prompts") -> str:
+    """Refusal rate (point, 95 % interval) of base and each tuned model; optional second metric
+    (over-refusal on benign prompts) as a second marker. rows: (name, rate, ci, rate2, ci2)."""
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 0.9 + 0.38 * max(1, len(rows)))
+        ax = fig.add_subplot()
+        has2 = any(r[3] is not None for r in rows)
+        for i, (name, rate, ci, rate2, ci2) in enumerate(rows):
+            y = i
+            if rate is not None:
+                lo, hi = (ci or (rate, rate))
+                ax.errorbar([rate * 100], [y - (0.12 if has2 else 0)], xerr=[[max(0.0, (rate - lo) * 100)],
+                                                                          [max(0.0, (hi - rate) * 100)]],
+                            fmt="o", color=OKABE_ITO[0], capsize=3, markersize=5,
+                            label="refusal (harmful prompts)" if i == 0 else None)
+            if rate2 is not None:
+                lo, hi = (ci2 or (rate2, rate2))
+                ax.errorbar([rate2 * 100], [y + 0.12], xerr=[[max(0.0, (rate2 - lo) * 100)],
+                                                             [max(0.0, (hi - rate2) * 100)]],
+                            fmt="s", color=OKABE_ITO[1], capsize=3, markersize=4,
+                            label="over-refusal (benign prompts)" if i == 0 or not any(
+                                r[3] is not None for r in rows[:i]) else None)
+        ax.set_yticks(range(len(rows)), [short_label(r[0], 30) for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel(xlabel.replace("refusal rate", "rate") + " (%), 95% Wilson interval" if has2 else
+                      xlabel + " (%), 95% Wilson interval")
+        ax.legend(loc="lower right", frameon=False, fontsize=7)
+        return to_svg(fig, desc="Refusal rates with 95% intervals, base and tuned models")
+
+
+def category_bars(categories: list[str], series: list[tuple[str, list[float | None], list[Sequence[float] | None]]],
+                  *, ylabel: str = "refusal rate (%)", title: str = "") -> str:
+    """Grouped bars: one group per category, one bar per model, with 95 % intervals."""
+    import numpy as np
+
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 3.2)
+        ax = fig.add_subplot()
+        n = max(1, len(series))
+        width = 0.8 / n
+        x = np.arange(len(categories))
+        for i, (name, rates, cis) in enumerate(series):
+            vals = [np.nan if r is None else r * 100 for r in rates]
+            err_lo = [0 if (r is None or c is None) else max(0.0, (r - c[0]) * 100) for r, c in zip(rates, cis)]
+            err_hi = [0 if (r is None or c is None) else max(0.0, (c[1] - r) * 100) for r, c in zip(rates, cis)]
+            st = style(i)
+            ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[err_lo, err_hi], color=st["color"],
+                   label=short_label(name), capsize=2, error_kw={"elinewidth": 0.8}, edgecolor="white", linewidth=0.3)
+        ax.set_xticks(x, [short_label(c, 16) for c in categories], rotation=30 if len(categories) > 5 else 0,
+                      ha="right" if len(categories) > 5 else "center")
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("prompt category")
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title, loc="left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        return to_svg(fig, desc=f"{ylabel} per category")

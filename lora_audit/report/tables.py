@@ -1,0 +1,309 @@
+"""Report tables as pandas DataFrames: the same frame is shown in the HTML / Markdown and
+exported to CSV (raw numbers in the CSV, formatted ones on the page)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .model import ModelSummary, ReportData
+
+WORST_PER_MODEL = 10
+
+
+@dataclass
+class Table:
+    key: str  # CSV file stem
+    title: str
+    df: pd.DataFrame
+    formats: dict[str, str] = field(default_factory=dict)  # column -> pct | spct | f3 | f2 | int | str
+    note: str = ""
+
+    def display_rows(self) -> list[list[str]]:
+        return [[fmt_value(v, self.formats.get(c, "")) for c, v in zip(self.df.columns, row)]
+                for row in self.df.itertuples(index=False, name=None)]
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.df.columns]
+
+
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_value(v: Any, kind: str = "") -> str:
+    """A table cell as text: '–' for missing; pct = 0.123 -> '12.3%'; spct = signed points."""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt_value(x, kind) for x in v)
+    if _missing(v):
+        return "–"
+    if kind == "pct":
+        return f"{100 * float(v):.1f}%"
+    if kind == "spct":
+        return f"{100 * float(v):+.1f} pts"
+    if kind == "f3":
+        return f"{float(v):.3f}"
+    if kind == "sf3":
+        return f"{float(v):+.3f}"
+    if kind == "f2":
+        return f"{float(v):.2f}"
+    if kind == "int":
+        return f"{int(v):d}"
+    if isinstance(v, float):
+        if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+            return f"{int(v):d}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def ci_text(ci: Any) -> str:
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(_missing(x) for x in ci):
+        return "–"
+    return f"[{100 * float(ci[0]):.1f}, {100 * float(ci[1]):.1f}]%"
+
+
+def _ci(ci: Any, i: int) -> float | None:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not _missing(ci[i]):
+        return float(ci[i])
+    return None
+
+
+# ---- summary --------------------------------------------------------------------------
+def capability_tasks(models: list[ModelSummary]) -> list[str]:
+    tasks: list[str] = []
+    for m in models:
+        for src in ((m.safety_base or {}).get("capability") or {}, (m.safety or {}).get("capability") or {}):
+            for t in src:
+                if t not in tasks:
+                    tasks.append(t)
+    return tasks
+
+
+def summary_table(data: ReportData) -> Table:
+    """One row per tuned model, most risky first."""
+    tasks = capability_tasks(data.models)
+    rows = []
+    for m in data.models:
+        s, b = m.safety or {}, m.safety_base or {}
+        row = {
+            "model": m.name, "verdict": m.label,
+            "intruders": m.intruders, "matrices": m.matrices, "intruders_per_matrix": m.intruders_per_matrix,
+            "min_max_cos": m.min_cos,
+            "refusal_base": b.get("refusal_rate"), "refusal_tuned": s.get("refusal_rate"),
+            "refusal_tuned_ci_low": _ci(s.get("refusal_ci"), 0), "refusal_tuned_ci_high": _ci(s.get("refusal_ci"), 1),
+            "refusal_drop": m.refusal_drop,
+            "over_refusal_base": b.get("over_refusal_rate"), "over_refusal_tuned": s.get("over_refusal_rate"),
+        }
+        cap = m.capability_delta
+        for t in tasks:
+            row[f"capability_delta:{t}"] = cap.get(t)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not data.has_spectrum:
+        df = df.drop(columns=["intruders", "matrices", "intruders_per_matrix", "min_max_cos"], errors="ignore")
+    if not data.has_safety:
+        df = df[[c for c in df.columns if c in ("model", "intruders", "matrices", "intruders_per_matrix",
+                                                "min_max_cos")]]
+    fm = {"intruders": "int", "matrices": "int", "intruders_per_matrix": "f2", "min_max_cos": "f3",
+          "refusal_base": "pct", "refusal_tuned": "pct", "refusal_tuned_ci_low": "pct", "refusal_tuned_ci_high": "pct",
+          "refusal_drop": "spct", "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
+    fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
+    return Table("summary", "Tuned models, most risky first", df, fm,
+                 "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix.")
+
+
+# ---- spectrum -------------------------------------------------------------------------
+def _spectrum_models(data: ReportData) -> list[ModelSummary]:
+    return [m for m in data.models if m.spectrum is not None]
+
+
+def by_module_table(data: ReportData) -> Table:
+    models = _spectrum_models(data)
+    modules: list[str] = []
+    for m in models:
+        for mat in m.spectrum.matrices:
+            if mat.module not in modules:
+                modules.append(mat.module)
+    rows = []
+    for mod in modules:
+        row: dict[str, Any] = {"module": mod}
+        for m in models:
+            row[m.name] = m.spectrum.by_module().get(mod)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["module"] + [m.name for m in models])
+    return Table("intruders_by_module", "Intruder dimensions per module", df,
+                 {m.name: "int" for m in models}, "Summed over layers; – where the model did not change that module.")
+
+
+def by_layer_table(data: ReportData) -> Table:
+    models = _spectrum_models(data)
+    layers = sorted({mat.layer for m in models for mat in m.spectrum.matrices if mat.layer is not None})
+    rows = []
+    for layer in layers:
+        row: dict[str, Any] = {"layer": layer}
+        for m in models:
+            row[m.name] = m.spectrum.by_layer().get(str(layer))
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["layer"] + [m.name for m in models])
+    return Table("intruders_by_layer", "Intruder dimensions per layer", df, {m.name: "int" for m in models})
+
+
+def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> Table:
+    rows = []
+    for m in _spectrum_models(data):
+        for mat in m.spectrum.worst_matrices(per_model):
+            rows.append({"model": m.name, "matrix": mat.name, "shape": "×".join(str(x) for x in mat.shape),
+                         "delta": mat.delta_type + (f" r={mat.adapter_rank}" if mat.adapter_rank else ""),
+                         "intruders": mat.intruders, "min_max_cos": mat.min_cos,
+                         "effective_rank": mat.effective_rank, "stable_rank": mat.stable_rank,
+                         "relative_delta_norm": mat.relative_delta_norm, "method": mat.method})
+    df = pd.DataFrame(rows, columns=["model", "matrix", "shape", "delta", "intruders", "min_max_cos",
+                                     "effective_rank", "stable_rank", "relative_delta_norm", "method"])
+    return Table("worst_matrices", f"Worst matrices (up to {per_model} per model)", df,
+                 {"intruders": "int", "min_max_cos": "f3", "effective_rank": "f2", "stable_rank": "f2",
+                  "relative_delta_norm": "f3"},
+                 "Most intruders first, then lowest max |cos|. effective rank of dW: Roy & Vetterli 2007; "
+                 "relative norm: ‖dW‖_F / ‖W0‖_F.")
+
+
+def effective_rank_by_layer(data: ReportData) -> Table:
+    """Mean effective rank of dW over the matrices of each layer, per model."""
+    models = _spectrum_models(data)
+    layers = sorted({mat.layer for m in models for mat in m.spectrum.matrices if mat.layer is not None})
+    rows = []
+    for layer in layers:
+        row: dict[str, Any] = {"layer": layer}
+        for m in models:
+            vals = [mat.effective_rank for mat in m.spectrum.matrices
+                    if mat.layer == layer and mat.effective_rank is not None]
+            row[m.name] = sum(vals) / len(vals) if vals else None
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["layer"] + [m.name for m in models])
+    return Table("effective_rank_by_layer", "Mean effective rank of dW per layer", df,
+                 {m.name: "f2" for m in models})
+
+
+def sweep_table(data: ReportData) -> Table:
+    rows = []
+    for m in _spectrum_models(data):
+        run = m.spectrum_run
+        for e, c in zip(run.epsilon_sweep, m.spectrum.sweep_totals):
+            rows.append({"model": m.name, "epsilon": e, "intruders": c})
+    df = pd.DataFrame(rows, columns=["model", "epsilon", "intruders"])
+    return Table("intruders_vs_epsilon", "Intruder dimensions at each threshold ε", df, {"intruders": "int"})
+
+
+# ---- safety ---------------------------------------------------------------------------
+def _safety_rows(data: ReportData) -> list[tuple[str, dict]]:
+    """(name, models[name]) of every base and tuned model in the safety results, base(s) first."""
+    out: list[tuple[str, dict]] = []
+    for i, run in enumerate(data.safeties):
+        for name, rec in run["models"].items():
+            if name == "base":
+                label = "base" if len(data.safeties) == 1 else f"base ({i + 1})"
+                out.insert(sum(1 for n, _ in out if n.startswith("base")), (label, rec))
+    for m in data.models:
+        if m.safety is not None:
+            out.append((m.name, m.safety))
+    return out
+
+
+def refusal_table(data: ReportData) -> Table:
+    rows = []
+    for name, r in _safety_rows(data):
+        rows.append({"model": name, "n_prompts": r.get("n_prompts", len(r.get("responses") or []) or None),
+                     "n_refused": r.get("n_refused"), "refusal_rate": r.get("refusal_rate"),
+                     "ci_low": _ci(r.get("refusal_ci"), 0), "ci_high": _ci(r.get("refusal_ci"), 1),
+                     "n_benign": r.get("n_benign"), "over_refusal_rate": r.get("over_refusal_rate"),
+                     "over_ci_low": _ci(r.get("over_refusal_ci"), 0), "over_ci_high": _ci(r.get("over_refusal_ci"), 1)})
+    df = pd.DataFrame(rows, columns=["model", "n_prompts", "n_refused", "refusal_rate", "ci_low", "ci_high",
+                                     "n_benign", "over_refusal_rate", "over_ci_low", "over_ci_high"])
+    pct = {c: "pct" for c in ("refusal_rate", "ci_low", "ci_high", "over_refusal_rate", "over_ci_low", "over_ci_high")}
+    return Table("refusal", "Refusal and over-refusal (95% Wilson intervals)", df,
+                 {**pct, "n_prompts": "int", "n_refused": "int", "n_benign": "int"},
+                 "Refusal on harmful prompts (higher is safer); over-refusal on benign look-alike prompts "
+                 "(lower is better).")
+
+
+def category_table(data: ReportData, key: str = "per_category") -> Table:
+    rows_src = _safety_rows(data)
+    cats: list[str] = []
+    for _, r in rows_src:
+        for c in (r.get(key) or {}):
+            if c not in cats:
+                cats.append(c)
+    rows = []
+    for c in cats:
+        row: dict[str, Any] = {"category": c}
+        for name, r in rows_src:
+            rec = (r.get(key) or {}).get(c) or {}
+            row[name] = rec.get("rate")
+            row[f"n:{name}"] = rec.get("n")
+        rows.append(row)
+    cols = ["category"] + [n for n, _ in rows_src] + [f"n:{n}" for n, _ in rows_src]
+    df = pd.DataFrame(rows, columns=cols)
+    fm = {n: "pct" for n, _ in rows_src}
+    fm.update({f"n:{n}": "int" for n, _ in rows_src})
+    if key == "per_category":
+        return Table("refusal_by_category", "Refusal rate per category (harmful prompts)", df, fm)
+    return Table("over_refusal_by_category", "Over-refusal per category (benign prompts)", df, fm)
+
+
+def capability_table(data: ReportData) -> Table:
+    rows_src = _safety_rows(data)
+    tasks: list[str] = []
+    for _, r in rows_src:
+        for t in (r.get("capability") or {}):
+            if t not in tasks:
+                tasks.append(t)
+    rows = []
+    for t in tasks:
+        row: dict[str, Any] = {"task": t}
+        for name, r in rows_src:
+            row[name] = (r.get("capability") or {}).get(t)
+        for m in data.models:
+            if m.safety is not None:
+                row[f"Δ {m.name}"] = m.capability_delta.get(t)
+        rows.append(row)
+    cols = ["task"] + [n for n, _ in rows_src] + [f"Δ {m.name}" for m in data.models if m.safety is not None]
+    df = pd.DataFrame(rows, columns=cols)
+    fm = {n: "f3" for n, _ in rows_src}
+    fm.update({f"Δ {m.name}": "sf3" for m in data.models})
+    return Table("capability", "Capability (lm-eval accuracy) and change vs base", df, fm)
+
+
+def responses_table(data: ReportData) -> Table:
+    rows = []
+    for name, r in _safety_rows(data):
+        for kind, key in (("harmful", "responses"), ("benign", "benign_responses")):
+            for x in r.get(key) or []:
+                if isinstance(x, dict):
+                    rows.append({"model": name, "set": kind, "category": x.get("category"),
+                                 "prompt": x.get("prompt"), "response": x.get("response"),
+                                 "refused": x.get("refused"), "first_token_score": x.get("first_token_score")})
+    df = pd.DataFrame(rows, columns=["model", "set", "category", "prompt", "response", "refused",
+                                     "first_token_score"])
+    return Table("responses", "All scored responses", df)
+
+
+def all_tables(data: ReportData) -> dict[str, Table]:
+    """Every table of the report, by key (the CSV export writes each one)."""
+    out = {"summary": summary_table(data)}
+    if data.has_spectrum:
+        for t in (sweep_table(data), by_module_table(data), by_layer_table(data), worst_matrices_table(data),
+                  effective_rank_by_layer(data)):
+            out[t.key] = t
+    if data.has_safety:
+        for t in (refusal_table(data), category_table(data, "per_category"),
+                  category_table(data, "over_refusal_per_category"), capability_table(data), responses_table(data)):
+            out[t.key] = t
+    return out
