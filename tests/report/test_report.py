@@ -1,0 +1,243 @@
+"""Report rendering on synthetic results: content against the fixtures' own numbers, escaping,
+self-containment, Markdown, CSV exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from lora_audit.errors import InputError
+from lora_audit.report import build_report
+from lora_audit.report import figures as F
+
+from . import synth
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(html: str) -> _Collect:
+    p = _Collect()
+    p.feed(html)
+    return p
+
+
+def visible_text(html: str) -> str:
+    return "".join(parse(html).text)
+
+
+def assert_self_contained(html: str) -> None:
+    p = parse(html)
+    for tag, attrs in p.tags:
+        for key in ("src", "href", "xlink:href", "action", "poster", "data"):
+            v = (attrs.get(key) or "").strip().lower()
+            assert not v.startswith(("http:", "https:", "//", "ftp:")), (tag, key, v)
+        assert tag not in ("script", "link", "iframe", "object", "embed"), tag
+    assert "http://" not in html and "https://" not in html
+    assert "@import" not in html and "url(http" not in html
+
+
+def write(tmp_path, name, obj):
+    p = tmp_path / name
+    p.write_text(json.dumps(obj))
+    return p
+
+
+def test_spectrum_only(tmp_path):
+    spec = synth.spectrum(["lora-a", "full-b"], seed=1)
+    out = build_report([write(tmp_path, "s.json", spec)], out=tmp_path / "r.html", title="Spectrum only")
+    html = out.read_text()
+    text = visible_text(html)
+    for r in spec["results"]:
+        total = sum(m["intruders"] for m in r["matrices"])
+        assert f"{r['tuned']}: {total} intruder dimension" in re.sub(r"\s+", " ", text)
+    assert "spectrum only" in text
+    assert 'id="safety"' not in html
+    # epsilon curves, one layer x module map per model, |cos| maps, singular values, effective rank
+    labels = re.findall(r'<svg role="img" aria-label="([^"]*)"', html)
+    assert sum("versus epsilon" in x for x in labels) == 1
+    assert sum("per layer and module" in x for x in labels) == 2
+    assert sum("Cosine similarity" in x for x in labels) == 2 * 3
+    assert any("effective rank" in x for x in labels)
+    assert_self_contained(html)
+
+
+def test_safety_only_tolerates_missing_optional_fields(tmp_path):
+    s = synth.safety({"tuned-x": 0.05})
+    for key in ("comparisons", "scorer", "generation", "prompt_sets", "counts", "inputs"):
+        s.pop(key)
+    for m in s["models"].values():
+        for key in ("per_category", "over_refusal_rate", "over_refusal_ci", "over_refusal_per_category",
+                    "benign_responses", "n_prompts", "n_refused", "capability"):
+            m.pop(key, None)
+    html = build_report([s], title="safety only")
+    text = re.sub(r"\s+", " ", visible_text(html))
+    assert "SAFETY_REMOVED" in text
+    assert "refusal 90.0% → 5.0%" in text  # base 18/20, tuned 1/20
+    lo, hi = synth.wilson(1, 20)
+    assert f"[{100 * lo:.1f}, {100 * hi:.1f}]%" in text
+    assert 'id="spectrum"' not in html
+    assert_self_contained(html)
+
+
+def test_both_joined_per_model_with_verdict_first(tmp_path):
+    spec = synth.spectrum(["out/lora-a", "out/lora-b"], seed=2)
+    saf = synth.safety({"lora-a": 0.0, "lora-b": 0.85}, sources={"lora-a": "out/lora-a", "lora-b": "out/lora-b"},
+                       acc={"lora-a": 0.5})
+    html = build_report([write(tmp_path, "s.json", spec)], [write(tmp_path, "f.json", saf)])
+    text = re.sub(r"\s+", " ", visible_text(html))
+    a = sum(m["intruders"] for m in spec["results"][0]["matrices"])
+    # one line per tuned model, joined across the two results; the removed one first
+    line_a = re.search(r"SAFETY_REMOVED.*?lora-a: (.*?)refusal drop", text).group(1)
+    assert f"{a} intruder dimensions" in line_a
+    assert "refusal 90.0% → 0.0% (drop +90.0 pts" in line_a
+    assert "capability mc -0.100" in line_a
+    assert text.index("lora-a:") < text.index("lora-b:")
+    assert "CAPABILITY_DEGRADED" in text
+    assert "spectrum only" not in text  # both models joined
+    # the verdict section comes before the details
+    assert html.index('id="verdict"') < html.index('id="provenance"') < html.index('id="spectrum"') < html.index(
+        'id="safety"')
+    # ids unique across all inline SVGs (a clip path of one figure must not clip another)
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids))
+    assert_self_contained(html)
+
+
+def test_many_tuned_sorted_by_risk_and_capped(tmp_path):
+    names = [f"method-{i}" for i in range(9)]
+    rates = {n: r for n, r in zip(names, [0.9, 0.0, 0.5, 0.85, 0.05, 0.7, 0.9, 0.3, 0.8])}
+    labels = {n: ("SAFETY_REMOVED" if r <= 0.1 else "SAFETY_DEGRADED" if r <= 0.5 else "RETAINED")
+              for n, r in rates.items()}
+    spec = synth.spectrum(names, seed=3, layers=2, strengths=[0.1 * i for i in range(9)])
+    saf = synth.safety(rates, labels=labels)
+    out = build_report([spec, saf], out=tmp_path / "many.html", csv_dir=tmp_path / "csv")
+    html = out.read_text()
+    with open(tmp_path / "csv" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    order = [r["model"] for r in rows]
+    rank = {"SAFETY_REMOVED": 0, "SAFETY_DEGRADED": 1, "RETAINED": 2}
+    expected = sorted(names, key=lambda n: (rank[labels[n]], rates[n],
+                                            -sum(m["intruders"] for m in spec["results"][names.index(n)]["matrices"])
+                                            / 8, n))
+    assert order == expected
+    assert [r["verdict"] for r in rows][:2] == ["SAFETY_REMOVED", "SAFETY_REMOVED"]
+    labels_svg = re.findall(r'aria-label="([^"]*)"', html)
+    from lora_audit.report import MAX_COS_MODELS, MAX_COS_PER_MODEL, MAX_LAYER_HEATMAPS
+
+    assert sum("per layer and module" in x for x in labels_svg) == MAX_LAYER_HEATMAPS
+    assert sum("Cosine similarity" in x for x in labels_svg) <= MAX_COS_MODELS * MAX_COS_PER_MODEL
+    assert "most risky models of 9" in html
+    assert len(out.read_bytes()) < 2_000_000
+
+
+def test_escaping_of_model_strings_and_file_names(tmp_path):
+    evil = "<script>alert(1)</script>"
+    spec = synth.spectrum(["ad<b>bold</b>"], seed=4)
+    saf = synth.safety({"ad<b>bold</b>": 0.1}, responses={"ad<b>bold</b>": [evil, "x\x17y & <img src=x onerror=alert(2)>"]})
+    saf["models"]["base"]["responses"][0]["prompt"] = "<iframe src=//evil>"
+    d = tmp_path / "in<b>"
+    d.mkdir()
+    out = build_report([write(d, "spec<b>.json", spec), write(d, "saf.json", saf)], out=tmp_path / "e.html",
+                       title="<b>Title</b>")
+    html = out.read_text()
+    assert "<script" not in html.lower() and "<b>" not in html and "<img" not in html and "<iframe" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "ad&lt;b&gt;bold&lt;/b&gt;" in html
+    assert "spec&lt;b&gt;.json" in html
+    assert "&lt;b&gt;Title&lt;/b&gt;" in html
+    assert "\x17" not in html  # control characters are not valid HTML
+    text = visible_text(html)
+    assert evil in text  # shown as text
+    assert_self_contained(html)
+    md = build_report([spec, saf], fmt="md")
+    assert "<b>" not in md and "<script" not in md
+
+
+def test_markdown(tmp_path):
+    spec = synth.spectrum(["lora|a"], seed=5)
+    saf = synth.safety({"lora|a": 0.0})
+    out = build_report([spec, saf], out=tmp_path / "r.md", fmt="md", title="MD report")
+    md = out.read_text()
+    assert md.startswith("# MD report")
+    total = spec["results"][0]["total_intruders"]
+    assert f"**lora\\|a**: SAFETY\\_REMOVED — {total} intruder dimensions" in md
+    # every table row has as many cells as its header
+    for block in re.findall(r"((?:^\|.*\n)+)", md, flags=re.M):
+        lines = block.strip().splitlines()
+        widths = {len(re.findall(r"(?<!\\)\|", ln)) for ln in lines}
+        assert len(widths) == 1, lines[:3]
+    assert "<svg" not in md
+    assert_self_contained(md)
+
+
+def test_csv_exports_every_table(tmp_path):
+    spec = synth.spectrum(["a", "b"], seed=6)
+    saf = synth.safety({"a": 0.0, "b": 0.9})
+    build_report([spec, saf], out=tmp_path / "r.html")
+    folder = tmp_path / "r-tables"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"summary.csv", "intruders_vs_epsilon.csv", "intruders_by_module.csv", "intruders_by_layer.csv",
+                     "worst_matrices.csv", "effective_rank_by_layer.csv", "refusal.csv", "refusal_by_category.csv",
+                     "over_refusal_by_category.csv", "capability.csv", "responses.csv"}
+    html = (tmp_path / "r.html").read_text()
+    for n in names:
+        if n != "responses.csv":
+            assert n in html  # each table on the page names its CSV
+    with open(folder / "intruders_by_module.csv") as fh:
+        rows = {r["module"]: r for r in csv.DictReader(fh)}
+    for r in spec["results"]:
+        for mod in synth.MODULES[:4]:
+            assert int(rows[mod][r["tuned"]]) == sum(m["intruders"] for m in r["matrices"] if m["module"] == mod)
+    with open(folder / "refusal.csv") as fh:
+        ref = {r["model"]: r for r in csv.DictReader(fh)}
+    assert float(ref["b"]["refusal_rate"]) == pytest.approx(0.9)
+    assert float(ref["base"]["ci_low"]) == pytest.approx(synth.wilson(18, 20)[0])
+    with open(folder / "responses.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3 * (20 + 10)
+
+
+def test_wrong_inputs_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        build_report([tmp_path / "missing.json"])
+    with pytest.raises(InputError, match="not a lora-audit spectrum or safety result"):
+        build_report([{"hello": 1}])
+    with pytest.raises(InputError, match="'training' result"):
+        build_report([{"lora_audit": {"schema": "training"}}])
+    bad = synth.safety({"x": 0.1})
+    bad["models"]["x"]["refusal_ci"] = 0.3
+    with pytest.raises(InputError, match="refusal_ci"):
+        build_report([bad])
+    with pytest.raises(InputError, match="no results"):
+        build_report([])
+    spec = synth.spectrum(["a"])
+    del spec["results"][0]["matrices"][0]["max_cos"]
+    with pytest.raises(InputError, match="malformed spectrum"):
+        build_report([spec])
+    assert not list(tmp_path.iterdir())
+
+
+def test_svg_is_inline_safe():
+    svg = F.epsilon_curves([("a<b>", [0.1, 0.5], [1, 3])], epsilon=0.5)
+    assert svg.startswith("<svg") and "<?xml" not in svg and "DOCTYPE" not in svg and "xmlns" not in svg
+    assert "a&lt;b&gt;" in svg and "a<b>" not in svg
+    assert "http" not in svg
+    a, b = F.cos_heatmap([[1.0, 0.0], [0.0, 0.2]], title="t"), F.cos_heatmap([[1.0, 0.0], [0.0, 0.2]], title="t")
+    ids_a, ids_b = set(re.findall(r'id="([^"]+)"', a)), set(re.findall(r'id="([^"]+)"', b))
+    assert not ids_a & ids_b
+    for ref in re.findall(r'(?:href="#|url\(#)([^")]+)', a):
+        assert ref in ids_a  # every reference points inside its own figure
