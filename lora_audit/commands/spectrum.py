@@ -111,23 +111,12 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     Example:
       lora-audit spectrum ./base ./adapter ./full-ft --json spectrum.json --csv spectrum.csv
     """
-    import torch
+    from ..spectral.api import run_spectrum
 
-    from ..device import resolve_device
-
-    dev = resolve_device(device)  # DeviceError before any loading
-
-    from ..checkpoints import open_stream
-    from ..spectral.engine import audit
-
-    dtype = torch.float64 if float64 else torch.float32
-    cache = None if no_cache else _open_cache(cache_dir)
-    stream = open_stream(base, list(tuned), include_embeddings=include_embeddings, dtype=dtype,
-                         allow_pickle=allow_pickle)
-    with _closing(stream):
-        result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
-                       cache=cache, dtype=dtype, progress=not quiet, base_label=base, tuned_labels=list(tuned),
-                       dense_metrics=not no_metrics, extra_settings={"include_embeddings": include_embeddings})
+    result = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=device,
+                          exact=exact, float64=float64, include_embeddings=include_embeddings, cache_dir=cache_dir,
+                          use_cache=not no_cache, allow_pickle=allow_pickle, dense_metrics=not no_metrics,
+                          progress=not quiet)
     if json_path is not None:
         result.write_json(json_path)
     if csv_path is not None:
@@ -138,37 +127,16 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
             click.echo(f"{label} written to {p}")
 
 
-def _open_cache(cache_dir):
-    """The base-spectrum cache (``lora_audit.spectral.cache.SpectrumCache``) in ``cache_dir``,
-    default ``<lora-audit cache>/spectra``; None when this build has no cache module."""
-    import importlib.util
+def _open_cache(cache_dir):  # kept for callers of the old private name; use spectral.api.open_cache
+    from ..spectral.api import open_cache
 
-    if importlib.util.find_spec("lora_audit.spectral.cache") is None:
-        return None
-    from ..checkpoints.default_model import cache_root
-    from ..spectral.cache import SpectrumCache
-
-    return SpectrumCache(Path(cache_dir).expanduser() if cache_dir else cache_root() / "spectra")
+    return open_cache(cache_dir)
 
 
-class _closing:
-    """``with`` for streams that may or may not hold open files."""
+def _closing(stream):
+    from ..spectral.api import closing
 
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __enter__(self):
-        enter = getattr(self.stream, "__enter__", None)
-        return enter() if enter else self.stream
-
-    def __exit__(self, *exc):
-        exit_ = getattr(self.stream, "__exit__", None)
-        if exit_:
-            return exit_(*exc)
-        close = getattr(self.stream, "close", None)
-        if close:
-            close()
-        return False
+    return closing(stream)
 
 
 def _short(text: str, width: int) -> str:
