@@ -19,6 +19,10 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
 
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
+
+Matrices are read (and, with a cache, hashed and looked up) one group ahead in a background
+thread while the current one is decomposed, and spread over several devices when there are
+several GPUs (``schedule``); results come back in stream order either way.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from ..errors import InputError
 from ..progress import progress as progress_bar
 from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, IntruderRecord, MatrixResult, SpectrumResult, TunedResult,
                                 split_name)
+from . import schedule
+from .schedule import devices_for
 from .exact import base_spectrum, exact_topk
 from .metrics import count_intruders, intruder_details, sweep_counts, update_metrics
 from .types import BaseSpectrum, TopK
@@ -179,7 +185,8 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
           epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP, device: str | torch.device = "auto",
           exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
           base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
-          dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None) -> SpectrumResult:
+          dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None,
+          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1) -> SpectrumResult:
     """Audit every tuned model of ``stream`` against its base; see the module docstring.
 
     Args:
@@ -196,6 +203,11 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             ``base`` / ``tuned`` attributes when it has them).
         dense_metrics: compute the effective/stable rank of dense and DoRA updates (a full
             singular value decomposition of dW each; LoRA updates always get them cheaply).
+        devices: spread the matrices over these devices, one worker thread each (default: every
+            CUDA device when ``device`` resolves to plain "cuda" on a multi-GPU machine, else
+            ``device`` alone). Results are the same and in stream order either way.
+        prefetch: how many matrix groups to read ahead in a background thread (reading, hashing
+            and cache reads overlap the SVDs); 0 reads in the calling thread.
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
@@ -204,6 +216,19 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
                              dense_metrics=dense_metrics)
     dev = resolve_device(device)
     spectrum_of = _spectrum_function(cache)
+    run_on = devices_for(dev, devices)
+    lookup = getattr(cache, "lookup", None)  # a SpectrumCache: hash and read in the reader thread
+
+    def prepare(group: MatrixGroup):
+        if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
+            return None
+        return lookup(group.base.to(dtype=settings.dtype))  # (key, spectrum or None), on the CPU
+
+    def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list]:
+        of = spectrum_of
+        if found is not None:
+            of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
+        return group.name, audit_group(group, settings, device, of)
 
     n_tuned = _n_tuned(stream, tuned_labels)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
@@ -213,19 +238,19 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
     bar = progress_bar(total=total, desc="spectrum", unit="matrix") if progress else _NoBar()
     try:
-        for group in stream:
+        for name, per_tuned in schedule.run(stream, work, run_on, prepare=prepare, depth=prefetch):
             n_groups += 1
             if results is None:
-                n_tuned = n_tuned or len(group.deltas)
+                n_tuned = n_tuned or len(per_tuned)
                 labels = labels or [f"tuned[{i}]" for i in range(n_tuned)]
                 results = [TunedResult(tuned=labels[i]) for i in range(n_tuned)]
-            if len(group.deltas) != len(results):
-                raise ValueError(f"{group.name}: {len(group.deltas)} deltas for {len(results)} tuned models")
-            for res, (rec, secs) in zip(results, audit_group(group, settings, dev, spectrum_of)):
+            if len(per_tuned) != len(results):
+                raise ValueError(f"{name}: {len(per_tuned)} deltas for {len(results)} tuned models")
+            for res, (rec, secs) in zip(results, per_tuned):
                 if rec is not None:
                     res.matrices.append(rec)
                 res.seconds += secs
-            bar.set_postfix_str(group.name[-40:], refresh=False)
+            bar.set_postfix_str(name[-40:], refresh=False)
             bar.update(1)
     finally:
         bar.close()
@@ -244,7 +269,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
         if fallbacks:
             res.warnings.append(f"{fallbacks} matrices fell back from the fast path to the exact SVD")
 
-    run_settings = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
+    run_settings = {"device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
                     "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
                     "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics)}
     run_settings.update(extra_settings or {})
