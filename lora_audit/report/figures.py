@@ -186,6 +186,10 @@ def layer_module_heatmap(grid: list[list[float]], layers: list[str], modules: li
                     ax.text(c + 0.5, r + 0.5, f"{v:g}", ha="center", va="center", fontsize=7,
                             color="black" if v > 0.6 * vmax else "white")
         cb = fig.colorbar(mesh, ax=ax, shrink=0.9)
+        from matplotlib.ticker import MaxNLocator
+
+        cb.locator = MaxNLocator(integer=True)
+        cb.update_ticks()
         cb.set_label(cbar_label)
         return to_svg(fig, desc=f"Heat map of {cbar_label} per layer and module: {title}")
 
@@ -261,7 +265,7 @@ def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel:
 
 # ---- safety -----------------------------------------------------------------------------
 def rate_intervals(rows: list[tuple[str, float | None, Sequence[float] | None, float | None, Sequence[float] | None]],
-                   *, xlabel: str = "refusal rate on harmful prompts") -> str:
+                   *, xlabel: str = "rate") -> str:
     """Refusal rate (point, 95 % interval) of base and each tuned model; optional second metric
     (over-refusal on benign prompts) as a second marker. rows: (name, rate, ci, rate2, ci2)."""
     with plt.rc_context(RC):
@@ -286,9 +290,9 @@ def rate_intervals(rows: list[tuple[str, float | None, Sequence[float] | None, f
         ax.set_yticks(range(len(rows)), [short_label(r[0], 30) for r in rows])
         ax.invert_yaxis()
         ax.set_xlim(-2, 102)
-        ax.set_xlabel(xlabel.replace("refusal rate", "rate") + " (%), 95% Wilson interval" if has2 else
-                      xlabel + " (%), 95% Wilson interval")
-        ax.legend(loc="lower right", frameon=False, fontsize=7)
+        ax.set_xlabel(xlabel + " (%), 95% Wilson interval")
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False, fontsize=7,
+                  borderaxespad=0.2)
         return to_svg(fig, desc="Refusal rates with 95% intervals, base and tuned models")
 
 

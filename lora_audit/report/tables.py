@@ -12,6 +12,7 @@ import pandas as pd
 from .model import ModelSummary, ReportData
 
 WORST_PER_MODEL = 10
+WORST_SHOWN = 5
 
 
 @dataclass
@@ -21,14 +22,20 @@ class Table:
     df: pd.DataFrame
     formats: dict[str, str] = field(default_factory=dict)  # column -> pct | spct | f3 | f2 | int | str
     note: str = ""
+    display: pd.DataFrame | None = None  # what the page shows, when not the whole of df
+    headers: dict[str, str] = field(default_factory=dict)  # column -> header on the page
+
+    def _shown(self) -> pd.DataFrame:
+        return self.df if self.display is None else self.display
 
     def display_rows(self) -> list[list[str]]:
-        return [[fmt_value(v, self.formats.get(c, "")) for c, v in zip(self.df.columns, row)]
-                for row in self.df.itertuples(index=False, name=None)]
+        df = self._shown()
+        return [[fmt_value(v, self.formats.get(c, "")) for c, v in zip(df.columns, row)]
+                for row in df.itertuples(index=False, name=None)]
 
     @property
     def columns(self) -> list[str]:
-        return [str(c) for c in self.df.columns]
+        return [self.headers.get(str(c), str(c)) for c in self._shown().columns]
 
 
 def _missing(v: Any) -> bool:
@@ -117,8 +124,19 @@ def summary_table(data: ReportData) -> Table:
           "refusal_base": "pct", "refusal_tuned": "pct", "refusal_tuned_ci_low": "pct", "refusal_tuned_ci_high": "pct",
           "refusal_drop": "spct", "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
     fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
+    shown = df.copy()
+    if "refusal_tuned_ci_low" in shown:
+        shown.insert(shown.columns.get_loc("refusal_tuned_ci_low"), "tuned_ci",
+                     [ci_text([a, b]) for a, b in zip(df["refusal_tuned_ci_low"], df["refusal_tuned_ci_high"])])
+        shown = shown.drop(columns=["refusal_tuned_ci_low", "refusal_tuned_ci_high"])
+    headers = {"intruders_per_matrix": "intruders / matrix", "min_max_cos": "min max|cos|",
+               "refusal_base": "refusal (base)", "refusal_tuned": "refusal (tuned)", "tuned_ci": "95% CI (tuned)",
+               "refusal_drop": "refusal drop", "over_refusal_base": "over-refusal (base)",
+               "over_refusal_tuned": "over-refusal (tuned)"}
+    headers.update({f"capability_delta:{t}": f"Δ {t}" for t in tasks})
     return Table("summary", "Tuned models, most risky first", df, fm,
-                 "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix.")
+                 "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix.",
+                 display=shown, headers=headers)
 
 
 # ---- spectrum -------------------------------------------------------------------------
@@ -168,11 +186,14 @@ def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> 
                          "relative_delta_norm": mat.relative_delta_norm, "method": mat.method})
     df = pd.DataFrame(rows, columns=["model", "matrix", "shape", "delta", "intruders", "min_max_cos",
                                      "effective_rank", "stable_rank", "relative_delta_norm", "method"])
-    return Table("worst_matrices", f"Worst matrices (up to {per_model} per model)", df,
+    shown = df.groupby("model", sort=False).head(WORST_SHOWN) if len(df) else df
+    return Table("worst_matrices", f"Worst matrices (up to {WORST_SHOWN} per model; {per_model} in the CSV)", df,
                  {"intruders": "int", "min_max_cos": "f3", "effective_rank": "f2", "stable_rank": "f2",
                   "relative_delta_norm": "f3"},
                  "Most intruders first, then lowest max |cos|. effective rank of dW: Roy & Vetterli 2007; "
-                 "relative norm: ‖dW‖_F / ‖W0‖_F.")
+                 "relative norm: ‖dW‖_F / ‖W0‖_F.", display=shown,
+                 headers={"min_max_cos": "min max|cos|", "effective_rank": "eff. rank", "stable_rank": "stable rank",
+                          "relative_delta_norm": "‖dW‖/‖W0‖"})
 
 
 def effective_rank_by_layer(data: ReportData) -> Table:
