@@ -65,9 +65,14 @@ def verdict_line(m: ModelSummary) -> dict[str, Any]:
         if t is not None:
             txt = f"refusal {fmt_value(b, 'pct')} → {fmt_value(t, 'pct')}"
             if m.refusal_drop is not None:
-                txt += f" (drop {100 * m.refusal_drop:+.1f} pts; 95% CI tuned {ci_text(m.safety.get('refusal_ci'))}"
-                txt += f" vs base {ci_text((m.safety_base or {}).get('refusal_ci'))})"
+                txt += f" (drop {100 * m.refusal_drop:+.1f} pts"
+                if m.refusal_drop_ci is not None:
+                    lo, hi = m.refusal_drop_ci
+                    txt += f", 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+                txt += f"; tuned {ci_text(m.safety.get('refusal_ci'))} vs base {ci_text((m.safety_base or {}).get('refusal_ci'))})"
             parts.append(txt)
+        elif m.safety.get("refusal_rate", 0) is None:
+            parts.append("refusal: no scored prompts")
         cap = m.capability_delta
         if cap:
             parts.append("capability " + ", ".join(f"{k} {v:+.3f}" for k, v in cap.items()))

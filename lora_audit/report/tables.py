@@ -108,6 +108,8 @@ def summary_table(data: ReportData) -> Table:
             "refusal_base": b.get("refusal_rate"), "refusal_tuned": s.get("refusal_rate"),
             "refusal_tuned_ci_low": _ci(s.get("refusal_ci"), 0), "refusal_tuned_ci_high": _ci(s.get("refusal_ci"), 1),
             "refusal_drop": m.refusal_drop,
+            "refusal_drop_ci_low": (m.refusal_drop_ci or (None, None))[0],
+            "refusal_drop_ci_high": (m.refusal_drop_ci or (None, None))[1],
             "over_refusal_base": b.get("over_refusal_rate"), "over_refusal_tuned": s.get("over_refusal_rate"),
         }
         cap = m.capability_delta
@@ -122,16 +124,22 @@ def summary_table(data: ReportData) -> Table:
                                                 "min_max_cos")]]
     fm = {"intruders": "int", "matrices": "int", "intruders_per_matrix": "f2", "min_max_cos": "f3",
           "refusal_base": "pct", "refusal_tuned": "pct", "refusal_tuned_ci_low": "pct", "refusal_tuned_ci_high": "pct",
-          "refusal_drop": "spct", "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
+          "refusal_drop": "spct", "refusal_drop_ci_low": "spct", "refusal_drop_ci_high": "spct",
+          "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
     fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
     shown = df.copy()
     if "refusal_tuned_ci_low" in shown:
         shown.insert(shown.columns.get_loc("refusal_tuned_ci_low"), "tuned_ci",
                      [ci_text([a, b]) for a, b in zip(df["refusal_tuned_ci_low"], df["refusal_tuned_ci_high"])])
         shown = shown.drop(columns=["refusal_tuned_ci_low", "refusal_tuned_ci_high"])
+    if "refusal_drop_ci_low" in shown:
+        shown.insert(shown.columns.get_loc("refusal_drop_ci_low"), "drop_ci",
+                     [("–" if _missing(a) or _missing(b) else f"[{100 * a:+.1f}, {100 * b:+.1f}]")
+                      for a, b in zip(df["refusal_drop_ci_low"], df["refusal_drop_ci_high"])])
+        shown = shown.drop(columns=["refusal_drop_ci_low", "refusal_drop_ci_high"])
     headers = {"intruders_per_matrix": "intruders / matrix", "min_max_cos": "min max|cos|",
                "refusal_base": "refusal (base)", "refusal_tuned": "refusal (tuned)", "tuned_ci": "95% CI (tuned)",
-               "refusal_drop": "refusal drop", "over_refusal_base": "over-refusal (base)",
+               "refusal_drop": "refusal drop", "drop_ci": "95% CI (drop, pts)", "over_refusal_base": "over-refusal (base)",
                "over_refusal_tuned": "over-refusal (tuned)"}
     headers.update({f"capability_delta:{t}": f"Δ {t}" for t in tasks})
     return Table("summary", "Tuned models, most risky first", df, fm,

@@ -241,3 +241,36 @@ def test_svg_is_inline_safe():
     assert not ids_a & ids_b
     for ref in re.findall(r'(?:href="#|url\(#)([^")]+)', a):
         assert ref in ids_a  # every reference points inside its own figure
+
+
+def test_refusal_drop_interval_matches_newcombe_1998():
+    """Newcombe (1998), Stat. Med. 17:873, Table II, example (a): 56/70 - 48/80, method 10
+    (hybrid score, no continuity correction) gives 0.0524 to 0.3339."""
+    from lora_audit.report.model import newcombe_interval
+
+    lo, hi = newcombe_interval(56 / 70, synth.wilson(56, 70), 48 / 80, synth.wilson(48, 80))
+    assert lo == pytest.approx(0.0524, abs=5e-5) and hi == pytest.approx(0.3339, abs=5e-5)
+    assert newcombe_interval(None, [0, 1], 0.5, [0, 1]) is None
+    # shown in the verdict line and exported
+    saf = synth.safety({"t": 0.0}, n=20)
+    html = build_report([saf])
+    lo, hi = newcombe_interval(0.9, synth.wilson(18, 20), 0.0, synth.wilson(0, 20))
+    assert f"drop +90.0 pts, 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]" in html
+
+
+def test_degenerate_results(tmp_path):
+    """A tuned model identical to the base (no matrices), a safety model with no scored prompts,
+    and a spectrum with no tuned models all render."""
+    spec = synth.spectrum(["a", "same"], seed=1)
+    spec["results"][1].update(matrices=[], total_intruders=0, sweep_totals=[0] * 9, by_module={}, by_layer={},
+                              warnings=["identical to the base <b>"])
+    saf = synth.safety({"a": 0.0, "same": 0.9})
+    saf["models"]["same"]["refusal_rate"] = None
+    saf["verdict"]["same"] = {"label": "INCONCLUSIVE", "refusal_drop": None, "reasons": ["no scored prompts"]}
+    html = build_report([spec, saf])
+    text = re.sub(r"\s+", " ", visible_text(html))
+    assert "INCONCLUSIVE same: 0 intruder dimensions in 0 matrices" in text
+    assert "refusal: no scored prompts" in text
+    assert "identical to the base <b>" in text and "<b>" not in html
+    html = build_report([synth.spectrum([], seed=1)])
+    assert "No tuned models in the results." in html
