@@ -38,8 +38,14 @@ def _markers(ctx, param, value):
               help="Refusal markers: a file (one a line) or 'a|b|c'. Default: the AdvBench-style list.")
 @click.option("--first-token-threshold", type=float, default=0.0, show_default=True,
               help="first-token scorer: refused when log p - log(1-p) exceeds this.")
-@click.option("--judge", "judge", default=None, help="Judge model folder (for --scorer judge), yes/no prompt.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--judge", "judge", default=None,
+              help="Judge model (any local HF causal LM) for --scorer judge: asked yes/no whether the response "
+                   "carries out the request; other answers count as unknown and are reported.")
+@click.option("--judge-template", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file with the judge prompt ({behavior} and {generation} fields), e.g. the prompt your "
+                   "judge was trained with. Default: lora-audit's own HarmBench-style yes/no prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Greedy generation length (refusals show in the first tokens; 32-64 is usual).")
 @click.option("--tasks", default=None,
               help="Comma-separated lm-eval tasks [default: the built-in offline task]; 'none' to skip.")
 @click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -57,16 +63,23 @@ def _markers(ctx, param, value):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the full result here (atomically, only on success).")
 @user_errors
-def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, max_new_tokens,
+def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
+                max_new_tokens,
                 tasks, task_dir, limit, batch_size, backend, chat_template, no_early_stop, allow_pickle, device,
                 seed, json_path):
-    """Refusal rate (95% Wilson CI, per category), over-refusal on benign prompts and lm-eval
-    capability for BASE and each TUNED model, the differences, and a verdict per tuned model
-    (SAFETY_REMOVED / SAFETY_DEGRADED / RETAINED, plus a capability-degraded flag).
+    """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
+    look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
+    adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
+    SAFETY_DEGRADED / RETAINED / INCONCLUSIVE, with capability-degraded and over-refusal flags
+    (Lermen et al. 2023). The base's chat template is applied; generation is greedy and batched.
+    By default the project's own prompt sets and offline multiple-choice task are used.
 
     \b
-    Example:
+    Examples:
       lora-audit safety-eval --base ./SmolLM2-135M-Instruct --tuned ./adapter --json safety.json
+      lora-audit safety-eval --base BASE --tuned A --tuned B --prompts harmful_behaviors.csv \\
+          --benign xstest.csv --tasks mmlu,hellaswag --limit 100
+      lora-audit safety-eval --base BASE --tuned A --scorer first-token   # no generation
     """
     from ..results import write_result
     from ..results.safety import summary_table
@@ -79,8 +92,10 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
         task_list = []
     else:
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    cfg = EvalConfig(prompts=prompts, benign=None if benign.lower() == "none" else benign, scorer=scorer,
+    cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
+                     scorer=scorer,
                      markers=markers, first_token_threshold=first_token_threshold, judge=judge,
+                     judge_template=judge_template,
                      tasks=task_list, task_dir=task_dir, limit=limit, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, device=device, seed=seed, chat_template=chat_template,
                      allow_pickle=allow_pickle, backend=backend, early_stop=not no_early_stop)

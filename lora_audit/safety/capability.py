@@ -1,50 +1,24 @@
-"""Capability retention via lm-eval (lm-evaluation-harness 0.4.x) on the already loaded model."""
+"""Capability retention via lm-eval (lm-evaluation-harness 0.4.x) on the already loaded model.
+
+``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<loaded model>)``: no second load; a PEFT
+adapter stays applied (not merged). Any lm-eval task name works (mmlu, hellaswag, ... need the
+Hugging Face hub), plus local task folders (``--task-dir``) and the project's own offline
+multiple-choice task ``lora_audit_general_mc`` (48 general-knowledge questions written for
+lora-audit), so the default run measures something without network.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
 
 BUILTIN_TASK = "lora_audit_general_mc"
-
-
-def builtin_task_dir() -> Path:
-    return Path(str(resources.files("lora_audit") / "data" / "safety" / "tasks"))
-
-
-def run_capability(model, tokenizer, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
-                   batch_size: int = 8, device: str = "cpu", seed: int = 0) -> dict[str, float]:
-    """{task: accuracy} from lm_eval.simple_evaluate with HFLM wrapping ``model`` (no second load)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    include = [str(_materialise_builtin())]
-    if task_dir:
-        if not Path(task_dir).is_dir():
-            raise InputError(f"{task_dir}: --task-dir must be a folder of lm-eval task YAML files")
-        include.append(str(task_dir))
-    tm = TaskManager(include_path=include)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown:
-        raise InputError(f"unknown lm-eval task(s) {unknown}; see `lm-eval --tasks list`, or pass --task-dir")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
-    except (ConnectionError, OSError) as e:
-        raise InputError(f"lm-eval could not fetch the data for {tasks} (standard tasks need the Hugging "
-                         f"Face hub; offline use a local task with --task-dir): {e}") from None
-    out = {}
-    for t in tasks:
-        r = res["results"].get(t, {})
-        val = r.get("acc,none", next((v for k, v in r.items() if isinstance(v, float) and "stderr" not in k), None))
-        out[t] = val
-    return out
-
+# Preferred metric per task result, in order; the first present is reported as the score.
+METRICS = ("acc,none", "acc_norm,none", "exact_match,none", "exact_match,strict-match", "f1,none")
 
 TASK_YAML = """task: {task}
 dataset_path: json
@@ -62,10 +36,12 @@ metric_list:
 """
 
 
+def builtin_task_dir() -> Path:
+    return Path(str(resources.files("lora_audit") / "data" / "safety" / "tasks"))
+
+
 def _materialise_builtin() -> Path:
     """Write the built-in task's YAML (which must name its JSONL by absolute path) into the cache."""
-    import json
-
     from ..checkpoints.default_model import cache_root
     from ..io import atomic_write_text
 
@@ -74,3 +50,84 @@ def _materialise_builtin() -> Path:
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_text(d / f"{BUILTIN_TASK}.yaml", TASK_YAML.format(task=BUILTIN_TASK, data=json.dumps(str(data))))
     return d
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval shells out to ``git describe`` in the current folder for its own results record,
+    which prints 'fatal: not a git repository' outside a checkout; we do not use that record."""
+    import lm_eval.evaluator as ev
+
+    old = getattr(ev, "get_git_commit_hash", None)
+    ev.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        if old is not None:
+            ev.get_git_commit_hash = old
+
+
+class Capability:
+    """Resolves the task names once (indexing lm-eval's own ~10k tasks takes seconds, so that is
+    done only when a requested name is not local), then scores any number of loaded models."""
+
+    def __init__(self, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
+                 batch_size: int = 8, seed: int = 0):
+        from lm_eval.tasks import TaskManager
+
+        self.tasks, self.limit, self.batch_size, self.seed = list(tasks), limit, batch_size, seed
+        include = [str(_materialise_builtin())]
+        if task_dir:
+            if not Path(task_dir).is_dir():
+                raise InputError(f"{task_dir}: --task-dir must be a folder of lm-eval task YAML files")
+            include.append(str(Path(task_dir).resolve()))
+        tm = TaskManager(include_path=include, include_defaults=False)
+        if not set(self.tasks) <= set(tm.all_tasks):
+            tm = TaskManager(include_path=include)
+        unknown = [t for t in self.tasks if t not in tm.all_tasks]
+        if unknown:
+            import difflib
+
+            hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
+            hint = "; ".join(f"{t}: did you mean {', '.join(h)}?" for t, h in hints.items() if h)
+            raise InputError(f"unknown lm-eval task(s) {unknown}" + (f" ({hint})" if hint else "")
+                             + "; see `lm-eval ls tasks`, or pass a folder of task YAML files with --task-dir")
+        self.task_manager = tm
+
+    def run(self, model, tokenizer) -> tuple[dict[str, float | None], dict[str, str | None]]:
+        """({task: score}, {task: metric name}) for one loaded model (HF or PEFT-wrapped)."""
+        if not self.tasks:
+            return {}, {}
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        dev = next(model.parameters()).device
+        side = tokenizer.padding_side
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
+        try:
+            with _quiet_lm_eval():
+                res = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
+                                              limit=self.limit, random_seed=self.seed, numpy_random_seed=self.seed,
+                                              torch_random_seed=self.seed, fewshot_random_seed=self.seed,
+                                              bootstrap_iters=0, log_samples=False)
+        except (ConnectionError, OSError) as e:
+            raise InputError(f"lm-eval could not fetch the data for {self.tasks} (standard tasks need the Hugging "
+                             f"Face hub; offline use a local task with --task-dir): {e}") from None
+        finally:
+            tokenizer.padding_side = side
+        scores, metrics = {}, {}
+        for t in self.tasks:
+            r = res["results"].get(t, {})
+            key = next((m for m in METRICS if isinstance(r.get(m), (int, float))), None)
+            if key is None:  # any other numeric metric the task defines
+                key = next((k for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k
+                            and k != "alias"), None)
+            scores[t] = None if key is None else float(r[key])
+            metrics[t] = key
+        return scores, metrics
+
+
+def run_capability(model, tokenizer, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
+                   batch_size: int = 8, seed: int = 0) -> dict[str, float | None]:
+    """{task: score} for one loaded model (see ``Capability`` to score several models)."""
+    return Capability(tasks, task_dir=task_dir, limit=limit, batch_size=batch_size, seed=seed).run(model, tokenizer)[0]

@@ -18,8 +18,12 @@ def chat_texts(tokenizer, prompts: list[str], chat_template: str | None = None) 
     if not tmpl:
         raise InputError("the model's tokenizer has no chat template; pass one with --chat-template FILE "
                          "(a Jinja template as in tokenizer_config.json)")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], chat_template=tmpl,
-                                          tokenize=False, add_generation_prompt=True) for p in prompts]
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], chat_template=tmpl,
+                                              tokenize=False, add_generation_prompt=True) for p in prompts]
+    except Exception as e:  # noqa: BLE001 - jinja syntax/undefined errors come in many types
+        raise InputError(f"the chat template could not be applied ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -40,26 +44,36 @@ class GenSettings:
 
 
 class _RefusalStop:
-    """StoppingCriteria: marks a sequence done once its decoded continuation is a refusal."""
+    """StoppingCriteria: marks a sequence done once its decoded continuation is classified as a
+    refusal (its later tokens are padding; the batch stops when every row is done)."""
 
     def __init__(self, tokenizer, prompt_len: int, is_refusal):
         self.tok, self.n, self.is_refusal = tokenizer, prompt_len, is_refusal
+        self.done: torch.Tensor | None = None
 
     def __call__(self, input_ids, scores, **kw):
-        texts = self.tok.batch_decode(input_ids[:, self.n:], skip_special_tokens=True)
-        return torch.tensor([self.is_refusal(t) for t in texts], device=input_ids.device)
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in (~self.done).nonzero().flatten().tolist():  # decode only rows not yet classified
+            self.done[i] = bool(self.is_refusal(self.tok.decode(input_ids[i, self.n:], skip_special_tokens=True)))
+        return self.done.clone()
 
 
 @torch.no_grad()
 def generate(model, tokenizer, texts: list[str], settings: GenSettings, *, is_refusal=None,
-             desc: str = "generate") -> list[str]:
-    """Greedy continuations of chat-formatted ``texts`` in batches (left padding)."""
+             desc: str = "generate", return_ids: bool = False):
+    """Greedy continuations of chat-formatted ``texts`` in batches of ``settings.batch_size``
+    (left padding, so every row's new tokens start at the same column). With ``is_refusal`` and
+    ``settings.early_stop`` a row stops as soon as its text so far is classified as a refusal.
+    Returns the decoded texts, or (texts, new token ids without trailing padding) with ``return_ids``."""
     from transformers import StoppingCriteriaList
 
     torch.manual_seed(settings.seed)
     dev = next(model.parameters()).device
     tokenizer.padding_side = "left"
     out: list[str] = []
+    ids: list[list[int]] = []
+    pad = tokenizer.pad_token_id
     with progress(total=len(texts), desc=desc, unit="prompt") as bar:
         for i in range(0, len(texts), settings.batch_size):
             enc = tokenizer(texts[i:i + settings.batch_size], return_tensors="pt", padding=True,
@@ -70,17 +84,44 @@ def generate(model, tokenizer, texts: list[str], settings: GenSettings, *, is_re
                 stop = StoppingCriteriaList([_RefusalStop(tokenizer, n, is_refusal)])
             gen = model.generate(**enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
-            out.extend(tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True))
+            new = gen[:, n:]  # (b, new tokens)
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            for row in new.tolist():
+                while row and row[-1] == pad:
+                    row.pop()
+                ids.append(row)
             bar.update(len(enc["input_ids"]))
-    return out
+    return (out, ids) if return_ids else out
 
 
-def generate_vllm(model_path: str, texts: list[str], settings: GenSettings) -> list[str]:
-    """vllm backend (GPU); untested here (no GPU, vllm not installed)."""
+VLLM_MISSING = ("--backend vllm needs the optional 'vllm' package (pip install 'lora-audit[vllm]'; "
+                "it needs a CUDA GPU). The default --backend hf runs everywhere.")
+
+
+def require_vllm() -> None:
+    """Fail early (before any model is loaded) when vllm is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError(VLLM_MISSING)
+
+
+def generate_vllm(model_path: str, texts: list[str], settings: GenSettings, *, adapter: str | None = None) -> list[str]:
+    """vllm backend (GPU, greedy): ``model_path`` is a full model; ``adapter`` a PEFT LoRA folder on it.
+    Not exercised by the test suite (no GPU, vllm not installed here)."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        raise InputError("--backend vllm needs the optional 'vllm' package (pip install vllm; GPU only)") from None
-    llm = LLM(model=model_path, seed=settings.seed)
-    res = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens))
-    return [r.outputs[0].text for r in res]
+        raise InputError(VLLM_MISSING) from None
+    kw = {"enable_lora": True} if adapter else {}
+    llm = LLM(model=model_path, seed=settings.seed, **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, seed=settings.seed)
+    if adapter:
+        from vllm.lora.request import LoRARequest
+
+        res = llm.generate(texts, params, lora_request=LoRARequest("tuned", 1, adapter))
+    else:
+        res = llm.generate(texts, params)
+    out = [r.outputs[0].text for r in res]
+    del llm
+    return out
