@@ -46,8 +46,8 @@ def _out_file(ctx, param, value):
 @click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
 @user_errors
 def report(results, out, title, fmt, csv_dir, no_csv):
-    """Render RESULTS (JSON files from 'lora-audit spectrum --json' and/or 'lora-audit safety-eval
-    --json', in any order and number) into one report.
+    """Render RESULTS into one report: JSON files written by 'spectrum --json' and/or
+    'safety-eval --json', in any order and number.
 
     \b
     The HTML file has inline CSS and SVG figures and no network references: it opens from disk

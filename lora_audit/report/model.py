@@ -238,11 +238,21 @@ def gather(inputs: list, *, title: str | None = None) -> ReportData:
             aliases.setdefault(k, s)
         return s
 
+    def fresh(name: str) -> ModelSummary:
+        """A new row for a model already filled from another result of the same kind."""
+        i = 2
+        while f"{name} ({i})" in by_name:
+            i += 1
+        s = ModelSummary(name=f"{name} ({i})")
+        by_name[s.name] = s
+        return s
+
     for run in data.spectra:
         for r in run.results:
             s = summary_for(r.tuned, _basename(r.tuned))
-            if s.spectrum is None:
-                s.spectrum, s.spectrum_run = r, run
+            if s.spectrum is not None:
+                s = fresh(r.tuned)
+            s.spectrum, s.spectrum_run = r, run
     for run in data.safeties:
         inputs_rec = run.get("inputs") or {}
         base_rec = run["models"].get("base")
@@ -252,9 +262,10 @@ def gather(inputs: list, *, title: str | None = None) -> ReportData:
             source = (inputs_rec.get(name) or {}).get("source") if isinstance(inputs_rec.get(name), dict) else None
             keys = [k for k in (source, source and _basename(source), _basename(name)) if k]
             s = summary_for(name, *keys)
-            if s.safety is None:
-                s.safety, s.safety_base, s.safety_run = m, base_rec, run
-                s.verdict = (run.get("verdict") or {}).get(name)
-                s.comparison = (run.get("comparisons") or {}).get(name)
+            if s.safety is not None:
+                s = fresh(name)
+            s.safety, s.safety_base, s.safety_run = m, base_rec, run
+            s.verdict = (run.get("verdict") or {}).get(name)
+            s.comparison = (run.get("comparisons") or {}).get(name)
     data.models = sorted(by_name.values(), key=ModelSummary.risk_key)
     return data

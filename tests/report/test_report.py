@@ -274,3 +274,12 @@ def test_degenerate_results(tmp_path):
     assert "identical to the base <b>" in text and "<b>" not in html
     html = build_report([synth.spectrum([], seed=1)])
     assert "No tuned models in the results." in html
+
+
+def test_same_model_in_two_spectrum_results_gets_two_rows():
+    a = synth.spectrum(["ad"], seed=1, base="base-1")
+    b = synth.spectrum(["ad"], seed=2, base="base-2")
+    html = build_report([a, b])
+    text = re.sub(r"\s+", " ", visible_text(html))
+    ta, tb = a["results"][0]["total_intruders"], b["results"][0]["total_intruders"]
+    assert f"ad: {ta} intruder dimensions" in text and f"ad (2): {tb} intruder dimensions" in text
