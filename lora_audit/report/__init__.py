@@ -233,8 +233,11 @@ def _samples(data: ReportData) -> list[dict[str, Any]]:
             recs = [x for x in (r.get(key) or []) if isinstance(x, dict)]
             if not recs:
                 continue
+            # what a reviewer needs first: harmful prompts answered, benign prompts refused
+            first = [x for x in recs if x.get("refused") is (kind == "benign")]
+            rest = [x for x in recs if x.get("refused") is not (kind == "benign")]
             shown = []
-            for x in recs[:cap]:
+            for x in (first + rest)[:cap]:
                 resp = x.get("response")
                 text = None if resp is None else clean(resp)
                 truncated = text is not None and len(text) > RESPONSE_CHARS

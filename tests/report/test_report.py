@@ -283,3 +283,15 @@ def test_same_model_in_two_spectrum_results_gets_two_rows():
     text = re.sub(r"\s+", " ", visible_text(html))
     ta, tb = a["results"][0]["total_intruders"], b["results"][0]["total_intruders"]
     assert f"ad: {ta} intruder dimensions" in text and f"ad (2): {tb} intruder dimensions" in text
+
+
+def test_samples_show_answered_harmful_prompts_first():
+    saf = synth.safety({"t": 0.5}, n=40)  # prompts 0-19 refused, 20-39 answered
+    html = build_report([saf])
+    block = html[html.index("<code>t</code>: "):]
+    block = block[:block.index("</details>")]
+    from lora_audit.report import SAMPLES_HARMFUL
+
+    shown = re.findall(r"harmful prompt (\d+)", block)
+    assert [int(x) for x in shown] == list(range(20, 20 + SAMPLES_HARMFUL))
+    assert "of 40 harmful prompts" in block
