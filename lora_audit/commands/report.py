@@ -39,8 +39,9 @@ def _out_file(ctx, param, value):
 @click.option("--out", "-o", type=click.Path(dir_okay=True), callback=_out_file, default=None,
               help="Output file [default: reports/<first result's name>.html, or .md].")
 @click.option("--title", default=None, help="Report title [default: 'lora-audit report'].")
-@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default="html", show_default=True,
-              help="html: one self-contained page with figures; md: a Markdown summary (tables only).")
+@click.option("--format", "fmt", type=click.Choice(["html", "md"]), default=None,
+              help="html: one self-contained page with figures; md: a Markdown summary (tables only) "
+                   "[default: md when --out ends in .md, else html].")
 @click.option("--csv-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
 @click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
@@ -66,6 +67,8 @@ def report(results, out, title, fmt, csv_dir, no_csv):
     """
     from ..report import build_report
 
+    if fmt is None:
+        fmt = "md" if out is not None and out.suffix.lower() in (".md", ".markdown") else "html"
     if out is None:
         out = REPORTS_DIR / f"{_slug(Path(results[0]).stem)}.{fmt}"
     csv_target = False if no_csv else (Path(csv_dir) if csv_dir else None)

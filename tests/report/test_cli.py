@@ -45,6 +45,9 @@ def test_report_md_and_csv_dir_and_no_csv(results, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "a.md").read_text().startswith("# lora-audit report")
     assert (tmp_path / "tables" / "intruders_by_module.csv").is_file()
+    r = run(["report", str(results[0]), "--out", str(tmp_path / "c.md"), "--no-csv"])  # format from the suffix
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "c.md").read_text().startswith("# lora-audit report")
     r = run(["report", str(results[1]), "--out", str(tmp_path / "b.html"), "--no-csv"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "b.html").is_file() and not (tmp_path / "b-tables").exists()
