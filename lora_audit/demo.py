@@ -74,7 +74,7 @@ def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     """The demo's plan. Hyper-parameters are the methods' usual ones (LoRA-family lr 2e-4 is the
     tool's default; here 1e-3 for the short adapter runs, full fine-tuning 2e-5; the released
     model's safety tuning 5e-5), fixed before looking at results."""
-    s_rel, s_task = (12, 16) if quick else (40, 60)
+    s_rel, s_task = (12, 16) if quick else (30, 40)
     runs = (
         Run("released", "full", "builtin:safety-tune", s_rel, lr=5e-5, role="released"),
         Run("lora-r8", "lora", "builtin:alpaca-mini", s_task, rank=8, alpha=16, lr=1e-3),
@@ -84,7 +84,7 @@ def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     )
     if quick:
         runs = tuple(r for r in runs if r.name != "rslora-r64")
-    return Plan(runs=runs, batch_size=8, max_length=128, limit=16 if quick else None, max_new_tokens=24 if quick else 48, seed=seed)
+    return Plan(runs=runs, batch_size=4, max_length=128, limit=16 if quick else None, max_new_tokens=24 if quick else 48, seed=seed)
 
 
 class _Stages:

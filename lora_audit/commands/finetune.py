@@ -14,7 +14,7 @@ from ._common import device_option, seed_option, user_errors
               "lora-ga, lora-sb, lora-mgpo or full.")
 @click.option("--base", required=True, help="Base model folder (HF format).")
 @click.option("--data", required=True, help='JSONL of {"prompt","response"} or {"text"}, or builtin:NAME '
-              "(builtin:alpaca-mini).")
+              "(built-ins: alpaca-mini, safety-tune, undo-compliance).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (adapter or model), written atomically.")
 @click.option("--rank", default=8, show_default=True, type=int)
 @click.option("--alpha", default=16.0, show_default=True, type=float)
