@@ -94,6 +94,8 @@ def verdict_line(m: ModelSummary) -> dict[str, Any]:
 def _settings_text(settings: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     for k, v in (settings or {}).items():
+        if k == "inputs" and isinstance(v, dict):  # shown in the models table
+            continue
         if isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v)
         elif isinstance(v, dict):
@@ -162,8 +164,9 @@ def _spectrum_figures(data: ReportData) -> dict[str, Any]:
         for x in mats:
             r, c = layers.index(x.layer), modules.index(x.module)
             grid[r][c] = (0.0 if grid[r][c] != grid[r][c] else grid[r][c]) + x.intruders
-        out["layer_maps"].append({"model": m.name, "svg": F.layer_module_heatmap(
-            grid, [str(la) for la in layers], modules, title=F.short_label(m.name, 50))})
+        svg = F.layer_module_heatmap(grid, [str(la) for la in layers], modules, title=F.short_label(m.name, 50))
+        width = re.search(r"max-width:(\d+)px", svg)
+        out["layer_maps"].append({"model": m.name, "svg": svg, "width": int(width.group(1)) if width else 600})
     if len(models) > MAX_LAYER_HEATMAPS:
         out["notes"].append(f"Layer × module heat maps shown for the {MAX_LAYER_HEATMAPS} most risky models of "
                             f"{len(models)}; every count is in intruders_by_layer.csv / the worst-matrices table.")

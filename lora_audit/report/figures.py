@@ -154,7 +154,11 @@ def epsilon_curves(series: list[tuple[str, list[float], list[float]]], *, epsilo
         ax.set_xlabel("similarity threshold ε (intruder if max |cos| < ε)")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, 1)
-        ax.set_ylim(bottom=0)
+        top = max([max(c, default=0) for _, _, c in series] + [0])
+        ax.set_ylim(0, max(1, top) * 1.05)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if series:
             ax.legend(loc="upper left", frameon=False, ncol=1 if len(series) <= 6 else 2)
         return to_svg(fig, desc="Intruder dimensions versus epsilon for each tuned model")
@@ -167,7 +171,7 @@ def layer_module_heatmap(grid: list[list[float]], layers: list[str], modules: li
 
     arr = np.asarray(grid, dtype=float) if grid else np.zeros((0, 0))
     with plt.rc_context(RC):
-        h = min(7.5, 1.1 + 0.22 * max(1, len(layers)))
+        h = min(7.5, 1.2 + 0.17 * max(1, len(layers)))
         fig = new_figure(min(7.0, 2.2 + 0.75 * max(1, len(modules))), h)
         ax = fig.add_subplot()
         masked = np.ma.masked_invalid(arr)
@@ -235,10 +239,12 @@ def singular_values(series: list[tuple[str, list[float], list[bool]]], *, title:
                        color=st["color"], marker="o", s=14, zorder=3)
             ax.scatter([a for a, f in zip(x, intr) if f], [s for s, f in zip(sv, intr) if f],
                        color=st["color"], marker="X", s=46, zorder=4, edgecolors="black", linewidths=0.4)
-        if any(min(sv, default=1) > 0 for _, sv, _ in series):
+        values = [v for _, sv, _ in series for v in sv]
+        log = bool(values) and min(values) > 0 and max(values) / min(values) > 20
+        if log:
             ax.set_yscale("log")
         ax.set_xlabel("rank j of tuned singular value")
-        ax.set_ylabel("σ_j (log scale)")
+        ax.set_ylabel("σ_j (log scale)" if log else "σ_j")
         ax.set_title(title + "   (× = intruder)", loc="left")
         if series:
             ax.legend(loc="upper right", frameon=False, fontsize=7)
@@ -312,8 +318,12 @@ def category_bars(categories: list[str], series: list[tuple[str, list[float | No
             err_lo = [0 if (r is None or c is None) else max(0.0, (r - c[0]) * 100) for r, c in zip(rates, cis)]
             err_hi = [0 if (r is None or c is None) else max(0.0, (c[1] - r) * 100) for r, c in zip(rates, cis)]
             st = style(i)
-            ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[err_lo, err_hi], color=st["color"],
-                   label=short_label(name), capsize=2, error_kw={"elinewidth": 0.8}, edgecolor="white", linewidth=0.3)
+            bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[err_lo, err_hi], color=st["color"],
+                          label=short_label(name), capsize=2, error_kw={"elinewidth": 0.7, "ecolor": "#444444"},
+                          edgecolor="white", linewidth=0.3)
+            # a coloured cap at each value, so that a 0 % bar still shows whose it is
+            ax.hlines(vals, [b.get_x() for b in bars], [b.get_x() + b.get_width() for b in bars],
+                      colors=st["color"], linewidth=2.5)
         ax.set_xticks(x, [short_label(c, 16) for c in categories], rotation=30 if len(categories) > 5 else 0,
                       ha="right" if len(categories) > 5 else "center")
         ax.set_ylim(0, 105)
