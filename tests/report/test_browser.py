@@ -58,6 +58,14 @@ def test_report_renders_in_chromium(driver, tmp_path):
     for label, w, h in sizes:
         assert w > 100 and h > 50, (label, w, h)
         assert w <= 1366, (label, w)  # fits a laptop-width window
+    # heat maps are images inside the SVGs: each laid out with a size
+    boxes = driver.execute_script(
+        "return Array.from(document.querySelectorAll('svg.fig image')).map(e => {"
+        "const r = e.getBoundingClientRect(); return [r.width, r.height]; });")
+    assert boxes and all(w > 2 and h > 20 for w, h in boxes), boxes  # colour bars are narrow
+    # response samples are collapsed until clicked
+    assert driver.execute_script("return document.querySelectorAll('details').length") > 0
+    assert driver.execute_script("return document.querySelectorAll('details[open]').length") == 0
     # the escaped script is text, not an element; nothing was fetched from anywhere
     assert driver.execute_script("return document.scripts.length") == 0
     assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
