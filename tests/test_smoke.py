@@ -27,3 +27,20 @@ def test_tiny_fixtures_load(tiny_llama, tiny_gpt2):
     assert lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                             add_generation_prompt=True).endswith("assistant\n")
     assert load_model(str(tiny_gpt2), device="cpu").model.config.model_type == "gpt2"
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    """mkstemp/mkdtemp create 0600/0700 entries; outputs must be readable like any other file."""
+    import os
+
+    from lora_audit.io import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "r.html", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "a.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert (f.stat().st_mode & 0o777) == 0o644
+    assert ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
