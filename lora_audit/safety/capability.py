@@ -54,17 +54,30 @@ def _materialise_builtin() -> Path:
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """lm-eval shells out to ``git describe`` in the current folder for its own results record,
-    which prints 'fatal: not a git repository' outside a checkout; we do not use that record."""
+    """Keep lm-eval's chatter out of the user's terminal while it scores an already loaded model:
+    it shells out to ``git describe`` in the current folder for its own results record (printing
+    'fatal: not a git repository' outside a checkout; we do not use that record), warns that
+    ``pretrained`` is not a string (that is the point). Its own progress bars stay."""
+    import logging
+    import warnings
+
     import lm_eval.evaluator as ev
 
-    old = getattr(ev, "get_git_commit_hash", None)
+    old_git = getattr(ev, "get_git_commit_hash", None)
     ev.get_git_commit_hash = lambda: None
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "lm_eval.models.huggingface")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
-        if old is not None:
-            ev.get_git_commit_hash = old
+        if old_git is not None:
+            ev.get_git_commit_hash = old_git
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 
 class Capability:
@@ -103,9 +116,9 @@ class Capability:
 
         dev = next(model.parameters()).device
         side = tokenizer.padding_side
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
         try:
             with _quiet_lm_eval():
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
                 res = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
                                               limit=self.limit, random_seed=self.seed, numpy_random_seed=self.seed,
                                               torch_random_seed=self.seed, fewshot_random_seed=self.seed,

@@ -16,6 +16,7 @@ Python API::
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -306,7 +307,9 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
             from peft import PeftModel
 
             try:
-                pm = PeftModel.from_pretrained(base_l.model, src, is_trainable=False)
+                with warnings.catch_warnings():  # transformers' deprecation, raised inside peft
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                    pm = PeftModel.from_pretrained(base_l.model, src, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as e:
                 raise ShapeMismatchError(f"{src}: adapter does not fit base {base_src} "
                                          f"({str(e).strip().splitlines()[0]})") from None

@@ -3,6 +3,7 @@ early stop for sequences already classified as refusals."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +83,10 @@ def generate(model, tokenizer, texts: list[str], settings: GenSettings, *, is_re
             stop = None
             if settings.early_stop and is_refusal is not None:
                 stop = StoppingCriteriaList([_RefusalStop(tokenizer, n, is_refusal)])
-            gen = model.generate(**enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
+            with warnings.catch_warnings():  # transformers' own deprecation, raised inside generate()
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                gen = model.generate(**enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
             new = gen[:, n:]  # (b, new tokens)
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
             for row in new.tolist():
