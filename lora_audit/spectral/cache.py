@@ -25,11 +25,14 @@ import hashlib
 import json
 import os
 import struct
+import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -130,7 +133,9 @@ class SpectrumCache:
     >>> cache = SpectrumCache("~/.cache/lora-audit/spectra")
     >>> base = cache.base_spectrum(W0, torch.device("cpu"))   # SVD on a miss, a file read on a hit
 
-    ``hits``/``misses``/``rebuilt`` count this object's lookups (for tests and the bench).
+    ``hits``/``misses``/``rebuilt``/``write_errors`` count this object's lookups and writes (for
+    tests and the bench). New entries are written in the background: ``flush()`` (which
+    ``engine.audit`` calls at the end) waits for them.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -138,6 +143,10 @@ class SpectrumCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0
+        self.write_errors = 0
+        self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def __repr__(self) -> str:
         return f"SpectrumCache({str(self.root)!r})"
@@ -170,7 +179,11 @@ class SpectrumCache:
                       key: str | None = None, found: BaseSpectrum | None = None) -> BaseSpectrum:
         """The thin SVD of W0 on ``device``: from the cache when present and valid, else computed
         (``exact.base_spectrum``, in W0's dtype) and stored. ``key``/``found`` come from an
-        earlier ``lookup`` (the prefetch thread) to avoid hashing and reading twice."""
+        earlier ``lookup`` (the prefetch thread) to avoid hashing and reading twice.
+
+        A new entry is written by a background thread (the next SVD does not wait for the disk);
+        ``flush()`` waits for pending writes. A write that fails (disk full, read-only folder) is
+        a ``CacheWarning``, not an error: the audit itself does not depend on it."""
         device = torch.device(device) if device is not None else W0.device
         if found is None:
             key, found = self.lookup(W0, key=key)
@@ -179,11 +192,40 @@ class SpectrumCache:
             return BaseSpectrum(U=found.U.to(device), S=found.S.to(device), Vh=found.Vh.to(device), key=key)
         self.misses += 1
         spec = _compute_spectrum(W0.to(device), key=key)
-        self.store(key, W0, spec)
+        self._store_later(key, W0, spec)
         return spec
 
+    def _store_later(self, key: str, W0: Tensor, spec: BaseSpectrum) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-audit-cache-writer")
+            # at most two entries waiting: their tensors are memory the audit would otherwise free
+            while len(self._pending) >= 2:
+                self._pending.pop(0).result()
+            self._pending.append(self._writer.submit(self._store_quietly, key, W0.dtype, tuple(W0.shape), spec))
+
+    def _store_quietly(self, key: str, dtype: torch.dtype, shape: tuple[int, int], spec: BaseSpectrum) -> None:
+        try:
+            self.store(key, SimpleNamespace(dtype=dtype, shape=shape), spec)  # type: ignore[arg-type]
+        except Exception as e:
+            warnings.warn(f"could not write spectrum cache entry {key[:16]}... to {self.root} ({e}); "
+                          "the audit is unaffected", CacheWarning, stacklevel=1)
+            self.write_errors += 1
+
+    def flush(self) -> None:
+        """Wait until every entry handed to the background writer is on disk (or has failed), and
+        stop the writer thread (a new one starts with the next miss)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            writer, self._writer = self._writer, None
+        for f in pending:
+            f.result()
+        if writer is not None:
+            writer.shutdown(wait=True)
+
     def store(self, key: str, W0: Tensor, spec: BaseSpectrum) -> Path:
-        """Write one entry atomically (a reader never sees half a file)."""
+        """Write one entry now, atomically (a reader never sees half a file). Only W0's dtype and
+        shape are used."""
         from safetensors.torch import save
 
         U, S, Vh = (t.detach().cpu().contiguous() for t in (spec.U, spec.S, spec.Vh))

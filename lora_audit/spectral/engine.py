@@ -254,6 +254,9 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             bar.update(1)
     finally:
         bar.close()
+        flush = getattr(cache, "flush", None)  # new cache entries are written in the background
+        if flush is not None:
+            flush()
     if results is None or (n_groups == 0 and not total):
         raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
     planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
