@@ -138,8 +138,6 @@ def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, s
     Example:
       lora-audit audit ./SmolLM2-135M-Instruct ./adapter-a ./adapter-b --out reports/ab/
     """
-    import torch
-
     from ..device import resolve_device
     from ..results import fingerprint
 
@@ -148,20 +146,15 @@ def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, s
         out = REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
         _out_dir(click.get_current_context(), None, str(out))
 
-    from ..checkpoints import open_stream
-    from ..spectral.engine import audit as spectral_audit
-    from .spectrum import _closing, _open_cache, format_summary
+    from ..spectral.api import run_spectrum
+    from .spectrum import format_summary
 
-    dtype = torch.float32
     inputs = {"base": {"source": base, "fingerprint": fingerprint(base)}}
     for t in tuned:
         inputs[t] = {"source": t, "fingerprint": fingerprint(t)}
-    cache = None if no_cache else _open_cache(None)
-    stream = open_stream(base, list(tuned), dtype=dtype, allow_pickle=allow_pickle)
-    with _closing(stream):
-        spec = spectral_audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
-                              cache=cache, dtype=dtype, progress=not quiet, base_label=base,
-                              tuned_labels=list(tuned), extra_settings={"inputs": inputs})
+    spec = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev,
+                        exact=exact, use_cache=not no_cache, allow_pickle=allow_pickle, progress=not quiet,
+                        extra_settings={"inputs": inputs})
     click.echo(format_summary(spec, quiet=quiet))
     spec_json = spec.to_json()
 

@@ -127,18 +127,6 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
             click.echo(f"{label} written to {p}")
 
 
-def _open_cache(cache_dir):  # kept for callers of the old private name; use spectral.api.open_cache
-    from ..spectral.api import open_cache
-
-    return open_cache(cache_dir)
-
-
-def _closing(stream):
-    from ..spectral.api import closing
-
-    return closing(stream)
-
-
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
