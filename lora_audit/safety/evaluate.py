@@ -280,6 +280,15 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     for t, k in zip(tuned, kinds):
         if k == Kind.PEFT_ADAPTER:
             read_adapter_config(t)
+        elif k in (Kind.SAFETENSORS_FILE, Kind.KOHYA_LORA):
+            raise InputError(f"{t}: a bare .safetensors file cannot be generated from; pass a full model folder "
+                             "(config.json + weights) or a PEFT adapter folder as --tuned")
+        elif k == Kind.PICKLE and not cfg.allow_pickle:
+            from ..checkpoints.detect import PICKLE_REFUSAL
+
+            raise InputError(PICKLE_REFUSAL.format(path=t))
+        elif k == Kind.HF_FOLDER and not (Path(t) / "config.json").is_file():
+            raise InputError(f"{t}: no config.json; a tuned model folder needs its config to be loaded whole")
     capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
                             seed=cfg.seed) if cfg.tasks else None
 

@@ -193,9 +193,21 @@ def test_vllm_missing_is_clean(tiny_llama):
         run_safety_eval(str(tiny_llama), [], EvalConfig(**FAST, backend="vllm"))
 
 
-def test_missing_tuned_path(tiny_llama, tmp_path):
+def test_unusable_tuned_paths_fail_before_loading(tiny_llama, tmp_path, monkeypatch):
+    import lora_audit.safety.evaluate as ev
+
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking inputs"))
     with pytest.raises(InputError, match="no such file or folder"):
         run_safety_eval(str(tiny_llama), [str(tmp_path / "nope")], EvalConfig(**FAST))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(InputError, match="bare .safetensors file cannot be generated from"):
+        run_safety_eval(str(tiny_llama), [str(tmp_path / "bare.safetensors")], EvalConfig(**FAST))
+    (tmp_path / "pk").mkdir()
+    (tmp_path / "pk" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="Unpickling can run arbitrary code"):
+        run_safety_eval(str(tiny_llama), [str(tmp_path / "pk")], EvalConfig(**FAST))
 
 
 def test_wilson_in_result_is_finite(result):
