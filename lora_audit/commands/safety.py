@@ -28,10 +28,12 @@ def _markers(ctx, param, value):
 @click.option("--tuned", multiple=True, help="Tuned model or PEFT adapter on BASE (repeatable).")
 @click.option("--prompts", default="builtin:harmful", show_default=True,
               help="Harmful prompts: AdvBench/HarmBench/StrongREJECT/JailbreakBench/XSTest CSV, RefusalBench "
-                   "JSON, JSONL/CSV with 'prompt', TXT, hf:DATASET_ID, or builtin:harmful.")
+                   "JSON, JSONL/CSV with 'prompt' (+ 'category'), TXT, hf:DATASET_ID[:SPLIT] (online), or "
+                   "builtin:harmful. The detected layout is printed.")
 @click.option("--benign", default="builtin:benign", show_default=True,
-              help="Benign look-alike prompts for over-refusal (same formats); 'none' to skip. With an XSTest "
-                   "file as --prompts and --benign none, its 'safe' rows are used.")
+              help="Benign look-alike prompts for over-refusal (same formats); 'none' to skip. An XSTest file "
+                   "counts its 'unsafe' rows as harmful and its 'safe' rows as benign; with an XSTest file as "
+                   "--prompts and --benign none, its 'safe' rows measure over-refusal.")
 @click.option("--scorer", type=click.Choice(["keyword", "first-token", "judge"]), default="keyword",
               show_default=True, help="How a response is classified as a refusal.")
 @click.option("--markers", callback=_markers, default=None,

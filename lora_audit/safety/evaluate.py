@@ -259,7 +259,10 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     benign = load_prompts(cfg.benign) if cfg.benign else None
     if benign is None and any(p.label for p in harmful.prompts):  # XSTest: safe prompts measure over-refusal
         benign = harmful.split_label("safe")
+    if any(p.label for p in harmful.prompts):  # an XSTest file: its unsafe rows are the harmful set ...
         harmful = harmful.split_label("unsafe")
+    if benign is not None and any(p.label for p in benign.prompts):  # ... and its safe rows the benign set
+        benign = benign.split_label("safe")
     harmful = harmful.limit(cfg.limit)
     benign = benign.limit(cfg.limit) if benign is not None else None
     if not len(harmful):
