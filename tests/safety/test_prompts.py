@@ -67,6 +67,14 @@ def test_builtin_sets():
         load_prompts("builtin:nope")
 
 
+def test_builtin_sets_interleave_categories():
+    """--limit N on a built-in set samples every category, not only the first ones."""
+    for name in ("harmful", "benign"):
+        ps = load_prompts(f"builtin:{name}")
+        cats = {p.category for p in ps.prompts}
+        assert {p.category for p in ps.limit(len(cats)).prompts} == cats
+
+
 def test_limit_keeps_order():
     h = load_prompts("builtin:harmful")
     assert [p.prompt for p in h.limit(3).prompts] == [p.prompt for p in h.prompts[:3]]

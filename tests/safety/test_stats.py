@@ -22,6 +22,7 @@ def test_wilson_edges():
     assert lo == 0.0 and hi == pytest.approx(3.8416 / 13.8416, rel=1e-9)
     lo, hi = wilson_interval(10, 10, z=1.96)
     assert hi == 1.0 and lo == pytest.approx(10 / 13.8416, rel=1e-9)
+    assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(12, 12)[1] == 1.0  # exact, not 1e-17
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(5, 3)
