@@ -170,7 +170,7 @@ class SpectrumCache:
             self.rebuilt += 1
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except OSError:  # gone already, or a read-only cache: the entry is still not used
                 pass
             return key, None
         return key, spec
