@@ -103,6 +103,11 @@ def main() -> None:
           f"calibrated threshold {thr:.2f}: {agr_cal:.1%}")
     print(f"   first-token scores: harmful median {statistics.median(ft):.2f}, "
           f"benign median {statistics.median(ft_all[len(ft):]):.2f}")
+    if hasattr(os, "getloadavg"):
+        print(f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes skew "
+              "the ratios: batched generation is compute-bound and suffers most from a shared CPU)")
+    print(f"per-repeat times (s): one-by-one {[round(x, 1) for x in t_one]}, batched {[round(x, 1) for x in t_bat]}, "
+          f"first-token {[round(x, 2) for x in t_ft]}")
 
 
 if __name__ == "__main__":
