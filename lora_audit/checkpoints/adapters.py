@@ -69,12 +69,12 @@ class AdapterFile:
         f = self.modules[module]
         if f.alpha is not None:
             return float(f.alpha) / rank
-        from peft.utils.other import get_pattern_key
-
         cfg = self.config
         r = cfg.get("r", rank)
         alpha = cfg.get("lora_alpha", r)
         rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        if rp or ap:  # imported only here: peft pulls in transformers (seconds of start-up)
+            from peft.utils.other import get_pattern_key
         if rp:
             key = get_pattern_key(list(rp), module)
             r = rp.get(key, r)

@@ -161,7 +161,7 @@ def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.devic
         return [(None, 0.0) for _ in group.deltas]
     W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
     base = spectrum_of(W0, device)
-    base_norm = float(torch.linalg.matrix_norm(W0.double()))
+    base_norm = float(base.S.double().norm())  # ||W0||_F = ||S0||_2: no pass over W0
     out: list[tuple[MatrixResult | None, float]] = []
     for delta, ch in zip(group.deltas, changed):
         if not ch:

@@ -51,7 +51,7 @@ def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: floa
     if isinstance(delta, DoRA):
         raise NotImplementedError("DoRA's row normalisation is not low-rank in the base basis")
     dev, work = base.U.device, torch.float64
-    U0, S0, V0 = base.U.to(work), base.S.to(work), base.Vh.T.to(work)  # (m, p), (p,), (n, p)
+    U0, S0, V0 = base.float64()  # (m, p), (p,), (n, p); converted once per base matrix
     B = delta.B.to(device=dev, dtype=work)  # (m, r)
     A = delta.A.to(device=dev, dtype=work)  # (r, n)
     m, p = U0.shape

@@ -25,7 +25,7 @@ def randomized_topk(base: BaseSpectrum, W1: Tensor, k: int, *, tol: float | None
     out_dtype = base.U.dtype
     # float64 products: in float32 the residual floor (~1e-6 relative) is too close to the accuracy
     # the cosines need; the products are the whole cost and float64 only doubles it.
-    U0 = base.U.to(torch.float64)
+    U0 = base.float64()[0]  # converted once per base matrix
     W1 = W1.to(device=U0.device, dtype=torch.float64)
     m, n = W1.shape
     kk = min(k, m, n)

@@ -5,8 +5,9 @@ Orientation: every matrix is (out x in) = (m x n); left singular vectors live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -22,10 +23,18 @@ class BaseSpectrum:
     S: Tensor  # (p,)
     Vh: Tensor  # (p, n)
     key: str | None = None  # content hash of W0 (cache key), when known
+    _f64: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.U.shape[0]), int(self.Vh.shape[1]))
+
+    def float64(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(U, S, V) in float64, V = Vh^T (n, p); converted once and kept, so the many tuned
+        models audited against one base matrix pay the conversion once."""
+        if self._f64 is None:
+            self._f64 = (self.U.to(torch.float64), self.S.to(torch.float64), self.Vh.T.to(torch.float64))
+        return self._f64
 
 
 @dataclass
