@@ -24,6 +24,15 @@ def _isolated_cache(session_cache, monkeypatch):
     monkeypatch.setenv("LORA_AUDIT_CACHE", str(session_cache))
 
 
+@pytest.fixture(autouse=True)
+def _fast_paths_on_tiny_matrices(monkeypatch):
+    """Users' small matrices (< EXACT_BELOW) go straight to the exact SVD; the tests' tiny models
+    would then never reach the fast paths, so the tests lower the threshold to 0."""
+    from lora_audit.spectral import engine
+
+    monkeypatch.setattr(engine, "EXACT_BELOW", 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokenizer")

@@ -145,3 +145,19 @@ def test_cos_top_base_heat_map_rows_are_tuned_vectors():
     U1 = torch.linalg.svd(W1, full_matrices=False)[0]
     expected = (U1[:, :5].T @ U0[:, :5]).abs()  # (5 tuned, 5 base)
     assert torch.allclose(torch.tensor(m.cos_top_base, dtype=torch.float64), expected, atol=1e-4)
+
+
+def test_small_matrices_go_straight_to_exact(monkeypatch):
+    """Below EXACT_BELOW rows/columns the exact SVD is used even without --exact (it is as fast)."""
+    from lora_audit.checkpoints.deltas import LowRank
+    from lora_audit.spectral import engine
+    from lora_audit.spectral.exact import base_spectrum
+
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(40, 60, generator=g)
+    delta = LowRank(B=torch.randn(40, 2, generator=g), A=torch.randn(2, 60, generator=g), scale=1.0)
+    base = base_spectrum(W0)
+    monkeypatch.setattr(engine, "EXACT_BELOW", 41)
+    assert engine.tuned_topk(base, W0, delta, 5, exact=False)[0].method == "exact"
+    monkeypatch.setattr(engine, "EXACT_BELOW", 40)
+    assert engine.tuned_topk(base, W0, delta, 5, exact=False)[0].method == "lowrank"
