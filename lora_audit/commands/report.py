@@ -161,17 +161,11 @@ def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, s
     safety = None
     if not skip_safety:
         from ..results.safety import summary_table
-        from ..safety.capability import BUILTIN_TASK
+        from ..safety.capability import parse_tasks
         from ..safety.evaluate import EvalConfig, run_safety_eval
 
-        if tasks is None:
-            task_list = [BUILTIN_TASK]
-        elif tasks.strip().lower() in ("", "none"):
-            task_list = []
-        else:
-            task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-        cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() == "none" else benign,
-                         scorer=scorer, tasks=task_list, task_dir=task_dir, limit=limit, batch_size=batch_size,
+        cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
+                         scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, device=str(dev), seed=seed, allow_pickle=allow_pickle)
         safety = run_safety_eval(base, list(tuned), cfg)
         click.echo("")

@@ -85,15 +85,10 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
     """
     from ..results import write_result
     from ..results.safety import summary_table
-    from ..safety.capability import BUILTIN_TASK
+    from ..safety.capability import parse_tasks
     from ..safety.evaluate import EvalConfig, run_safety_eval
 
-    if tasks is None:
-        task_list = [BUILTIN_TASK]
-    elif tasks.strip().lower() in ("", "none"):
-        task_list = []
-    else:
-        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    task_list = parse_tasks(tasks)
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                      scorer=scorer,
                      markers=markers, first_token_threshold=first_token_threshold, judge=judge,

@@ -144,3 +144,12 @@ def run_capability(model, tokenizer, tasks: list[str], *, task_dir: str | None =
                    batch_size: int = 8, seed: int = 0) -> dict[str, float | None]:
     """{task: score} for one loaded model (see ``Capability`` to score several models)."""
     return Capability(tasks, task_dir=task_dir, limit=limit, batch_size=batch_size, seed=seed).run(model, tokenizer)[0]
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    """The --tasks option: None -> [the built-in task]; "none" or "" -> []; "a, b" -> ["a", "b"]."""
+    if text is None:
+        return [BUILTIN_TASK]
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]

@@ -74,3 +74,11 @@ def test_unknown_task_suggests(tmp_path):
         Capability(["lora_audit_general_mcq"])
     with pytest.raises(InputError, match="--task-dir must be a folder"):
         Capability([BUILTIN_TASK], task_dir=str(tmp_path / "nope"))
+
+
+def test_parse_tasks_option():
+    from lora_audit.safety.capability import BUILTIN_TASK, parse_tasks
+
+    assert parse_tasks(None) == [BUILTIN_TASK]
+    assert parse_tasks("none") == parse_tasks(" ") == []
+    assert parse_tasks("mmlu, hellaswag,") == ["mmlu", "hellaswag"]
