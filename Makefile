@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/lora-audit demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 # Headless Chromium for the report's browser test (Debian/Ubuntu, as root).
 browser-deps:

@@ -66,15 +66,17 @@ class Plan:
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
-        blob = json.dumps({"plan": asdict(self), "version": __version__}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Hash of what determines the trained models (not the evaluation settings)."""
+        train = {"runs": [asdict(r) for r in self.runs], "batch_size": self.batch_size,
+                 "max_length": self.max_length, "seed": self.seed, "version": __version__}
+        return hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     """The demo's plan. Hyper-parameters are the methods' usual ones (LoRA-family lr 2e-4 is the
     tool's default; here 1e-3 for the short adapter runs, full fine-tuning 2e-5; the released
     model's safety tuning 5e-5), fixed before looking at results."""
-    s_rel, s_task = (12, 16) if quick else (30, 40)
+    s_rel, s_task = (12, 16) if quick else (30, 32)
     runs = (
         Run("released", "full", "builtin:safety-tune", s_rel, lr=5e-5, role="released"),
         Run("lora-r8", "lora", "builtin:alpaca-mini", s_task, rank=8, alpha=16, lr=1e-3),
@@ -84,7 +86,7 @@ def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     )
     if quick:
         runs = tuple(r for r in runs if r.name != "rslora-r64")
-    return Plan(runs=runs, batch_size=4, max_length=128, limit=16 if quick else None, max_new_tokens=24 if quick else 48, seed=seed)
+    return Plan(runs=runs, batch_size=4, max_length=128, limit=16 if quick else None, max_new_tokens=24 if quick else 32, seed=seed)
 
 
 class _Stages:
@@ -146,6 +148,18 @@ def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...]) -> list[dict]:
                 out.append({"claim": f"{r.name} keeps capability on {task} close (within 0.10)",
                             "measured": f"released {cb:.3f}, {r.name} {ct:.3f}",
                             "holds": abs(ct - cb) <= 0.10})
+    return out
+
+
+def lowest_max_cos(spectrum: dict) -> dict:
+    """Per tuned model, the smallest max|cos| of any top-k direction and its matrix: how close the
+    model came to an intruder (a count alone hides a 0.51 and a 0.99 alike)."""
+    out = {}
+    for r in spectrum["results"]:
+        pairs = [(min(m["max_cos"]), m["name"]) for m in r["matrices"] if m.get("max_cos")]
+        if pairs:
+            c, name = min(pairs)
+            out[r["tuned"]] = {"max_cos": round(c, 4), "matrix": name}
     return out
 
 
@@ -216,7 +230,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
                                                                      "reused": bool(v.get("reused"))}
                                                                  for k, v in records.items()},
                    intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
-                   findings=checks)
+                   lowest_max_cos=lowest_max_cos(spectrum_dict), findings=checks)
     st.run("report", build_report, [out / "spectrum.json", out / "safety.json"], out=out / "index.html",
            title=f"lora-audit demo: {'SmolLM2-135M-Instruct' if base is None else Path(base).name}, "
                  "released vs fine-tuned", csv_dir=out / "tables")
@@ -231,5 +245,10 @@ def format_findings(summary: dict) -> str:
         lines.append(f"  [{'holds' if c['holds'] else 'does NOT hold'}] {c['claim']}: {c['measured']}")
     if not summary["findings"]:
         lines.append("  (no comparable results)")
+    low = summary.get("lowest_max_cos") or {}
+    if low:
+        lines.append("Lowest max|cos| per model (intruder below epsilon = "
+                     f"{summary['settings']['plan']['epsilon']:g}): "
+                     + ", ".join(f"{k} {v['max_cos']:.3f}" for k, v in low.items()))
     lines.append(f"Total {summary['total_s']:.0f} s.")
     return "\n".join(lines)
