@@ -224,7 +224,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     safety = st.run("safety-eval (refusal, over-refusal, capability)", run_safety_eval, str(rel_dir), paths, cfg,
                     names=names)
     write_result(out / "safety.json", safety)
-    spectrum_dict = json.loads((out / "spectrum.json").read_text(encoding="utf-8"))
+    spectrum_dict = spec.to_json()  # the dict just written, not read back
     checks = findings(spectrum_dict, safety, plan.runs)
     summary = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),
                          work_dir=str(work))

@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+# Read once at import: os.umask can only be read by setting it, and doing that per write would,
+# for a moment, give files created by other threads (the spectrum cache's writer) mode 0666.
+_UMASK = _read_umask()
+
+
 def _default_mode(kind: str) -> int:
     """The mode a plain open()/mkdir() would give (mkstemp/mkdtemp make 0600/0700 files)."""
-    return (0o666 if kind == "file" else 0o777) & ~_umask()
+    return (0o666 if kind == "file" else 0o777) & ~_UMASK
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

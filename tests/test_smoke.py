@@ -30,17 +30,14 @@ def test_tiny_fixtures_load(tiny_llama, tiny_gpt2):
 
 
 def test_atomic_outputs_get_normal_permissions(tmp_path):
-    """mkstemp/mkdtemp create 0600/0700 entries; outputs must be readable like any other file."""
-    import os
-
+    """mkstemp/mkdtemp create 0600/0700 entries; outputs must get the mode a plain open()/mkdir()
+    gives under the process's umask (the reference made here beside them)."""
     from lora_audit.io import atomic_dir, atomic_write_text
 
-    old = os.umask(0o022)
-    try:
-        f = atomic_write_text(tmp_path / "r.html", "x")
-        with atomic_dir(tmp_path / "d") as d:
-            (d / "a.txt").write_text("y")
-    finally:
-        os.umask(old)
-    assert (f.stat().st_mode & 0o777) == 0o644
-    assert ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
+    f = atomic_write_text(tmp_path / "r.html", "x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "a.txt").write_text("y")
+    (tmp_path / "plain.txt").write_text("z")
+    (tmp_path / "plain").mkdir()
+    assert (f.stat().st_mode & 0o777) == ((tmp_path / "plain.txt").stat().st_mode & 0o777) != 0o600
+    assert ((tmp_path / "d").stat().st_mode & 0o777) == ((tmp_path / "plain").stat().st_mode & 0o777) != 0o700

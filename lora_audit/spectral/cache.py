@@ -109,22 +109,27 @@ def _numel(shape) -> int:
     return out
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors JSON header of ``path`` (ValueError when it is not one)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 10_000_000:
-            raise ValueError(f"implausible header length {n}")
-        text = fh.read(n)
-        if len(text) != n:
-            raise ValueError("truncated header")
+def _header_from(fh) -> dict:
+    """The safetensors JSON header at the start of the open file ``fh`` (ValueError when it is not
+    one); ``fh`` is left at the first payload byte."""
+    raw = fh.read(8)
+    if len(raw) != 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if n > 10_000_000:
+        raise ValueError(f"implausible header length {n}")
+    text = fh.read(n)
+    if len(text) != n:
+        raise ValueError("truncated header")
     header = json.loads(text)
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        return _header_from(fh)
 
 
 class SpectrumCache:
@@ -238,13 +243,7 @@ class SpectrumCache:
         m, n = W0.shape
         p = min(m, n)
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise ValueError("shorter than a safetensors header")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > 1_000_000:
-                raise ValueError(f"implausible header length {hlen}")
-            header = json.loads(fh.read(hlen))
+            header = _header_from(fh)
             meta = header.pop("__metadata__", None) or {}
             want = {"format": FORMAT, "version": VERSION, "key": key, "dtype": _DTYPES[W0.dtype],
                     "shape": json.dumps([m, n])}
