@@ -14,8 +14,8 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
     exact=True            two full SVDs, the paper's algorithm (``exact.exact_topk``)
     LowRank               ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(p r) per
                           product, no second full SVD
-    Dense / DoRA          ``randomized.randomized_topk``: block Krylov top-k of the materialised
-                          W1, started on the base's top vectors, with a residual check
+    Dense / DoRA          ``randomized.randomized_topk``: Davidson top-k of the materialised W1,
+                          started on the base's top vectors, with a residual check
 
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
@@ -99,10 +99,11 @@ def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> To
     raise NotImplementedError(f"no fast path for {type(delta).__name__}")
 
 
-# Below this many rows or columns the paper's exact SVD is as fast as the fast paths or faster
-# (measured on 2 cores: 576x576 LoRA 0.032 s fast vs 0.036 s exact, dense 0.10 vs 0.05 s; 192x576
-# LoRA 0.028 vs 0.009 s), so small matrices (SmolLM2's 576-wide layers) go straight to it.
-EXACT_BELOW = 768
+# Below this many rows or columns the paper's exact SVD is as fast as the fast paths or faster:
+# measured on 2 cores, one thread, k = 10 (seconds, fast vs exact): LoRA r=8 128x128 0.008 vs 0.003,
+# 192x576 0.008 vs 0.013, 576x576 0.007 vs 0.070; dense 128x128 0.014 vs 0.003, 192x576 0.011 vs
+# 0.013, 576x576 0.026 vs 0.070. So SmolLM2's 576-wide layers take the fast paths too.
+EXACT_BELOW = 192
 
 
 def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, exact: bool) -> tuple[TopK, list[str]]:
@@ -116,7 +117,8 @@ def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, ex
         else:
             if top.converged:
                 return top, notes
-            notes.append(f"{top.method} did not converge (residual {top.residual}); exact SVD used")
+            why = top.note or f"residual {top.residual}"
+            notes.append(f"{top.method} did not converge ({why}); exact SVD used")
     return exact_topk(base, delta.merged(W0), k), notes
 
 

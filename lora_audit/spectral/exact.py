@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blas import mm
 from .types import BaseSpectrum, TopK
 
 _SVD_DTYPES = (torch.float32, torch.float64)
@@ -47,7 +48,7 @@ def match_against_base(U0: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns (max_cos (k,), argmax_base (k,) int64, base_coords (p, k) = U0^T Y, signed).
     """
-    coords = U0.T @ Y.to(U0.dtype)  # (p, m) @ (m, k) -> (p, k)
+    coords = mm(U0.T, Y.to(U0.dtype))  # (p, m) @ (m, k) -> (p, k)
     max_cos, argmax = coords.abs().max(dim=0)  # (k,), (k,)
     return max_cos, argmax, coords
 

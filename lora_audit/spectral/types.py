@@ -25,6 +25,12 @@ class BaseSpectrum:
     key: str | None = None  # content hash of W0 (cache key), when known
     _f64: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        # One memory layout whether the spectrum comes from the SVD (LAPACK's column-major views)
+        # or from the cache (row-major): BLAS kernels differ by layout in their last bits, and a
+        # cached audit must give the same numbers as an uncached one.
+        self.U, self.S, self.Vh = self.U.contiguous(), self.S.contiguous(), self.Vh.contiguous()
+
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.U.shape[0]), int(self.Vh.shape[1]))
@@ -52,3 +58,4 @@ class TopK:
     base_coords: Tensor | None = None  # (p, k): U0^T y_j, signed; for the |cos| heat maps
     converged: bool = True  # False when an iterative method did not reach its tolerance
     residual: float | None = None  # the iterative method's convergence measure, when it has one
+    note: str | None = None  # why an unconverged result is not trusted, beyond the residual

@@ -89,3 +89,105 @@ def test_engine_uses_the_fast_paths_and_matches_exact():
         assert a.total_intruders == b.total_intruders
         torch.testing.assert_close(torch.tensor(a.matrices[0].max_cos), torch.tensor(b.matrices[0].max_cos),
                                    atol=1e-4, rtol=0)
+
+
+# ---- the inertia certificate and the Davidson search of the LoRA path ---------------------------
+def _diag_plus_lowrank(rows, cols, p, r, seed):
+    """D (rows x cols, diag on the leading p x p), P (rows, r), Q (cols, r), float64."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.sort(torch.rand(p, generator=g, dtype=torch.float64) * 3, descending=True).values
+    D = torch.zeros(rows, cols, dtype=torch.float64)
+    D[range(p), range(p)] = d
+    P = torch.randn(rows, r, generator=g, dtype=torch.float64) * 0.7
+    Q = torch.randn(cols, r, generator=g, dtype=torch.float64) * 0.7
+    return D, d, P, Q
+
+
+@pytest.mark.parametrize("rows,cols,p,r", [(30, 30, 30, 3), (36, 30, 30, 2), (30, 34, 30, 4), (50, 50, 50, 1)])
+def test_inertia_count_equals_dense_eigenvalues(rows, cols, p, r):
+    from lora_audit.spectral.lowrank import count_above
+
+    D, d, P, Q = _diag_plus_lowrank(rows, cols, p, r, seed=rows + cols + r)
+    M = D + P @ Q.T
+    lam = torch.linalg.eigvalsh(M @ M.T)  # numpy-free reference: the dense eigenvalues of M M^T
+    D2 = torch.zeros(rows, dtype=torch.float64)
+    D2[:p] = d * d
+    E = torch.zeros(rows, r, dtype=torch.float64)
+    E[:p] = d[:, None] * Q[:p]
+    grid = torch.cat([(lam[:-1] + lam[1:]) / 2, lam[-1:] * 1.01, lam[:1] * 0.5 - 1e-3])
+    for x in grid.tolist():
+        if (D2 - x).abs().min() < 1e-9:
+            continue
+        assert count_above(x, D2, E, P, Q.T @ Q) == int((lam > x).sum()), x
+
+
+def test_lowrank_result_that_misses_a_top_vector_is_not_trusted(monkeypatch):
+    """A search that returns k true singular pairs but not the TOP k (here: skipping the largest)
+    has tiny residuals; the inertia count catches it and the engine falls back to the exact SVD."""
+    import lora_audit.spectral.lowrank as lowrank
+    from lora_audit.checkpoints.deltas import MatrixGroup
+    from lora_audit.spectral.engine import audit
+    from lora_audit.spectral.krylov import KrylovResult
+
+    real = lowrank.topk_svd
+
+    def skips_the_first(mv, rmv, X0, k, **kw):
+        res = real(mv, rmv, X0, k + 1, **kw)
+        return KrylovResult(U=res.U[:, 1:], S=res.S[1:], converged=True, residual=res.residual, dim=res.dim)
+
+    monkeypatch.setattr(lowrank, "topk_svd", skips_the_first)
+    g = torch.Generator().manual_seed(3)
+    W0 = decaying(64, 48, 9)
+    d = LowRank(torch.randn(64, 4, generator=g) / 8, torch.randn(4, 48, generator=g) / 7, 2.0)
+    top = lowrank.lowrank_topk(base_spectrum(W0), d, 10)
+    assert not top.converged and "inertia" in top.note
+    res = audit([MatrixGroup("model.layers.0.mlp.up_proj.weight", W0, [d])], progress=False, device="cpu")
+    rec = res.results[0].matrices[0]
+    ref_cos, ref_count = reference_intruders(W0, W0 + 2.0 * d.B @ d.A)
+    assert rec.method == "exact" and rec.intruders == ref_count
+    assert any("inertia" in n for n in rec.notes)
+    torch.testing.assert_close(torch.tensor(rec.max_cos, dtype=torch.float64), torch.tensor(ref_cos, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+
+
+def test_preconditioned_search_finds_the_top_k():
+    """topk_svd against torch's dense SVD (float64) on a matrix whose top singular values are
+    clustered: Krylov + corrections with a poor (standard-basis diagonal) preconditioner, and
+    Davidson proper with the right one (a diagonal-plus-low-rank matrix, as on the LoRA path)."""
+    g = torch.Generator().manual_seed(11)
+    U, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))
+    s = torch.linspace(8, 1, 150, dtype=torch.float64)
+    s[:6] = torch.tensor([10.0, 9.99, 9.98, 9.5, 9.49, 9.0])
+    dense = U[:, :150] @ torch.diag(s) @ V.T
+    D, d, P, Q = _diag_plus_lowrank(200, 150, 150, 3, seed=5)
+    structured = D + P @ Q.T
+
+    def diagonal_of(M):
+        d2 = torch.diag(M @ M.T)
+
+        def precondition(R, sv):
+            den = (sv * sv)[None, :] - d2[:, None]
+            return R / torch.where(den.abs() < 1e-8, torch.full_like(den, 1e-8), den)
+        return precondition
+
+    for M, krylov, X0 in ((dense, True, torch.randn(200, 8, generator=g, dtype=torch.float64)),
+                          (structured, False, torch.cat([torch.eye(200, 16, dtype=torch.float64), P], dim=1))):
+        res = topk_svd(lambda X: M @ X, lambda Y: M.T @ Y, X0, 6, precondition=diagonal_of(M), krylov=krylov,
+                       max_dim=200)
+        Uref, Sref, _ = torch.linalg.svd(M, full_matrices=False)
+        assert res.converged
+        torch.testing.assert_close(res.S, Sref[:6], atol=1e-8 * float(Sref[0]), rtol=0)
+        torch.testing.assert_close((Uref[:, :6].T @ res.U).abs().diag(), torch.ones(6, dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 7), (7, 300), (64, 64)])
+def test_skinny_product_equals_the_plain_product(shape):
+    from lora_audit.spectral.blas import mm
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64)
+    X = torch.randn(shape[0], shape[1], generator=g, dtype=torch.float64)
+    for a, x in ((A, X), (A.T, X), (A, X.T.contiguous().T)):
+        torch.testing.assert_close(mm(a, x), a @ x, atol=1e-12, rtol=0)
