@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
@@ -46,6 +47,7 @@ VERSION = "1"
 SUFFIX = ".safetensors"
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
+_ALIGN = 64  # bytes: payload alignment of new entries (a cache line)
 
 
 class CacheWarning(UserWarning):
@@ -100,6 +102,23 @@ def _payload_checksum(U: Tensor, S: Tensor, Vh: Tensor) -> str:
     for t in (U, S, Vh):
         crc = zlib.crc32(_contiguous_bytes(t), crc)
     return f"crc32:{crc:08x}"
+
+
+def _aligned_save(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
+    """safetensors bytes whose payload starts at a multiple of ``_ALIGN`` (the JSON header is
+    padded through a "pad" metadata field), so that a memory-mapped read gives tensors as aligned
+    as freshly allocated ones: BLAS picks kernels by alignment, and a cached audit must give the
+    same bits as an uncached one."""
+    from safetensors.torch import save
+
+    meta = {**meta, "pad": ""}
+    out = save(tensors, metadata=meta)
+    (n,) = struct.unpack("<Q", out[:8])
+    if (8 + n) % _ALIGN:
+        raw = len(bytes(out[8: 8 + n]).rstrip(b" "))  # the JSON before safetensors' own padding
+        meta["pad"] = " " * ((-(8 + raw)) % _ALIGN)
+        out = save(tensors, metadata=meta)
+    return out
 
 
 def _numel(shape) -> int:
@@ -231,19 +250,21 @@ class SpectrumCache:
     def store(self, key: str, W0: Tensor, spec: BaseSpectrum) -> Path:
         """Write one entry now, atomically (a reader never sees half a file). Only W0's dtype and
         shape are used."""
-        from safetensors.torch import save
-
         U, S, Vh = (t.detach().cpu().contiguous() for t in (spec.U, spec.S, spec.Vh))
         meta = {"format": FORMAT, "version": VERSION, "key": key, "dtype": _DTYPES[W0.dtype],
                 "shape": json.dumps(list(W0.shape)), "checksum": _payload_checksum(U, S, Vh)}
-        return atomic_write_bytes(self.path_for(key), save({"U": U, "S": S, "Vh": Vh}, metadata=meta))
+        return atomic_write_bytes(self.path_for(key), _aligned_save({"U": U, "S": S, "Vh": Vh}, meta))
 
     def _read(self, path: Path, key: str, W0: Tensor) -> BaseSpectrum:
-        """Read and verify one entry: one copy from the file into a buffer the tensors share."""
+        """Read and verify one entry. The payload is memory-mapped copy-on-write (no read into a
+        zero-filled buffer: for a 4096-wide matrix that copy cost more than the checksum), and
+        the tensors are views of the mapping. Entries are only ever replaced by rename, never
+        rewritten in place, so the mapped pages stay the ones the checksum verified."""
         m, n = W0.shape
         p = min(m, n)
         with open(path, "rb") as fh:
             header = _header_from(fh)
+            start = fh.tell()
             meta = header.pop("__metadata__", None) or {}
             want = {"format": FORMAT, "version": VERSION, "key": key, "dtype": _DTYPES[W0.dtype],
                     "shape": json.dumps([m, n])}
@@ -255,9 +276,9 @@ class SpectrumCache:
             if set(header) != set(shapes):
                 raise ValueError(f"tensors {sorted(header)}, expected U, S, Vh")
             size = max(int(v["data_offsets"][1]) for v in header.values())
-            buf = bytearray(size)
-            if fh.readinto(buf) != size or fh.read(1):
+            if os.fstat(fh.fileno()).st_size != start + size:
                 raise ValueError("payload size does not match the header")
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # stays valid after close
         item = torch.empty((), dtype=W0.dtype).element_size()
         t = {}
         for name, shape in shapes.items():
@@ -265,7 +286,9 @@ class SpectrumCache:
             a, b = (int(x) for x in info["data_offsets"])
             if info["dtype"] != st_dtype or list(info["shape"]) != shape or b - a != item * _numel(shape):
                 raise ValueError(f"tensor {name}: expected {shape} {st_dtype}, got {info['shape']} {info['dtype']}")
-            t[name] = torch.frombuffer(buf, dtype=W0.dtype, offset=a, count=_numel(shape)).view(shape)
+            t[name] = torch.frombuffer(buf, dtype=W0.dtype, offset=start + a, count=_numel(shape)).view(shape)
+            if (start + a) % _ALIGN:  # BLAS kernels round differently on unaligned data: copy
+                t[name] = t[name].clone()
         if _payload_checksum(t["U"], t["S"], t["Vh"]) != meta.get("checksum"):
             raise ValueError("checksum mismatch")
         return BaseSpectrum(U=t["U"], S=t["S"], Vh=t["Vh"], key=key)

@@ -301,3 +301,35 @@ def test_audit_with_cache_equals_audit_without(tmp_path):
     for r in (r1, r2):
         assert [m.max_cos for m in r.results[0].matrices] == [m.max_cos for m in plain.results[0].matrices]
         assert r.settings["cache"] == str(tmp_path)
+
+
+def test_entries_are_aligned_and_misaligned_ones_still_read(tmp_path):
+    """New entries put every tensor at a 64-byte boundary (mapped reads then give the same BLAS
+    results as fresh arrays); an entry written without that padding is still read correctly."""
+    from lora_audit.spectral.cache import _ALIGN, _header_from
+
+    W = _matrix(48, 32)
+    cache = SpectrumCache(tmp_path)
+    spec = cache.base_spectrum(W, "cpu")
+    cache.flush()
+    path = cache.path_for(spec.key)
+    with open(path, "rb") as fh:
+        header = _header_from(fh)
+        start = fh.tell()
+    assert start % _ALIGN == 0
+    # rewrite the same entry with plain safetensors (payload at whatever offset it lands on)
+    from safetensors.torch import save
+
+    meta = header.pop("__metadata__")
+    meta.pop("pad", None)
+    tensors = {"U": spec.U.contiguous(), "S": spec.S, "Vh": spec.Vh.contiguous()}
+    data = save(tensors, metadata=meta)
+    while (8 + struct.unpack("<Q", data[:8])[0]) % _ALIGN == 0:  # make sure it is misaligned
+        meta["x"] = meta.get("x", "") + "x"
+        data = save(tensors, metadata=meta)
+    path.write_bytes(data)
+    again = SpectrumCache(tmp_path)
+    got = again.base_spectrum(W, "cpu")
+    assert again.hits == 1 and again.rebuilt == 0
+    for a, b in ((spec.U, got.U), (spec.S, got.S), (spec.Vh, got.Vh)):
+        assert torch.equal(a, b)
