@@ -9,16 +9,20 @@ lora-audit: ``open_stream`` + ``engine.audit`` (the library call behind ``lora-a
 with the on-disk base-spectrum cache; the LoRA fast path works in the base's singular basis, the
 full fine-tune path uses block Krylov top-k.
 
-Timings are IN-PROCESS wall clock from file paths to counts (reading, hashing, cache, SVDs), both
-for the reference and for lora-audit; Python and torch start-up are excluded from the ratios and
-printed separately (one whole ``lora-audit spectrum`` process). Peak memory is measured in
-subprocesses (VmHWM and sampled RssAnon from /proc/self/status) for models of 4 and 16 layers.
+The targets are judged on WHOLE PROCESSES, as the issue sets them: for lora-audit with the base
+cached, a real ``lora-audit spectrum BASE TUNED --json ...`` process (counts read from its JSON);
+for the reference and the long cold runs, the in-process time plus the start-up of a process that
+imports what it needs (measured here: Python + torch is ~2 s on this machine, which alone caps a
+whole-process ratio for a small model). In-process wall clock, from file paths to counts
+(reading, hashing, cache, SVDs), is printed alongside. Peak memory is measured in subprocesses
+(VmHWM and sampled RssAnon from /proc/self/status) for models of 4 and 16 layers.
 
 Synthetic checkpoints (decaying spectra like trained weights, PEFT-format adapters, a full
 fine-tune) are written to a temporary folder and deleted afterwards.
 
-    python bench/bench_spectrum.py            # 2048- and 4096-wide matrices, ~10 min on 2 cores
-    python bench/bench_spectrum.py --quick    # 1024-wide, ~2 min
+    python bench/bench_spectrum.py --threads 1              # 2048/4096-wide layers, ~7 min
+    python bench/bench_spectrum.py --threads 1 --width 4096 # 4096/8192-wide layers, ~30 min
+    python bench/bench_spectrum.py --quick                  # 1024-wide, ~2 min
 """
 
 from __future__ import annotations
@@ -81,6 +85,15 @@ def write_base(folder: Path, layers: int, width: int, seed: int = 0, repeat: int
     return tensors
 
 
+_TOP: dict[int, float] = {}  # id(base tensor) -> top singular value, computed once for all adapters
+
+
+def _top(W: torch.Tensor) -> float:
+    if id(W) not in _TOP:
+        _TOP[id(W)] = top_singular_value(W)
+    return _TOP[id(W)]
+
+
 def write_adapter(folder: Path, base: dict, seed: int) -> None:
     """A PEFT LoRA adapter (r = 16, alpha = 32) whose update's norm is a random fraction (0.05 to
     1.5) of the base matrix's top singular value: some matrices get intruders, some do not."""
@@ -90,7 +103,7 @@ def write_adapter(folder: Path, base: dict, seed: int) -> None:
     out = {}
     for name, W0 in base.items():
         m, n = W0.shape
-        top = top_singular_value(W0)
+        top = _top(W0)
         c = 0.05 + 1.45 * float(torch.rand(1, generator=g))
         A = torch.randn(RANK, n, generator=g) / n ** 0.5
         B = torch.randn(m, RANK, generator=g) / m ** 0.5 * (c * top / s)
@@ -113,7 +126,7 @@ def write_full_ft(folder: Path, base: dict, seed: int = 7) -> None:
     for name, W0 in base.items():
         m, n = W0.shape
         c = 0.05 + 1.45 * float(torch.rand(1, generator=g))
-        top = top_singular_value(W0)
+        top = _top(W0)
         dense = 1e-3 * top / n ** 0.5 * torch.randn(m, n, generator=g)
         low = (torch.randn(m, 8, generator=g) / m ** 0.5) @ (torch.randn(8, n, generator=g) / n ** 0.5) * c * top
         out[name] = (W0 + dense + low).contiguous()
@@ -246,14 +259,15 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-spectrum-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
     os.environ["LORA_AUDIT_NO_PROGRESS"] = "1"
-    figures: dict = {"cpu_seconds": {}, "width": width, "layers": args.layers, "threads": torch.get_num_threads(), "timing": "in-process"}
+    figures: dict = {"cpu_seconds": {}, "width": width, "layers": args.layers, "threads": torch.get_num_threads(),
+                     "judged_on": "whole processes"}
     ok = True
     cpu: dict[str, float] = {}  # process CPU seconds (all threads), robust when other jobs share the CPU
     try:
         print(f"lora-audit spectrum bench: {args.layers} layers x {list(module_shapes(width).values())}, LoRA r={RANK}, "
               f"k={K}, epsilon={EPS}, torch threads={torch.get_num_threads()}, cpu count={os.cpu_count()}")
-        print("timings: in-process wall clock from file paths to intruder counts (start-up excluded; the "
-              "targets are judged on wall clock); process CPU time alongside\n")
+        print("targets judged on whole processes (wall clock, start-up included); in-process wall clock and "
+              "process CPU time alongside\n")
         t = time.perf_counter()
         base = write_base(root / "base", args.layers, width)
         write_adapter(root / "adapter", base, seed=0)
@@ -270,21 +284,44 @@ def main() -> int:
                   f"({'identical per matrix' if same else 'DIFFERENT: ' + str({k: (ref_counts[k], got.get(k)) for k in ref_counts if ref_counts[k] != got.get(k)})})")
             figures.setdefault("identical", {})[label] = same
 
-        def cpu_note(base_label, fast_label):
-            return f"; CPU time {cpu[fast_label]:.2f}s vs {cpu[base_label]:.2f}s -> {cpu[base_label] / cpu[fast_label]:.1f}x"
-
-        def ratio(label, base_s, fast_s, target, higher=True):
+        def judge(label, base_whole, fast_whole, base_in, fast_in, target, higher=True):
+            """The target is judged on whole processes; in-process figures are printed alongside."""
             nonlocal ok
-            r = base_s / fast_s
+            r, r_in = base_whole / fast_whole, base_in / fast_in
             met = r >= target if higher else r < target
             ok &= met
-            figures.setdefault("ratios", {})[label] = {"baseline_s": base_s, "measured_s": fast_s, "ratio": r,
-                                                       "target": target, "met": met}
-            return r, met
+            figures.setdefault("ratios", {})[label] = {
+                "baseline_whole_s": base_whole, "measured_whole_s": fast_whole, "ratio_whole": r,
+                "baseline_in_process_s": base_in, "measured_in_process_s": fast_in, "ratio_in_process": r_in,
+                "target": target, "met": met}
+            return r, r_in, "met" if met else "MISSED"
+
+        def startup(code: str) -> float:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=_child_env())
+            return time.perf_counter() - t
+
+        def cli(tuned: list[Path], cache_dir: Path, extra: tuple[str, ...] = ()) -> tuple[list[dict[str, int]], float]:
+            """One whole `lora-audit spectrum` process: (per tuned model {matrix: intruders}, seconds)."""
+            out = root / "cli.json"
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(root / "base"), *map(str, tuned),
+                            "--cache-dir", str(cache_dir), "--device", "cpu", "-q", "--json", str(out), *extra],
+                           check=True, capture_output=True, env=_child_env())
+            secs = time.perf_counter() - t
+            res = json.loads(out.read_text())["results"]
+            return [{m["name"]: m["intruders"] for m in r["matrices"]} for r in res], secs
+
+        # 0. start-up of a process: the reference needs torch + safetensors; lora-audit its modules
+        start_ref = min(startup("import torch, safetensors.torch") for _ in range(2))
+        start_ours = min(startup("import torch, lora_audit.cli, lora_audit.spectral.engine, lora_audit.checkpoints")
+                         for _ in range(2))
+        figures["startup_s"] = {"reference": start_ref, "lora_audit": start_ours}
+        print(f"process start-up (Python + imports): reference {start_ref:.2f}s, lora-audit {start_ours:.2f}s")
 
         # 1. reference on the LoRA adapter and on the full fine-tune
         # warm-up on a tiny model: lazy imports (the adapter reader imports peft, which imports
-        # transformers: seconds) belong to start-up, which is reported separately below
+        # transformers: seconds) belong to start-up, which is measured above
         tiny = write_base(root / "tiny", 1, 64)
         write_adapter(root / "tiny-adapter", tiny, seed=0)
         run_lora_audit(root / "tiny", [root / "tiny-adapter"], None)
@@ -292,60 +329,55 @@ def main() -> int:
 
         ref_lora, t_ref_lora = reference(root / "base", root / "adapter")
         cpu["ref_lora"] = CPU["last"]
-        print(f"\nreference, LoRA adapter:  {t_ref_lora:.2f}s ({len(ref_lora)} matrices, two full SVDs each)")
+        print(f"\nreference, LoRA adapter:  {t_ref_lora:.2f}s in process, {t_ref_lora + start_ref:.2f}s whole "
+              f"({len(ref_lora)} matrices, two full SVDs each)")
         ref_full, t_ref_full = reference(root / "base", root / "full")
         cpu["ref_full"] = CPU["last"]
-        print(f"reference, full fine-tune: {t_ref_full:.2f}s")
+        print(f"reference, full fine-tune: {t_ref_full:.2f}s in process, {t_ref_full + start_ref:.2f}s whole")
+        w_ref_lora, w_ref_full = t_ref_lora + start_ref, t_ref_full + start_ref
 
         # 2. cold cache, one adapter
         cold_dir = root / "cache-cold"
         (cold,), t_cold, _ = run_lora_audit(root / "base", [root / "adapter"], cold_dir)
         cpu["cold"] = CPU["last"]
-        r, met = ratio("lora_cold", t_ref_lora, t_cold, 1.8)
-        print(f"\n[cold cache] one LoRA adapter: {t_cold:.2f}s vs reference {t_ref_lora:.2f}s -> {r:.1f}x "
-              f"(target >= 1.8x: {'met' if met else 'MISSED'})" + cpu_note("ref_lora", "cold"))
+        r, r_in, verdict = judge("lora_cold", w_ref_lora, t_cold + start_ours, t_ref_lora, t_cold, 1.8)
+        print(f"\n[cold cache] one LoRA adapter: whole {t_cold + start_ours:.2f}s vs reference {w_ref_lora:.2f}s -> "
+              f"{r:.1f}x (target >= 1.8x: {verdict}); in process {t_cold:.2f}s vs {t_ref_lora:.2f}s -> {r_in:.1f}x; "
+              f"CPU time {cpu['cold']:.2f}s vs {cpu['ref_lora']:.2f}s")
         check("lora_cold", ref_lora, cold)
 
-        # 3. base cached, one adapter (the cache just written by the cold run)
+        # 3. base cached, one adapter (the cache the cold run wrote): a real CLI process
         (warm,), t_warm, _ = run_lora_audit(root / "base", [root / "adapter"], cold_dir)
         cpu["warm"] = CPU["last"]
-        r, met = ratio("lora_cached", t_ref_lora, t_warm, 100)
-        print(f"[base cached] one LoRA adapter: {t_warm:.3f}s vs reference {t_ref_lora:.2f}s -> {r:.0f}x "
-              f"(target >= 100x: {'met' if met else 'MISSED'})" + cpu_note("ref_lora", "warm"))
+        (warm_cli,), w_warm = cli([root / "adapter"], cold_dir)
+        r, r_in, verdict = judge("lora_cached", w_ref_lora, w_warm, t_ref_lora, t_warm, 100)
+        print(f"[base cached] one LoRA adapter: `lora-audit spectrum` process {w_warm:.2f}s vs reference "
+              f"{w_ref_lora:.2f}s -> {r:.0f}x (target >= 100x: {verdict}); in process {t_warm:.3f}s vs "
+              f"{t_ref_lora:.2f}s -> {r_in:.0f}x; CPU time {cpu['warm']:.2f}s")
         check("lora_cached", ref_lora, warm)
+        check("lora_cached_cli", ref_lora, warm_cli)
 
         # 4. full fine-tune, base cached
         (full,), t_full, _ = run_lora_audit(root / "base", [root / "full"], cold_dir)
         cpu["full"] = CPU["last"]
-        r, met = ratio("full_cached", t_ref_full, t_full, 20)
-        print(f"[base cached] full fine-tune (--no-metrics): {t_full:.3f}s vs reference {t_ref_full:.2f}s -> {r:.0f}x "
-              f"(target >= 20x: {'met' if met else 'MISSED'})" + cpu_note("ref_full", "full"))
+        (full_cli,), w_full = cli([root / "full"], cold_dir, ("--no-metrics",))
+        r, r_in, verdict = judge("full_cached", w_ref_full, w_full, t_ref_full, t_full, 20)
+        print(f"[base cached] full fine-tune (--no-metrics): process {w_full:.2f}s vs reference {w_ref_full:.2f}s -> "
+              f"{r:.0f}x (target >= 20x: {verdict}); in process {t_full:.3f}s vs {t_ref_full:.2f}s -> {r_in:.0f}x; "
+              f"CPU time {cpu['full']:.2f}s")
         check("full_cached", ref_full, full)
+        check("full_cached_cli", ref_full, full_cli)
 
         # 5. many adapters of one base, cold cache, one run
         many = [root / "adapter"] + [root / f"adapters/a{i:02d}" for i in range(1, args.adapters)]
         counts, t_many, _ = run_lora_audit(root / "base", many, root / "cache-many")
         cpu["many"] = CPU["last"]
-        r, met = ratio("many_vs_one_cold", t_many, t_cold, 3, higher=False)
-        print(f"[cold cache] {len(many)} adapters in one run: {t_many:.2f}s vs one cold adapter {t_cold:.2f}s -> "
-              f"{r:.2f}x the time (target < 3x: {'met' if met else 'MISSED'}); CPU time {cpu['many']:.2f}s vs "
-              f"{cpu['cold']:.2f}s -> {cpu['many'] / cpu['cold']:.2f}x")
+        r, r_in, verdict = judge("many_vs_one_cold", t_many + start_ours, t_cold + start_ours, t_many, t_cold, 3,
+                                 higher=False)
+        print(f"[cold cache] {len(many)} adapters in one run: whole {t_many + start_ours:.2f}s vs one cold adapter "
+              f"{t_cold + start_ours:.2f}s -> {r:.2f}x the time (target < 3x: {verdict}); in process {r_in:.2f}x; "
+              f"CPU time {cpu['many']:.2f}s vs {cpu['cold']:.2f}s -> {cpu['many'] / cpu['cold']:.2f}x")
         check("many_first", ref_lora, counts[0])
-
-        # 6. whole process, for the start-up cost
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(root / "base"), str(root / "adapter"),
-                        "--cache-dir", str(cold_dir), "--device", "cpu", "-q"], check=True, capture_output=True,
-                       env=_child_env())
-        t_proc = time.perf_counter() - t
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch, lora_audit.spectral.engine, lora_audit.checkpoints"],
-                       check=True, env=_child_env())
-        t_start = time.perf_counter() - t
-        figures["whole_process_cached_s"], figures["startup_s"] = t_proc, t_start
-        print(f"\nwhole process: `lora-audit spectrum BASE ADAPTER` (base cached) {t_proc:.2f}s, of which Python + "
-              f"torch start-up {t_start:.2f}s; vs reference {t_ref_lora:.2f}s (+ start-up) -> "
-              f"{(t_ref_lora + t_start) / t_proc:.0f}x whole process")
 
         # 7. peak memory: 4 vs 16 layers (the 16 repeat the 4 layers' weights, so one warm cache serves both)
         mw = max(256, width // 2)
