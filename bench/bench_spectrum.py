@@ -244,7 +244,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1024-wide matrices (a couple of minutes)")
     ap.add_argument("--width", type=int, default=None, help="hidden width (default 2048; --quick: 1024)")
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--adapters", type=int, default=50, help="adapters of one base audited in one run")
+    ap.add_argument("--adapters", type=int, default=50,
+                    help="adapters of one base audited in one run (0: skip that case)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory case")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--keep", type=Path, default=None, help="build the checkpoints here and keep them")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
@@ -272,7 +274,7 @@ def main() -> int:
         base = write_base(root / "base", args.layers, width)
         write_adapter(root / "adapter", base, seed=0)
         write_full_ft(root / "full", base)
-        for i in range(1, args.adapters):
+        for i in range(1, max(args.adapters, 1)):
             write_adapter(root / f"adapters/a{i:02d}", base, seed=i)
         print(f"checkpoints built in {time.perf_counter() - t:.1f}s in {root}")
 
@@ -369,41 +371,43 @@ def main() -> int:
         check("full_cached_cli", ref_full, full_cli)
 
         # 5. many adapters of one base, cold cache, one run
-        many = [root / "adapter"] + [root / f"adapters/a{i:02d}" for i in range(1, args.adapters)]
-        counts, t_many, _ = run_lora_audit(root / "base", many, root / "cache-many")
-        cpu["many"] = CPU["last"]
-        r, r_in, verdict = judge("many_vs_one_cold", t_many + start_ours, t_cold + start_ours, t_many, t_cold, 3,
-                                 higher=False)
-        print(f"[cold cache] {len(many)} adapters in one run: whole {t_many + start_ours:.2f}s vs one cold adapter "
-              f"{t_cold + start_ours:.2f}s -> {r:.2f}x the time (target < 3x: {verdict}); in process {r_in:.2f}x; "
-              f"CPU time {cpu['many']:.2f}s vs {cpu['cold']:.2f}s -> {cpu['many'] / cpu['cold']:.2f}x")
-        check("many_first", ref_lora, counts[0])
+        if args.adapters > 1:
+            many = [root / "adapter"] + [root / f"adapters/a{i:02d}" for i in range(1, args.adapters)]
+            counts, t_many, _ = run_lora_audit(root / "base", many, root / "cache-many")
+            cpu["many"] = CPU["last"]
+            r, r_in, verdict = judge("many_vs_one_cold", t_many + start_ours, t_cold + start_ours, t_many, t_cold, 3,
+                                     higher=False)
+            print(f"[cold cache] {len(many)} adapters in one run: whole {t_many + start_ours:.2f}s vs one cold adapter "
+                  f"{t_cold + start_ours:.2f}s -> {r:.2f}x the time (target < 3x: {verdict}); in process {r_in:.2f}x; "
+                  f"CPU time {cpu['many']:.2f}s vs {cpu['cold']:.2f}s -> {cpu['many'] / cpu['cold']:.2f}x")
+            check("many_first", ref_lora, counts[0])
 
         # 7. peak memory: 4 vs 16 layers (the 16 repeat the 4 layers' weights, so one warm cache serves both)
-        mw = max(256, width // 2)
-        m4 = write_base(root / "mem4", 4, mw, seed=3)
-        write_adapter(root / "mem4-adapter", m4, seed=99)
-        m16 = write_base(root / "mem16", 16, mw, seed=3, repeat=4)
-        write_adapter(root / "mem16-adapter", m16, seed=99)
-        run_lora_audit(root / "mem4", [root / "mem4-adapter"], root / "cache-mem")  # warm the cache
-        matrix = 4 * mw * mw
-        print(f"\npeak memory (subprocess, base cached, matrices {[s for s in module_shapes(mw).values()]}; "
-              f"one {mw}x{mw} float32 matrix = {_mib(matrix)}):")
-        figures["memory"] = {}
-        for label, b, a in (("4 layers", "mem4", "mem4-adapter"), ("16 layers", "mem16", "mem16-adapter")):
-            m = measure_rss(root / b, root / a, root / "cache-mem")
-            model = (root / b / "model.safetensors").stat().st_size
-            grow = m["peak_anon"] - m["anon_after_imports"]
-            figures["memory"][label] = {**m, "model_bytes": model}
-            print(f"  {label} ({m['matrices']} matrices, model file {_mib(model)}): peak anonymous RSS "
-                  f"+{_mib(grow)} over the {_mib(m['anon_after_imports'])} after imports "
-                  f"(= {grow / matrix:.1f} matrices); VmHWM {_mib(m['vm_hwm'])} (includes memory-mapped file pages)")
-        g4 = figures["memory"]["4 layers"]["peak_anon"] - figures["memory"]["4 layers"]["anon_after_imports"]
-        g16 = figures["memory"]["16 layers"]["peak_anon"] - figures["memory"]["16 layers"]["anon_after_imports"]
-        bounded = g16 < g4 + 4 * matrix
-        ok &= bounded
-        figures["memory_bounded"] = bounded
-        print(f"  growth 4 -> 16 layers: {_mib(g16 - g4)} ({'bounded: does not grow with layers' if bounded else 'GROWS with layers'})")
+        if not args.no_memory:
+            mw = max(256, width // 2)
+            m4 = write_base(root / "mem4", 4, mw, seed=3)
+            write_adapter(root / "mem4-adapter", m4, seed=99)
+            m16 = write_base(root / "mem16", 16, mw, seed=3, repeat=4)
+            write_adapter(root / "mem16-adapter", m16, seed=99)
+            run_lora_audit(root / "mem4", [root / "mem4-adapter"], root / "cache-mem")  # warm the cache
+            matrix = 4 * mw * mw
+            print(f"\npeak memory (subprocess, base cached, matrices {[s for s in module_shapes(mw).values()]}; "
+                  f"one {mw}x{mw} float32 matrix = {_mib(matrix)}):")
+            figures["memory"] = {}
+            for label, b, a in (("4 layers", "mem4", "mem4-adapter"), ("16 layers", "mem16", "mem16-adapter")):
+                m = measure_rss(root / b, root / a, root / "cache-mem")
+                model = (root / b / "model.safetensors").stat().st_size
+                grow = m["peak_anon"] - m["anon_after_imports"]
+                figures["memory"][label] = {**m, "model_bytes": model}
+                print(f"  {label} ({m['matrices']} matrices, model file {_mib(model)}): peak anonymous RSS "
+                      f"+{_mib(grow)} over the {_mib(m['anon_after_imports'])} after imports "
+                      f"(= {grow / matrix:.1f} matrices); VmHWM {_mib(m['vm_hwm'])} (includes memory-mapped file pages)")
+            g4 = figures["memory"]["4 layers"]["peak_anon"] - figures["memory"]["4 layers"]["anon_after_imports"]
+            g16 = figures["memory"]["16 layers"]["peak_anon"] - figures["memory"]["16 layers"]["anon_after_imports"]
+            bounded = g16 < g4 + 4 * matrix
+            ok &= bounded
+            figures["memory_bounded"] = bounded
+            print(f"  growth 4 -> 16 layers: {_mib(g16 - g4)} ({'bounded: does not grow with layers' if bounded else 'GROWS with layers'})")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
