@@ -118,10 +118,13 @@ def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: floa
     converged, notes = res.converged, None
     if converged:
         x = float(res.S[-1]) ** 2 * (1 - 1e-6)
-        above = count_above(x, D2, E, P, Q.T @ Q)
+        try:
+            above: int | str = count_above(x, D2, E, P, Q.T @ Q)
+        except (ValueError, RuntimeError) as e:  # x on a pole, or a non-finite Schur complement
+            above = f"not computable ({e})"
         if above != kk:
             converged = False
-            notes = f"inertia count {above} eigenvalues above the k-th Ritz value, expected {kk}"
+            notes = f"inertia check failed: {above} eigenvalues of M M^T above the k-th Ritz value, expected {kk}"
     C = res.U  # (rows, kk): coordinates of y_j in [U0 Qb]
     max_cos, argmax = C[:p].abs().max(dim=0)
     out_dtype = base.U.dtype
@@ -142,4 +145,6 @@ def count_above(x: float, D2: Tensor, E: Tensor, P: Tensor, G: Tensor) -> int:
     Cinv = torch.cat([torch.cat([-G, eye], dim=1), torch.cat([eye, zero], dim=1)], dim=0)
     S = -Cinv - L.T @ (L / (D2 - x)[:, None])
     S = (S + S.T) / 2
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("x is (numerically) one of the D^2")
     return int((D2 > x).sum()) + int((torch.linalg.eigvalsh(S) > 0).sum()) - r
