@@ -117,6 +117,7 @@ def _aligned_save(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     if (8 + n) % _ALIGN:
         raw = len(bytes(out[8: 8 + n]).rstrip(b" "))  # the JSON before safetensors' own padding
         meta["pad"] = " " * ((-(8 + raw)) % _ALIGN)
+        del out  # one payload copy at a time: entries of 8192 x 4096 matrices are ~200 MB
         out = save(tensors, metadata=meta)
     return out
 

@@ -14,8 +14,9 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
     exact=True            two full SVDs, the paper's algorithm (``exact.exact_topk``)
     LowRank               ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(p r) per
                           product, no second full SVD
-    Dense / DoRA          ``randomized.randomized_topk``: Davidson top-k of the materialised W1,
-                          started on the base's top vectors, with a residual check
+    Dense / DoRA          ``randomized.randomized_topk``: block Krylov top-k of the materialised
+                          W1 with diagonal corrections in the base basis, started on the base's
+                          top vectors, with a residual check
 
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".

@@ -85,7 +85,7 @@ def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: floa
     P = delta.scale * torch.cat([PB.to(work), Qb.T @ B])  # (p + rb, r)
     Q = torch.cat([QA.to(work), Qa.T @ A.T])  # (p + ra, r)
     S0 = S0.to(work)
-    rows, cols = p + Qb.shape[1], p + Qa.shape[1]
+    rows = p + Qb.shape[1]  # M is (rows x p + Qa.shape[1])
 
     def mv(X: Tensor) -> Tensor:  # M X, X (cols, b) -> (rows, b)
         out = mm(P, mm(Q.T, X))  # (rows, r) @ (r, b)

@@ -5,9 +5,8 @@ Orientation: every matrix is (out x in) = (m x n); left singular vectors live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -23,7 +22,6 @@ class BaseSpectrum:
     S: Tensor  # (p,)
     Vh: Tensor  # (p, n)
     key: str | None = None  # content hash of W0 (cache key), when known
-    _f64: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # One memory layout whether the spectrum comes from the SVD (LAPACK's column-major views)
@@ -34,13 +32,6 @@ class BaseSpectrum:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.U.shape[0]), int(self.Vh.shape[1]))
-
-    def float64(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(U, S, V) in float64, V = Vh^T (n, p); converted once and kept, so the many tuned
-        models audited against one base matrix pay the conversion once."""
-        if self._f64 is None:
-            self._f64 = (self.U.to(torch.float64), self.S.to(torch.float64), self.Vh.T.to(torch.float64))
-        return self._f64
 
 
 @dataclass
