@@ -152,6 +152,38 @@ def _spectrum_models(data: ReportData) -> list[ModelSummary]:
     return [m for m in data.models if m.spectrum is not None]
 
 
+# What each tuned model was, from the spectrum run's per-model ``info`` (the adapter config or the
+# checkpoint kind), in this order; keys a model does not have are blank.
+TUNED_INFO = [("kind", "kind"), ("model_type", "model type"), ("peft_type", "PEFT type"), ("r", "r"),
+              ("ranks", "ranks in weights"), ("lora_alpha", "alpha"), ("use_rslora", "rsLoRA"), ("use_dora", "DoRA"),
+              ("rank_pattern", "rank pattern"), ("alpha_pattern", "alpha pattern"),
+              ("target_modules", "target modules"), ("adapted_modules", "adapted modules"),
+              ("modules_to_save", "modules to save"), ("base_model_name_or_path", "declared base")]
+
+
+def _info_cell(v: Any) -> Any:
+    """A cell for one ``info`` value: lists joined, mappings as k=v, empty ones blank."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={x}" for k, x in v.items()) or None
+    if isinstance(v, (list, tuple, set)):
+        return ", ".join(str(x) for x in v) or None
+    return v
+
+
+def tuned_models_table(data: ReportData) -> Table | None:
+    """One row per audited tuned model: what it was (adapter config or checkpoint kind); None when
+    no spectrum result recorded any of it."""
+    models = [m for m in _spectrum_models(data) if m.spectrum.info]
+    if not models:
+        return None
+    keys = [k for k, _ in TUNED_INFO if any(_info_cell(m.spectrum.info.get(k)) is not None for m in models)]
+    rows = [{"model": m.name, **{k: _info_cell(m.spectrum.info.get(k)) for k in keys}} for m in models]
+    df = pd.DataFrame(rows, columns=["model"] + keys, dtype=object)  # no 8 -> 8.0 beside blanks
+    return Table("tuned_models", "What was audited", df, {k: "str" for k in keys},
+                 "From each adapter's adapter_config.json (as read for the audit) or the checkpoint's kind.",
+                 headers=dict(TUNED_INFO))
+
+
 def by_module_table(data: ReportData) -> Table:
     models = _spectrum_models(data)
     modules: list[str] = []
@@ -328,9 +360,10 @@ def all_tables(data: ReportData) -> dict[str, Table]:
     """Every table of the report, by key (the CSV export writes each one)."""
     out = {"summary": summary_table(data)}
     if data.has_spectrum:
-        for t in (sweep_table(data), by_module_table(data), by_layer_table(data), worst_matrices_table(data),
-                  effective_rank_by_layer(data)):
-            out[t.key] = t
+        for t in (tuned_models_table(data), sweep_table(data), by_module_table(data), by_layer_table(data),
+                  worst_matrices_table(data), effective_rank_by_layer(data)):
+            if t is not None:
+                out[t.key] = t
     if data.has_safety:
         for t in (refusal_table(data), category_table(data, "per_category"),
                   category_table(data, "over_refusal_per_category"), capability_table(data), responses_table(data)):

@@ -295,3 +295,28 @@ def test_samples_show_answered_harmful_prompts_first():
     shown = re.findall(r"harmful prompt (\d+)", block)
     assert [int(x) for x in shown] == list(range(20, 20 + SAMPLES_HARMFUL))
     assert "of 40 harmful prompts" in block
+
+
+def test_what_was_audited_table_from_the_adapter_configs(tmp_path):
+    """Each tuned model's adapter config (or checkpoint kind) recorded by the spectrum run is shown,
+    escaped, in the HTML, the Markdown and a CSV; without any such record there is no table."""
+    spec = synth.spectrum(["lora-a", "full-b"], seed=7)
+    spec["results"][0]["info"] = {"kind": "peft_adapter", "peft_type": "LORA", "r": 8, "ranks": [4, 8],
+                                  "lora_alpha": 16, "use_rslora": True, "use_dora": False,
+                                  "rank_pattern": {"q_proj": 4}, "target_modules": ["q_proj", "<b>v_proj</b>"],
+                                  "adapted_modules": 12, "base_model_name_or_path": "org/base"}
+    spec["results"][1]["info"] = {"kind": "hf_folder", "model_type": "llama"}
+    out = build_report([write(tmp_path, "s.json", spec)], out=tmp_path / "r.html")
+    html = out.read_text()
+    assert "<b>v_proj" not in html and "q_proj, &lt;b&gt;v_proj&lt;/b&gt;" in html
+    text = re.sub(r"\s+", " ", visible_text(html))
+    assert "What was audited" in text and "rsLoRA" in text and "q_proj=4" in text
+    with open(tmp_path / "r-tables" / "tuned_models.csv") as fh:
+        rows = {r["model"]: r for r in csv.DictReader(fh)}
+    assert rows["lora-a"]["r"] == "8" and rows["lora-a"]["ranks"] == "4, 8" and rows["lora-a"]["use_rslora"] == "True"
+    assert rows["full-b"]["kind"] == "hf_folder" and rows["full-b"]["r"] == "" and rows["full-b"]["model_type"] == "llama"
+    md = build_report([spec], fmt="md")
+    assert "What was audited" in md and "<b>" not in md
+    plain = synth.spectrum(["x"], seed=8)  # info {}: nothing to show
+    html2 = build_report([write(tmp_path, "p.json", plain)], out=tmp_path / "p.html").read_text()
+    assert "What was audited" not in html2
