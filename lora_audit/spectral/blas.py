@@ -2,7 +2,8 @@
 
 MKL (torch's CPU BLAS) is 2-4x faster here, and sometimes 10-40x, when the skinny operand is on
 the LEFT: (X^T A^T)^T instead of A X. Measured on this project's 2-core CPU, one thread, float64,
-A 2048 x 2048 (ms; ``bench/bench_spectrum.py`` shows the end-to-end effect):
+A 2048 x 2048 (ms, a one-off micro-benchmark when this was written; ``bench/bench_spectrum.py``
+shows only the end-to-end effect):
 
     b     A @ X   A.T @ X   (X.T @ A.T).T   (X.T @ A).T
     10      8.7      36.6             8.4           8.9

@@ -74,6 +74,16 @@ def _orth_against(X: Tensor, Q: Tensor | None, drop_tol: float) -> Tensor:
     return X.contiguous()  # QR returns column-major: products with it hit slow BLAS paths (15x here)
 
 
+def shifted_diagonal(D2: Tensor, s: Tensor) -> Tensor:
+    """theta_j - D2_i for theta_j = s_j^2, (len(D2), len(s)), with entries closer to 0 than
+    1e-10 theta_j moved out to that distance (same sign): the denominators of Davidson's diagonal
+    correction (theta_j - D^2)^{-1} r_j, kept finite where a Ritz value meets a diagonal entry."""
+    theta = (s * s)[None, :]
+    den = theta - D2[:, None]
+    tiny = 1e-10 * theta
+    return torch.where(den.abs() < tiny, torch.where(den < 0, -tiny, tiny), den)
+
+
 def topk_svd(mv: MatVec, rmv: MatVec, X0: Tensor, k: int, *, tol: float = 1e-8, max_dim: int | None = None,
              block: int | None = None, precondition: Callable[[Tensor, Tensor], Tensor] | None = None,
              krylov: bool = True) -> KrylovResult:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..checkpoints.deltas import DoRA, LowRank
 from .blas import mm
-from .krylov import topk_svd
+from .krylov import shifted_diagonal, topk_svd
 from .types import BaseSpectrum, TopK
 
 _OVERSAMPLE = 10
@@ -102,12 +102,8 @@ def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: floa
     E = torch.zeros(rows, Q.shape[1], dtype=work, device=dev)
     E[:p] = S0[:, None] * Q[:p]  # D Q: M M^T = D^2 + E P^T + P E^T + P (Q^T Q) P^T
 
-    def precondition(R: Tensor, s: Tensor) -> Tensor:  # Davidson: (s^2 - D^2)^{-1} s R, guarded
-        theta = (s * s)[None, :]
-        den = theta - D2[:, None]
-        tiny = 1e-10 * theta
-        den = torch.where(den.abs() < tiny, torch.where(den < 0, -tiny, tiny), den)
-        return R * s[None, :] / den
+    def precondition(R: Tensor, s: Tensor) -> Tensor:  # Davidson: (s^2 - D^2)^{-1} s R
+        return R * s[None, :] / shifted_diagonal(D2, s)
 
     kk = min(k, p)
     start = torch.zeros(rows, min(rows, kk + _OVERSAMPLE), dtype=work, device=dev)

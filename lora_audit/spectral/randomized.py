@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .blas import mm
 from .exact import match_against_base
-from .krylov import topk_svd
+from .krylov import shifted_diagonal, topk_svd
 from .types import BaseSpectrum, TopK
 
 _OVERSAMPLE = 10
@@ -44,9 +44,7 @@ def randomized_topk(base: BaseSpectrum, W1: Tensor, k: int, *, tol: float | None
 
     def precondition(R: Tensor, s: Tensor) -> Tensor:  # (m, kk) -> (m, kk)
         theta = (s * s)[None, :]  # (1, kk)
-        den = theta - D2[:, None]  # (p, kk)
-        tiny = 1e-10 * theta
-        den = torch.where(den.abs() < tiny, torch.where(den < 0, -tiny, tiny), den)
+        den = shifted_diagonal(D2, s)  # (p, kk)
         C = mm(U0.T, R.to(U0.dtype)).to(torch.float64)  # (p, kk): r in the base basis
         T = R / theta + mm(U0, (C * (1 / den - 1 / theta)).to(U0.dtype)).to(torch.float64)
         return T * s[None, :]
