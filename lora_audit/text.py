@@ -1,0 +1,37 @@
+"""Text from untrusted inputs (tensor and module names, file names, prompts, model outputs) made
+safe to show, on a terminal and in reports.
+
+A checkpoint can name a tensor ``"\\x1b[2J...all clean"``: printed raw, the escape sequence clears
+the screen and the rest of the name fakes a result. Bidirectional controls (U+202E ...) reorder
+what a reader sees in a terminal or a browser. ``printable`` shows every such character as a
+visible escape (``\\x1b``, ``\\u202e``) instead of letting it act, so the reader sees that the
+name is odd and what is in it. Tabs always pass; line breaks pass only where the text is allowed
+to span lines (a model's response), never inside a name printed on one line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# C0 controls but tab/newline, DEL, C1 controls; bidi embeddings/overrides/isolates and marks;
+# zero-width and BOM characters that hide text; line/paragraph separators.
+_ALWAYS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_ONE_LINE = re.compile(f"[\n{_ALWAYS}]")
+_MULTI_LINE = re.compile(f"[{_ALWAYS}]")
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group(0)
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def printable(text: Any, *, multiline: bool = False) -> str:
+    """``text`` as a string whose control, bidi and invisible characters are shown as escapes.
+
+    ``multiline=False`` (names, paths, one-line messages) also escapes line breaks; ``True``
+    keeps ``\\n`` (responses, multi-line messages). ``\\r`` is always escaped: on a terminal it
+    returns to the start of the line and lets the rest overwrite what came before.
+    """
+    s = "" if text is None else str(text)
+    return (_MULTI_LINE if multiline else _ONE_LINE).sub(_escape, s)
