@@ -1,14 +1,41 @@
-"""Atomic output writing: a reader never sees a half-written file or folder."""
+"""Reading what users hand the tool, and writing outputs without ever destroying what they own.
+
+Reading (``read_user_bytes`` / ``read_user_text`` / ``read_user_json``): every text or JSON file
+that comes from a user (configs, shard indexes, prompt sets, training data, templates, result
+JSON) must be a regular file (not a FIFO, a device such as /dev/zero, or a folder) of at most
+``max_input_bytes()`` (64 MiB; ``LORA_AUDIT_MAX_INPUT_MB`` raises it), in UTF-8. A violation is an
+``InputError`` naming the file and what is accepted, before anything is read.
+
+Writing: every output is written atomically (a temporary sibling, then ``os.replace``), so a
+reader never sees half a file or folder and an interrupted run leaves the previous output or
+nothing. And nothing the tool did not create is ever replaced:
+
+- an output folder (``atomic_dir``) holds a marker file ``MARKER`` naming the command that wrote
+  it; an existing folder is replaced only when it carries the marker AND the caller passes
+  ``overwrite=True`` (the CLI's ``--overwrite``); an empty folder is filled; any other folder,
+  or a file at that path, is refused;
+- an existing output file (``check_output_file``) is replaced only when lora-audit wrote it
+  (``written_by_lora_audit``: its first bytes carry the tool's provenance or generator mark) or it
+  is empty;
+- ``check_outputs`` refuses an output that is one of the inputs, lies inside an input, or contains
+  one, and two outputs that are the same path.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from .errors import InputError, OutputError
+
+MARKER = ".lora-audit-output"
 
 
 def _read_umask() -> int:
@@ -27,6 +54,97 @@ def _default_mode(kind: str) -> int:
     return (0o666 if kind == "file" else 0o777) & ~_UMASK
 
 
+# ---- reading user files ----------------------------------------------------------------------
+DEFAULT_MAX_INPUT_MB = 64
+
+
+def max_input_bytes() -> int:
+    """Size limit for user text/JSON files: ``LORA_AUDIT_MAX_INPUT_MB`` MiB, default 64."""
+    raw = os.environ.get("LORA_AUDIT_MAX_INPUT_MB", "")
+    try:
+        mb = float(raw) if raw.strip() else DEFAULT_MAX_INPUT_MB
+    except ValueError:
+        raise InputError(f"LORA_AUDIT_MAX_INPUT_MB={raw!r} is not a number of megabytes") from None
+    if not mb > 0:
+        raise InputError(f"LORA_AUDIT_MAX_INPUT_MB={raw!r} must be positive")
+    return int(mb * 1024 * 1024)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe (FIFO)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
+    """The file's stat; InputError unless ``path`` is an existing regular file (symlinks followed)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: the {what} must be a regular file, not a {_kind_of(st.st_mode)}")
+    return st
+
+
+def read_user_bytes(path: str | os.PathLike, what: str = "file", *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a user's file, after checking it is a regular file within the size limit."""
+    limit = max_input_bytes() if max_bytes is None else max_bytes
+    st = check_regular_file(path, what)
+    if st.st_size > limit:
+        raise InputError(f"{path}: the {what} is {st.st_size / 2**20:.1f} MiB, over the limit of "
+                         f"{limit / 2**20:.0f} MiB (set LORA_AUDIT_MAX_INPUT_MB to raise it)")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
+    if len(data) > limit:  # grew since the stat
+        raise InputError(f"{path}: the {what} is over the limit of {limit / 2**20:.0f} MiB "
+                         "(set LORA_AUDIT_MAX_INPUT_MB to raise it)")
+    return data
+
+
+def read_user_text(path: str | os.PathLike, what: str = "file", *, max_bytes: int | None = None) -> str:
+    """A user's UTF-8 text file (a BOM is dropped); InputError naming the file otherwise."""
+    data = read_user_bytes(path, what, max_bytes=max_bytes)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+_JSON_KINDS = {dict: "a JSON object", list: "a JSON list"}
+
+
+def read_user_json(path: str | os.PathLike, what: str = "JSON file", *, expect: type | None = dict,
+                   max_bytes: int | None = None) -> Any:
+    """A user's JSON file, parsed; ``expect`` (dict, list or None for anything) is checked.
+    NaN and Infinity literals are refused: they are not JSON."""
+    text = read_user_text(path, what, max_bytes=max_bytes)
+
+    def _no_constants(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        obj = json.loads(text, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: the {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
+            from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"{path}: the {what} is not valid JSON ({e})") from None
+    if expect is not None and not isinstance(obj, expect):
+        got = "null" if obj is None else _JSON_KINDS.get(type(obj), f"a JSON {type(obj).__name__}")
+        raise InputError(f"{path}: the {what} must be {_JSON_KINDS.get(expect, expect.__name__)}, got {got}")
+    return obj
+
+
+# ---- writing ----------------------------------------------------------------------------------
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
@@ -50,11 +168,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    """Stable JSON: field order kept (it is part of the contract), 2-space indent, NaN/inf
+    refused (they are not JSON)."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Stable JSON: sorted keys off (field order is part of the contract), 2-space indent,
-    NaN/inf refused (they are not JSON)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
-    return atomic_write_text(path, text + "\n")
+    return atomic_write_text(path, json_text(obj))
 
 
 def _json_default(o: Any) -> Any:
@@ -79,22 +200,146 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# What lora-audit puts at the start of the files it writes (JSON provenance, the HTML generator
+# tag, the Markdown report's first line, the spectrum CSV's header, SARIF's tool name).
+_OURS = [re.compile(p) for p in (
+    rb'^\s*\{\s*"lora_audit"\s*:',
+    rb'^\s*\{\s*"(?:provenance|schema)"\s*:\s*(?:\{\s*"schema"\s*:\s*)?"(?:spectrum|safety|lora-audit/)',
+    rb'<meta name="generator" content="lora-audit[ "]',
+    rb'^<!-- lora-audit ',
+    rb'^tuned,name,module,layer,rows,cols',
+    rb'"driver"\s*:\s*\{\s*"name"\s*:\s*"lora-audit"',
+)]
+
+
+def written_by_lora_audit(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a regular file whose first 4 KiB carry lora-audit's mark (see ``_OURS``)
+    or that is empty: a file the tool may replace."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size == 0:
+            return True
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(p.search(head) for p in _OURS)
+
+
+def is_tool_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder lora-audit wrote (it holds ``MARKER``)."""
+    p = Path(path)
+    return p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """OutputError unless the nearest existing ancestor of ``path`` is a folder we can create in."""
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: cannot write the {what} there: {parent} is not a folder")
+    try:  # access() can say yes where creating fails (read-only mounts, /proc): try it
+        fd, tmp = tempfile.mkstemp(prefix=".lora-audit-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the {what} in {parent} ({e.strerror or e})") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check, before any work, that ``path`` can be written as a file without destroying anything.
+
+    OutputError when it is a folder, an existing file lora-audit did not write, or in a place
+    that cannot be written."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name for the {what}")
+    if p.exists() or p.is_symlink():
+        if p.is_symlink() or not written_by_lora_audit(p):
+            raise OutputError(f"{path}: exists and was not written by lora-audit; refusing to replace it "
+                              f"(choose another name for the {what}, or move that file away)")
+    _writable_parent(p, what)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output folder") -> Path:
+    """Check, before any work, that ``path`` can be (re)placed as a folder (see the module docstring)."""
+    p = Path(path).expanduser()
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise OutputError(f"{path}: exists and is not a folder; give a new folder for the {what}")
+    if p.is_dir() and any(p.iterdir()):
+        if not is_tool_folder(p):
+            raise OutputError(f"{path}: is a folder with files lora-audit did not write; refusing to replace it "
+                              f"(give a new folder for the {what})")
+        if not overwrite:
+            raise OutputError(f"{path}: exists (written by lora-audit earlier); pass --overwrite to replace it, "
+                              "or give a new folder")
+    _writable_parent(p, what)
+    return p
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(p).expanduser())).resolve()
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
+    """OutputError when an output would replace or delete an input, or two outputs collide.
+
+    An output may not be an input, contain one (replacing a folder would delete it) or lie inside
+    one (an input folder is read, never written into). Inputs that are not local paths (hub ids)
+    are ignored."""
+    outs = [(o, _resolved(o)) for o in outputs if o is not None]
+    ins = [(i, _resolved(i)) for i in inputs if i is not None and Path(str(i)).expanduser().exists()]
+    seen: dict[Path, Any] = {}
+    for o, ro in outs:
+        if ro in seen:
+            raise OutputError(f"{o}: given for two outputs ({seen[ro]} and {o}); each output needs its own path")
+        seen[ro] = o
+        for i, ri in ins:
+            if ro == ri:
+                raise OutputError(f"{o}: is also an input; writing it would destroy the input. Choose another path")
+            if ri.is_relative_to(ro):
+                raise OutputError(f"{o}: contains the input {i}; writing it would replace that input. "
+                                  "Choose another path")
+            if ri.is_dir() and ro.is_relative_to(ri):
+                raise OutputError(f"{o}: lies inside the input folder {i}; lora-audit does not write into its "
+                                  "inputs. Choose another path")
+
+
+def write_marker(folder: str | os.PathLike, what: str) -> None:
+    """Mark ``folder`` as written by lora-audit (``what``: the command or kind of output)."""
+    from . import __version__
+
+    (Path(folder) / MARKER).write_text(json.dumps({"written_by": "lora-audit", "version": __version__,
+                                                   "what": what}) + "\n", encoding="utf-8")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
     """Build a folder in a temporary sibling; move it into place only if the block succeeds.
 
-    >>> with atomic_dir("out/adapter") as tmp:
+    The folder gets lora-audit's marker file. An existing folder at ``path`` is replaced only when
+    it carries that marker and ``overwrite`` is True (OutputError otherwise, raised before the
+    block runs); an empty folder is replaced.
+
+    >>> with atomic_dir("out/adapter", what="finetune") as tmp:
     ...     (tmp / "adapter_config.json").write_text("{}")
     """
     path = Path(path)
+    check_output_dir(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        write_marker(tmp, what)
         os.chmod(tmp, _default_mode("dir"))
         if path.exists():
-            if not overwrite:
-                raise FileExistsError(path)
+            check_output_dir(path, overwrite=overwrite)  # again: it may have changed meanwhile
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)

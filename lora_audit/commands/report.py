@@ -45,8 +45,9 @@ def _out_file(ctx, param, value):
 @click.option("--csv-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
 @click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
+@click.option("--overwrite", is_flag=True, help="Replace the CSV folder if an earlier lora-audit run wrote it.")
 @user_errors
-def report(results, out, title, fmt, csv_dir, no_csv):
+def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
     """Render RESULTS into one report: JSON files written by 'spectrum --json' and/or
     'safety-eval --json', in any order and number.
 
@@ -72,7 +73,7 @@ def report(results, out, title, fmt, csv_dir, no_csv):
     if out is None:
         out = REPORTS_DIR / f"{_slug(Path(results[0]).stem)}.{fmt}"
     csv_target = False if no_csv else (Path(csv_dir) if csv_dir else None)
-    path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target)
+    path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target, overwrite=overwrite)
     click.echo(f"Report written to {path}")
     if csv_target is not False:
         from ..report import default_csv_dir
@@ -80,23 +81,14 @@ def report(results, out, title, fmt, csv_dir, no_csv):
         click.echo(f"Tables (CSV) in {csv_target or default_csv_dir(Path(path))}")
 
 
-def _out_dir(ctx, param, value):
-    if value is None:
-        return None
-    p = Path(value).expanduser()
-    if p.exists() and not p.is_dir():
-        raise click.BadParameter(f"{value} exists and is not a folder", ctx=ctx, param=param)
-    if p.is_dir() and any(p.iterdir()) and not ((p / "index.html").exists() or (p / "spectrum.json").exists()):
-        raise click.BadParameter(f"{value} is a folder with other files in it; give a new folder "
-                                 "(an earlier audit folder is replaced)", ctx=ctx, param=param)
-    return p
 
 
 @click.command("audit")
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
-@click.option("--out", "-o", type=click.Path(file_okay=False), callback=_out_dir, default=None,
-              help="Output folder, replaced atomically [default: reports/<first TUNED's name>/].")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder, written atomically [default: reports/<first TUNED's name>/].")
+@click.option("--overwrite", is_flag=True, help="Replace the --out folder if an earlier lora-audit run wrote it.")
 @click.option("--title", default=None, help="Report title.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Top singular vectors of each tuned matrix to examine.")
@@ -125,7 +117,7 @@ def _out_dir(ctx, param, value):
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
 @user_errors
-def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, prompts, benign,
+def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, prompts, benign,
           scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval) and the HTML report.
@@ -142,9 +134,11 @@ def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, s
     from ..results import fingerprint
 
     dev = resolve_device(device)
+    from ..io import check_output_dir
+
     if out is None:
         out = REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
-        _out_dir(click.get_current_context(), None, str(out))
+    out = check_output_dir(out, overwrite=overwrite)
 
     from ..spectral.api import run_spectrum
     from .spectrum import format_summary
@@ -176,7 +170,7 @@ def audit(base, tuned, out, title, k, epsilon, epsilon_sweep, exact, no_cache, s
     from ..report.tables import all_tables
 
     title = title or f"lora-audit: {', '.join(Path(str(t).rstrip('/')).name for t in tuned)}"
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, what="audit") as tmp:
         files = [atomic_write_json(tmp / "spectrum.json", spec_json)]
         if safety is not None:
             files.append(atomic_write_json(tmp / "safety.json", safety))

@@ -339,14 +339,15 @@ def _md_context(data: ReportData) -> dict[str, Any]:
             "model_inputs": model_inputs(data), "tables": all_tables(data)}
 
 
-def write_csvs(tables: dict[str, Table], folder: str | os.PathLike) -> Path:
-    """Write every table as <key>.csv into ``folder``, replacing it atomically."""
+def write_csvs(tables: dict[str, Table], folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write every table as <key>.csv into the new folder ``folder`` (atomically; an earlier
+    lora-audit tables folder is replaced only with ``overwrite``)."""
     from ..io import atomic_dir
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} exists and is not a folder")
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=overwrite, what="report tables") as tmp:
         for key, t in tables.items():
             t.df.to_csv(tmp / f"{key}.csv", index=False)
     return folder
@@ -357,7 +358,8 @@ def default_csv_dir(out: Path) -> Path:
 
 
 def build_report(inputs: Iterable[Any] | None = None, safety: Iterable[Any] | None = None, out: str | os.PathLike | None = None,
-                 title: str | None = None, fmt: str = "html", csv_dir: str | os.PathLike | None | bool = None) -> str | Path:
+                 title: str | None = None, fmt: str = "html", csv_dir: str | os.PathLike | None | bool = None,
+                 overwrite: bool = False) -> str | Path:
     """Render results into a report.
 
     ``inputs``: spectrum and/or safety results (JSON paths or dicts; the kind is detected, so
@@ -370,7 +372,7 @@ def build_report(inputs: Iterable[Any] | None = None, safety: Iterable[Any] | No
     text = render(data, fmt)
     if out is None:
         if csv_dir:
-            write_csvs(all_tables(data), csv_dir)
+            write_csvs(all_tables(data), csv_dir, overwrite=overwrite)
         return text
     from ..io import atomic_write_text
 
@@ -378,6 +380,6 @@ def build_report(inputs: Iterable[Any] | None = None, safety: Iterable[Any] | No
     if csv_dir is None:
         csv_dir = default_csv_dir(out)
     if csv_dir:
-        write_csvs(all_tables(data), csv_dir)
+        write_csvs(all_tables(data), csv_dir, overwrite=overwrite)
     atomic_write_text(out, text)
     return out

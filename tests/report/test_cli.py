@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_audit.cli import cli
+from lora_audit.io import MARKER
 
 from ..helpers import make_peft_adapter
 from . import synth
@@ -83,7 +84,7 @@ def test_audit_spectrum_only_end_to_end(tiny_llama, tmp_path):
     out = tmp_path / "audit"
     r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--k", "4", "--no-cache", "--exact", "-q", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "spectrum.json", "tables"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["index.html", "spectrum.json", "tables"]
     spec = json.loads((out / "spectrum.json").read_text())
     assert spec["k"] == 4 and spec["lora_audit"]["settings"]["inputs"][str(ad)]["fingerprint"].startswith("sha256:")
     html = (out / "index.html").read_text()
@@ -92,11 +93,14 @@ def test_audit_spectrum_only_end_to_end(tiny_llama, tmp_path):
     assert 'id="safety"' not in html
     # 2 layers x {q_proj, v_proj}: the audit covers exactly the adapted matrices
     assert spec["results"][0]["matrices_audited"] == 4
-    # a second run replaces the folder; an unrelated non-empty folder is refused
-    r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--k", "4", "--no-cache", "--exact", "-q", "--out", str(out)])
+    # a second run replaces the folder (with --overwrite only); an unrelated non-empty folder is refused
+    args = ["audit", str(tiny_llama), str(ad), "--skip-safety", "--k", "4", "--no-cache", "--exact", "-q", "--out", str(out)]
+    r = run(args)
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    r = run(args + ["--overwrite"])
     assert r.exit_code == 0, r.output
-    r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "other files" in r.output
+    r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--out", str(tmp_path), "--overwrite"])
+    assert r.exit_code == 1 and "did not write" in r.output
 
 
 def test_audit_bad_inputs(tiny_llama, tmp_path):
@@ -111,7 +115,8 @@ def test_audit_with_safety_end_to_end(tiny_llama, tmp_path):
     r = run(["audit", str(tiny_llama), str(ad), "--limit", "2", "--max-new-tokens", "4", "--tasks", "none",
              "--k", "4", "--no-cache", "--exact", "-q", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["index.html", "safety.json", "spectrum.json", "tables"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["index.html", "safety.json", "spectrum.json",
+                                                                        "tables"]
     saf = json.loads((out / "safety.json").read_text())
     html = (out / "index.html").read_text()
     assert 'id="safety"' in html and 'id="spectrum"' in html

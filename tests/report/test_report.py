@@ -190,7 +190,7 @@ def test_csv_exports_every_table(tmp_path):
     saf = synth.safety({"a": 0.0, "b": 0.9})
     build_report([spec, saf], out=tmp_path / "r.html")
     folder = tmp_path / "r-tables"
-    names = {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir() if p.name != ".lora-audit-output"}
     assert names == {"summary.csv", "intruders_vs_epsilon.csv", "intruders_by_module.csv", "intruders_by_layer.csv",
                      "worst_matrices.csv", "effective_rank_by_layer.csv", "refusal.csv", "refusal_by_category.csv",
                      "over_refusal_by_category.csv", "capability.csv", "responses.csv"}
