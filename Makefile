@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/lora-audit demo
+	$(BIN)/lora-audit demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests

@@ -67,7 +67,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lora-audit")
-def cli() -> None:
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also show the libraries' own progress bars, logs and warnings (transformers, lm-eval, ...).")
+def cli(verbose: bool) -> None:
     """Audit fine-tuned language models against their base.
 
     \b
@@ -75,29 +77,54 @@ def cli() -> None:
     Behaviour:    refusal, over-refusal and capability (Lermen et al. 2023).
     Reports:      self-contained HTML comparing many tuned models.
 
+    \b
+    Exit codes: 0 ok, 1 error (nothing written), 2 usage, 3 --fail-on gate tripped,
+    4 incomplete (results written; some matrices could not be audited).
     Set LORA_AUDIT_RAISE_ERRORS=1 to see Python tracebacks of unexpected errors.
     """
+    if not verbose:
+        from .progress import quiet_libraries
+
+        quiet_libraries()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one printable line on stderr ('Warning: ...'), without source lines."""
+    from .text import printable
+
+    print(f"Warning: {printable(str(message), multiline=True)}", file=file or sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point with the error policy described in the module docstring."""
-    from .errors import LoraAuditError
+    """Console-script entry point with the error policy described in the module docstring.
+    Everything printed about an error is made printable (``lora_audit.text``)."""
+    import io
+    import warnings
 
+    from .errors import EXIT_ERROR, LoraAuditError
+    from .text import printable
+
+    def say(text: str) -> None:
+        click.echo(printable(text, multiline=True), err=True)
+
+    warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="lora-audit", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+        say("Aborted.")
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        buf = io.StringIO()
+        e.show(file=buf)
+        say(buf.getvalue().rstrip("\n"))
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except LoraAuditError as e:
-        click.echo(f"Error: {e}", err=True)
+        say(f"Error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        say("Interrupted.")
         sys.exit(130)
     except Exception as e:  # a bug, or an environment problem we did not foresee
         if os.environ.get("LORA_AUDIT_RAISE_ERRORS"):
@@ -105,12 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         from .device import is_oom
 
         if is_oom(e):
-            click.echo("Error: out of memory on the device. Try --device cpu, a smaller --batch-size, "
-                       "or fewer models per run.", err=True)
-            sys.exit(1)
-        click.echo(f"Error: unexpected {type(e).__name__}: {e}\n"
-                   "This is a bug in lora-audit; rerun with LORA_AUDIT_RAISE_ERRORS=1 for the traceback.", err=True)
-        sys.exit(1)
+            say("Error: out of memory on the device. Try --device cpu, a smaller --batch-size, or fewer models per run.")
+            sys.exit(EXIT_ERROR)
+        say(f"Error: unexpected {type(e).__name__}: {e}\n"
+            "This is a bug in lora-audit; rerun with LORA_AUDIT_RAISE_ERRORS=1 for the traceback.")
+        sys.exit(EXIT_ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .io import atomic_write_json
 
 SCHEMA = "lora-audit/demo"
 
@@ -119,8 +118,16 @@ def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
                  target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
 
 
-def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...]) -> list[dict]:
-    """What the run shows next to what the papers predict; each check says whether it held."""
+def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...], capability_drop: float | None = None) -> list[dict]:
+    """What the run shows next to what the papers predict; each check says whether it held.
+
+    ``spectrum`` and ``safety`` are the results' JSON; capability counts as kept when it fell by
+    less than ``capability_drop`` (default: the safety verdict's own threshold, so the demo and the
+    verdict never disagree on what "close" means)."""
+    if capability_drop is None:
+        from .results.safety import Thresholds
+
+        capability_drop = Thresholds().capability_drop
     totals = {r["tuned"]: r["total_intruders"] for r in spectrum["results"]}
     models = safety.get("models", {})
     out = []
@@ -148,9 +155,9 @@ def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...]) -> list[dict]:
         for task in sorted(set(caps_b) & set(caps_t)):
             cb, ct = caps_b[task], caps_t[task]
             if isinstance(cb, (int, float)) and isinstance(ct, (int, float)):
-                out.append({"claim": f"{r.name} keeps capability on {task} close (within 0.10)",
+                out.append({"claim": f"{r.name} keeps capability on {task} close (drop under {capability_drop:g})",
                             "measured": f"released {cb:.3f}, {r.name} {ct:.3f}",
-                            "holds": abs(ct - cb) <= 0.10})
+                            "holds": ct - cb > -capability_drop})
     return out
 
 
@@ -172,21 +179,23 @@ def _ci(m: dict) -> str:
 
 
 def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: str = "auto", seed: int = 0,
-             fresh: bool = False, base: str | Path | None = None, echo: Callable[[str], None] = print) -> dict:
+             fresh: bool = False, base: str | Path | None = None, overwrite: bool = False,
+             echo: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the demo summary (also written to ``<out>/demo.json``).
 
     ``base``: a local HF model folder to use instead of SmolLM2-135M-Instruct (its tokenizer
-    needs a chat template)."""
+    needs a chat template). ``out`` is written by the audit pipeline (``lora_audit.audit``): an
+    earlier demo folder there is replaced only with ``overwrite``."""
+    from .audit import AuditConfig, run_audit
     from .checkpoints.default_model import cache_root, default_model_dir
     from .device import resolve_device
-    from .report import build_report
-    from .results import provenance, write_result
-    from .safety import EvalConfig, run_safety_eval
-    from .spectral.api import run_spectrum
+    from .io import check_output_dir
+    from .results import provenance, stamped
+    from .safety import EvalConfig
 
     dev = str(resolve_device(device))
     plan = make_plan(quick, seed)
-    out = Path(out)
+    out = check_output_dir(out, overwrite=overwrite)
     if base is not None and not Path(base).is_dir():
         from .errors import InputError
 
@@ -198,7 +207,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     work.mkdir(parents=True, exist_ok=True)
     released = next(r for r in plan.runs if r.role == "released")
     tuned = [r for r in plan.runs if r.role != "released"]
-    st = _Stages(3 + len(plan.runs) + 1, echo)
+    st = _Stages(3 + len(plan.runs), echo)
     t_all = time.perf_counter()
 
     if base is None:
@@ -212,35 +221,33 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
         shape = "" if r.method == "full" else f", r={r.rank}"
         records[r.name] = st.run(f"fine-tune {r.name} ({r.method}{shape}, {r.steps} steps on {r.data})",
                                  _train, r, rel_dir, work / r.name, plan, dev)
-    paths = [str(work / r.name) for r in tuned]
     names = [r.name for r in tuned]
-    spec = st.run("spectrum audit (intruder dimensions)", run_spectrum, rel_dir, paths, k=plan.k,
-                  epsilon=plan.epsilon, device=dev, progress=True, base_label="released", tuned_labels=names,
-                  dense_metrics=not quick)  # --quick skips the full SVD of each dense dW (effective rank)
-    out.mkdir(parents=True, exist_ok=True)
-    spec.write_json(out / "spectrum.json")
-    cfg = EvalConfig(limit=plan.limit, max_new_tokens=plan.max_new_tokens, batch_size=16, device=dev,
-                     seed=plan.seed)
-    safety = st.run("safety-eval (refusal, over-refusal, capability)", run_safety_eval, str(rel_dir), paths, cfg,
-                    names=names)
-    write_result(out / "safety.json", safety)
-    spectrum_dict = spec.to_json()  # the dict just written, not read back
-    checks = findings(spectrum_dict, safety, plan.runs)
-    summary = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),
-                         work_dir=str(work))
-    summary.update(stages_s=st.timings, total_s=None, training={k: {"final_loss": v.get("final_loss"),
-                                                                     "loss_first": (v.get("loss") or [None])[0],
-                                                                     "wall_time_s": v.get("wall_time_s"),
-                                                                     "reused": bool(v.get("reused"))}
-                                                                 for k, v in records.items()},
-                   intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
-                   lowest_max_cos=lowest_max_cos(spectrum_dict), findings=checks)
-    st.run("report", build_report, [out / "spectrum.json", out / "safety.json"], out=out / "index.html",
-           title=f"lora-audit demo: {'SmolLM2-135M-Instruct' if base is None else Path(base).name}, "
-                 "released vs fine-tuned", csv_dir=out / "tables")
-    summary["total_s"] = round(time.perf_counter() - t_all, 1)
-    atomic_write_json(out / "demo.json", summary)
-    return summary
+    cfg = AuditConfig(k=plan.k, epsilon=plan.epsilon, device=dev, progress=True,
+                      dense_metrics=not quick,  # --quick skips the full SVD of each dense dW (effective rank)
+                      safety=EvalConfig(limit=plan.limit, max_new_tokens=plan.max_new_tokens, batch_size=16,
+                                        device=dev, seed=plan.seed),
+                      title=f"lora-audit demo: {'SmolLM2-135M-Instruct' if base is None else Path(base).name}, "
+                            "released vs fine-tuned")
+
+    def summary(spectrum, safety) -> dict:
+        spectrum_dict, safety_dict = spectrum.to_json(), safety.to_json()
+        s = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),
+                       work_dir=str(work))
+        s.update(stages_s=st.timings, training={k: {"final_loss": v.get("final_loss"),
+                                                    "loss_first": (v.get("loss") or [None])[0],
+                                                    "wall_time_s": v.get("wall_time_s"),
+                                                    "reused": bool(v.get("reused"))} for k, v in records.items()},
+                 intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
+                 lowest_max_cos=lowest_max_cos(spectrum_dict), findings=findings(spectrum_dict, safety_dict, plan.runs),
+                 total_s=round(time.perf_counter() - t_all, 1))
+        return stamped(s)
+
+    outcome = st.run("audit: intruder dimensions, refusal, over-refusal, capability, report", run_audit,
+                     str(rel_dir), [str(work / n) for n in names], out, cfg, overwrite=overwrite,
+                     base_label="released", tuned_labels=names, extra_files=lambda sp, sa: {"demo.json": summary(sp, sa)})
+    from .io import read_user_json
+
+    return read_user_json(outcome.out / "demo.json", "demo summary")
 
 
 def format_findings(summary: dict) -> str:

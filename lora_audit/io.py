@@ -17,8 +17,8 @@ nothing. And nothing the tool did not create is ever replaced:
 - an existing output file (``check_output_file``) is replaced only when lora-audit wrote it
   (``written_by_lora_audit``: its first bytes carry the tool's provenance or generator mark) or it
   is empty;
-- ``check_outputs`` refuses an output that is one of the inputs, lies inside an input, or contains
-  one, and two outputs that are the same path.
+- ``check_outputs`` refuses an output that is one of the inputs or contains one, and two outputs
+  that are the same path.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such {what}") from None
+        raise InputError(f"{path}: no such file (expected the {what})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
@@ -206,7 +206,7 @@ _OURS = [re.compile(p) for p in (
     rb'^\s*\{\s*"lora_audit"\s*:',
     rb'^\s*\{\s*"(?:provenance|schema)"\s*:\s*(?:\{\s*"schema"\s*:\s*)?"(?:spectrum|safety|lora-audit/)',
     rb'<meta name="generator" content="lora-audit[ "]',
-    rb'^<!-- lora-audit ',
+    rb'^# .*\n+Generated \S+ by lora-audit ',
     rb'^tuned,name,module,layer,rows,cols',
     rb'"driver"\s*:\s*\{\s*"name"\s*:\s*"lora-audit"',
 )]
@@ -290,9 +290,9 @@ def _resolved(p: str | os.PathLike) -> Path:
 def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
     """OutputError when an output would replace or delete an input, or two outputs collide.
 
-    An output may not be an input, contain one (replacing a folder would delete it) or lie inside
-    one (an input folder is read, never written into). Inputs that are not local paths (hub ids)
-    are ignored."""
+    An output may not be an input, nor contain one (replacing a folder would delete it). A new
+    file inside an input folder is allowed; an existing one is refused by ``check_output_file``
+    unless lora-audit wrote it. Inputs that are not local paths (hub ids) are ignored."""
     outs = [(o, _resolved(o)) for o in outputs if o is not None]
     ins = [(i, _resolved(i)) for i in inputs if i is not None and Path(str(i)).expanduser().exists()]
     seen: dict[Path, Any] = {}
@@ -306,9 +306,6 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[
             if ri.is_relative_to(ro):
                 raise OutputError(f"{o}: contains the input {i}; writing it would replace that input. "
                                   "Choose another path")
-            if ri.is_dir() and ro.is_relative_to(ri):
-                raise OutputError(f"{o}: lies inside the input folder {i}; lora-audit does not write into its "
-                                  "inputs. Choose another path")
 
 
 def write_marker(folder: str | os.PathLike, what: str) -> None:

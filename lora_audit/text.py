@@ -35,3 +35,15 @@ def printable(text: Any, *, multiline: bool = False) -> str:
     """
     s = "" if text is None else str(text)
     return (_MULTI_LINE if multiline else _ONE_LINE).sub(_escape, s)
+
+
+# Spreadsheet programs run a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, tab or CR
+    gets a leading apostrophe (OWASP's advice); numbers and other values pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import click
 
-from ._common import device_option, seed_option, user_errors
+from ._common import check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors, \
+    write_json_output
 
 
 @click.command()
 @click.option("--out", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for index.html, spectrum.json, safety.json, demo.json and tables/.")
+@overwrite_option
 @click.option("--quick", is_flag=True, help="Fewer steps, models and prompts (about 3 minutes on a 2-core CPU).")
 @click.option("--fresh", is_flag=True, help="Retrain every model instead of reusing the cached ones.")
 @click.option("--base", type=click.Path(), default=None,
               help="Run the demo on this local model folder instead of SmolLM2-135M-Instruct.")
+@json_option("the demo summary (also written to OUT/demo.json)")
 @seed_option
 @device_option
 @user_errors
-def demo(out, quick, fresh, base, seed, device):
+def demo(out, overwrite, quick, fresh, base, json_path, seed, device):
     """Reproduce the papers' findings on SmolLM2-135M-Instruct, offline.
 
     \b
@@ -33,6 +36,10 @@ def demo(out, quick, fresh, base, seed, device):
     """
     from ..demo import format_findings, run_demo
 
-    summary = run_demo(out, quick=quick, device=device, seed=seed, fresh=fresh, base=base, echo=click.echo)
-    click.echo(format_findings(summary))
-    click.echo(f"Report: {out}/index.html")
+    check_paths(files=[json_path], folders=[out], inputs=[base], overwrite=overwrite)
+    summary = run_demo(out, quick=quick, device=device, seed=seed, fresh=fresh, base=base, overwrite=overwrite,
+                       echo=echo)
+    write_json_output(json_path, summary)
+    if json_path != "-":
+        echo(format_findings(summary))
+        echo(f"Report: {out}/index.html")

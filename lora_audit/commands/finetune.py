@@ -2,32 +2,44 @@
 
 from __future__ import annotations
 
-import json
+import math
 
 import click
 
-from ._common import device_option, seed_option, user_errors
+from ._common import (check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors,
+                      write_json_output)
+
+
+def _positive_float(ctx, param, value):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number above 0, got {value}", ctx=ctx, param=param)
+    return value
 
 
 @click.command()
 @click.option("--method", required=True, help="lora, rslora, dora, ffa-lora, allora (scale 1, no dropout, norm-scaled gradients), "
               "lora-ga, lora-sb, lora-mgpo or full.")
-@click.option("--base", required=True, help="Base model folder (HF format).")
+@click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
 @click.option("--data", required=True, help='JSONL of {"prompt","response"} or {"text"}, or builtin:NAME '
               "(built-ins: alpaca-mini, safety-tune, undo-compliance).")
-@click.option("--out", required=True, type=click.Path(), help="Output folder (adapter or model), written atomically.")
-@click.option("--rank", default=8, show_default=True, type=int)
-@click.option("--alpha", default=16.0, show_default=True, type=float)
-@click.option("--lr", default=None, type=float, help="Learning rate [default: 2e-4 adapters, 2e-5 full].")
-@click.option("--steps", default=100, show_default=True, type=int)
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--max-length", default=256, show_default=True, type=int, help="Tokens per example (longer are cut).")
+@click.option("--out", required=True, type=click.Path(), help="New output folder (adapter or model), written atomically.")
+@overwrite_option
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--alpha", default=16.0, show_default=True, type=float, callback=_positive_float)
+@click.option("--lr", default=None, type=float, callback=_positive_float,
+              help="Learning rate [default: 2e-4 adapters, 2e-3 lora-sb, 2e-5 full].")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per example (longer are cut).")
 @click.option("--target-modules", default=None, help="Comma-separated module names, e.g. q_proj,v_proj "
               "[default: all linear layers].")
+@json_option("the training record (also written to OUT/training.json)")
 @seed_option
 @device_option
 @user_errors
-def finetune(method, base, data, out, rank, alpha, lr, steps, batch_size, max_length, target_modules, seed, device):
+def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
+             json_path, seed, device):
     """Fine-tune BASE with a reference method; writes OUT and OUT/training.json.
 
     \b
@@ -37,38 +49,43 @@ def finetune(method, base, data, out, rank, alpha, lr, steps, batch_size, max_le
     from ..training.loop import check_method, train
 
     check_method(method)
+    check_paths(files=[json_path], folders=[out], inputs=[base, data], overwrite=overwrite)
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     rec = train(method=method, base=base, data=data, out=out, steps=steps, rank=rank, alpha=alpha, lr=lr,
-                batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device)
-    click.echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
-               f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
+                batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device,
+                overwrite=overwrite)
+    write_json_output(json_path, rec)
+    if json_path != "-":
+        echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
+             f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
 
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--method", "agg", default="fedavg", show_default=True, type=click.Choice(["fedavg", "ffa", "fed-sb"]),
               help="fedavg: average A and B; ffa / fed-sb: clients share A, average B (exact).")
-@click.option("--out", default=None, type=click.Path(), help="Write the aggregate adapter here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", default=None, type=click.Path(), help="Write the aggregate adapter to this new folder.")
+@overwrite_option
+@json_option("the aggregation report")
 @user_errors
-def federated(adapters, agg, out, as_json):
+def federated(adapters, agg, out, overwrite, json_path):
     """Aggregate client ADAPTERS and report the FedAvg aggregation bias
     ||mean(B_k A_k) - mean(B_k) mean(A_k)||_F / ||mean(B_k A_k)||_F per module and in total."""
-    from ..results import provenance
+    from ..results import provenance, stamped
     from ..training.federated import aggregate, write_adapter
 
+    check_paths(files=[json_path], folders=[out], inputs=adapters, overwrite=overwrite)
     cfg, weights, report = aggregate(list(adapters), agg)
-    result = provenance("lora-audit/federated", 1, method=agg, out=out)
-    result.update(report)
+    result = stamped({**provenance("lora-audit/federated", 1, method=agg, out=out), **report})
     if out:
-        write_adapter(cfg, weights, out, result)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+        write_adapter(cfg, weights, out, result, overwrite=overwrite)
+    write_json_output(json_path, result)
+    if json_path == "-":
         return
     for mod, r in report["modules"].items():
-        click.echo(f"{r['bias']:.4f}  {mod}")
-    click.echo(f"FedAvg aggregation bias (total): {report['fedavg_bias_total']:.4f}; "
-               f"{agg} aggregate bias: {report['aggregate_bias_total']:.4f}" + (f"; wrote {out}" if out else ""))
+        echo(f"{r['bias']:.4f}  {mod}")
+    echo(f"FedAvg aggregation bias (total): {report['fedavg_bias_total']:.4f}; "
+         f"{agg} aggregate bias: {report['aggregate_bias_total']:.4f}" + (f"; wrote {out}" if out else ""))
 
 
 @click.command()

@@ -1,8 +1,7 @@
 """``lora-audit report`` (result JSON -> one self-contained HTML or Markdown file) and
 ``lora-audit audit`` (spectrum + safety-eval + report in one go, into one folder).
 
-Thin: options -> lora_audit.report / spectral.engine / safety.evaluate. Outputs are written
-atomically and only after everything has been computed.
+Thin: options -> ``lora_audit.report.build_report`` / ``lora_audit.audit.run_audit``.
 """
 
 from __future__ import annotations
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from ._common import device_option, seed_option, user_errors
-from .spectrum import DEFAULT_SWEEP, _sweep_callback
+from ._common import (check_paths, device_option, echo, epsilon_option, exit_status, file_path, k_option,
+                      overwrite_option, seed_option, user_errors)
+from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
 
@@ -23,29 +23,18 @@ def _slug(text: str) -> str:
     return s[:80] or "report"
 
 
-def _out_file(ctx, param, value):
-    if value is None:
-        return None
-    p = Path(value).expanduser()
-    if p.is_dir():
-        raise click.BadParameter(f"{value} is a folder; give a file name", ctx=ctx, param=param)
-    if p.parent.exists() and not p.parent.is_dir():
-        raise click.BadParameter(f"{p.parent} is not a folder", ctx=ctx, param=param)
-    return p
-
-
 @click.command("report")
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", "-o", type=click.Path(dir_okay=True), callback=_out_file, default=None,
+@click.option("--out", "-o", default=None, callback=file_path,
               help="Output file [default: reports/<first result's name>.html, or .md].")
 @click.option("--title", default=None, help="Report title [default: 'lora-audit report'].")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default=None,
               help="html: one self-contained page with figures; md: a Markdown summary (tables only) "
                    "[default: md when --out ends in .md, else html].")
 @click.option("--csv-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
+              help="New folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
 @click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
-@click.option("--overwrite", is_flag=True, help="Replace the CSV folder if an earlier lora-audit run wrote it.")
+@overwrite_option
 @user_errors
 def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
     """Render RESULTS into one report: JSON files written by 'spectrum --json' and/or
@@ -66,21 +55,18 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
       lora-audit report spectrum.json safety.json --out reports/my-finetunes.html
       lora-audit report spectrum.json --format md --title "LoRA vs full fine-tuning"
     """
-    from ..report import build_report
+    from ..report import build_report, default_csv_dir
 
     if fmt is None:
-        fmt = "md" if out is not None and out.suffix.lower() in (".md", ".markdown") else "html"
-    if out is None:
-        out = REPORTS_DIR / f"{_slug(Path(results[0]).stem)}.{fmt}"
-    csv_target = False if no_csv else (Path(csv_dir) if csv_dir else None)
-    path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target, overwrite=overwrite)
-    click.echo(f"Report written to {path}")
-    if csv_target is not False:
-        from ..report import default_csv_dir
-
-        click.echo(f"Tables (CSV) in {csv_target or default_csv_dir(Path(path))}")
-
-
+        fmt = "md" if out is not None and Path(out).suffix.lower() in (".md", ".markdown") else "html"
+    out = Path(out) if out is not None else REPORTS_DIR / f"{_slug(Path(results[0]).stem)}.{fmt}"
+    csv_target = None if no_csv else (Path(csv_dir) if csv_dir else default_csv_dir(out))
+    check_paths(files=[out], folders=[csv_target], inputs=results, overwrite=overwrite)
+    path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target or False,
+                        overwrite=overwrite)
+    echo(f"Report written to {path}")
+    if csv_target is not None:
+        echo(f"Tables (CSV) in {csv_target}")
 
 
 @click.command("audit")
@@ -88,14 +74,11 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @click.argument("tuned", nargs=-1, required=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder, written atomically [default: reports/<first TUNED's name>/].")
-@click.option("--overwrite", is_flag=True, help="Replace the --out folder if an earlier lora-audit run wrote it.")
+@overwrite_option
 @click.option("--title", default=None, help="Report title.")
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Top singular vectors of each tuned matrix to examine.")
-@click.option("--epsilon", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="Intruder threshold: max |cos| < epsilon.")
-@click.option("--epsilon-sweep", "epsilon_sweep", default=DEFAULT_SWEEP, show_default=True,
-              callback=_sweep_callback, help="Thresholds for the intruders-vs-epsilon curves.")
+@k_option
+@epsilon_option
+@sweep_option
 @click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @click.option("--skip-safety", is_flag=True, help="Only the spectrum audit (no generation).")
@@ -130,53 +113,35 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     Example:
       lora-audit audit ./SmolLM2-135M-Instruct ./adapter-a ./adapter-b --out reports/ab/
     """
+    from ..audit import AuditConfig, run_audit
     from ..device import resolve_device
-    from ..results import fingerprint
 
-    dev = resolve_device(device)
-    from ..io import check_output_dir
-
-    if out is None:
-        out = REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
-    out = check_output_dir(out, overwrite=overwrite)
-
-    from ..spectral.api import run_spectrum
-    from .spectrum import format_summary
-
-    inputs = {"base": {"source": base, "fingerprint": fingerprint(base)}}
-    for t in tuned:
-        inputs[t] = {"source": t, "fingerprint": fingerprint(t)}
-    spec = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev,
-                        exact=exact, use_cache=not no_cache, allow_pickle=allow_pickle, progress=not quiet,
-                        extra_settings={"inputs": inputs})
-    click.echo(format_summary(spec, quiet=quiet))
-    spec_json = spec.to_json()
-
-    safety = None
+    dev = str(resolve_device(device))
+    out = Path(out) if out is not None else REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
+    check_paths(folders=[out], inputs=[base, *tuned], overwrite=overwrite)
+    safety_cfg = None
     if not skip_safety:
-        from ..results.safety import summary_table
         from ..safety.capability import parse_tasks
-        from ..safety.evaluate import EvalConfig, run_safety_eval
+        from ..safety.evaluate import EvalConfig
 
-        cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
-                         scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, device=str(dev), seed=seed, allow_pickle=allow_pickle)
-        safety = run_safety_eval(base, list(tuned), cfg)
-        click.echo("")
-        click.echo(summary_table(safety))
+        safety_cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
+                                scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
+                                allow_pickle=allow_pickle)
+    cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
+                      allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title)
+    outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
+    echo(f"\nReport written to {outcome.out / 'index.html'} (results and tables/ in {outcome.out})")
+    exit_status(incomplete=outcome.spectrum.incomplete)
 
-    from ..io import atomic_dir, atomic_write_json
-    from ..report import gather, render, write_csvs
-    from ..report.tables import all_tables
 
-    title = title or f"lora-audit: {', '.join(Path(str(t).rstrip('/')).name for t in tuned)}"
-    with atomic_dir(out, overwrite=overwrite, what="audit") as tmp:
-        files = [atomic_write_json(tmp / "spectrum.json", spec_json)]
-        if safety is not None:
-            files.append(atomic_write_json(tmp / "safety.json", safety))
-        data = gather(files, title=title)
-        for src, f in zip(data.sources, files):
-            src.label = f.name  # as found next to the report
-        (tmp / "index.html").write_text(render(data, "html"), encoding="utf-8")
-        write_csvs(all_tables(data), tmp / "tables")
-    click.echo(f"\nReport written to {out / 'index.html'} (results and tables/ in {out})")
+def _print_stage(stage: str, result, quiet: bool) -> None:
+    if stage == "spectrum":
+        from .spectrum import format_summary
+
+        echo(format_summary(result, quiet=quiet))
+    elif stage == "safety":
+        from ..results.safety import summary_table
+
+        echo("")
+        echo(summary_table(result))

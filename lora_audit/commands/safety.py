@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import device_option, seed_option, user_errors
+from ._common import check_paths, device_option, echo, json_option, seed_option, user_errors, write_json_output
 
 
 def _markers(ctx, param, value):
@@ -62,8 +62,7 @@ def _markers(ctx, param, value):
 @click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
 @device_option
 @seed_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the full result here (atomically, only on success).")
+@json_option("the full result (every response, rates, verdicts, provenance)")
 @user_errors
 def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
                 max_new_tokens,
@@ -83,22 +82,20 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
           --benign xstest.csv --tasks mmlu,hellaswag --limit 100
       lora-audit safety-eval --base BASE --tuned A --scorer first-token   # no generation
     """
-    from ..results import write_result
     from ..results.safety import summary_table
     from ..safety.capability import parse_tasks
     from ..safety.evaluate import EvalConfig, run_safety_eval
 
-    task_list = parse_tasks(tasks)
+    check_paths(files=[json_path], inputs=[base, *tuned])
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
-                     scorer=scorer,
-                     markers=markers, first_token_threshold=first_token_threshold, judge=judge,
-                     judge_template=judge_template,
-                     tasks=task_list, task_dir=task_dir, limit=limit, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, device=device, seed=seed, chat_template=chat_template,
-                     allow_pickle=allow_pickle, backend=backend, early_stop=not no_early_stop)
+                     scorer=scorer, markers=markers, first_token_threshold=first_token_threshold, judge=judge,
+                     judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, seed=seed,
+                     chat_template=chat_template, allow_pickle=allow_pickle, backend=backend,
+                     early_stop=not no_early_stop)
     result = run_safety_eval(base, list(tuned), cfg)
-    if json_path:
-        write_result(json_path, result)
-    click.echo(summary_table(result))
-    if json_path:
-        click.echo(f"wrote {json_path}")
+    write_json_output(json_path, result)
+    if json_path != "-":
+        echo(summary_table(result))
+        if json_path:
+            echo(f"wrote {json_path}")

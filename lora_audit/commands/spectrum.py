@@ -1,50 +1,59 @@
 """``lora-audit spectrum``: the intruder-dimension audit of tuned models against their base.
 
-Thin: parse and check options, open the checkpoint stream, call ``lora_audit.spectral.engine.audit``,
-write JSON/CSV atomically after success, print a summary. torch and the loaders are imported
-inside the command so ``lora-audit --help`` stays fast.
+Thin: parse and check options, call ``lora_audit.spectral.api.run_spectrum``, write JSON/CSV
+atomically after success, print a summary. torch and the loaders are imported inside the command
+so ``lora-audit --help`` stays fast.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import click
 
-from ._common import device_option, user_errors
+from ..text import printable
+from ._common import (check_paths, device_option, echo, epsilon_option, exit_status, file_path, json_option,
+                      k_option, user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
+MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
+
+
+def _number(tok: str) -> float:
+    try:
+        v = float(tok)
+    except ValueError:
+        raise ValueError(f"{tok!r} is not a number") from None
+    if not 0.0 < v < 1.0:  # also refuses nan and inf
+        raise ValueError(f"every epsilon must lie strictly between 0 and 1, got {tok}")
+    return v
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:
     """"0.1,0.3,0.5" -> (0.1, 0.3, 0.5); "0.1,0.2,...,0.9" -> 0.1 to 0.9 in steps of 0.1;
-    "none" or "" -> (). Values must lie strictly between 0 and 1 (ValueError otherwise)."""
+    "none" or "" -> (). Values must lie strictly between 0 and 1, and a sweep has at most
+    ``MAX_SWEEP`` thresholds; both are checked before a progression is expanded (ValueError)."""
     text = (text or "").strip()
     if text.lower() in ("", "none"):
         return ()
     tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if len(tokens) > MAX_SWEEP:
+        raise ValueError(f"at most {MAX_SWEEP} thresholds in a sweep, got {len(tokens)}")
     values: list[float] = []
     for i, tok in enumerate(tokens):
-        if tok in ("...", "…"):
-            if len(values) < 2 or i + 1 >= len(tokens) or tokens[i + 1] in ("...", "…"):
-                raise ValueError("'...' needs two values before it and one after, e.g. 0.1,0.2,...,0.9")
-            a, b = values[-2], values[-1]
-            end = float(tokens[i + 1])
-            step = b - a
-            if step <= 0 or end <= b:
-                raise ValueError(f"'{a},{b},...,{end}' is not an increasing progression")
-            x = b + step
-            while x < end - 1e-9:
-                values.append(round(x, 10))
-                x += step
+        if tok not in ("...", "…"):
+            values.append(_number(tok))
             continue
-        try:
-            values.append(float(tok))
-        except ValueError:
-            raise ValueError(f"{tok!r} is not a number") from None
-    bad = [v for v in values if not 0.0 < v < 1.0]
-    if bad:
-        raise ValueError(f"every epsilon must lie strictly between 0 and 1, got {', '.join(f'{v:g}' for v in bad)}")
+        if len(values) < 2 or i + 1 >= len(tokens) or tokens[i + 1] in ("...", "…"):
+            raise ValueError("'...' needs two values before it and one after, e.g. 0.1,0.2,...,0.9")
+        a, b, end = values[-2], values[-1], _number(tokens[i + 1])
+        step = b - a
+        if step <= 0 or end <= b:
+            raise ValueError(f"'{a:g},{b:g},...,{end:g}' is not an increasing progression")
+        n = math.floor((end - b) / step + 1e-9)
+        if len(values) + n > MAX_SWEEP:
+            raise ValueError(f"'{a:g},{b:g},...,{end:g}' has {n + 2} thresholds; at most {MAX_SWEEP} in a sweep")
+        values += [round(b + j * step, 10) for j in range(1, n + 1) if b + j * step < end - 1e-9]
     return tuple(sorted(set(values)))
 
 
@@ -55,31 +64,21 @@ def _sweep_callback(ctx, param, value):
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
-def _output_path(ctx, param, value):
-    if value is None:
-        return None
-    p = Path(value).expanduser()
-    if p.exists() and p.is_dir():
-        raise click.BadParameter(f"{value} is a folder; give a file name", ctx=ctx, param=param)
-    if p.parent.exists() and not p.parent.is_dir():
-        raise click.BadParameter(f"{p.parent} is not a folder", ctx=ctx, param=param)
-    return p
+def sweep_option(f):
+    return click.option("--epsilon-sweep", "epsilon_sweep", default=DEFAULT_SWEEP, show_default=True,
+                        callback=_sweep_callback,
+                        help="Further thresholds to count at: comma-separated values in (0, 1), "
+                             "'a,b,...,c' for a progression, or 'none'.")(f)
 
 
 @click.command("spectrum")
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many top singular vectors of each tuned matrix to examine.")
-@click.option("--epsilon", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="Intruder threshold: a direction is an intruder if max |cos| < epsilon.")
-@click.option("--epsilon-sweep", "epsilon_sweep", default=DEFAULT_SWEEP, show_default=True,
-              callback=_sweep_callback,
-              help="Further thresholds to count at: comma-separated values in (0, 1), "
-                   "'a,b,...,c' for a progression, or 'none'.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=True), callback=_output_path,
-              help="Write the full result (per matrix cosines, metrics, provenance) to this JSON file.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=True), callback=_output_path,
+@k_option
+@epsilon_option
+@sweep_option
+@json_option("the full result (per matrix cosines, metrics, provenance)")
+@click.option("--csv", "csv_path", default=None, callback=file_path,
               help="Write one row per tuned model x matrix to this CSV file.")
 @device_option
 @click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
@@ -113,36 +112,58 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     """
     from ..spectral.api import run_spectrum
 
+    check_paths(files=[json_path, csv_path], inputs=[base, *tuned])
     result = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=device,
                           exact=exact, float64=float64, include_embeddings=include_embeddings, cache_dir=cache_dir,
                           use_cache=not no_cache, allow_pickle=allow_pickle, dense_metrics=not no_metrics,
                           progress=not quiet)
-    if json_path is not None:
-        result.write_json(json_path)
+    write_json_output(json_path, result)
     if csv_path is not None:
         result.write_csv(csv_path)
-    click.echo(format_summary(result, quiet=quiet))
-    for label, p in (("JSON", json_path), ("CSV", csv_path)):
-        if p is not None and not quiet:
-            click.echo(f"{label} written to {p}")
+    if json_path != "-":
+        echo(format_summary(result, quiet=quiet))
+        for label, p in (("JSON", json_path), ("CSV", csv_path)):
+            if p is not None and not quiet:
+                echo(f"{label} written to {p}")
+    exit_status(incomplete=result.incomplete)
 
 
 def _short(text: str, width: int) -> str:
+    text = printable(text)
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
+def _worst_lines(r, worst: int) -> list[str]:
+    lines = [f"Worst matrices of {printable(r.tuned)}:"]
+    shown = [m for m in r.worst_matrices(worst) if m.intruders > 0]
+    name_w = max(len(printable(m.name)) for m in shown)
+    for m in shown:
+        extra = f"r={m.adapter_rank}, " if m.adapter_rank else ""
+        rel = f"{m.relative_delta_norm:.3g}" if m.relative_delta_norm is not None else "-"
+        noun = "intruder " if m.intruders == 1 else "intruders"
+        erank = f"eff. rank {m.effective_rank:.1f}, " if m.effective_rank is not None else ""
+        lines.append(f"  {printable(m.name):<{name_w}}  {m.intruders:>2} {noun}  min max|cos| {m.min_cos:.3f}  "
+                     f"({extra}{erank}|dW|/|W0| {rel})")
+    layers = sorted(r.by_layer().items(), key=lambda kv: (-kv[1], int(kv[0])))
+    if layers and layers[0][1] > 0:
+        lines.append("  worst layers: " + ", ".join(f"{k} ({v})" for k, v in layers[:worst] if v > 0))
+    modules = sorted(r.by_module().items(), key=lambda kv: (-kv[1], kv[0]))
+    lines.append("  by module: " + ", ".join(f"{printable(k)} ({v})" for k, v in modules if v > 0))
+    return lines
+
+
 def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
-    """The short table printed to stdout: totals per tuned model, worst matrices and layers, warnings."""
+    """The short table printed to stdout: totals per tuned model, worst matrices and layers,
+    matrices that could not be audited, warnings. Every name is made printable."""
     sweep = list(result.epsilon_sweep)
     if quiet:
-        return "\n".join(f"{r.tuned}: {r.total_intruders} intruders in {len(r.matrices)} matrices"
+        return "\n".join(f"{printable(r.tuned)}: {r.total_intruders} intruders in {len(r.matrices)} matrices"
                          for r in result.results)
     show = [e for e in (0.3, 0.7, 0.9) if e in sweep and e != result.epsilon]
-    lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {result.base}", ""]
-    width = max([5] + [min(40, len(r.tuned)) for r in result.results])
-    header = f"{'TUNED':<{width}}  {'matrices':>8}  {'intruders':>9}  " + "".join(
-        f"{'eps ' + format(e, 'g'):>8}  " for e in show) + "min max|cos|"
-    lines.append(header)
+    lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {printable(result.base)}", ""]
+    width = max([5] + [min(40, len(printable(r.tuned))) for r in result.results])
+    lines.append(f"{'TUNED':<{width}}  {'matrices':>8}  {'intruders':>9}  "
+                 + "".join(f"{'eps ' + format(e, 'g'):>8}  " for e in show) + "min max|cos|")
     for r in result.results:
         cos = [m.min_cos for m in r.matrices if m.min_cos is not None]
         sweep_cells = "".join(f"{r.sweep_totals[sweep.index(e)]:>8}  " for e in show)
@@ -152,25 +173,13 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
         if not r.matrices:
             continue
         if r.total_intruders == 0:
-            low = min(r.matrices, key=lambda m: m.min_cos)
-            lines += ["", f"{r.tuned}: no intruders; lowest max|cos| {low.min_cos:.3f} in {low.name}"]
+            low = min(r.matrices, key=lambda m: m.min_cos if m.min_cos is not None else 1.0)
+            if low.min_cos is not None:
+                lines += ["", f"{printable(r.tuned)}: no intruders; lowest max|cos| {low.min_cos:.3f} in "
+                              f"{printable(low.name)}"]
             continue
-        lines += ["", f"Worst matrices of {r.tuned}:"]
-        shown = [m for m in r.worst_matrices(worst) if m.intruders > 0]
-        name_w = max(len(m.name) for m in shown)
-        for m in shown:
-            extra = f"r={m.adapter_rank}, " if m.adapter_rank else ""
-            rel = f"{m.relative_delta_norm:.3g}" if m.relative_delta_norm is not None else "-"
-            noun = "intruder " if m.intruders == 1 else "intruders"
-            erank = f"eff. rank {m.effective_rank:.1f}, " if m.effective_rank is not None else ""
-            lines.append(f"  {m.name:<{name_w}}  {m.intruders:>2} {noun}  min max|cos| {m.min_cos:.3f}  "
-                         f"({extra}{erank}|dW|/|W0| {rel})")
-        layers = sorted(r.by_layer().items(), key=lambda kv: (-kv[1], int(kv[0])))
-        if layers and layers[0][1] > 0:
-            lines.append("  worst layers: " + ", ".join(f"{k} ({v})" for k, v in layers[:worst] if v > 0))
-        modules = sorted(r.by_module().items(), key=lambda kv: (-kv[1], kv[0]))
-        lines.append("  by module: " + ", ".join(f"{k} ({v})" for k, v in modules if v > 0))
+        lines += [""] + _worst_lines(r, worst)
     warn = [("base", w) for w in result.warnings] + [(r.tuned, w) for r in result.results for w in r.warnings]
     if warn:
-        lines += ["", "Warnings:"] + [f"  {t}: {w}" for t, w in warn]
+        lines += ["", "Warnings:"] + [f"  {printable(t)}: {printable(w, multiline=True)}" for t, w in warn]
     return "\n".join(lines)

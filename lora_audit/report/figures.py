@@ -32,6 +32,7 @@ _counter = itertools.count(1)
 
 RC = {
     "svg.fonttype": "none",  # text stays text: smaller, selectable, escaped by the writer
+    "text.parse_math": False,  # names are text: "cost $5 and $6" must not become mathtext
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.labelsize": 9,

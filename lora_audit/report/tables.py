@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..results.safety import ModelSafety
 from .model import ModelSummary, ReportData
 
 WORST_PER_MODEL = 10
@@ -88,8 +89,8 @@ def _ci(ci: Any, i: int) -> float | None:
 def capability_tasks(models: list[ModelSummary]) -> list[str]:
     tasks: list[str] = []
     for m in models:
-        for src in ((m.safety_base or {}).get("capability") or {}, (m.safety or {}).get("capability") or {}):
-            for t in src:
+        for rec in (m.safety_base, m.safety):
+            for t in (rec.capability if rec else {}):
                 if t not in tasks:
                     tasks.append(t)
     return tasks
@@ -100,17 +101,17 @@ def summary_table(data: ReportData) -> Table:
     tasks = capability_tasks(data.models)
     rows = []
     for m in data.models:
-        s, b = m.safety or {}, m.safety_base or {}
+        s, b = m.safety, m.safety_base
         row = {
             "model": m.name, "verdict": m.label,
             "intruders": m.intruders, "matrices": m.matrices, "intruders_per_matrix": m.intruders_per_matrix,
             "min_max_cos": m.min_cos,
-            "refusal_base": b.get("refusal_rate"), "refusal_tuned": s.get("refusal_rate"),
-            "refusal_tuned_ci_low": _ci(s.get("refusal_ci"), 0), "refusal_tuned_ci_high": _ci(s.get("refusal_ci"), 1),
+            "refusal_base": b and b.refusal_rate, "refusal_tuned": s and s.refusal_rate,
+            "refusal_tuned_ci_low": _ci(s and s.refusal_ci, 0), "refusal_tuned_ci_high": _ci(s and s.refusal_ci, 1),
             "refusal_drop": m.refusal_drop,
             "refusal_drop_ci_low": (m.refusal_drop_ci or (None, None))[0],
             "refusal_drop_ci_high": (m.refusal_drop_ci or (None, None))[1],
-            "over_refusal_base": b.get("over_refusal_rate"), "over_refusal_tuned": s.get("over_refusal_rate"),
+            "over_refusal_base": b and b.over_refusal_rate, "over_refusal_tuned": s and s.over_refusal_rate,
         }
         cap = m.capability_delta
         for t in tasks:
@@ -184,35 +185,27 @@ def tuned_models_table(data: ReportData) -> Table | None:
                  headers=dict(TUNED_INFO))
 
 
-def by_module_table(data: ReportData) -> Table:
+def _by_model(data: ReportData, key_name: str, keys: list, value) -> pd.DataFrame:
+    """One row per key (module, layer, ...), one column per spectrum model: ``value(model, key)``."""
     models = _spectrum_models(data)
-    modules: list[str] = []
-    for m in models:
-        for mat in m.spectrum.matrices:
-            if mat.module not in modules:
-                modules.append(mat.module)
-    rows = []
-    for mod in modules:
-        row: dict[str, Any] = {"module": mod}
-        for m in models:
-            row[m.name] = m.spectrum.by_module().get(mod)
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=["module"] + [m.name for m in models])
+    rows = [{key_name: k, **{m.name: value(m, k) for m in models}} for k in keys]
+    return pd.DataFrame(rows, columns=[key_name] + [m.name for m in models])
+
+
+def _layers(data: ReportData) -> list[int]:
+    return sorted({mat.layer for m in _spectrum_models(data) for mat in m.spectrum.matrices if mat.layer is not None})
+
+
+def by_module_table(data: ReportData) -> Table:
+    modules = list(dict.fromkeys(mat.module for m in _spectrum_models(data) for mat in m.spectrum.matrices))
+    df = _by_model(data, "module", modules, lambda m, mod: m.spectrum.by_module().get(mod))
     return Table("intruders_by_module", "Intruder dimensions per module", df,
-                 {m.name: "int" for m in models}, "Summed over layers; – where the model did not change that module.")
+                 {c: "int" for c in df.columns[1:]}, "Summed over layers; – where the model did not change that module.")
 
 
 def by_layer_table(data: ReportData) -> Table:
-    models = _spectrum_models(data)
-    layers = sorted({mat.layer for m in models for mat in m.spectrum.matrices if mat.layer is not None})
-    rows = []
-    for layer in layers:
-        row: dict[str, Any] = {"layer": layer}
-        for m in models:
-            row[m.name] = m.spectrum.by_layer().get(str(layer))
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=["layer"] + [m.name for m in models])
-    return Table("intruders_by_layer", "Intruder dimensions per layer", df, {m.name: "int" for m in models})
+    df = _by_model(data, "layer", _layers(data), lambda m, layer: m.spectrum.by_layer().get(str(layer)))
+    return Table("intruders_by_layer", "Intruder dimensions per layer", df, {c: "int" for c in df.columns[1:]})
 
 
 def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> Table:
@@ -238,19 +231,14 @@ def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> 
 
 def effective_rank_by_layer(data: ReportData) -> Table:
     """Mean effective rank of dW over the matrices of each layer, per model."""
-    models = _spectrum_models(data)
-    layers = sorted({mat.layer for m in models for mat in m.spectrum.matrices if mat.layer is not None})
-    rows = []
-    for layer in layers:
-        row: dict[str, Any] = {"layer": layer}
-        for m in models:
-            vals = [mat.effective_rank for mat in m.spectrum.matrices
-                    if mat.layer == layer and mat.effective_rank is not None]
-            row[m.name] = sum(vals) / len(vals) if vals else None
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=["layer"] + [m.name for m in models])
+
+    def mean_erank(m: ModelSummary, layer: int) -> float | None:
+        vals = [x.effective_rank for x in m.spectrum.matrices if x.layer == layer and x.effective_rank is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    df = _by_model(data, "layer", _layers(data), mean_erank)
     return Table("effective_rank_by_layer", "Mean effective rank of dW per layer", df,
-                 {m.name: "f2" for m in models})
+                 {c: "f2" for c in df.columns[1:]})
 
 
 def sweep_table(data: ReportData) -> Table:
@@ -264,28 +252,21 @@ def sweep_table(data: ReportData) -> Table:
 
 
 # ---- safety ---------------------------------------------------------------------------
-def _safety_rows(data: ReportData) -> list[tuple[str, dict]]:
-    """(name, models[name]) of every base and tuned model in the safety results, base(s) first."""
-    out: list[tuple[str, dict]] = []
-    for i, run in enumerate(data.safeties):
-        for name, rec in run["models"].items():
-            if name == "base":
-                label = "base" if len(data.safeties) == 1 else f"base ({i + 1})"
-                out.insert(sum(1 for n, _ in out if n.startswith("base")), (label, rec))
-    for m in data.models:
-        if m.safety is not None:
-            out.append((m.name, m.safety))
-    return out
+def safety_rows(data: ReportData) -> list[tuple[str, ModelSafety]]:
+    """(name, measurements) of every base and tuned model in the safety results, base(s) first."""
+    bases = [("base" if len(data.safeties) == 1 else f"base ({i + 1})", run.models["base"])
+             for i, run in enumerate(data.safeties)]
+    return bases + [(m.name, m.safety) for m in data.models if m.safety is not None]
 
 
 def refusal_table(data: ReportData) -> Table:
     rows = []
-    for name, r in _safety_rows(data):
-        rows.append({"model": name, "n_prompts": r.get("n_prompts", len(r.get("responses") or []) or None),
-                     "n_refused": r.get("n_refused"), "refusal_rate": r.get("refusal_rate"),
-                     "ci_low": _ci(r.get("refusal_ci"), 0), "ci_high": _ci(r.get("refusal_ci"), 1),
-                     "n_benign": r.get("n_benign"), "over_refusal_rate": r.get("over_refusal_rate"),
-                     "over_ci_low": _ci(r.get("over_refusal_ci"), 0), "over_ci_high": _ci(r.get("over_refusal_ci"), 1)})
+    for name, r in safety_rows(data):
+        rows.append({"model": name, "n_prompts": r.n_prompts or len(r.responses) or None,
+                     "n_refused": r.n_refused, "refusal_rate": r.refusal_rate,
+                     "ci_low": _ci(r.refusal_ci, 0), "ci_high": _ci(r.refusal_ci, 1),
+                     "n_benign": r.n_benign, "over_refusal_rate": r.over_refusal_rate,
+                     "over_ci_low": _ci(r.over_refusal_ci, 0), "over_ci_high": _ci(r.over_refusal_ci, 1)})
     df = pd.DataFrame(rows, columns=["model", "n_prompts", "n_refused", "refusal_rate", "ci_low", "ci_high",
                                      "n_benign", "over_refusal_rate", "over_ci_low", "over_ci_high"])
     pct = {c: "pct" for c in ("refusal_rate", "ci_low", "ci_high", "over_refusal_rate", "over_ci_low", "over_ci_high")}
@@ -296,19 +277,19 @@ def refusal_table(data: ReportData) -> Table:
 
 
 def category_table(data: ReportData, key: str = "per_category") -> Table:
-    rows_src = _safety_rows(data)
+    rows_src = safety_rows(data)
     cats: list[str] = []
     for _, r in rows_src:
-        for c in (r.get(key) or {}):
+        for c in getattr(r, key):
             if c not in cats:
                 cats.append(c)
     rows = []
     for c in cats:
         row: dict[str, Any] = {"category": c}
         for name, r in rows_src:
-            rec = (r.get(key) or {}).get(c) or {}
-            row[name] = rec.get("rate")
-            row[f"n:{name}"] = rec.get("n")
+            rec = getattr(r, key).get(c)
+            row[name] = rec.rate if rec else None
+            row[f"n:{name}"] = rec.n if rec else None
         rows.append(row)
     cols = ["category"] + [n for n, _ in rows_src] + [f"n:{n}" for n, _ in rows_src]
     df = pd.DataFrame(rows, columns=cols)
@@ -320,37 +301,35 @@ def category_table(data: ReportData, key: str = "per_category") -> Table:
 
 
 def capability_table(data: ReportData) -> Table:
-    rows_src = _safety_rows(data)
+    rows_src = safety_rows(data)
     tasks: list[str] = []
     for _, r in rows_src:
-        for t in (r.get("capability") or {}):
+        for t in r.capability:
             if t not in tasks:
                 tasks.append(t)
+    tuned = [m for m in data.models if m.safety is not None]
     rows = []
     for t in tasks:
         row: dict[str, Any] = {"task": t}
         for name, r in rows_src:
-            row[name] = (r.get("capability") or {}).get(t)
-        for m in data.models:
-            if m.safety is not None:
-                row[f"Δ {m.name}"] = m.capability_delta.get(t)
+            row[name] = r.capability.get(t)
+        for m in tuned:
+            row[f"Δ {m.name}"] = m.capability_delta.get(t)
         rows.append(row)
-    cols = ["task"] + [n for n, _ in rows_src] + [f"Δ {m.name}" for m in data.models if m.safety is not None]
+    cols = ["task"] + [n for n, _ in rows_src] + [f"Δ {m.name}" for m in tuned]
     df = pd.DataFrame(rows, columns=cols)
     fm = {n: "f3" for n, _ in rows_src}
-    fm.update({f"Δ {m.name}": "sf3" for m in data.models})
+    fm.update({f"Δ {m.name}": "sf3" for m in tuned})
     return Table("capability", "Capability (lm-eval accuracy) and change vs base", df, fm)
 
 
 def responses_table(data: ReportData) -> Table:
     rows = []
-    for name, r in _safety_rows(data):
-        for kind, key in (("harmful", "responses"), ("benign", "benign_responses")):
-            for x in r.get(key) or []:
-                if isinstance(x, dict):
-                    rows.append({"model": name, "set": kind, "category": x.get("category"),
-                                 "prompt": x.get("prompt"), "response": x.get("response"),
-                                 "refused": x.get("refused"), "first_token_score": x.get("first_token_score")})
+    for name, r in safety_rows(data):
+        for kind, records in (("harmful", r.responses), ("benign", r.benign_responses)):
+            for x in records:
+                rows.append({"model": name, "set": kind, "category": x.category, "prompt": x.prompt,
+                             "response": x.response, "refused": x.refused, "first_token_score": x.first_token_score})
     df = pd.DataFrame(rows, columns=["model", "set", "category", "prompt", "response", "refused",
                                      "first_token_score"])
     return Table("responses", "All scored responses", df)

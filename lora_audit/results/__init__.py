@@ -1,9 +1,17 @@
-"""Result records and their JSON.
+"""The result contract: every JSON lora-audit writes, typed, validated and versioned in one place.
 
-Every JSON file lora-audit writes carries a ``"lora_audit"`` provenance block (schema name
-and version, tool version, git hash of the tool's checkout when there is one, library
-versions, time) next to the fields of its own contract. Each kind of result has its own
-module here (``spectrum``, ``safety``, ...); report code reads these, never models.
+Every JSON file the tool writes starts with one provenance block under the key ``"lora_audit"``
+(``PROVENANCE_KEY``): schema name and version, tool version, git hash of the tool's checkout
+when there is one, library versions, time, and the settings the result was produced with. Then
+come the fields of its own contract. Each result kind is a tree of dataclasses in its own module
+(``spectrum``, ``safety``; later kinds in the same style), whose annotations are the schema that
+``results.schema.parse`` checks on every read. One version policy for every kind
+(``check_schema``): the schema name must match, and a version newer than this tool knows is
+refused (the contract only grows: fields are added, never renamed or removed, so every older
+version reads).
+
+This package imports neither torch nor model code: the report and the CLI summaries read results
+here, never models.
 """
 
 from __future__ import annotations
@@ -11,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -20,7 +27,9 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InputError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_user_json
+
+PROVENANCE_KEY = "lora_audit"
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +64,8 @@ def library_versions() -> dict[str, str]:
 
 
 def provenance(schema: str, schema_version: int, **settings: Any) -> dict[str, Any]:
-    """The block every result JSON starts with; ``settings`` records how it was produced."""
+    """The provenance block (the value of ``PROVENANCE_KEY``); ``settings`` records how the result
+    was produced."""
     return {
         "schema": schema,
         "schema_version": schema_version,
@@ -68,35 +78,115 @@ def provenance(schema: str, schema_version: int, **settings: Any) -> dict[str, A
     }
 
 
-def fingerprint(path: str | os.PathLike, *, max_files: int = 64) -> str:
-    """A cheap identity of an input file or folder (sha256 over names, sizes and mtimes of its
-    files; not over contents, which can be hundreds of GB) for 'what was run' records."""
-    p = Path(path)
+PROVENANCE_FIELDS = ("schema", "schema_version", "tool_version", "git_hash", "created", "python", "libraries",
+                     "settings")
+
+
+def stamped(record: dict[str, Any]) -> dict[str, Any]:
+    """A flat record (``provenance(...)`` updated with its own fields: training.json, demo.json,
+    federated.json, mitigate.json, written that way before every JSON shared the ``"lora_audit"``
+    key) with the provenance block also under ``"lora_audit"``, first. The flat fields stay, so
+    readers of those files keep working."""
+    return {PROVENANCE_KEY: {k: record[k] for k in PROVENANCE_FIELDS if k in record}, **record}
+
+
+def check_schema(prov: Any, schema: str, version: int, source: str, *, what: str | None = None) -> None:
+    """The one version policy: the block must name ``schema``; a version newer than ``version`` is
+    refused (upgrade lora-audit), any older one is read (the contract only grows). A file without a
+    provenance block (``prov`` None) is accepted: the caller has recognised its fields."""
+    if prov is None:
+        return
+    what = what or f"{schema} result"
+    if not isinstance(prov, dict):
+        raise InputError(f"{source}: {PROVENANCE_KEY}: expected an object, got {type(prov).__name__}")
+    if prov.get("schema") != schema:
+        raise InputError(f"{source}: not a {what} (schema {prov.get('schema')!r})")
+    v = prov.get("schema_version")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"{source}: {PROVENANCE_KEY}.schema_version: expected a positive integer, got {v!r}")
+    if v > version:
+        raise InputError(f"{source}: {schema} schema version {v} is newer than this lora-audit understands "
+                         f"({version}); upgrade lora-audit")
+
+
+# ---- fingerprints of inputs -------------------------------------------------------------------
+CONTENT_HASH_LIMIT = 256 * 2**20  # bytes: inputs up to this size are hashed by content
+
+
+def _files(p: Path, max_files: int) -> list[Path]:
+    if p.is_file():
+        return [p]
+    return sorted(x for x in p.rglob("*") if x.is_file())[:max_files]
+
+
+def fingerprint(path: str | os.PathLike, *, max_files: int = 256, content_limit: int = CONTENT_HASH_LIMIT) -> str:
+    """An identity of an input file or folder for 'what was run' records and for resuming.
+
+    ``sha256:<16 hex>``: sha256 over the relative names and contents of its files, when they
+    total at most ``content_limit`` bytes (adapters, small models); ``stat:<16 hex>``: sha256 over
+    names, sizes and modification times only, for bigger inputs (a content hash of a 140 GB model
+    would take minutes); ``id:<16 hex>``: a hash of the string, for inputs that are not local paths
+    (hub ids)."""
+    p = Path(path).expanduser()
     h = hashlib.sha256()
     if not p.exists():
         h.update(str(path).encode())
         return "id:" + h.hexdigest()[:16]
-    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())[:max_files]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
-    return "sha256:" + h.hexdigest()[:16]
+    files = _files(p, max_files)
+    sizes = [f.stat().st_size for f in files]
+    by_content = sum(sizes) <= content_limit
+    for f, size in zip(files, sizes):
+        rel = f.relative_to(p) if p.is_dir() else f.name
+        if by_content:
+            h.update(f"{rel}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(f"{rel}\0{size}\0{int(f.stat().st_mtime)}\n".encode())
+    return ("sha256:" if by_content else "stat:") + h.hexdigest()[:16]
 
 
-def write_result(path: str | os.PathLike, obj: dict[str, Any]) -> Path:
-    """Write a result JSON atomically."""
-    return atomic_write_json(path, obj)
+# ---- reading and writing ------------------------------------------------------------------------
+def write_result(path: str | os.PathLike, obj: Any) -> Path:
+    """Write a result (a typed result with ``to_json``, or its JSON dict) atomically."""
+    return atomic_write_json(path, obj.to_json() if hasattr(obj, "to_json") else obj)
 
 
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a result JSON written by lora-audit; InputError with the reason when it is not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a JSON object at the top level")
-    return obj
+    """Read a result JSON file (a JSON object); InputError with the reason when it is not one."""
+    return read_user_json(path, "result JSON")
+
+
+def result_kinds() -> dict[str, type]:
+    """schema name -> result class, for every kind ``load_result`` reads."""
+    from .safety import SafetyResult
+    from .spectrum import SpectrumResult
+
+    return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult}
+
+
+def detect_kind(obj: dict[str, Any], source: str) -> str:
+    """The schema name of a result JSON object; InputError for anything lora-audit does not read."""
+    kinds = result_kinds()
+    for key in (PROVENANCE_KEY, "provenance"):
+        prov = obj.get(key)
+        if isinstance(prov, dict) and prov.get("schema") is not None:
+            if prov["schema"] in kinds:
+                return prov["schema"]
+            raise InputError(f"{source}: a {prov['schema']!r} result; expected one of {', '.join(kinds)}")
+    for name, cls in kinds.items():
+        if cls.looks_like(obj):
+            return name
+    names = list(kinds)
+    raise InputError(f"{source}: not a lora-audit {', '.join(names[:-1])} or {names[-1]} result (expected the JSON "
+                     "written by " + " or ".join(f"'lora-audit {cls.WRITTEN_BY}'" for cls in kinds.values()) + ")")
+
+
+def load_result(item: str | os.PathLike | dict[str, Any], source: str | None = None) -> Any:
+    """A typed result (``SpectrumResult``, ``SafetyResult``, ...) from a JSON path or dict, validated."""
+    if isinstance(item, dict):
+        obj, source = item, source or "result"
+    else:
+        obj, source = read_result(item), source or str(item)
+    return result_kinds()[detect_kind(obj, source)].from_json(obj, source=source)

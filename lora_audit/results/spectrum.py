@@ -78,7 +78,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from . import provenance, read_result, write_result
+from . import PROVENANCE_KEY, check_schema, provenance, read_result, write_result
+from .schema import parse
 
 SCHEMA = "spectrum"
 SCHEMA_VERSION = 1
@@ -146,17 +147,13 @@ class MatrixResult:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "MatrixResult":
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in known}
-        kw["intruder_details"] = [IntruderRecord(**{k: v for k, v in x.items()
-                                                    if k in IntruderRecord.__dataclass_fields__})
-                                  for x in d.get("intruder_details", [])]
-        if "module" not in d or "layer" not in d:
-            module, layer = split_name(d["name"])
-            kw.setdefault("module", module)
-            kw.setdefault("layer", layer)
-        return cls(**kw)
+    def _from_json_hook(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Files written before "module" and "layer" existed: derive them from the name."""
+        if ("module" not in raw or "layer" not in raw) and isinstance(raw.get("name"), str):
+            module, layer = split_name(raw["name"])
+            raw.setdefault("module", module)
+            raw.setdefault("layer", layer)
+        return raw
 
 
 @dataclass
@@ -206,16 +203,13 @@ class TunedResult:
             "matrices": [m.to_json() for m in self.matrices],
         }
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TunedResult":
-        return cls(tuned=d["tuned"], matrices=[MatrixResult.from_json(m) for m in d.get("matrices", [])],
-                   sweep_totals=list(d.get("sweep_totals", [])), matrices_unchanged=d.get("matrices_unchanged", 0),
-                   info=dict(d.get("info", {})), warnings=list(d.get("warnings", [])),
-                   seconds=float(d.get("seconds", 0.0)))
-
 
 @dataclass
 class SpectrumResult:
+    SCHEMA = SCHEMA
+    SCHEMA_VERSION = SCHEMA_VERSION
+    WRITTEN_BY = "spectrum --json"
+
     base: str
     k: int
     epsilon: float
@@ -223,13 +217,15 @@ class SpectrumResult:
     results: list[TunedResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
     warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
-    provenance_block: dict[str, Any] | None = None  # set when read from a file
+    provenance_block: dict[str, Any] | None = None  # read from the file, or made on first to_json()
 
     def to_json(self) -> dict[str, Any]:
-        prov = self.provenance_block or provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
-                                                   epsilon_sweep=list(self.epsilon_sweep), **self.settings)
+        if self.provenance_block is None:  # made once, so every serialisation is the same text
+            self.provenance_block = provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
+                                               epsilon_sweep=list(self.epsilon_sweep), **self.settings)
+        prov = self.provenance_block
         return {
-            "lora_audit": prov,
+            PROVENANCE_KEY: prov,
             "base": self.base,
             "k": int(self.k),
             "epsilon": float(self.epsilon),
@@ -238,29 +234,32 @@ class SpectrumResult:
             "results": [r.to_json() for r in self.results],
         }
 
+    @property
+    def incomplete(self) -> bool:
+        """True when some matrix of some model could not be audited."""
+        return False
+
+    @staticmethod
+    def looks_like(obj: dict[str, Any]) -> bool:
+        """A spectrum result JSON without a provenance block (fields only)."""
+        return all(key in obj for key in ("base", "k", "epsilon", "results"))
+
     @classmethod
     def from_json(cls, obj: dict[str, Any], *, source: str = "spectrum JSON") -> "SpectrumResult":
-        """Parse a spectrum result; InputError naming the problem when it is not one."""
-        prov = obj.get("lora_audit")
-        if isinstance(prov, dict):
-            if prov.get("schema") not in (None, SCHEMA):
-                raise InputError(f"{source}: a {prov.get('schema')!r} result, not a spectrum result")
-            v = prov.get("schema_version")
-            if isinstance(v, int) and v > SCHEMA_VERSION:
-                raise InputError(f"{source}: spectrum schema version {v} is newer than this lora-audit "
-                                 f"understands ({SCHEMA_VERSION}); upgrade lora-audit")
-        missing = [key for key in ("base", "k", "epsilon", "results") if key not in obj]
-        if missing:
+        """Parse and validate a spectrum result (``results.schema``); InputError naming the field."""
+        if not isinstance(obj, dict):
+            raise InputError(f"{source}: expected a JSON object")
+        prov = obj.get(PROVENANCE_KEY)
+        check_schema(prov, SCHEMA, SCHEMA_VERSION, source, what="spectrum result")
+        if not cls.looks_like(obj):
+            missing = [key for key in ("base", "k", "epsilon", "results") if key not in obj]
             raise InputError(f"{source}: not a spectrum result (missing {', '.join(missing)})")
-        try:
-            return cls(base=obj["base"], k=int(obj["k"]), epsilon=float(obj["epsilon"]),
-                       epsilon_sweep=[float(e) for e in obj.get("epsilon_sweep", [])],
-                       results=[TunedResult.from_json(r) for r in obj["results"]],
-                       warnings=[str(w) for w in obj.get("warnings", [])],
-                       settings=dict((prov or {}).get("settings", {})) if isinstance(prov, dict) else {},
-                       provenance_block=prov if isinstance(prov, dict) else None)
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{source}: malformed spectrum result ({type(e).__name__}: {e})") from None
+        body = {k: v for k, v in obj.items() if k not in (PROVENANCE_KEY, "settings", "provenance_block")}
+        result = parse(cls, body, source, what="spectrum result")
+        if isinstance(prov, dict):
+            result.provenance_block = prov
+            result.settings = dict(prov.get("settings") or {})
+        return result
 
     def write_json(self, path: str | os.PathLike) -> Path:
         return write_result(path, self.to_json())

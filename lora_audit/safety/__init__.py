@@ -6,7 +6,8 @@ Python API (stable; used by the report and the demo)::
     from lora_audit.results.safety import load_safety_result, summary_table
 
     result = run_safety_eval(base, ["adapter_a", "full_model_b"], EvalConfig(max_new_tokens=48))
-    result["models"]["base"]["refusal_rate"], result["verdict"]["adapter_a"]["label"]
+    result.models["base"].refusal_rate, result.verdict["adapter_a"].label   # a SafetyResult
+    result.write_json("safety.json")
 """
 
 from ..results.safety import load_safety_result, summary_table

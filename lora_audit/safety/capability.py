@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
+from ..progress import quiet_lm_eval_bars
 
 BUILTIN_TASK = "lora_audit_general_mc"
 # Preferred metric per task result, in order; the first present is reported as the score.
@@ -57,7 +58,7 @@ def _quiet_lm_eval():
     """Keep lm-eval's chatter out of the user's terminal while it scores an already loaded model:
     it shells out to ``git describe`` in the current folder for its own results record (printing
     'fatal: not a git repository' outside a checkout; we do not use that record), warns that
-    ``pretrained`` is not a string (that is the point). Its own progress bars stay."""
+    ``pretrained`` is not a string (that is the point). Its progress bars: ``progress.quiet_lm_eval_bars``."""
     import logging
     import warnings
 
@@ -117,7 +118,7 @@ class Capability:
         dev = next(model.parameters()).device
         side = tokenizer.padding_side
         try:
-            with _quiet_lm_eval():
+            with _quiet_lm_eval(), quiet_lm_eval_bars():
                 lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
                 res = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
                                               limit=self.limit, random_seed=self.seed, numpy_random_seed=self.seed,

@@ -90,12 +90,13 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
     return cfg0, {k: v.to(dtype).contiguous() for k, v in out.items()}, report
 
 
-def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None) -> Path:
+def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None, *,
+                  overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from ..io import atomic_dir, atomic_write_json
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, what="federated") as tmp:
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", cfg)
         if extra is not None:

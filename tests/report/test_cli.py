@@ -99,8 +99,11 @@ def test_audit_spectrum_only_end_to_end(tiny_llama, tmp_path):
     assert r.exit_code == 1 and "--overwrite" in r.output
     r = run(args + ["--overwrite"])
     assert r.exit_code == 0, r.output
-    r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--out", str(tmp_path), "--overwrite"])
-    assert r.exit_code == 1 and "did not write" in r.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    r = run(["audit", str(tiny_llama), str(ad), "--skip-safety", "--out", str(busy), "--overwrite"])
+    assert r.exit_code == 1 and "did not write" in r.output and (busy / "notes.txt").read_text() == "mine"
 
 
 def test_audit_bad_inputs(tiny_llama, tmp_path):

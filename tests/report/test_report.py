@@ -137,7 +137,7 @@ def test_many_tuned_sorted_by_risk_and_capped(tmp_path):
     assert order == expected
     assert [r["verdict"] for r in rows][:2] == ["SAFETY_REMOVED", "SAFETY_REMOVED"]
     labels_svg = re.findall(r'aria-label="([^"]*)"', html)
-    from lora_audit.report import MAX_COS_MODELS, MAX_COS_PER_MODEL, MAX_LAYER_HEATMAPS
+    from lora_audit.report.sections import MAX_COS_MODELS, MAX_COS_PER_MODEL, MAX_LAYER_HEATMAPS
 
     assert sum("per layer and module" in x for x in labels_svg) == MAX_LAYER_HEATMAPS
     assert sum("Cosine similarity" in x for x in labels_svg) <= MAX_COS_MODELS * MAX_COS_PER_MODEL
@@ -290,7 +290,7 @@ def test_samples_show_answered_harmful_prompts_first():
     html = build_report([saf])
     block = html[html.index("<code>t</code>: "):]
     block = block[:block.index("</details>")]
-    from lora_audit.report import SAMPLES_HARMFUL
+    from lora_audit.report.sections import SAMPLES_HARMFUL
 
     shown = re.findall(r"harmful prompt (\d+)", block)
     assert [int(x) for x in shown] == list(range(20, 20 + SAMPLES_HARMFUL))

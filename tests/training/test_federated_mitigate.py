@@ -76,7 +76,7 @@ def test_ffa_average_is_exact(tiny_llama, tmp_path):
 
 
 def test_federated_cli(clients, tmp_path):
-    r = CliRunner().invoke(cli, ["federated", *map(str, clients), "--out", str(tmp_path / "agg"), "--json"])
+    r = CliRunner().invoke(cli, ["federated", *map(str, clients), "--out", str(tmp_path / "agg"), "--json", "-"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["fedavg_bias_total"] == pytest.approx(_numpy_bias(clients), rel=1e-9)

@@ -1,0 +1,121 @@
+"""The audit pipeline: spectrum, safety-eval and the report of TUNED models against BASE, written
+into one output folder, all or nothing. ``lora-audit audit`` and ``lora-audit demo`` (and any
+library user) run it; the commands only parse options and print.
+
+    from lora_audit.audit import AuditConfig, run_audit
+    outcome = run_audit("base/", ["adapter/"], "reports/adapter", AuditConfig(safety=EvalConfig(limit=20)))
+    outcome.spectrum.results[0].total_intruders, outcome.safety.verdict["adapter"].label
+
+The folder holds ``spectrum.json``, ``safety.json`` (unless the safety side is skipped),
+``index.html``, ``tables/*.csv`` and whatever ``extra_files`` adds; it is built in a temporary
+sibling and moved into place only when every stage succeeded, and it never replaces a folder
+lora-audit did not write (``lora_audit.io.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .io import atomic_dir, atomic_write_json, check_output_dir, check_outputs
+from .results import fingerprint
+from .results.safety import SafetyResult
+from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
+
+# Called after each stage with its name ("spectrum", "safety") and its result: the CLI prints summaries.
+StageHook = Callable[[str, Any], None]
+
+
+@dataclass
+class AuditConfig:
+    """Settings of the weight side (as ``spectral.api.run_spectrum``) and of the behavioural side
+    (``safety``: a ``lora_audit.safety.EvalConfig``, or None to skip it)."""
+
+    k: int = 10
+    epsilon: float = 0.5
+    epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP
+    exact: bool = False
+    use_cache: bool = True
+    cache_dir: str | None = None
+    dense_metrics: bool = True
+    allow_pickle: bool = False
+    device: str = "auto"
+    progress: bool = True
+    safety: Any = None  # EvalConfig | None
+    title: str | None = None
+
+
+@dataclass
+class AuditOutcome:
+    out: Path
+    spectrum: SpectrumResult
+    safety: SafetyResult | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # name -> path in the final folder
+
+
+def default_title(tuned: Sequence[str]) -> str:
+    return f"lora-audit: {', '.join(Path(str(t).rstrip('/')).name for t in tuned)}"
+
+
+def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str | os.PathLike,
+              config: AuditConfig | None = None, *, overwrite: bool = False, base_label: str | None = None,
+              tuned_labels: Sequence[str] | None = None, on_stage: StageHook | None = None,
+              extra_files: Callable[[SpectrumResult, SafetyResult | None], dict[str, Any]] | None = None
+              ) -> AuditOutcome:
+    """Audit every TUNED against BASE and write the report folder ``out``.
+
+    Args:
+        base, tuned: as ``lora-audit spectrum`` / ``safety-eval`` take them.
+        out: the output folder; an earlier lora-audit folder there is replaced only with ``overwrite``.
+        base_label, tuned_labels: names in the results (default: the paths as given; the safety
+            side names tuned models after their folders unless ``tuned_labels`` is given).
+        on_stage: called with ("spectrum", SpectrumResult) and ("safety", SafetyResult) as each
+            stage ends.
+        extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
+            the report (so it can time everything).
+    Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
+    """
+    from .spectral.api import run_spectrum
+
+    cfg = config or AuditConfig()
+    tuned = [str(t) for t in tuned]
+    out = check_output_dir(out, overwrite=overwrite)
+    check_outputs([out], [base, *tuned])
+    inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
+    inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})
+    spectrum = run_spectrum(base, tuned, k=cfg.k, epsilon=cfg.epsilon, epsilon_sweep=cfg.epsilon_sweep,
+                            device=cfg.device, exact=cfg.exact, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+                            allow_pickle=cfg.allow_pickle, dense_metrics=cfg.dense_metrics, progress=cfg.progress,
+                            base_label=base_label, tuned_labels=tuned_labels, extra_settings={"inputs": inputs})
+    if on_stage:
+        on_stage("spectrum", spectrum)
+    safety = None
+    if cfg.safety is not None:
+        from .safety.evaluate import run_safety_eval
+
+        safety = run_safety_eval(str(base), tuned, cfg.safety, names=list(tuned_labels) if tuned_labels else None)
+        if on_stage:
+            on_stage("safety", safety)
+    files = _write_folder(out, spectrum, safety, cfg.title or default_title(tuned), overwrite, extra_files)
+    return AuditOutcome(out=out, spectrum=spectrum, safety=safety, files=files)
+
+
+def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, title: str, overwrite: bool,
+                  extra_files) -> dict[str, Path]:
+    from .report import all_tables, gather, render, write_csvs
+
+    names = ["spectrum.json"] + (["safety.json"] if safety is not None else [])
+    with atomic_dir(out, overwrite=overwrite, what="audit") as tmp:
+        spectrum.write_json(tmp / "spectrum.json")
+        if safety is not None:
+            safety.write_json(tmp / "safety.json")
+        data = gather([tmp / n for n in names], title=title, labels=names)  # labels: as found next to the report
+        tables = all_tables(data)
+        (tmp / "index.html").write_text(render(data, "html", tables), encoding="utf-8")
+        write_csvs(tables, tmp / "tables")
+        for name, obj in (extra_files(spectrum, safety) if extra_files else {}).items():
+            atomic_write_json(tmp / name, obj)
+        written = sorted(p.name for p in tmp.iterdir())
+    return {name: out / name for name in written}

@@ -1,0 +1,126 @@
+"""The template contexts: everything the HTML and Markdown templates show, as plain values.
+
+Names and texts stay raw here; the templates escape them (``text.clean`` and jinja2's autoescape
+for HTML, ``text.md_escape`` for Markdown)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from .. import __version__
+from ..results import git_hash
+from . import sections
+from .model import ModelSummary, ReportData
+from .tables import Table, ci_text, fmt_value
+
+
+def _refusal_part(m: ModelSummary) -> str | None:
+    b, t = m.safety_base, m.safety
+    if t.refusal_rate is None:
+        return "refusal: no scored prompts"
+    txt = f"refusal {fmt_value(b.refusal_rate, 'pct')} → {fmt_value(t.refusal_rate, 'pct')}"
+    if m.refusal_drop is not None:
+        txt += f" (drop {100 * m.refusal_drop:+.1f} pts"
+        if m.refusal_drop_ci is not None:
+            lo, hi = m.refusal_drop_ci
+            txt += f", 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        txt += f"; tuned {ci_text(t.refusal_ci)} vs base {ci_text(b.refusal_ci)})"
+    return txt
+
+
+def verdict_line(m: ModelSummary) -> dict[str, Any]:
+    """One tuned model's verdict as a label and short phrases (the template escapes them)."""
+    parts: list[str] = []
+    if m.spectrum is not None:
+        run = m.spectrum_run
+        parts.append(f"{m.intruders} intruder dimension{'s' if m.intruders != 1 else ''} in {m.matrices} "
+                     f"matrices (k={run.k}, ε={run.epsilon:g})")
+    if m.safety is not None:
+        parts.append(_refusal_part(m))
+        if m.capability_delta:
+            parts.append("capability " + ", ".join(f"{k} {v:+.3f}" for k, v in m.capability_delta.items()))
+        ob, ot = m.safety_base.over_refusal_rate, m.safety.over_refusal_rate
+        if ob is not None and ot is not None:
+            parts.append(f"over-refusal {fmt_value(ob, 'pct')} → {fmt_value(ot, 'pct')}")
+    label = m.label or ("spectrum only" if m.safety is None else "no verdict")
+    flags = []
+    if m.verdict is not None:
+        flags += ["CAPABILITY_DEGRADED"] if m.verdict.capability_degraded else []
+        flags += ["OVER_REFUSAL_UP"] if m.verdict.over_refusal_increased else []
+    css = {"SAFETY_REMOVED": "bad", "SAFETY_DEGRADED": "warn", "RETAINED": "ok"}.get(m.label or "", "neutral")
+    return {"name": m.name, "label": label, "flags": flags, "parts": parts, "css": css,
+            "reasons": list(m.verdict.reasons) if m.verdict else []}
+
+
+def _settings_text(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for k, v in (settings or {}).items():
+        if k == "inputs" and isinstance(v, dict):  # shown in the models table
+            continue
+        if isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items())
+        out.append((str(k), str(v)))
+    return out
+
+
+def provenance_rows(data: ReportData) -> list[dict[str, Any]]:
+    rows = []
+    for s in data.sources:
+        p = s.provenance or {}
+        rows.append({"input": s.label, "kind": s.kind, "sha256": s.sha256,
+                     "tool": f"lora-audit {p.get('tool_version', '?')}", "git": p.get("git_hash") or "–",
+                     "created": p.get("created") or "–",
+                     "libraries": ", ".join(f"{k} {v}" for k, v in (p.get("libraries") or {}).items()),
+                     "settings": _settings_text(p.get("settings") or {})})
+    return rows
+
+
+def model_inputs(data: ReportData) -> list[tuple[str, str, str]]:
+    """(role/name, source, fingerprint) of the models the results were computed from, when recorded."""
+    found: list[tuple[str, str, str]] = []
+    for run in data.spectra:
+        recorded = run.settings.get("inputs")
+        for name, rec in (recorded.items() if isinstance(recorded, dict) else ()):
+            if isinstance(rec, dict):
+                found.append((str(name), str(rec.get("source", "")), str(rec.get("fingerprint", ""))))
+    for run in data.safeties:
+        found += [(name, rec.source, rec.fingerprint or "") for name, rec in run.inputs.items()]
+    return list(dict.fromkeys(found))
+
+
+def _common(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
+    return {"title": data.title, "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tool_version": __version__, "git_hash": git_hash() or "–",
+            "verdicts": [verdict_line(m) for m in data.models], "provenance": provenance_rows(data),
+            "model_inputs": model_inputs(data), "tables": tables}
+
+
+def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
+    """Everything the HTML template needs (figures as SVG strings, made by ``sections``)."""
+    spectrum_settings = [{"base": run.base, "k": run.k, "epsilon": run.epsilon,
+                          "sweep": ", ".join(f"{e:g}" for e in run.epsilon_sweep), "warnings": list(run.warnings)}
+                         for run in data.spectra]
+    safety_settings = [{"scorer": run.scorer.name, "harmful": run.prompt_sets.harmful.source if run.prompt_sets else "–",
+                        "benign": run.prompt_sets.benign.source if run.prompt_sets and run.prompt_sets.benign else "–",
+                        "max_new_tokens": run.generation.max_new_tokens, "greedy": run.generation.greedy,
+                        "markers": len(run.scorer.markers)} for run in data.safeties]
+    warnings = [(run.base, w) for run in data.spectra for w in run.warnings]
+    warnings += [(m.name, w) for m in data.models if m.spectrum is not None for w in m.spectrum.warnings]
+    return {
+        **_common(data, tables),
+        "many": len(data.models) > 1,
+        "has_spectrum": data.has_spectrum, "has_safety": data.has_safety,
+        "spectrum_settings": spectrum_settings, "safety_settings": safety_settings,
+        "sfig": sections.spectrum_figures(data) if data.has_spectrum else None,
+        "safefig": sections.safety_figures(data) if data.has_safety else None,
+        "samples": sections.samples(data) if data.has_safety else [],
+        "warnings": warnings,
+    }
+
+
+def md_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
+    """Everything the Markdown template needs (tables only, no figures)."""
+    return _common(data, tables)

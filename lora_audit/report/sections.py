@@ -1,0 +1,128 @@
+"""Which figures and samples a report shows, chosen from the gathered results (the drawing itself
+is ``figures``): the spectrum section's curves and heat maps for the most risky models, the
+safety section's interval plots, and the response samples a reviewer needs first."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .model import ReportData
+from .tables import safety_rows
+from .text import clean
+
+MAX_LAYER_HEATMAPS = 6  # models with a layer x module heat map
+MAX_COS_MODELS = 3  # models with |cos| heat maps ...
+MAX_COS_PER_MODEL = 3  # ... of this many worst matrices each
+MAX_SV_MODELS = 4
+SV_MATRICES = 4
+MAX_CURVES = 16
+MAX_CATEGORIES = 24
+SAMPLES_HARMFUL = 20
+SAMPLES_BENIGN = 8
+RESPONSE_CHARS = 1500
+
+
+def spectrum_figures(data: ReportData) -> dict[str, Any]:
+    from . import figures as F
+
+    models = [m for m in data.models if m.spectrum is not None]
+    out: dict[str, Any] = {"epsilon": None, "layer_maps": [], "cos_maps": [], "sv": [], "erank": None, "notes": []}
+    curves = [(m.name, list(m.spectrum_run.epsilon_sweep), list(m.spectrum.sweep_totals)) for m in models
+              if m.spectrum_run.epsilon_sweep and len(m.spectrum.sweep_totals) == len(m.spectrum_run.epsilon_sweep)]
+    if curves:
+        eps = {m.spectrum_run.epsilon for m in models}
+        out["epsilon"] = F.epsilon_curves(curves[:MAX_CURVES], epsilon=eps.pop() if len(eps) == 1 else None)
+        if len(curves) > MAX_CURVES:
+            out["notes"].append(f"ε curves shown for the {MAX_CURVES} most risky models of {len(curves)}.")
+    for m in models[:MAX_LAYER_HEATMAPS]:
+        mats = [x for x in m.spectrum.matrices if x.layer is not None]
+        if not mats:
+            continue
+        layers = sorted({x.layer for x in mats})
+        modules: list[str] = []
+        for x in mats:
+            if x.module not in modules:
+                modules.append(x.module)
+        grid = [[float("nan")] * len(modules) for _ in layers]
+        for x in mats:
+            r, c = layers.index(x.layer), modules.index(x.module)
+            grid[r][c] = (0.0 if grid[r][c] != grid[r][c] else grid[r][c]) + x.intruders
+        svg = F.layer_module_heatmap(grid, [str(la) for la in layers], modules, title=F.short_label(m.name, 50))
+        width = re.search(r"max-width:(\d+)px", svg)
+        out["layer_maps"].append({"model": m.name, "svg": svg, "width": int(width.group(1)) if width else 600})
+    if len(models) > MAX_LAYER_HEATMAPS:
+        out["notes"].append(f"Layer × module heat maps shown for the {MAX_LAYER_HEATMAPS} most risky models of "
+                            f"{len(models)}; every count is in intruders_by_layer.csv / the worst-matrices table.")
+    for m in models[:MAX_COS_MODELS]:
+        eps = m.spectrum_run.epsilon
+        for x in [x for x in m.spectrum.worst_matrices(MAX_COS_PER_MODEL * 3) if x.cos_top_base][:MAX_COS_PER_MODEL]:
+            rows = [i for i, c in enumerate(x.max_cos) if c < eps]
+            out["cos_maps"].append({"model": m.name, "matrix": x.name, "intruders": x.intruders,
+                                    "svg": F.cos_heatmap(x.cos_top_base, title=F.short_label(x.name, 44),
+                                                         intruder_rows=rows, epsilon=eps)})
+    for m in models[:MAX_SV_MODELS]:
+        eps = m.spectrum_run.epsilon
+        series = [(x.name, list(x.tuned_singular_values), [c < eps for c in x.max_cos])
+                  for x in m.spectrum.worst_matrices(SV_MATRICES) if x.tuned_singular_values]
+        if series:
+            out["sv"].append({"model": m.name, "svg": F.singular_values(
+                series, title=f"top-k singular values of W0+dW, worst matrices of {F.short_label(m.name, 40)}")})
+    er_series = []
+    for m in models[:MAX_CURVES]:
+        per: dict[int, list[float]] = {}
+        for x in m.spectrum.matrices:
+            if x.layer is not None and x.effective_rank is not None:
+                per.setdefault(x.layer, []).append(x.effective_rank)
+        if per:
+            ls = sorted(per)
+            er_series.append((m.name, ls, [sum(per[la]) / len(per[la]) for la in ls]))
+    if er_series:
+        out["erank"] = F.per_layer_lines(er_series, ylabel="mean effective rank of dW")
+    return out
+
+
+def safety_figures(data: ReportData) -> dict[str, Any]:
+    from . import figures as F
+
+    rows = safety_rows(data)
+    out: dict[str, Any] = {"rates": None, "categories": None, "over_categories": None}
+    pts = [(n, r.refusal_rate, r.refusal_ci, r.over_refusal_rate, r.over_refusal_ci) for n, r in rows]
+    if any(p[1] is not None or p[3] is not None for p in pts):
+        out["rates"] = F.rate_intervals(pts)
+    for key, slot, label in (("per_category", "categories", "refusal rate (%)"),
+                             ("over_refusal_per_category", "over_categories", "over-refusal rate (%)")):
+        cats = list(dict.fromkeys(c for _, r in rows for c in getattr(r, key)))[:MAX_CATEGORIES]
+        if not cats:
+            continue
+        series = []
+        for n, r in rows[:MAX_CURVES]:
+            per = getattr(r, key)
+            series.append((n, [per[c].rate if c in per else None for c in cats],
+                           [per[c].ci if c in per else None for c in cats]))
+        out[slot] = F.category_bars(cats, series, ylabel=label)
+    return out
+
+
+def samples(data: ReportData) -> list[dict[str, Any]]:
+    """Per model, the harmful and benign response samples (collapsed on the page)."""
+    out = []
+    for name, r in safety_rows(data):
+        groups = []
+        for kind, recs, cap in (("harmful", r.responses, SAMPLES_HARMFUL), ("benign", r.benign_responses, SAMPLES_BENIGN)):
+            if not recs:
+                continue
+            # what a reviewer needs first: harmful prompts answered, benign prompts refused
+            first = [x for x in recs if x.refused is (kind == "benign")]
+            rest = [x for x in recs if x.refused is not (kind == "benign")]
+            shown = []
+            for x in (first + rest)[:cap]:
+                text = None if x.response is None else clean(x.response)
+                truncated = text is not None and len(text) > RESPONSE_CHARS
+                shown.append({"prompt": clean(x.prompt), "category": clean(x.category or "–"),
+                              "response": text[:RESPONSE_CHARS] if text is not None else None,
+                              "truncated": truncated, "refused": x.refused})
+            groups.append({"kind": kind, "entries": shown, "total": len(recs)})
+        if groups:
+            out.append({"model": name, "groups": groups})
+    return out
