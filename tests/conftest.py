@@ -1,5 +1,6 @@
-"""Shared fixtures. Each test session gets its own lora-audit cache folder, so no test reads or
-writes the user's real cache; the SmolLM2 default model is converted once per session."""
+"""Shared fixtures. Each test session gets its own lora-audit cache folder and config folder (which
+holds the spectrum cache's key file), so no test reads or writes the user's real cache or key;
+the SmolLM2 default model is converted once per session."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ def session_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_cache(session_cache, monkeypatch):
     monkeypatch.setenv("LORA_AUDIT_CACHE", str(session_cache))
+
+
+@pytest.fixture(scope="session")
+def session_config(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora_audit_config")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(session_config, monkeypatch):
+    monkeypatch.setenv("LORA_AUDIT_CONFIG", str(session_config))
+    monkeypatch.delenv("LORA_AUDIT_CACHE_KEY_FILE", raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,19 @@
 """``lora-audit cache ls|clear``: look at or empty the base-spectrum cache.
 
 Thin: the cache itself is ``lora_audit.spectral.cache.SpectrumCache``; the folder defaults to
-the one ``lora-audit spectrum`` uses (``<lora-audit cache>/spectra``).
+the one ``lora-audit spectrum`` uses (``<lora-audit cache>/spectra``). Both commands deal only
+with files that are provably cache entries (``SpectrumCache.scan``): pointed at any other
+folder, they list nothing, delete nothing and say how many files they ignored.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
+from ..text import printable
 from ._common import user_errors
 
 
@@ -48,39 +50,70 @@ def cache():
     \b
     `lora-audit spectrum` stores the singular value decomposition of every base matrix it
     decomposes (keyed by a hash of the matrix's contents), so auditing further adapters of the
-    same base skips the expensive half of the work. Entries are verified on every read; a
-    damaged one is recomputed.
+    same base skips the expensive half of the work. Entries are authenticated with a secret key
+    kept outside the cache folder (~/.config/lora-audit/cache-key, or $LORA_AUDIT_CACHE_KEY_FILE)
+    and verified on every read; a damaged, stale or forged one is recomputed. Only files that are
+    provably cache entries are listed or deleted.
     """
+
+
+def _ignored(n: int) -> str:
+    return f"{n} other file{'' if n == 1 else 's'} ignored (not cache entries)"
+
+
+def _listing(c, scan) -> dict:
+    """The JSON of ``cache ls``: provenance, then the folder, its entries and what was ignored."""
+    from ..results import provenance
+
+    return {"lora_audit": provenance("cache-listing", 1), "root": str(c.root),
+            "entries": [e.as_dict() for e in scan.entries], "count": len(scan.entries),
+            "total_bytes": sum(e.size for e in scan.entries), "temporary_files": len(scan.temporary),
+            "ignored_files": scan.ignored}
+
+
+def _table(entries) -> list[str]:
+    rows = [(e.key[:16], "x".join(map(str, e.shape)) if e.shape else "?", e.dtype or "?", human_bytes(e.size),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) + ("" if e.ok else f"  ({e.problem})"))
+            for e in entries]
+    head = ("KEY", "SHAPE", "DTYPE", "SIZE", "CREATED")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    return [printable(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
+            for r in [head, *rows]]
 
 
 @cache.command("ls")
 @_cache_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the entries and total size as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also write the entries, total size and provenance as JSON to this file ('-': print only "
+                   "the JSON, to stdout).")
 @user_errors
-def ls(cache_dir, as_json):
+def ls(cache_dir, json_path):
     """List cached base spectra (shape, dtype, size) and the total size."""
+    from ..io import atomic_write_json, check_output_file, json_text
+
     c = _open(cache_dir)
-    entries = c.entries()
-    total = sum(e.size for e in entries)
-    if as_json:
-        click.echo(json.dumps({"root": str(c.root), "entries": [e.as_dict() for e in entries],
-                               "count": len(entries), "total_bytes": total}, indent=2))
+    if json_path not in (None, "-"):
+        check_output_file(json_path, "cache listing")
+    scan = c.scan()
+    if json_path == "-":
+        click.echo(json_text(_listing(c, scan)), nl=False)
         return
-    if not entries:
-        click.echo(f"No cached spectra in {c.root}")
-        return
-    rows = [(e.key[:16], "x".join(map(str, e.shape)) if e.shape else "?", e.dtype or "?", human_bytes(e.size),
-             time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) + ("" if e.ok else "  (unreadable)"))
-            for e in entries]
-    head = ("KEY", "SHAPE", "DTYPE", "SIZE", "CREATED")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    fmt = lambda r: (f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  "  # noqa: E731
-                     f"{r[3]:>{widths[3]}}  {r[4]}")
-    click.echo(fmt(head))
-    for r in rows:
-        click.echo(fmt(r))
-    noun = "entry" if len(entries) == 1 else "entries"
-    click.echo(f"{len(entries)} {noun}, {human_bytes(total)} in {c.root}")
+    if json_path is not None:
+        atomic_write_json(json_path, _listing(c, scan))
+    root = printable(c.root)
+    if scan.entries:
+        click.echo("\n".join(_table(scan.entries)))
+        total = sum(e.size for e in scan.entries)
+        click.echo(f"{len(scan.entries)} {'entry' if len(scan.entries) == 1 else 'entries'}, {human_bytes(total)} "
+                   f"in {root}")
+    else:
+        click.echo(f"No cached spectra in {root}")
+    if scan.temporary:
+        click.echo(f"{len(scan.temporary)} temporary files left by an interrupted write; 'cache clear' removes them")
+    if scan.ignored:
+        click.echo(_ignored(scan.ignored))
+    if json_path is not None:
+        click.echo(f"JSON written to {printable(json_path)}")
 
 
 @cache.command("clear")
@@ -88,14 +121,19 @@ def ls(cache_dir, as_json):
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @user_errors
 def clear(cache_dir, yes):
-    """Delete every cached base spectrum (they are recomputed when needed)."""
+    """Delete every cached base spectrum (they are recomputed when needed).
+
+    Only cache entries and the cache's own temporary files are deleted; any other file in the
+    folder is left alone."""
     c = _open(cache_dir)
-    entries = c.entries()
-    if not entries and not c.root.is_dir():
-        click.echo(f"No cached spectra in {c.root}")
+    scan = c.scan()
+    root = printable(c.root)
+    ignored = f"; {_ignored(scan.ignored)}" if scan.ignored else ""
+    if not scan.entries and not scan.temporary:
+        click.echo(f"No cached spectra in {root}{ignored}")
         return
     if not yes:
-        click.confirm(f"Delete {len(entries)} cached spectra ({human_bytes(sum(e.size for e in entries))}) "
-                      f"in {c.root}?", abort=True)
+        size = sum(e.size for e in scan.entries)
+        click.confirm(f"Delete {len(scan.entries)} cached spectra ({human_bytes(size)}) in {root}?", abort=True)
     n, freed = c.clear()
-    click.echo(f"Removed {n} files ({human_bytes(freed)}) from {c.root}")
+    click.echo(f"Removed {n} files ({human_bytes(freed)}) from {root}{ignored}")

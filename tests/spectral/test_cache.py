@@ -1,10 +1,12 @@
 """The base-spectrum cache: hits and misses, equality to a fresh SVD (numpy as the independent
 reference), content keys, float32/float64 kept apart, damaged entries rebuilt with a warning,
-atomic writes, and ``lora-audit cache ls|clear``."""
+atomic writes, and ``lora-audit cache ls|clear``. Forgery, the key file and what ls/clear may
+touch: test_cache_trust.py."""
 
 import json
 import os
 import struct
+import tempfile
 
 import numpy as np
 import pytest
@@ -185,8 +187,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_leftover_temporary_file_is_not_an_entry(tmp_path):
     W = _matrix()
     key = tensor_key(W)
-    tmp = tmp_path / f".{key}.safetensors.abc123.tmp"  # what a killed writer leaves
-    tmp.write_bytes(b"\x00" * 100)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.safetensors.", suffix=".tmp", dir=tmp_path)  # as the writer does
+    os.write(fd, b"\x00" * 100)  # ... and a killed writer leaves
+    os.close(fd)
     cache = SpectrumCache(tmp_path)
     assert cache.entries() == []
     cache.base_spectrum(W, "cpu")
@@ -236,9 +239,10 @@ def test_cache_ls_cli(tmp_path):
     assert lines[0].split() == ["KEY", "SHAPE", "DTYPE", "SIZE", "CREATED"]
     assert "40x30" in r.output and "30x40" in r.output and "float64" in r.output
     assert lines[-1].startswith("2 entries, ") and lines[-1].endswith(f" in {root}")
-    r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json"])
+    r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json", "-"])
     data = json.loads(r.output)
-    assert data["count"] == 2 and data["root"] == str(root)
+    assert list(data)[0] == "lora_audit" and data["lora_audit"]["schema"] == "cache-listing"
+    assert data["count"] == 2 and data["root"] == str(root) and data["ignored_files"] == 0
     assert data["total_bytes"] == sum(p.stat().st_size for p in root.glob("*.safetensors"))
     assert {e["key"] for e in data["entries"]} == {e.key for e in cache.entries()}
     assert {tuple(e["shape"]) for e in data["entries"]} == {(40, 30), (30, 40)}
@@ -247,7 +251,7 @@ def test_cache_ls_cli(tmp_path):
 def test_cache_ls_default_folder_follows_lora_audit_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_AUDIT_CACHE", str(tmp_path))
     _populate(tmp_path / "spectra")
-    r = CliRunner().invoke(cli, ["cache", "ls", "--json"])
+    r = CliRunner().invoke(cli, ["cache", "ls", "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.output)["count"] == 2
 
 
@@ -264,7 +268,7 @@ def test_cache_clear_cli(tmp_path):
     assert r.output.rstrip().endswith(f"Removed 2 files ({total / 1024:.1f} KiB) from {root}")
     assert list(root.glob("*.safetensors")) == []
     r = runner.invoke(cli, ["cache", "clear", "--cache-dir", str(root), "--yes"])
-    assert r.exit_code == 0 and r.output == f"Removed 0 files (0 B) from {root}\n"
+    assert r.exit_code == 0 and r.output == f"No cached spectra in {root}\n"
 
 
 def test_cache_dir_that_is_a_file_is_a_clean_error(tmp_path):
@@ -274,13 +278,14 @@ def test_cache_dir_that_is_a_file_is_a_clean_error(tmp_path):
     assert r.exit_code != 0 and "Traceback" not in r.output
 
 
-def test_header_reader_rejects_non_safetensors(tmp_path):
-    from lora_audit.spectral.cache import _read_header
+@pytest.mark.parametrize("data", [struct.pack("<Q", 2**40), struct.pack("<Q", 20000) + b"[" * 20000])
+def test_header_reader_rejects_non_safetensors(tmp_path, data):
+    from lora_audit.spectral.cache import _header_from
 
     p = tmp_path / "x"
-    p.write_bytes(struct.pack("<Q", 2**40))
-    with pytest.raises(ValueError):
-        _read_header(p)
+    p.write_bytes(data)
+    with open(p, "rb") as fh, pytest.raises(ValueError):
+        _header_from(fh)
 
 
 def test_audit_with_cache_equals_audit_without(tmp_path):
