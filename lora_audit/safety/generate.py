@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from ..datafile import is_blank, read_text
 from ..errors import InputError
 from ..progress import progress
 
@@ -28,12 +28,27 @@ def chat_texts(tokenizer, prompts: list[str], chat_template: str | None = None) 
 
 
 def read_chat_template(path: str | None) -> str | None:
+    """The text of a --chat-template file (None: use the tokenizer's), checked to be a Jinja
+    template that compiles the way transformers compiles chat templates (its sandbox and its
+    extra tags), so a syntax error names the file and line before any model is loaded."""
     if path is None:
         return None
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path}: no such chat template file")
-    return p.read_text(encoding="utf-8")
+    template = read_text(path, "chat template file")
+    if is_blank(template):
+        raise InputError(f"{path}: the chat template file is empty; it must hold a Jinja chat template "
+                         "(as in tokenizer_config.json)")
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another transformers version: chat_texts reports errors when applying it
+        return template
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise InputError(f"{path}: line {e.lineno} of the chat template is not valid Jinja ({e.message}); "
+                         "it must be a Jinja chat template as in tokenizer_config.json") from None
+    return template
 
 
 @dataclass

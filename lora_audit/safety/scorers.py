@@ -13,10 +13,14 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import string
 
 import torch
 
+from ..datafile import is_blank, lines, read_text
+from ..errors import InputError
 from ..progress import progress
 
 DEFAULT_MARKERS = [
@@ -105,17 +109,67 @@ JUDGE_TEMPLATE = (
 )
 
 
-def check_judge_template(template: str) -> None:
-    from ..errors import InputError
-
-    for field in ("{behavior}", "{generation}"):
-        if field not in template:
-            raise InputError(f"the judge template must contain {field} (and {{behavior}}/{{generation}} only)")
+def check_judge_template(template: str, where: str = "the judge template") -> None:
+    """InputError unless ``template`` is a format string whose only fields are plain {behavior}
+    and {generation} (both present). Attribute and index fields ({behavior.__class__}) would reach
+    into Python objects, and format specs ({behavior:>999999999}) can make huge strings: both
+    are refused."""
+    hint = "write literal braces as {{ and }}"
     try:
-        template.format(behavior="", generation="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise InputError(f"the judge template is not a valid format string ({e}); write literal braces "
-                         "as {{ and }}") from None
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise InputError(f"{where} is not a valid format string ({e}); {hint}") from None
+    fields = set()
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if name not in ("behavior", "generation") or spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise InputError(f"{where} has the field {shown!r}; only {{behavior}} and {{generation}} are "
+                             f"allowed ({hint})")
+        fields.add(name)
+    missing = [f"{{{f}}}" for f in ("behavior", "generation") if f not in fields]
+    if missing:
+        raise InputError(f"{where} lacks {' and '.join(missing)}; it must contain {{behavior}} and "
+                         "{generation}")
+
+
+def read_judge_template(path: str | os.PathLike) -> str:
+    """The text of a --judge-template file, checked with ``check_judge_template``."""
+    template = read_text(path, "judge template file")
+    check_judge_template(template, f"{path}: the judge template")
+    return template
+
+
+# A marker is a short phrase, searched in the first --marker-window characters (200 by default)
+# of each response; the default list has 15. Far more, or far longer, means the wrong file.
+MAX_MARKERS = 1000
+MAX_MARKER_CHARS = 200
+
+
+def load_markers(value: str) -> list[str]:
+    """Refusal markers from --markers: a file with one marker a line (blank lines skipped), or
+    'a|b|c'. A value without '|' that ends in .txt is taken as a file name even when missing, so
+    a mistyped file name is not searched for as a marker. Markers are stripped; InputError when
+    there are none, more than MAX_MARKERS, or one longer than MAX_MARKER_CHARS characters."""
+    is_file = os.path.lexists(value) or ("|" not in value and value.lower().endswith(".txt"))
+    if is_file:
+        items = [(f"{value}: line {i}", m.strip()) for i, m in enumerate(lines(read_text(value, "markers file")), 1)]
+        source = f"{value}: the markers file"
+    else:
+        items = [(f"--markers: marker {i}", m.strip()) for i, m in enumerate(value.split("|"), 1)]
+        source = "--markers"
+    markers = [(where, m) for where, m in items if not is_blank(m)]
+    if not markers:
+        raise InputError(f"{source} gives no markers; give a file with one marker a line, or 'a|b|c'")
+    if len(markers) > MAX_MARKERS:
+        raise InputError(f"{source} gives {len(markers):,} markers, more than {MAX_MARKERS:,}; a marker list is "
+                         "a few short refusal phrases")
+    for where, m in markers:
+        if len(m) > MAX_MARKER_CHARS:
+            raise InputError(f"{where}: the marker is {len(m):,} characters, longer than {MAX_MARKER_CHARS}; a "
+                             "marker is a short refusal phrase such as \"I cannot\"")
+    return [m for _, m in markers]
 
 
 def parse_judge_answer(text: str) -> str:

@@ -1,6 +1,7 @@
 """Training data: JSONL with {"prompt", "response"} (loss on the response only; the prompt is
 wrapped in the tokenizer's chat template when it has one) or {"text"} (loss on every token);
-``builtin:NAME`` reads ``lora_audit/data/train/NAME.jsonl``.
+``builtin:NAME`` reads ``lora_audit/data/train/NAME.jsonl``. A row may hold at most
+``DEFAULT_MAX_ROW_CHARS`` characters unless the caller raises the limit.
 
 Batches use dynamic padding (each batch padded to its longest row, right padding) so short
 examples cost little on CPU.
@@ -8,16 +9,22 @@ examples cost little on CPU.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
+from ..datafile import check_chars, check_limit, is_blank, parse_jsonl, read_text
 from ..errors import FormatError, InputError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "train"
 IGNORE = -100
+# Longer rows (prompt + response, or text) are refused unless the caller raises the limit: rows
+# are cut to --max-length tokens (default 256, about 1,000 characters) anyway, so a row of more
+# than 64,000 characters (about 16,000 tokens) is almost all thrown away, and is more likely a
+# broken file (a whole document on one line) than an example.
+DEFAULT_MAX_ROW_CHARS = 64_000
+LIMIT_OPTION = "--max-row-chars"
 
 
 def builtin_names() -> list[str]:
@@ -33,39 +40,39 @@ def resolve_data(spec: str) -> Path:
             raise InputError(f"no built-in data set {name!r}; available: {', '.join(builtin_names())}")
         return path
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{spec}: data file not found (give a JSONL file or builtin:NAME, "
                          f"built-ins: {', '.join(builtin_names())})")
     return path
 
 
-def load_records(spec: str) -> list[dict]:
-    """Parse the JSONL; a FormatError names the file and line of the first bad row."""
+_ACCEPTED = '{"prompt": str, "response": str} or {"text": str}'
+
+
+def load_records(spec: str, *, max_chars: int | None = DEFAULT_MAX_ROW_CHARS) -> list[dict]:
+    """Parse the JSONL; a FormatError names the file and line of the first bad row: not JSON, not
+    an object of the accepted shape, a blank ``text``/``response`` (nothing to learn from), or a
+    row longer than ``max_chars`` characters (None: no limit)."""
+    check_limit(max_chars, f"max_chars ({LIMIT_OPTION})")
     path = resolve_data(spec)
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text ({e.reason})") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise FormatError(f"{path}:{lineno}: each line must be a JSON object")
-        if "text" in row and isinstance(row["text"], str):
-            rows.append({"text": row["text"]})
-        elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-            rows.append({"prompt": row["prompt"], "response": row["response"]})
-        else:
-            raise FormatError(f'{path}:{lineno}: expected {{"prompt": str, "response": str}} or '
-                              f'{{"text": str}}, got keys {sorted(row)}')
+    rows = [_record(row, f"{path}: line {n}", max_chars)
+            for n, row in parse_jsonl(read_text(path, "training data file"), path, _ACCEPTED)]
     if not rows:
         raise InputError(f"{path}: no training examples")
     return rows
+
+
+def _record(row: dict, where: str, max_chars: int | None) -> dict:
+    if isinstance(row.get("text"), str):
+        rec, learned = {"text": row["text"]}, "text"
+    elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        rec, learned = {"prompt": row["prompt"], "response": row["response"]}, "response"
+    else:
+        raise FormatError(f"{where}: expected {_ACCEPTED}, got keys {sorted(row)}")
+    if is_blank(rec[learned]):
+        raise FormatError(f"{where}: the {learned!r} is empty; there is nothing to train on")
+    check_chars("".join(rec.values()), max_chars, where, "row", LIMIT_OPTION)
+    return rec
 
 
 def encode(row: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:

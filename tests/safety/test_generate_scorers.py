@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from lora_audit.checkpoints import load_model
-from lora_audit.safety.generate import GenSettings, chat_texts, generate
-from lora_audit.safety.scorers import (KeywordScorer, agreement, calibrate_threshold, first_token_scores,
-                                       judge_answers, parse_judge_answer, refusal_start_ids)
+from lora_audit.errors import InputError
+from lora_audit.safety.generate import GenSettings, chat_texts, generate, read_chat_template
+from lora_audit.safety.scorers import (JUDGE_TEMPLATE, KeywordScorer, agreement, calibrate_threshold,
+                                       first_token_scores, judge_answers, load_markers, parse_judge_answer,
+                                       read_judge_template, refusal_start_ids)
 
 PROMPTS = ["Hi", "Explain photosynthesis in simple words for a child please", "What is two plus two?",
            "Write a poem about the sea and the wind and the stars, a long one", "Bread?"]
@@ -144,3 +147,75 @@ def test_judge_answers_counts_unknown():
     out = judge_answers(_FakeJudge(), tok, [("b", "g")] * 3, batch_size=8)
     assert out == ["yes", "no", "unknown"]
     assert tok.padding_side == "right"  # restored
+
+
+# ---- template and marker files ---------------------------------------------------------------
+def _file(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def test_chat_template_file_read_and_checked(tmp_path):
+    ok = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}ASSISTANT:"
+    assert read_chat_template(_file(tmp_path, "ok.jinja", ok)) == ok  # transformers' own {% generation %} tag
+    assert read_chat_template(None) is None
+    bad = _file(tmp_path, "bad.jinja", "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %\n")
+    with pytest.raises(InputError, match=r"bad.jinja: line 3 of the chat template is not valid Jinja"):
+        read_chat_template(bad)
+    with pytest.raises(InputError, match=r"blank.jinja: the chat template file is empty"):
+        read_chat_template(_file(tmp_path, "blank.jinja", " \n"))
+    with pytest.raises(InputError, match=r"nothere.jinja: no such chat template file"):
+        read_chat_template(str(tmp_path / "nothere.jinja"))
+    os.mkfifo(tmp_path / "fifo.jinja")
+    with pytest.raises(InputError, match=r"fifo.jinja: the chat template file must be a regular file, not a named"):
+        read_chat_template(str(tmp_path / "fifo.jinja"))
+
+
+def test_judge_template_file_read_and_checked(tmp_path):
+    assert read_judge_template(_file(tmp_path, "ok.txt", JUDGE_TEMPLATE)) == JUDGE_TEMPLATE
+    for name, text, match in [
+        ("nogen.txt", "Request: {behavior}\nAnswer:", r"nogen.txt: the judge template lacks \{generation\}"),
+        ("brace.txt", "{behavior} {generation} {", r"brace.txt: the judge template is not a valid format string"),
+        ("other.txt", "{behavior} {generation} {rubric}", r"other.txt: the judge template has the field '\{rubric\}'"),
+        ("attr.txt", "{behavior.__class__} {generation}", r"has the field '\{behavior.__class__\}'"),
+        ("spec.txt", "{behavior:>999999999} {generation}", r"has the field '\{behavior:>999999999\}'"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            read_judge_template(_file(tmp_path, name, text))
+    with pytest.raises(InputError, match=r"no such judge template file"):
+        read_judge_template(str(tmp_path / "none.txt"))
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(InputError, match=r"fifo.txt: the judge template file must be a regular file"):
+        read_judge_template(str(tmp_path / "fifo.txt"))
+
+
+def test_load_markers(tmp_path):
+    assert load_markers(" I cannot | As an AI||") == ["I cannot", "As an AI"]
+    f = _file(tmp_path, "m.list", "\ufeffI won't\n\n  Sorry, no  \r\n")
+    assert load_markers(f) == ["I won't", "Sorry, no"]
+    assert KeywordScorer(load_markers(f))("Sorry, no way")
+
+
+@pytest.mark.parametrize("value,match", [
+    ("|  |", r"--markers gives no markers"),
+    ("|".join(["m"] * 1001), r"--markers gives 1,001 markers, more than 1,000"),
+    ("short|" + "x" * 201, r"--markers: marker 2: the marker is 201 characters, longer than 200"),
+    ("missing-markers.txt", r"missing-markers.txt: no such markers file"),
+])
+def test_load_markers_refused(value, match):
+    with pytest.raises(InputError, match=match):
+        load_markers(value)
+
+
+def test_load_markers_bad_files(tmp_path):
+    with pytest.raises(InputError, match=r"empty.txt: the markers file gives no markers"):
+        load_markers(_file(tmp_path, "empty.txt", "\n \n"))
+    with pytest.raises(InputError, match=r"long.txt: line 2: the marker is 201 characters"):
+        load_markers(_file(tmp_path, "long.txt", "ok\n" + "y" * 201 + "\n"))
+    (tmp_path / "nul.txt").write_bytes(b"ok\n\x00\n")
+    with pytest.raises(InputError, match=r"nul.txt: line 2 contains a NUL byte"):
+        load_markers(str(tmp_path / "nul.txt"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InputError, match=r"fifo: the markers file must be a regular file, not a named pipe"):
+        load_markers(str(tmp_path / "fifo"))

@@ -119,11 +119,11 @@ def test_response_only_loss_masks_prompt(tiny_llama):
 def test_data_errors(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
-    with pytest.raises(FormatError, match=r"bad.jsonl:2"):
+    with pytest.raises(FormatError, match=r"bad.jsonl: line 2 is not valid JSON"):
         train(method="lora", base=str(tiny_llama), data=str(bad), out=tmp_path / "o", steps=1)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"question": "a"}\n')
-    with pytest.raises(FormatError, match=r"wrong.jsonl:1.*prompt"):
+    with pytest.raises(FormatError, match=r"wrong.jsonl: line 1: expected.*prompt"):
         train(method="lora", base=str(tiny_llama), data=str(wrong), out=tmp_path / "o", steps=1)
     with pytest.raises(InputError, match="not found"):
         train(method="lora", base=str(tiny_llama), data=str(tmp_path / "none.jsonl"), out=tmp_path / "o", steps=1)
