@@ -64,6 +64,14 @@ def tiny_gpt2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(path, HF state dict it encodes) of a tiny Q8_0 llama GGUF with the tiny Llama's shapes."""
+    from .gguf_helpers import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(session_cache):
     """The real default model as a HF folder (marks: smollm2)."""
     import importlib.util

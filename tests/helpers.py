@@ -116,6 +116,16 @@ def make_peft_adapter(base_folder: str | Path, out: str | Path, *, seed: int = 1
     return Path(out)
 
 
+def copy_with(folder: str | Path, dst: str | Path, name: str, content: str | bytes) -> Path:
+    """A copy of ``folder`` at ``dst`` whose file ``name`` is replaced by ``content``; that file's path."""
+    import shutil
+
+    shutil.copytree(folder, dst)
+    p = Path(dst) / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return p
+
+
 def reference_intruders(W0: torch.Tensor, W1: torch.Tensor, k: int = 10, epsilon: float = 0.5):
     """The paper's algorithm, plainly, in float64 (Shuttleworth et al. 2024, Sec. 3):
     two full SVDs; for each of the top-k left singular vectors of W1, the max |cos| against

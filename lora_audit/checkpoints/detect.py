@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 from pathlib import Path
 
 from ..errors import FormatError, InputError
+from .adapters import read_adapter_config  # noqa: F401 - also importable from here (safety.evaluate)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -67,14 +67,6 @@ def _looks_like_kohya(p: Path) -> bool:
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error for the user
         raise FormatError(f"{p}: not a readable safetensors file ({e})") from None
     return any(k.endswith(("lora_down.weight", "lora_up.weight")) for k in keys)
-
-
-def read_adapter_config(folder: str | os.PathLike) -> dict:
-    p = Path(folder) / "adapter_config.json"
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p}: unreadable adapter config ({e})") from None
 
 
 PICKLE_REFUSAL = ("{path}: holds only pickle weights (pytorch_model.bin / *.bin). Unpickling can run "

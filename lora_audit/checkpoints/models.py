@@ -1,9 +1,11 @@
 """Load whole models (for generation, scoring and training), as opposed to the streaming
 matrix reader used by the spectral audit.
 
-``load_model("path/or/id")`` accepts a Hugging Face folder, a GGUF file (dequantised by
-transformers), a hub id (when online), or a PEFT adapter folder together with ``base=``.
-Never ``trust_remote_code`` unless the caller asks; never unpickle unless ``allow_pickle``.
+``load_model("path/or/id")`` accepts a Hugging Face folder, a GGUF file (dequantised into a plain
+float model), a hub id (when online), or a PEFT adapter (folder or hub id) together with ``base=``.
+Never ``trust_remote_code`` unless the caller asks; never unpickle unless ``allow_pickle``, for
+every source (hub ids included). ``match_adapter_to_model`` checks an adapter against a loaded
+model before peft patches it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 
 from ..device import resolve_device
 from ..errors import FormatError, InputError
-from .detect import PICKLE_REFUSAL, Kind, detect, read_adapter_config
+from .adapters import AdapterFile, AdapterMatch, match_adapter, read_peft_adapter
+from .detect import PICKLE_REFUSAL, Kind
+from .sources import gguf_file, load_gguf_model, local_path, open_weights, read_model_config
+from .stream import conv1d_weights
 
 
 @dataclass
@@ -39,47 +44,46 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     """Load a causal LM and its tokenizer, ready for ``eval()`` use on ``device``.
 
     Args:
-        source: model folder, .gguf file, hub id, or PEFT adapter folder (then ``base`` is needed,
-            unless the adapter config names a base path that exists locally).
+        source: model folder, .gguf file, hub id, or PEFT adapter folder or hub id (then ``base`` is
+            needed, unless the adapter config names a base path that exists locally).
         base: the base model for an adapter (anything ``load_model`` accepts).
         merge: merge an adapter into the base weights (faster generation; needs a float base).
         allow_pickle: permit pytorch_model.bin, loaded with torch.load(weights_only=True).
+
+    A hub id is first resolved to a local snapshot holding no pickle (``sources.local_path``) and
+    classified there; a folder's config, shard index and weight files are checked (``open_weights``)
+    before transformers reads them, and transformers is told to read safetensors only unless
+    ``allow_pickle``; a GGUF gives a plain float model (``sources.load_gguf_model``).
     """
     source = str(source)
-    kind = detect(source)
+    path, kind = local_path(source)
     dev = resolve_device(device)
     if kind == Kind.PEFT_ADAPTER:
-        return _load_adapter(source, base, dev, dtype, merge, allow_pickle, trust_remote_code)
+        return _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code)
     if kind in (Kind.SAFETENSORS_FILE, Kind.KOHYA_LORA):
         raise InputError(f"{source}: a bare .safetensors file has no model config; pass the model folder "
                          "that holds config.json")
     if kind == Kind.PICKLE and not allow_pickle:
         raise InputError(PICKLE_REFUSAL.format(path=source))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    path = source
+    tok_path, tok_kwargs = path, {"trust_remote_code": trust_remote_code}
     if kind == Kind.GGUF:
-        p = Path(source)
-        gguf = p if p.is_file() else next(x for x in p.iterdir() if x.name.lower().endswith(".gguf"))
-        path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif kind == Kind.HF_FOLDER:
-        kwargs["use_safetensors"] = True
-        if not (Path(source) / "config.json").is_file():
+        model = load_gguf_model(path, dtype=dtype)
+        gguf = gguf_file(path)
+        tok_path, tok_kwargs["gguf_file"] = gguf.parent, gguf.name
+    else:
+        folder = path if path.is_dir() else path.parent
+        if not (folder / "config.json").is_file():
             raise InputError(f"{source}: no config.json; a model folder needs its config to be loaded whole")
-    elif kind == Kind.PICKLE:
-        kwargs["use_safetensors"] = False  # transformers loads .bin with weights_only=True
+        if kind == Kind.HF_FOLDER:
+            open_weights(path)  # config, shard index and weight files checked before transformers reads them
+        else:
+            read_model_config(folder)
+        model = _from_pretrained(source, folder, dtype=dtype, use_safetensors=kind != Kind.PICKLE,
+                                 trust_remote_code=trust_remote_code)
+    from transformers import AutoTokenizer
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise InputError(f"{source}: could not load the model ({_first_line(e)})") from None
-    except (ValueError, KeyError) as e:
-        raise FormatError(f"{source}: could not load the model ({_first_line(e)})") from None
-    tok_kwargs = {"trust_remote_code": trust_remote_code}
-    if "gguf_file" in kwargs:
-        tok_kwargs["gguf_file"] = kwargs["gguf_file"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_path), **tok_kwargs)
     except (OSError, ValueError) as e:
         raise InputError(f"{source}: no usable tokenizer next to the model ({_first_line(e)})") from None
     _prepare_tokenizer(tokenizer)
@@ -87,10 +91,36 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind)
 
 
-def _load_adapter(source, base, dev, dtype, merge, allow_pickle, trust_remote_code) -> LoadedModel:
-    cfg = read_adapter_config(source)
+def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safetensors: bool,
+                     trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=use_safetensors,
+                                                    trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise InputError(f"{source}: could not load the model ({_first_line(e)})") from None
+    except (ValueError, KeyError) as e:
+        raise FormatError(f"{source}: could not load the model ({_first_line(e)})") from None
+
+
+def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a loaded model, tied parameters under each of their names."""
+    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def match_adapter_to_model(af: AdapterFile, model: torch.nn.Module, *, base: str) -> AdapterMatch:
+    """``adapters.match_adapter`` against a loaded model (GPT-2 Conv1D weights taken transposed):
+    ShapeMismatchError before peft touches the model, which it would leave half-patched."""
+    shapes = model_shapes(model)
+    return match_adapter(af, shapes, transposed=conv1d_weights(shapes, getattr(model.config, "model_type", None)),
+                         base=base)
+
+
+def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code) -> LoadedModel:
+    af = read_peft_adapter(path)
     if base is None:
-        guess = cfg.get("base_model_name_or_path")
+        guess = af.config.get("base_model_name_or_path")
         if guess and Path(guess).exists():
             base = guess
         else:
@@ -98,10 +128,13 @@ def _load_adapter(source, base, dev, dtype, merge, allow_pickle, trust_remote_co
                              f"(the adapter names {guess!r})")
     loaded = load_model(base, device=str(dev), dtype=dtype, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code)
+    if loaded.kind == Kind.PEFT_ADAPTER:
+        raise InputError(f"{base}: is a PEFT adapter; the base of adapter {source} must be a full model")
+    match_adapter_to_model(af, loaded.model, base=f"base {base}")
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(loaded.model, source, is_trainable=False)
+        model = PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(f"{source}: adapter does not fit base {base} ({_first_line(e)})") from None
     model.to(dev).eval()

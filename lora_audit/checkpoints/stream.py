@@ -11,13 +11,13 @@ the base's index order: memory stays near a few matrices whatever the model size
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
 from ..errors import InputError, ShapeMismatchError
-from .adapters import AdapterFile, factors, read_kohya_lora, read_peft_adapter
+from .adapters import AdapterFile, match_adapter, read_adapter
 from .deltas import Delta, Dense, DoRA, LowRank, MatrixGroup
 from .detect import Kind
 from .sources import WeightSource, local_path, open_weights
@@ -42,6 +42,15 @@ def is_embedding(name: str) -> bool:
 def is_head(name: str) -> bool:
     parts = _parts(name)
     return len(parts) >= 2 and parts[-2] in HEAD_PARTS and parts[0] in HEAD_PARTS + ("model",)
+
+
+def conv1d_weights(shapes: Mapping[str, tuple[int, ...]], model_type: str | None) -> set[str]:
+    """The 2-D weights of a model stored (in x out), as transformers' Conv1D keeps them (GPT-2 and
+    its kin, ``CONV1D_MODEL_TYPES``): the stream analyses them transposed, and adapter deltas,
+    which are (out x in), are matched against them transposed (``adapters.match_adapter``)."""
+    if model_type not in CONV1D_MODEL_TYPES:
+        return set()
+    return {n for n, s in shapes.items() if len(s) == 2 and len(_parts(n)) >= 2 and _parts(n)[-2] in CONV1D_MODULES}
 
 
 @dataclass
@@ -110,31 +119,12 @@ class AuditStream:
         module = spec.module_of.get(name)
         if module is None:
             return None
-        B, A, mag = factors(spec.adapter, module)
-        s = spec.adapter.scale(module, int(A.shape[0]))
+        B, A, mag = spec.adapter.factors(module)
+        s = spec.adapter.scale(module)
         B, A = B.to(self.dtype), A.to(self.dtype)
         if mag is not None:
             return DoRA(B=B, A=A, scale=s, magnitude=mag.to(self.dtype))
         return LowRank(B=B, A=A, scale=s)
-
-
-def _oriented_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
-    if len(shape) == 4:
-        shape = (shape[0], shape[1] * shape[2] * shape[3])
-    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-
-
-def _match_module(module: str, base_names: set[str], by_suffix: dict[str, list[str]]) -> str | None:
-    """The base parameter an adapter module adapts: exact, then with leading name parts dropped
-    (adapters made on a wrapped model), then a unique base name ending with the module's name."""
-    parts = module.split(".")
-    for i in range(len(parts)):
-        cand = ".".join(parts[i:]) + ".weight"
-        if cand in base_names:
-            return cand
-    hits = by_suffix.get(parts[-1], [])
-    hits = [h for h in hits if h.endswith("." + module + ".weight")]
-    return hits[0] if len(hits) == 1 else None
 
 
 def open_stream(base: str | os.PathLike, tuned: list[str | os.PathLike], *, include_embeddings: bool = False,
@@ -148,32 +138,18 @@ def open_stream(base: str | os.PathLike, tuned: list[str | os.PathLike], *, incl
         raise InputError("no TUNED model given")
     base = str(base)
     base_src = open_weights(base, allow_pickle=allow_pickle)
-    conv1d = base_src.model_type in CONV1D_MODEL_TYPES
-    analysable, transposed = [], set()
-    for n in base_src.names():
-        shape = base_src.shape(n)
-        if len(shape) not in (2, 4):
-            continue
-        if not include_embeddings and (is_embedding(n) or is_head(n)):
-            continue
-        if conv1d and len(shape) == 2 and _parts(n)[-2] in CONV1D_MODULES:
-            transposed.add(n)
-        analysable.append(n)
-    analysable_set = set(analysable)
-    all_2d = {n for n in base_src.names() if len(base_src.shape(n)) in (2, 4)}
-    by_suffix: dict[str, list[str]] = {}
-    for n in all_2d:
-        if len(_parts(n)) >= 2:
-            by_suffix.setdefault(_parts(n)[-2], []).append(n)
-
+    shapes = {n: tuple(base_src.shape(n)) for n in base_src.names()}
+    transposed = conv1d_weights(shapes, base_src.model_type)
+    analysable = [n for n, shape in shapes.items() if len(shape) in (2, 4)
+                  and (include_embeddings or not (is_embedding(n) or is_head(n)))]
     specs: list[_Tuned] = []
     for t in tuned:
         path, kind = local_path(t)
         spec = _Tuned(str(t), kind)
         if kind in (Kind.PEFT_ADAPTER, Kind.KOHYA_LORA):
-            spec.adapter = read_peft_adapter(path) if kind == Kind.PEFT_ADAPTER else read_kohya_lora(path)
+            spec.adapter = read_adapter(path)
             spec.info, spec.warnings = spec.adapter.info(), list(spec.adapter.warnings)
-            _map_adapter(spec, base, base_src, all_2d, analysable_set, transposed, by_suffix)
+            _map_adapter(spec, base, shapes, set(analysable), transposed)
         else:
             spec.weights = open_weights(path, allow_pickle=allow_pickle)
             spec.info = {"kind": kind.value, "model_type": spec.weights.model_type}
@@ -190,47 +166,18 @@ def open_stream(base: str | os.PathLike, tuned: list[str | os.PathLike], *, incl
         hint = "" if include_embeddings else " (embeddings and lm_head are skipped unless --include-embeddings)"
         raise InputError(f"base {base} and the tuned model(s) have no 2-D weight matrix in common to audit{hint}")
     base_warnings = []
-    if conv1d and transposed:
+    if transposed:
         base_warnings.append(f"{len(transposed)} Conv1D weights (stored in x out) are analysed transposed, as (out x in)")
     return AuditStream(base, [str(t) for t in tuned], base_src, specs, plan, transposed, dtype, base_warnings)
 
 
-def _map_adapter(spec: _Tuned, base: str, base_src: WeightSource, all_2d: set[str], analysable: set[str],
-                 transposed: set[str], by_suffix: dict[str, list[str]]) -> None:
-    af = spec.adapter
-    unmatched, mismatched = [], []
-    for module, (rows, cols, r) in af.shapes.items():
-        name = _match_module(module, all_2d, by_suffix)
-        if name is None:
-            unmatched.append(module)
-            continue
-        want = _oriented_shape(base_src.shape(name), name in transposed)
-        if af.modules[module].embedding:
-            want = tuple(base_src.shape(name))  # embeddings keep their stored (vocab, dim) layout
-        if (rows, cols) != tuple(want):
-            mismatched.append(f"{module}: adapter delta {rows}x{cols} (r={r}) vs base {name} {want[0]}x{want[1]}")
-            continue
-        if name in analysable:
-            spec.module_of[name] = module
-    for pname, key in af.replacements.items():
-        name = pname if pname in all_2d else _match_module(pname.rsplit(".", 1)[0], all_2d, by_suffix)
-        if name is None:
-            if pname.endswith(".weight"):
-                unmatched.append(pname)
-            continue
-        shape = tuple(af._tensors.get_slice(key).get_shape())
-        if shape != tuple(base_src.shape(name)):
-            mismatched.append(f"{pname}: replacement {shape} vs base {tuple(base_src.shape(name))}")
-        elif name in analysable:
-            spec.replacement_of[name] = key
-    if mismatched:
-        raise ShapeMismatchError(f"adapter {spec.path} does not fit base {base}: {len(mismatched)} module(s) differ "
-                                 "in shape:\n  " + "\n  ".join(mismatched[:10]) + _more(mismatched)
-                                 + "\nWas it trained on another model?")
-    if unmatched:
-        raise ShapeMismatchError(f"adapter {spec.path} targets modules that base {base} does not have: "
-                                 + ", ".join(unmatched[:8]) + _more(unmatched, 8) + ". Was it trained on another model?")
-    skipped = len(af.shapes) - len(spec.module_of)
+def _map_adapter(spec: _Tuned, base: str, shapes: dict[str, tuple[int, ...]], analysable: set[str],
+                 transposed: set[str]) -> None:
+    """Fill spec.module_of / replacement_of with the analysable base matrices the adapter changes."""
+    match = match_adapter(spec.adapter, shapes, transposed=transposed, base=f"base {base}")
+    spec.module_of = {n: m for n, m in match.module_of.items() if n in analysable}
+    spec.replacement_of = {n: k for n, k in match.replacement_of.items() if n in analysable}
+    skipped = len(match.module_of) - len(spec.module_of)
     if skipped:
         spec.warnings.append(f"{skipped} adapted embedding/lm_head module(s) not audited (use --include-embeddings)")
 

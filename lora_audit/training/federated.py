@@ -14,40 +14,42 @@ client's A matrices are identical and average the saved B (for Fed-SB, B R_k).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..checkpoints.adapters import AdapterFile, read_peft_adapter
+from ..checkpoints.detect import Kind, detect
 from ..errors import FormatError, InputError
 
 AGG_METHODS = ("fedavg", "ffa", "fed-sb")
+# Config fields every client must share: they decide each module's scale, and DoRA.
+SHARED_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
 
-def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_p, w_p = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_p.is_file() or not w_p.is_file():
+def read_client(path: str | Path) -> AdapterFile:
+    """One client's PEFT LoRA adapter, through the one adapter reader (config and factors validated)."""
+    if detect(path) != Kind.PEFT_ADAPTER:
         raise InputError(f"{path}: not a PEFT adapter folder (needs adapter_config.json and "
                          "adapter_model.safetensors)")
-    cfg = json.loads(cfg_p.read_text())
-    return cfg, load_file(str(w_p))
+    af = read_peft_adapter(path)
+    if not af.modules:
+        raise FormatError(f"{path}: no lora_A/lora_B pairs in adapter_model.safetensors")
+    if af.config.get("use_dora") or any(f.magnitude for f in af.modules.values()):
+        raise InputError(f"{path}: DoRA adapters are not supported (their magnitude vectors do not average linearly)")
+    return af
 
 
-def _pairs(weights: dict[str, torch.Tensor], where: str) -> dict[str, tuple[str, str]]:
-    """module prefix -> (A key, B key)."""
-    out = {}
-    for k in weights:
-        if ".lora_A." in k:
-            kb = k.replace(".lora_A.", ".lora_B.")
-            if kb not in weights:
-                raise FormatError(f"{where}: {k} has no matching lora_B")
-            out[k.split(".lora_A.")[0]] = (k, kb)
-    if not out:
-        raise FormatError(f"{where}: no lora_A/lora_B pairs")
-    return out
+def _check_same(clients: list[AdapterFile]) -> None:
+    first = clients[0]
+    for af in clients[1:]:
+        if set(af.keys) != set(first.keys) or any(af.tensor_shape(k) != first.tensor_shape(k) for k in first.keys):
+            raise InputError(f"{af.path}: modules or shapes differ from {first.path}; clients must share one "
+                             "architecture")
+        for key in SHARED_FIELDS:
+            if af.config.get(key) != first.config.get(key):
+                raise InputError(f"{af.path}: {key}={af.config.get(key)} differs from {first.path} "
+                                 f"({first.config.get(key)})")
 
 
 def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -58,36 +60,31 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
         raise InputError(f"unknown aggregation {method!r}; choose one of {', '.join(AGG_METHODS)}")
     if len(adapters) < 2:
         raise InputError("federated aggregation needs at least two client adapters")
-    loaded = [read_adapter(a) for a in adapters]
-    cfg0, w0 = loaded[0]
-    pairs = _pairs(w0, str(adapters[0]))
-    for (cfg, w), a in zip(loaded[1:], adapters[1:]):
-        if set(w) != set(w0) or any(w[k].shape != w0[k].shape for k in w0):
-            raise InputError(f"{a}: modules or shapes differ from {adapters[0]}; clients must share one architecture")
-        for key in ("r", "lora_alpha", "use_rslora", "use_dora"):
-            if cfg.get(key) != cfg0.get(key):
-                raise InputError(f"{a}: {key}={cfg.get(key)} differs from {adapters[0]} ({cfg0.get(key)})")
-    if cfg0.get("use_dora"):
-        raise InputError("DoRA adapters are not supported (their magnitude vectors do not average linearly)")
-    out = {k: torch.stack([w[k].double() for _, w in loaded]).mean(0) for k in w0}
+    clients = [read_client(a) for a in adapters]
+    _check_same(clients)
+    first = clients[0]
+    out = {}
+    for k in first.keys:  # every tensor of the file, averaged in float64 and stored in its own dtype
+        ts = [af.tensor(k) for af in clients]
+        out[k] = torch.stack([t.double() for t in ts]).mean(0).to(ts[0].dtype).contiguous()
     modules, num2, den2 = {}, 0.0, 0.0
-    for mod, (ka, kb) in pairs.items():
-        As = torch.stack([w[ka].double() for _, w in loaded])  # (K, r, n)
-        Bs = torch.stack([w[kb].double() for _, w in loaded])  # (K, m, r)
-        mean_prod = torch.einsum("kmr,krn->mn", Bs, As) / len(loaded)  # mean_k B_k A_k, (m, n)
+    for mod in first.modules:
+        pairs = [af.factors(mod) for af in clients]  # (B_k, A_k, None)
+        Bs = torch.stack([B.double() for B, _, _ in pairs])  # (K, m, r)
+        As = torch.stack([A.double() for _, A, _ in pairs])  # (K, r, n)
+        mean_prod = torch.einsum("kmr,krn->mn", Bs, As) / len(clients)  # mean_k B_k A_k, (m, n)
         prod_mean = Bs.mean(0) @ As.mean(0)  # (m, r) @ (r, n) -> (m, n)
         num, den = (mean_prod - prod_mean).norm().item(), mean_prod.norm().item()
         modules[mod] = {"bias": num / den if den > 0 else 0.0, "mean_update_norm": den}
         num2 += num ** 2
         den2 += den ** 2
-        if method != "fedavg" and not all(torch.equal(w[ka], w0[ka]) for _, w in loaded):
+        if method != "fedavg" and not all(torch.equal(A, As[0]) for A in As):
             raise InputError(f"{method}: clients' A differ at {mod}; {method} needs one shared A "
                              "(train with --method ffa-lora or lora-sb from one seed), use --method fedavg")
     total = (num2 ** 0.5) / (den2 ** 0.5) if den2 > 0 else 0.0
     report = {"method": method, "clients": [str(a) for a in adapters], "fedavg_bias_total": total,
               "aggregate_bias_total": total if method == "fedavg" else 0.0, "modules": modules}
-    dtype = next(iter(w0.values())).dtype
-    return cfg0, {k: v.to(dtype).contiguous() for k, v in out.items()}, report
+    return first.config, out, report
 
 
 def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None, *,

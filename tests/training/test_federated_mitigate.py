@@ -14,7 +14,7 @@ from safetensors.numpy import load_file as load_np
 from lora_audit.cli import cli
 from lora_audit.errors import InputError
 from lora_audit.training.federated import aggregate
-from tests.helpers import make_peft_adapter, reference_intruders
+from tests.helpers import copy_with, make_peft_adapter, reference_intruders
 
 TARGET = ["q_proj", "v_proj"]
 
@@ -82,6 +82,29 @@ def test_federated_cli(clients, tmp_path):
     assert out["fedavg_bias_total"] == pytest.approx(_numpy_bias(clients), rel=1e-9)
     r = CliRunner().invoke(cli, ["federated", str(clients[0])])
     assert r.exit_code == 1 and "at least two" in r.output
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("[]", "the adapter config must be a JSON object, got a JSON list"),
+    ('{"r": 0}', "field 'r' is 0; it must be a positive integer"),
+    (b"\xff", "the adapter config is not UTF-8"),
+])
+def test_broken_client_config_names_the_file(clients, tmp_path, text, msg):
+    bad = copy_with(clients[1], tmp_path / "bad", "adapter_config.json", text)
+    with pytest.raises(InputError, match=msg) as e:
+        aggregate([clients[0], bad.parent])
+    assert str(bad) in str(e.value)
+
+
+def test_clients_must_be_plain_lora_adapters(clients, tiny_llama, tmp_path):
+    with pytest.raises(InputError, match="not a PEFT adapter folder"):
+        aggregate([clients[0], tiny_llama])
+    dora = make_peft_adapter(tiny_llama, tmp_path / "d", r=4, target_modules=TARGET, use_dora=True)
+    with pytest.raises(InputError, match="DoRA adapters are not supported"):
+        aggregate([clients[0], dora])
+    wide = make_peft_adapter(tiny_llama, tmp_path / "w", r=4, target_modules=TARGET, alpha_pattern={"v_proj": 32})
+    with pytest.raises(InputError, match="alpha_pattern=.* differs from"):
+        aggregate([clients[0], wide])
 
 
 def test_aggregate_loads_in_peft(clients, tiny_llama, tmp_path):
