@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import InputError, OutputError
+from .errors import FormatError, InputError, OutputError
 
 MARKER = ".lora-audit-output"
 
@@ -84,7 +84,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file (expected the {what})") from None
+        raise InputError(f"{path}: no such {what if what.endswith('file') else f'file (the {what})'}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
@@ -110,37 +110,76 @@ def read_user_bytes(path: str | os.PathLike, what: str = "file", *, max_bytes: i
     return data
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def read_user_text(path: str | os.PathLike, what: str = "file", *, max_bytes: int | None = None) -> str:
-    """A user's UTF-8 text file (a BOM is dropped); InputError naming the file otherwise."""
+    """A user's UTF-8 text file (a BOM is dropped). InputError when it cannot be read (see
+    ``read_user_bytes``); FormatError, naming the line, for UTF-16 text, NUL bytes (a binary file)
+    and invalid UTF-8."""
     data = read_user_bytes(path, what, max_bytes=max_bytes)
+    if data.startswith(_UTF16_BOMS):
+        raise FormatError(f"{path}: the {what} is not UTF-8 but UTF-16 text; save it as UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise FormatError(f"{path}: line {line} contains a NUL byte: this is a binary "
+                          f"file (or UTF-16/32 text), not a {what}; save it as UTF-8 text")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise FormatError(f"{path}: line {line} is not UTF-8 text (byte {col} of the line: {e.reason}); "
+                          f"the {what} is not UTF-8: save it as UTF-8") from None
 
 
-_JSON_KINDS = {dict: "a JSON object", list: "a JSON list"}
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (write null or a number)")
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def parse_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
+    """``text`` parsed as JSON; FormatError naming ``path`` (and ``line`` for one JSONL line).
+    NaN/Infinity are refused (they are not JSON), and so are duplicate keys (``json`` would keep
+    the last one silently)."""
+    where = f"{path}: line {line} is" if line is not None else f"{path}:"
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"
+        raise FormatError(f"{where} not valid JSON ({at}: {e.msg})") from None
+    except ValueError as e:
+        raise FormatError(f"{where} not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{where} not valid JSON (nested too deeply)") from None
+
+
+_JSON_KINDS = {dict: "a JSON object", list: "a JSON list", str: "a JSON string", bool: "true/false",
+               int: "a JSON number", float: "a JSON number", type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """'a JSON list', 'a JSON number', ... for messages about a JSON value of the wrong kind."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def read_user_json(path: str | os.PathLike, what: str = "JSON file", *, expect: type | None = dict,
                    max_bytes: int | None = None) -> Any:
-    """A user's JSON file, parsed; ``expect`` (dict, list or None for anything) is checked.
-    NaN and Infinity literals are refused: they are not JSON."""
-    text = read_user_text(path, what, max_bytes=max_bytes)
-
-    def _no_constants(name: str):
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        obj = json.loads(text, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: the {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
-            from None
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"{path}: the {what} is not valid JSON ({e})") from None
+    """A user's JSON file, parsed (``parse_json``); ``expect`` (dict, list or None for anything)
+    is checked."""
+    obj = parse_json(read_user_text(path, what, max_bytes=max_bytes), path)
     if expect is not None and not isinstance(obj, expect):
-        got = "null" if obj is None else _JSON_KINDS.get(type(obj), f"a JSON {type(obj).__name__}")
-        raise InputError(f"{path}: the {what} must be {_JSON_KINDS.get(expect, expect.__name__)}, got {got}")
+        raise FormatError(f"{path}: the {what} must be {_JSON_KINDS.get(expect, expect.__name__)}, "
+                          f"got {json_kind(obj)}")
     return obj
 
 

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 from ..errors import FormatError, InputError
-from .adapters import read_adapter_config  # noqa: F401 - also importable from here (safety.evaluate)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import click
@@ -34,12 +35,14 @@ def _positive_float(ctx, param, value):
               help="Tokens per example (longer are cut).")
 @click.option("--target-modules", default=None, help="Comma-separated module names, e.g. q_proj,v_proj "
               "[default: all linear layers].")
+@click.option("--max-row-chars", type=click.IntRange(min=1), default=64_000, show_default=True,
+              help="Refuse a data file with a training row longer than this many characters.")
 @json_option("the training record (also written to OUT/training.json)")
 @seed_option
 @device_option
 @user_errors
 def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
-             json_path, seed, device):
+             max_row_chars, json_path, seed, device):
     """Fine-tune BASE with a reference method; writes OUT and OUT/training.json.
 
     \b
@@ -53,7 +56,7 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     rec = train(method=method, base=base, data=data, out=out, steps=steps, rank=rank, alpha=alpha, lr=lr,
                 batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device,
-                overwrite=overwrite)
+                overwrite=overwrite, max_row_chars=max_row_chars)
     write_json_output(json_path, rec)
     if json_path != "-":
         echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "

@@ -3,24 +3,9 @@ with a verdict (Lermen et al. 2023, arXiv 2310.20624). Thin: options -> run_safe
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ._common import check_paths, device_option, echo, json_option, seed_option, user_errors, write_json_output
-
-
-def _markers(ctx, param, value):
-    if value is None:
-        return None
-    p = Path(value)
-    if p.is_file():
-        items = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-    else:
-        items = [x.strip() for x in value.split("|") if x.strip()]
-    if not items:
-        raise click.BadParameter("no markers given", ctx=ctx, param=param)
-    return items
 
 
 @click.command("safety-eval")
@@ -36,7 +21,7 @@ def _markers(ctx, param, value):
                    "--prompts and --benign none, its 'safe' rows measure over-refusal.")
 @click.option("--scorer", type=click.Choice(["keyword", "first-token", "judge"]), default="keyword",
               show_default=True, help="How a response is classified as a refusal.")
-@click.option("--markers", callback=_markers, default=None,
+@click.option("--markers", default=None,
               help="Refusal markers: a file (one a line) or 'a|b|c'. Default: the AdvBench-style list.")
 @click.option("--first-token-threshold", type=float, default=0.0, show_default=True,
               help="first-token scorer: refused when log p - log(1-p) exceeds this.")
@@ -58,6 +43,8 @@ def _markers(ctx, param, value):
               help="Generation backend; vllm is optional (GPU).")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Jinja chat template file, for models whose tokenizer has none.")
+@click.option("--max-prompt-chars", type=click.IntRange(min=1), default=None,
+              help="Refuse prompt files with a prompt longer than this [default: 16000 characters].")
 @click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
 @click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
 @device_option
@@ -65,9 +52,8 @@ def _markers(ctx, param, value):
 @json_option("the full result (every response, rates, verdicts, provenance)")
 @user_errors
 def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
-                max_new_tokens,
-                tasks, task_dir, limit, batch_size, backend, chat_template, no_early_stop, allow_pickle, device,
-                seed, json_path):
+                max_new_tokens, tasks, task_dir, limit, batch_size, backend, chat_template, max_prompt_chars,
+                no_early_stop, allow_pickle, device, seed, json_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
@@ -85,10 +71,13 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
     from ..results.safety import summary_table
     from ..safety.capability import parse_tasks
     from ..safety.evaluate import EvalConfig, run_safety_eval
+    from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
+    from ..safety.scorers import load_markers
 
     check_paths(files=[json_path], inputs=[base, *tuned])
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
-                     scorer=scorer, markers=markers, first_token_threshold=first_token_threshold, judge=judge,
+                     scorer=scorer, markers=None if markers is None else load_markers(markers),
+                     max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, first_token_threshold=first_token_threshold, judge=judge,
                      judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle, backend=backend,

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import LoadedModel, load_model
-from ..checkpoints.detect import PICKLE_REFUSAL, Kind, read_adapter_config
+from ..checkpoints.adapters import read_adapter_config, read_peft_adapter
+from ..checkpoints.detect import PICKLE_REFUSAL, Kind
+from ..checkpoints.models import match_adapter_to_model
 from ..checkpoints.sources import local_path
 from ..errors import InputError, ShapeMismatchError
 from ..results import fingerprint, provenance
@@ -34,7 +36,7 @@ from ..results.safety import (SCHEMA, SCHEMA_VERSION, Calibration, CategoryRate,
 from . import scorers as S
 from .capability import BUILTIN_TASK, Capability
 from .generate import GenSettings, chat_texts, generate, generate_vllm, read_chat_template, require_vllm
-from .prompts import PromptSet, load_prompts
+from .prompts import DEFAULT_MAX_PROMPT_CHARS, PromptSet, load_prompts
 from .stats import wilson_interval
 from .verdict import decide
 
@@ -65,6 +67,7 @@ class EvalConfig:
     allow_pickle: bool = False
     backend: str = "hf"  # hf | vllm
     early_stop: bool = True  # stop a row once keyword-classified as a refusal
+    max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS  # longer prompts are refused; None: no limit
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -200,30 +203,6 @@ def _names(sources: list[str]) -> list[str]:
     return out
 
 
-def check_adapter_fits(model, adapter: str, base: str) -> None:
-    """Raise ShapeMismatchError unless every module the adapter changes exists in ``model`` with
-    the adapter's shape (checked before peft touches the model, which it would leave half-patched)."""
-    from ..checkpoints.adapters import read_peft_adapter
-
-    af = read_peft_adapter(adapter)
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    missing, wrong = [], []
-    for module, (rows, cols, _r) in af.shapes.items():
-        shp = params.get(module + ".weight")
-        if shp is None:
-            missing.append(module)
-        elif len(shp) == 2 and (rows, cols) not in (shp, shp[::-1]):
-            wrong.append(f"{module} (adapter {rows}x{cols}, base {shp[0]}x{shp[1]})")
-    named = read_adapter_config(adapter).get("base_model_name_or_path")
-    hint = f"; the adapter was made for {named!r}" if named else ""
-    if missing:
-        raise ShapeMismatchError(f"{adapter}: adapter for another base: {len(missing)} module(s) it changes are not "
-                                 f"in {base} (e.g. {', '.join(missing[:3])}){hint}")
-    if wrong:
-        raise ShapeMismatchError(f"{adapter}: adapter for another base: shapes differ from {base} on "
-                                 f"{len(wrong)} module(s), e.g. {', '.join(wrong[:3])}{hint}")
-
-
 def _config(config: EvalConfig | None, overrides: dict) -> EvalConfig:
     """A copy of ``config`` with ``overrides`` applied, checked (InputError naming the setting)."""
     cfg = replace(config) if config is not None else EvalConfig()
@@ -249,8 +228,8 @@ def _prompt_sets(cfg: EvalConfig) -> tuple[PromptSet, PromptSet | None]:
     """The harmful and benign sets; an XSTest file contributes its unsafe rows as harmful and its
     safe rows as benign (with ``--benign none``, an XSTest --prompts file's safe rows measure
     over-refusal)."""
-    harmful = load_prompts(cfg.prompts)
-    benign = load_prompts(cfg.benign) if cfg.benign else None
+    harmful = load_prompts(cfg.prompts, max_chars=cfg.max_prompt_chars)
+    benign = load_prompts(cfg.benign, max_chars=cfg.max_prompt_chars) if cfg.benign else None
     labelled = any(p.label for p in harmful.prompts)
     if benign is None and labelled:
         benign = harmful.split_label("safe")
@@ -266,14 +245,7 @@ def _prompt_sets(cfg: EvalConfig) -> tuple[PromptSet, PromptSet | None]:
 
 
 def _judge_template(cfg: EvalConfig) -> str:
-    if not cfg.judge_template:
-        return S.JUDGE_TEMPLATE
-    p = Path(cfg.judge_template)
-    if not p.is_file():
-        raise InputError(f"{cfg.judge_template}: no such judge template file")
-    text = p.read_text(encoding="utf-8")
-    S.check_judge_template(text)
-    return text
+    return S.read_judge_template(cfg.judge_template) if cfg.judge_template else S.JUDGE_TEMPLATE
 
 
 def _tuned_sources(tuned: list[str], cfg: EvalConfig) -> list[tuple[str, Kind]]:
@@ -357,7 +329,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
                          "(a Jinja template as in tokenizer_config.json)")
     for path, kind in sources:
         if kind == Kind.PEFT_ADAPTER:
-            check_adapter_fits(base_l.model, path, base_l.source)
+            match_adapter_to_model(read_peft_adapter(path), base_l.model, base=f"base {base_l.source}")
     judge = None
     if cfg.scorer == "judge":
         jl = load_model(cfg.judge, device=cfg.device, allow_pickle=cfg.allow_pickle)

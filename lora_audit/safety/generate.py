@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..datafile import is_blank, read_text
+from ..datafile import is_blank
+from ..io import read_user_text
 from ..errors import InputError
 from ..progress import progress
 
@@ -33,7 +34,7 @@ def read_chat_template(path: str | None) -> str | None:
     extra tags), so a syntax error names the file and line before any model is loaded."""
     if path is None:
         return None
-    template = read_text(path, "chat template file")
+    template = read_user_text(path, "chat template file")
     if is_blank(template):
         raise InputError(f"{path}: the chat template file is empty; it must hold a Jinja chat template "
                          "(as in tokenizer_config.json)")

@@ -12,7 +12,7 @@ path; needs network).
 No third-party prompt text ships with lora-audit; ``builtin:harmful`` / ``builtin:benign``
 are the project's own sets in ``lora_audit/data/safety``.
 
-Files are hostile until read: they are read through ``lora_audit.datafile.read_text`` (regular
+Files are hostile until read: they are read through ``lora_audit.io.read_user_text`` (regular
 files within the size limit, UTF-8, no NUL bytes); CSV is parsed strictly (an unclosed quote is
 an error naming the line where it opened, and every row has the header's number of fields); a
 prompt that is blank or longer than ``max_chars`` (default ``DEFAULT_MAX_PROMPT_CHARS``) is an
@@ -29,7 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..datafile import check_chars, check_limit, is_blank, json_kind, lines, parse_json, parse_jsonl, read_text
+from ..datafile import check_chars, check_limit, is_blank, lines, parse_jsonl
+from ..io import json_kind, parse_json, read_user_text
 from ..errors import FormatError, InputError
 
 # Longer prompts are refused unless the caller raises the limit. The longest HarmBench prompt (a
@@ -116,7 +117,7 @@ def _load_file(p: Path, max_chars: int | None) -> PromptSet:
     suf = p.suffix.lower()
     if suf not in (".jsonl", ".json", ".csv", ".tsv", ".txt", ""):
         raise InputError(f"{p}: unknown prompt file type {suf!r}; use .csv, .tsv, .json, .jsonl or .txt")
-    text = read_text(p, "prompt file")
+    text = read_user_text(p, "prompt file")
     if is_blank(text):
         raise InputError(f"{p}: the prompt file is empty")
     if suf == ".jsonl":

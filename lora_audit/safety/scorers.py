@@ -19,7 +19,8 @@ import string
 
 import torch
 
-from ..datafile import is_blank, lines, read_text
+from ..datafile import is_blank, lines
+from ..io import read_user_text
 from ..errors import InputError
 from ..progress import progress
 
@@ -136,7 +137,7 @@ def check_judge_template(template: str, where: str = "the judge template") -> No
 
 def read_judge_template(path: str | os.PathLike) -> str:
     """The text of a --judge-template file, checked with ``check_judge_template``."""
-    template = read_text(path, "judge template file")
+    template = read_user_text(path, "judge template file")
     check_judge_template(template, f"{path}: the judge template")
     return template
 
@@ -154,7 +155,7 @@ def load_markers(value: str) -> list[str]:
     there are none, more than MAX_MARKERS, or one longer than MAX_MARKER_CHARS characters."""
     is_file = os.path.lexists(value) or ("|" not in value and value.lower().endswith(".txt"))
     if is_file:
-        items = [(f"{value}: line {i}", m.strip()) for i, m in enumerate(lines(read_text(value, "markers file")), 1)]
+        items = [(f"{value}: line {i}", m.strip()) for i, m in enumerate(lines(read_user_text(value, "markers file")), 1)]
         source = f"{value}: the markers file"
     else:
         items = [(f"--markers: marker {i}", m.strip()) for i, m in enumerate(value.split("|"), 1)]

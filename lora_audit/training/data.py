@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..datafile import check_chars, check_limit, is_blank, parse_jsonl, read_text
+from ..datafile import check_chars, check_limit, is_blank, parse_jsonl
+from ..io import read_user_text
 from ..errors import FormatError, InputError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "train"
@@ -56,7 +57,7 @@ def load_records(spec: str, *, max_chars: int | None = DEFAULT_MAX_ROW_CHARS) ->
     check_limit(max_chars, f"max_chars ({LIMIT_OPTION})")
     path = resolve_data(spec)
     rows = [_record(row, f"{path}: line {n}", max_chars)
-            for n, row in parse_jsonl(read_text(path, "training data file"), path, _ACCEPTED)]
+            for n, row in parse_jsonl(read_user_text(path, "training data file"), path, _ACCEPTED)]
     if not rows:
         raise InputError(f"{path}: no training examples")
     return rows

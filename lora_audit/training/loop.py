@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .data import DEFAULT_MAX_ROW_CHARS
 from .methods import DEFAULT_LR, METHODS, Setup, get_method
 
 __all__ = ["METHODS", "DEFAULT_LR", "check_method", "train", "fit"]
@@ -32,7 +33,7 @@ def _check_hyper(steps: int, rank: int, alpha: float, lr: float, batch_size: int
 def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 100, rank: int = 8,
           alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
           target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-          warmup: int | None = None, overwrite: bool = False) -> dict:
+          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS) -> dict:
     """Fine-tune ``base`` and save to ``out`` (a PEFT adapter, or a safetensors model folder for
     ``full``) with ``out/training.json``; see ``fit`` for the arguments. An existing ``out`` is
     replaced only when lora-audit wrote it and ``overwrite`` is set (checked before training).
@@ -43,7 +44,7 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     check_output_dir(out, overwrite=overwrite)
     model, tok, record = fit(method=method, base=base, data=data, steps=steps, rank=rank, alpha=alpha, lr=lr,
                              batch_size=batch_size, max_length=max_length, target_modules=target_modules,
-                             seed=seed, device=device, warmup=warmup)
+                             seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars)
     from . import export
 
     export.save(model, tok, out, record, full=get_method(record["method"]).full, overwrite=overwrite)
@@ -88,7 +89,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -
 def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
         target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-        warmup: int | None = None):
+        warmup: int | None = None, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS):
     """Fine-tune ``base`` on ``data`` with ``method`` (nothing is written).
 
     Args:
@@ -96,6 +97,7 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         base: model folder (anything ``lora_audit.checkpoints.load_model`` opens).
         data: JSONL file ({"prompt","response"} or {"text"}) or ``builtin:NAME``.
         target_modules: module names for the adapters; default every linear layer but the head.
+        max_row_chars: longest training row accepted (characters; None: no limit).
     Returns (trained model in eval mode, tokenizer, record): the record is what ``train`` writes
     to ``out/training.json`` (method, hyper-parameters, seed, loss curve, wall time, provenance).
     """
@@ -106,7 +108,7 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     m = get_method(method)
     lr = lr if lr is not None else m.default_lr
     _check_hyper(steps, rank, alpha, lr, batch_size, max_length)
-    rows = load_records(data)  # fail on bad data before loading the model
+    rows = load_records(data, max_chars=max_row_chars)  # fail on bad data before loading the model
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     loaded = load_model(base, device=device)
@@ -114,6 +116,10 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     batches = Batches(rows, loaded.tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
     setup = Setup(model=loaded.model, batches=batches, rank=rank, alpha=alpha, lr=lr, target_modules=target_modules,
                   seed=seed, load_base=lambda: load_model(base, device=dev).model)
+    if not m.full:
+        from .lora import check_targets
+
+        check_targets(loaded.model, target_modules)
     prepared = m.prepare(setup)
     warmup = min(10, steps // 10) if warmup is None else warmup
     losses = _steps(prepared, batches, steps, lr, warmup, m.name)

@@ -13,6 +13,22 @@ from __future__ import annotations
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
 
+def check_targets(model, target_modules: list[str] | None) -> None:
+    """InputError unless every name in ``target_modules`` is the last name part of some linear
+    layer of ``model`` (the names peft matches); the message lists the names there are."""
+    if not target_modules:
+        return
+    import torch
+
+    have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in target_modules if t not in have]
+    if missing:
+        from ..errors import InputError
+
+        raise InputError(f"--target-modules {','.join(missing)}: no linear layer of the model has that name; "
+                         f"the model's linear layers are named {', '.join(have)}")
+
+
 def lora_config(method: str, rank: int, alpha: float, target_modules: list[str] | None):
     from peft import LoraConfig
 

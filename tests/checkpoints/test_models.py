@@ -151,7 +151,7 @@ def test_gguf_base_in_spectrum_and_safety_eval(tiny_gguf, adapter, tmp_path):
     assert r.exit_code == 0, r.output
     res = run_safety_eval(str(path), [str(adapter)], EvalConfig(limit=1, max_new_tokens=2, tasks=[], benign=None,
                                                                  device="cpu"))
-    assert set(res["models"]) == {"base", "a"}
+    assert set(res.models) == {"base", "a"}
 
 
 def test_truncated_gguf_is_a_format_error(tiny_gguf, tmp_path):

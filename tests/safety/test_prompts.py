@@ -230,7 +230,7 @@ def test_xstest_labels_case_and_spaces_normalised(tmp_path):
 
 @pytest.mark.parametrize("name,data,match", [
     ("latin.txt", "one\ntwo caf\xe9\n".encode("latin-1"), r"latin.txt: line 2 is not UTF-8 text \(byte 8 of the line"),
-    ("utf16.csv", "prompt\nhi\n".encode("utf-16"), r"utf16.csv: the prompt file is UTF-16 text; save it as UTF-8"),
+    ("utf16.csv", "prompt\nhi\n".encode("utf-16"), r"utf16.csv: the prompt file is not UTF-8 but UTF-16 text; save it as UTF-8"),
     ("utf16le.csv", "prompt\nhi\n".encode("utf-16-le"), r"utf16le.csv: line 1 contains a NUL byte"),
     ("nul.jsonl", b'{"prompt": "a"}\n{"prompt": "b\x00"}\n', r"nul.jsonl: line 2 contains a NUL byte: this is a "
                                                               r"binary file"),

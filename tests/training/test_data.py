@@ -47,7 +47,7 @@ def test_malformed_data(tmp_path, name, text, err, match):
 @pytest.mark.parametrize("data,match", [
     ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"line 1 is not UTF-8 text"),
     (b'{"text": "a"}\n{"text": "\x00"}\n', r"line 2 contains a NUL byte"),
-    ('{"text": "a"}\n'.encode("utf-16"), r"is UTF-16 text"),
+    ('{"text": "a"}\n'.encode("utf-16"), r"UTF-16 text"),
 ])
 def test_not_text(tmp_path, data, match):
     p = tmp_path / "d.jsonl"

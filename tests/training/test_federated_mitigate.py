@@ -178,5 +178,5 @@ def test_finetune_cli(tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": 3}\n')
     r = run(cli, ["finetune", "--method", "lora", "--base", str(tiny_llama), "--data", str(bad), "--out", str(tmp_path / "p")])
-    assert r.exit_code == 1 and "bad.jsonl:3" in r.output
+    assert r.exit_code == 1 and "bad.jsonl: line 3" in r.output
     assert not (tmp_path / "p").exists()
