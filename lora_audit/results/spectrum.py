@@ -1,7 +1,7 @@
 """Result records of ``lora-audit spectrum`` and their JSON / CSV.
 
 Schema ``"spectrum"``, version ``SCHEMA_VERSION`` (bump on any incompatible change). Fields
-marked [contract] are fixed by issue 2 and must never be renamed; the rest may grow. Indices
+marked [contract] are the stable core that readers rely on and are never renamed; the rest may grow. Indices
 are 0-based. Top level, in this order::
 
     {

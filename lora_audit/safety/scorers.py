@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import string
@@ -206,7 +205,3 @@ def agreement(a: list, b: list) -> float | None:
     if not pairs:
         return None
     return sum(bool(x) == bool(y) for x, y in pairs) / len(pairs)
-
-
-def logit(p: float) -> float:
-    return math.log(p) - math.log1p(-p)

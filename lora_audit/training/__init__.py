@@ -1,4 +1,4 @@
-"""Reference fine-tuning implementations (issue 5).
+"""Reference fine-tuning implementations of the LoRA variants lora-audit audits.
 
 Python API::
 

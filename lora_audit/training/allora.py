@@ -9,10 +9,9 @@ Implemented here, per row theta_i of each LoRA matrix as peft stores it (A: r x 
     g_i <- g_i / sqrt(||theta_i||_2^2 + 1 / eta^2)
 
 i.e. a coefficient eta while the row is zero (B at initialisation), tending to 1/||theta_i||
-as it grows. Provenance of the formula: the project's notes (../shared/notes/lora-variants.md)
-record it as a recollection of Sec. 4 that is NOT verified; the paper's abstract (checked)
-confirms dropout-free, scaling-free, per-parameter gradients scaled inversely to the l2 norm,
-but the full text could not be read from this machine. The coefficient depends only on the
+as it grows. This exact form of the coefficient has NOT been checked against the paper's Sec. 4:
+only the abstract could be read, and it confirms dropout-free, scaling-free training with
+per-parameter gradients scaled by a coefficient inversely proportional to the parameters' l2 norm. The coefficient depends only on the
 parameters, so scaling per-sample gradients (as the paper words it) equals scaling the batch
 gradient. With AdamW the coefficient acts through its change over time (Adam normalises a
 constant factor away); that is how the method is used with Adam in practice.

@@ -22,7 +22,10 @@ import torch
 def wrap(model, batches, *, method_cfg, grad_batches: int = 4, seed: int = 0):
     """Estimate gradients on ``grad_batches`` batches, then build the LoRA-GA peft model.
 
-    Returns (peft_model, init) where init maps module name -> (A_init, B_init) clones."""
+    Mutates its arguments: ``method_cfg`` gets ``init_lora_weights="lora_ga"`` and a
+    ``lora_ga_config``; ``model`` is wrapped in place by peft and its base weights are rewritten
+    (W0 - s B_init A_init). Returns (peft_model, init) where init maps module name ->
+    (A_init, B_init) clones."""
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.config import LoraGAConfig

@@ -8,9 +8,8 @@ Initialisation: the first full fine-tuning update is approximated from the gradi
 over a few batches, dW_1 = -eta * sign(mean gradient) (the authors' ``estimate_and_process_grads``
 in utils/gradient_utils.py: Adam's first step), and its truncated SVD dW_1 ~ U_r S_r V_r^T gives
 B = U_r, R = diag(S_r), A = V_r^T, so the model starts at W0 + (best rank-r approximation of
-the first update). VERIFICATION NOTE: the gradient processing is checked against the authors'
-code; the assignment of U, S, V to B, R, A is from the paper's description (the authors'
-``initialization_utils.py`` was not available to check).
+the first update). The authors' code takes the same factors from a randomised SVD
+(``torch.svd_lowrank``, q = r); a full SVD is used here, which gives the exact top r.
 
 Saved as plain LoRA (scale 1: lora_alpha = r) with B' = B R and A, which peft loads directly.
 """

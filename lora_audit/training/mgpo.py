@@ -1,6 +1,6 @@
 """LoRA-MGPO (LoRA-GGPO v2; Chang et al., arXiv 2502.14538; authors' code llm172/LoRA-MGPO),
-the momentum-guided weight perturbation, as summarised in /work/shared/notes/lora-variants.md
-(checked there against the authors' code). Per LoRA layer, once per step:
+the momentum-guided weight perturbation, as the authors' code computes it. Per LoRA layer, once per
+step:
 
     v   = s (m_B A + B m_A)                                  m_* = AdamW's exp_avg
     e   = -rho * v / (||v||_F + 1e-12) * min(1 / (g_bar + 1e-12), 10)

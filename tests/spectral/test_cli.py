@@ -1,5 +1,5 @@
 """`lora-audit spectrum` end to end on real checkpoint folders: CliRunner (output, JSON contract,
-CSV, every bad-input case of issue 2) and once as a real subprocess. Counts are checked against
+CSV, every bad-input case of the contract) and once as a real subprocess. Counts are checked against
 the float64 reference on peft's own merge."""
 
 import json

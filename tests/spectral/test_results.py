@@ -1,4 +1,4 @@
-"""The spectrum JSON contract (issue 2), its round trip, and the CSV export."""
+"""The spectrum JSON contract, its round trip, and the CSV export."""
 
 import io
 import json
