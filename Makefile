@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test browser-deps clean
+.PHONY: setup demo test readme browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# Regenerate the README's usage blocks from the commands' --help (tests/test_readme.py checks them).
+readme: setup
+	$(BIN)/python -m tests.readme_usage
 
 # Headless Chromium for the report's browser test (Debian/Ubuntu, as root).
 browser-deps:
