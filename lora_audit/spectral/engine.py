@@ -358,7 +358,7 @@ def _finish(res: TunedResult, planned: int, n_sweep: int, *, info, warnings) -> 
                             f"see 'skipped'): {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
     zeros = len(res.skipped) - len(broken)
     if zeros:
-        res.warnings.append(f"{_matrices(zeros)} of the tuned model all zeros: no direction to examine")
+        res.warnings.append(f"{_matrices(zeros)} all zeros in the tuned model: no direction to examine")
 
 
 def _matrices(n: int) -> str:
