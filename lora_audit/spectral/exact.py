@@ -69,6 +69,12 @@ def exact_topk(base: BaseSpectrum, W1: Tensor, k: int) -> TopK:
         raise ValueError(f"tuned matrix shape {tuple(W1.shape)} != base shape {base.shape}")
     W1 = W1.to(device=base.U.device, dtype=base.U.dtype)
     U1, S1, _ = torch.linalg.svd(W1, full_matrices=False)  # (m, p), (p,)
+    return topk_from_svd(base, U1, S1, k)
+
+
+def topk_from_svd(base: BaseSpectrum, U1: Tensor, S1: Tensor, k: int) -> TopK:
+    """The paper's test on W1's thin SVD (U1 (m, p), S1 (p,) descending), given the base's SVD:
+    the top k' = min(k, p) columns of U1 against ALL columns of U0."""
     kk = min(k, U1.shape[1])
     max_cos, argmax, coords = match_against_base(base.U, U1[:, :kk])
     return TopK(singular_values=S1[:kk], max_cos=max_cos, argmax_base=argmax, method="exact",
