@@ -84,21 +84,27 @@ def federated(adapters, agg, out, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if lora-audit wrote it earlier.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the mitigation record (per-matrix intruders before/after) to this JSON file.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Base-spectrum cache folder, shared with `spectrum` [default: ~/.cache/lora-audit/spectra, "
+                   "or $LORA_AUDIT_CACHE/spectra].")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @device_option
 @user_errors
-def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, device):
+def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):
     """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter.
 
     \b
-    One SVD per adapted matrix, on the checkpoint stream (BASE may be a folder, a .safetensors or a
-    GGUF file); the new adapter keeps the original adapter_config.json and tensor keys.
+    One SVD per adapted matrix (and one of its base matrix, unless `spectrum` cached it), on the
+    checkpoint stream (BASE may be a folder, a .safetensors or a GGUF file); the new adapter keeps
+    the original adapter_config.json and tensor keys.
     Example:
       lora-audit mitigate ./base ./adapter --lambda 0.5 --out ./adapter-mitigated --json mitigate.json
     """
+    from ..spectral.api import open_cache
     from ..spectral.mitigate import mitigate_adapter
 
     res = mitigate_adapter(base, adapter, out, lam=lam, k=k, epsilon=epsilon, device=device, overwrite=overwrite,
-                           json_path=json_path)
+                           json_path=json_path, cache=None if no_cache else open_cache(cache_dir))
     click.echo(f"intruders: {res['intruders_before']} -> {res['intruders_after']} over {len(res['modules'])} "
                f"matrices ({res['matrices_rewritten']} rewritten); wrote {out}"
                + (f" and {json_path}" if json_path else ""))

@@ -48,7 +48,7 @@ from . import schedule
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
-from .screen import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_update, screen_values
+from .screen import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_delta
 from .types import BaseSpectrum, TopK
 
 
@@ -212,13 +212,11 @@ def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.devic
 
 def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: AuditSettings,
                  base_of: Callable[[], tuple[BaseSpectrum, float]]) -> Outcome:
-    """Screen one delta (its stored values before ``is_changed``, which a NaN would fool; then
-    its update), and audit it when it passes."""
+    """Screen one delta (``screen.screen_delta``) and audit it when it passes."""
     delta = delta.to(device=W0.device, dtype=settings.dtype)
-    found = screen_values(group.name, delta)
-    if found is None and not is_changed(delta, W0):
+    changed, found = screen_delta(group.name, W0, delta)
+    if not changed:
         return Outcome()
-    found = found or screen_update(group.name, W0, delta)
     if found is not None:
         return Outcome(skipped=found)
     base, base_norm = base_of()

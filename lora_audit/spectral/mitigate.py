@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .exact import base_spectrum, examined, topk_from_svd
+from .types import BaseSpectrum
 
 _FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_(?:embedding_)?[AB])"
                          r"(?P<rest>(?:\.[^.]+){0,2})$")
@@ -76,10 +77,12 @@ def rank_r_factors(L: Tensor, R: Tensor, r: int, scale: float) -> tuple[Tensor, 
 
 
 def mitigate_matrix(W0: Tensor, B: Tensor, A: Tensor, scale: float, *, lam: float, k: int, epsilon: float,
-                    store_dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None, dict[str, Any]]:
+                    store_dtype: torch.dtype | None = None, base: BaseSpectrum | None = None
+                    ) -> tuple[Tensor | None, Tensor | None, dict[str, Any]]:
     """Mitigate one LoRA update s·B·A (B (m, r), A (r, n)) on W0 (m, n); all in one float32 or
     float64 dtype and on one device. ``store_dtype``: the adapter's own dtype, to which the new
-    factors are rounded (before the intruders after mitigation are counted).
+    factors are rounded (before the intruders after mitigation are counted). ``base``: W0's SVD
+    when known (the spectrum cache), else computed here.
 
     Returns (B', A', record), B' and A' None when the factors stay as they are (no intruder, or
     lambda = 1). The record: intruders_before, intruders_after, k_used, rewritten,
@@ -87,7 +90,7 @@ def mitigate_matrix(W0: Tensor, B: Tensor, A: Tensor, scale: float, *, lam: floa
     from ..checkpoints.deltas import LowRank
     from .engine import tuned_topk
 
-    base = base_spectrum(W0)
+    base = base if base is not None else base_spectrum(W0)
     W1 = LowRank(B, A, scale).merged(W0)  # (m, n)
     U1, S1, V1h = torch.linalg.svd(W1, full_matrices=False)  # (m, p), (p,), (p, n)
     top = examined(topk_from_svd(base, U1, S1, k), tuple(W0.shape), W0.dtype)
@@ -165,13 +168,13 @@ def _store(tensors: dict[str, Tensor], keys: dict[str, Any], B: Tensor, A: Tenso
         tensors[keys[part]] = t.reshape(old.shape).to(old.dtype).contiguous()
 
 
-def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.device, *, lam: float, k: int,
-                     epsilon: float, show_progress: bool) -> tuple[dict[str, dict], list[str]]:
+def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.device, cache, *, lam: float,
+                     k: int, epsilon: float, show_progress: bool) -> tuple[dict[str, dict], list[str]]:
     """Mitigate every LoRA module of the (single-adapter) stream, writing new factors into
-    ``tensors`` (mutated). Returns ({base name: record}, notes)."""
-    from ..checkpoints.deltas import Dense, LowRank, is_changed
+    ``tensors`` (mutated); base spectra from ``cache`` when given. Returns ({base name: record}, notes)."""
+    from ..checkpoints.deltas import Dense, LowRank
     from ..progress import progress
-    from .screen import screen_base, screen_update, screen_values
+    from .screen import screen_base, screen_delta
 
     modules = _factor_keys(tensors)
     records: dict[str, dict] = {}
@@ -185,16 +188,17 @@ def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.
         if not isinstance(delta, LowRank):
             raise InputError(f"{adapter}: {name} is a {type(delta).__name__} update; mitigate handles plain LoRA")
         W0, delta = group.base.to(device), delta.to(device=device)
-        found = screen_base(name, W0) or screen_values(name, delta)
-        if found is None and not is_changed(delta, W0):
+        found = screen_base(name, W0)
+        changed, found = (True, found) if found is not None else screen_delta(name, W0, delta)
+        if not changed:
             continue
-        found = found or screen_update(name, W0, delta)
         if found is not None:
             raise InputError(f"{adapter}: cannot mitigate {name}: {found['reason']} (in the {found['where']}); "
                              "`lora-audit spectrum` lists every such matrix")
         keys = _module_of(name, modules, adapter)
+        base = cache.base_spectrum(W0, device) if cache is not None else None
         B2, A2, records[name] = mitigate_matrix(W0, delta.B, delta.A, delta.scale, lam=lam, k=k, epsilon=epsilon,
-                                                store_dtype=tensors[keys["A"]].dtype)
+                                                store_dtype=tensors[keys["A"]].dtype, base=base)
         if B2 is not None:
             _store(tensors, keys, B2.cpu(), A2.cpu())
     return records, notes
@@ -203,10 +207,12 @@ def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.
 def mitigate_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, lam: float = 0.75, k: int = 10,
                      epsilon: float = 0.5, device: str | torch.device = "cpu", overwrite: bool = False,
                      json_path: str | Path | None = None, progress: bool = True,
-                     dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, cache=None) -> dict[str, Any]:
     """Scale the intruder dimensions of the LoRA ``adapter`` on ``base`` by ``lam`` and write the
     result as a new PEFT adapter to the folder ``out`` (see the module docstring), with
     ``out/mitigate.json``, and the same record to ``json_path`` when given. Returns the record.
+    ``cache``: a base-spectrum cache (``api.open_cache()``, the one ``lora-audit spectrum``
+    fills), so that a base audited before costs no SVD here; None decomposes every W0.
 
     Raises InputError / OutputError before any work for bad settings (lambda in [0, 1], k >= 1,
     epsilon in (0, 1)), an ADAPTER that is not a PEFT LoRA adapter (a full model, DoRA, kohya),
@@ -229,8 +235,12 @@ def mitigate_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, 
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         metadata = fh.metadata() or {"format": "pt"}
-    modules, notes = _mitigate_stream(stream, tensors, adapter, dev, lam=lam, k=k, epsilon=epsilon,
-                                      show_progress=progress)
+    try:
+        modules, notes = _mitigate_stream(stream, tensors, adapter, dev, cache, lam=lam, k=k, epsilon=epsilon,
+                                          show_progress=progress)
+    finally:
+        if cache is not None:
+            cache.flush()  # new entries are written in the background
     record = _record(base, adapter, out, modules, notes, lam=lam, k=k, epsilon=epsilon, dtype=dtype, device=dev)
     _write(out, overwrite, config_bytes, tensors, metadata, record, json_path)
     return record

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank
+from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, is_changed
 
 ZERO_TUNED = "tuned matrix is all zeros"
 
@@ -68,6 +68,17 @@ def screen_values(name: str, delta: Delta) -> dict[str, Any] | None:
     if not isinstance(delta, Dense) and not math.isfinite(float(delta.scale)):
         return finding(name, "scale", f"the adapter scale (alpha / r) is {delta.scale}", 1)
     return None
+
+
+def screen_delta(name: str, W0: Tensor, delta: Delta) -> tuple[bool, dict[str, Any] | None]:
+    """(changed, finding) for one delta on a finite W0: changed is False when the delta leaves
+    W0 exactly as it is; finding is None when the matrix can be audited. The stored values are
+    checked before ``is_changed`` (which a NaN would fool: a delta with NaN counts as changed),
+    the update after it."""
+    found = screen_values(name, delta)
+    if found is None and not is_changed(delta, W0):
+        return False, None
+    return True, found or screen_update(name, W0, delta)
 
 
 def screen_update(name: str, W0: Tensor, delta: Delta) -> dict[str, Any] | None:

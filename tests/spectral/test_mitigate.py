@@ -105,9 +105,11 @@ def test_lambda_one_copies_every_tensor(tiny_llama, adapters, tmp_path):
 
 
 def test_one_svd_of_each_tuned_matrix(tiny_llama, adapters, tmp_path, monkeypatch):
-    """Per adapted matrix: one SVD of W0 (the base spectrum) and one of W1; the rank-r refactoring
-    works on a small core, and the count after mitigation takes the LoRA fast path (the tests
-    send even tiny matrices there)."""
+    """Per adapted matrix: one SVD of W1, and one of W0 unless the spectrum cache has it; the
+    rank-r refactoring works on a small core, and the count after mitigation takes the LoRA fast
+    path (the tests send even tiny matrices there). Cached or not, the adapter is the same."""
+    from lora_audit.spectral.api import open_cache
+
     calls: list[tuple[int, ...]] = []
     real = torch.linalg.svd
 
@@ -116,9 +118,16 @@ def test_one_svd_of_each_tuned_matrix(tiny_llama, adapters, tmp_path, monkeypatc
         return real(A, *a, **kw)
 
     monkeypatch.setattr(torch.linalg, "svd", counting)
-    rec = mitigate_adapter(tiny_llama, adapters["rslora"], tmp_path / "o", lam=0.0, device="cpu", progress=False)
-    full_size = [s for s in calls if min(s) > 8]  # the LoRA cores are at most (r + k) square
-    assert len(full_size) == 2 * len(rec["modules"])
+    cache = open_cache(tmp_path / "spectra")
+    runs = {}
+    for run in ("no_cache", "cold", "warm"):
+        calls.clear()
+        rec = mitigate_adapter(tiny_llama, adapters["rslora"], tmp_path / run, lam=0.0, device="cpu", progress=False,
+                               cache=None if run == "no_cache" else cache)
+        full_size = [s for s in calls if min(s) > 8]  # the LoRA cores are at most (r + k) square
+        runs[run] = load_file(str(tmp_path / run / "adapter_model.safetensors"))
+        assert len(full_size) == (1 if run == "warm" else 2) * len(rec["modules"]), run
+    assert all(torch.equal(runs["no_cache"][key], runs[run][key]) for run in ("cold", "warm") for key in runs["cold"])
 
 
 @pytest.mark.parametrize("m,n,q,r", [(30, 20, 6, 4), (20, 30, 3, 4), (25, 25, 8, 8)])
