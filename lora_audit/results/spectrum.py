@@ -180,6 +180,13 @@ class MatrixResult:
         return cls(**kw)
 
 
+def left_unmeasured(skipped: dict[str, Any]) -> bool:
+    """Whether a ``TunedResult.skipped`` entry is a matrix the audit could not measure (NaN/Inf
+    values, an overflowing update): every entry but an all-zero tuned matrix (where "tuned" with
+    no NaN/Inf value), which has no direction to examine."""
+    return skipped.get("where") == "update" or int(skipped.get("nonfinite_values", 0)) > 0
+
+
 @dataclass
 class TunedResult:
     tuned: str
@@ -197,9 +204,8 @@ class TunedResult:
 
     @property
     def incomplete(self) -> bool:
-        """True when a matrix was left out for NaN/Inf values or an overflowing update (every
-        skipped entry but an all-zero tuned matrix: where "tuned" with no NaN/Inf value)."""
-        return any(s.get("where") == "update" or int(s.get("nonfinite_values", 0)) > 0 for s in self.skipped)
+        """True when a matrix was left out for NaN/Inf values or an overflowing update."""
+        return any(left_unmeasured(s) for s in self.skipped)
 
     def by_module(self) -> dict[str, int]:
         out: dict[str, int] = {}

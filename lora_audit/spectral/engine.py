@@ -43,7 +43,8 @@ from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_ch
 from ..device import resolve_device
 from ..errors import InputError
 from ..progress import progress as progress_bar
-from ..results.spectrum import DEFAULT_EPSILON_SWEEP, MatrixResult, SpectrumResult, TunedResult, split_name
+from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, MatrixResult, SpectrumResult, TunedResult, left_unmeasured,
+                                split_name)
 from . import schedule
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
@@ -156,8 +157,9 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
     bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [
         rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])
     if bad:
-        return Outcome(skipped=finding(group.name, "update", f"the audit in {str(settings.dtype)[6:]} gave {bad} "
-                                                             "NaN/Inf number(s) (an overflow)", bad))
+        dtype = str(settings.dtype).replace("torch.", "")
+        return Outcome(skipped=finding(group.name, "update", f"the audit in {dtype} gave {bad} NaN/Inf number(s) "
+                                                             "(an overflow)", bad))
     return Outcome(matrix=rec)
 
 
@@ -292,7 +294,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
                              dense_metrics=dense_metrics)
     run_on = devices_for(resolve_device(device), devices)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
-    labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream, None))
+    labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
     prepare, work = _workers(settings, cache)
     results, n_groups = _collect(stream, work, prepare, run_on, prefetch, labels, total=total, progress=progress,
@@ -350,7 +352,7 @@ def _finish(res: TunedResult, planned: int, n_sweep: int, *, info, warnings) -> 
     fallbacks = sum(1 for m in res.matrices if any("exact SVD used" in n for n in m.notes))
     if fallbacks:
         res.warnings.append(f"{fallbacks} matrices fell back from the fast path to the exact SVD")
-    broken = [s["name"] for s in res.skipped if s["where"] == "update" or s["nonfinite_values"] > 0]
+    broken = [s["name"] for s in res.skipped if left_unmeasured(s)]
     if broken:
         res.warnings.append(f"{_matrices(len(broken))} not audited (NaN/Inf weights or an overflowing update; "
                             f"see 'skipped'): {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
@@ -374,9 +376,7 @@ class _NoBar:
         pass
 
 
-def _n_tuned(stream, tuned_labels) -> int | None:
-    if tuned_labels is not None:
-        return len(tuned_labels)
+def _n_tuned(stream) -> int | None:
     for attr in ("tuned", "info"):
         v = getattr(stream, attr, None)
         if isinstance(v, (list, tuple)):

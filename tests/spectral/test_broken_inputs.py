@@ -163,3 +163,19 @@ def test_synthetic_findings_for_every_place_a_value_can_break(exact):
     assert by["zero"].skipped[0]["reason"] == "tuned matrix is all zeros" and not by["zero"].incomplete
     assert len(by["fine"].matrices) == 1 and by["fine"].skipped == []
     assert by["none"].skipped == [] and by["none"].matrices_unchanged == 1
+
+
+def test_a_nan_the_screens_did_not_foresee_is_a_finding_not_a_number(monkeypatch, tmp_path):
+    """Last line of defence: any NaN/Inf number in a matrix record (here: planted in the metrics)
+    turns the matrix into a finding, so the JSON never holds one."""
+    import lora_audit.spectral.engine as engine
+    from lora_audit.spectral.metrics import UpdateMetrics
+
+    monkeypatch.setattr(engine, "update_metrics", lambda *a, **k: UpdateMetrics(
+        delta_norm=1.0, relative_delta_norm=0.1, effective_rank=float("nan"), stable_rank=1.0, spectral_norm=1.0))
+    W0 = torch.randn(12, 10, generator=torch.Generator().manual_seed(0))
+    res = audit([MatrixGroup("w", W0, [Dense(W0 + 0.1)])], device="cpu", progress=False)
+    (s,) = res.results[0].skipped
+    assert (s["where"], s["nonfinite_values"]) == ("update", 1) and "NaN/Inf number" in s["reason"]
+    assert res.incomplete and res.results[0].matrices == []
+    assert_json_has_no_nan(res, tmp_path)
