@@ -93,10 +93,11 @@ def federated(adapters, agg, out, as_json):
 def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):
     """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter.
 
-    \b
     One SVD per adapted matrix (and one of its base matrix, unless `spectrum` cached it), on the
     checkpoint stream (BASE may be a folder, a .safetensors or a GGUF file); the new adapter keeps
     the original adapter_config.json and tensor keys.
+
+    \b
     Example:
       lora-audit mitigate ./base ./adapter --lambda 0.5 --out ./adapter-mitigated --json mitigate.json
     """
