@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import click
@@ -94,22 +93,38 @@ def federated(adapters, agg, out, overwrite, json_path):
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapter", type=click.Path())
-@click.option("--lambda", "lam", default=0.75, show_default=True, type=float,
+@click.option("--lambda", "lam", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep this fraction of each intruder direction (1 = unchanged, 0 = removed).")
-@click.option("--k", default=10, show_default=True, type=int, help="Top singular vectors checked per matrix.")
-@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Intruder if max |cos| < epsilon.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for the new PEFT adapter.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Top singular vectors checked per matrix.")
+@click.option("--epsilon", default=0.5, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), help="Intruder if max |cos| < epsilon.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the new PEFT adapter (with mitigate.json).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if lora-audit wrote it earlier.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the mitigation record (per-matrix intruders before/after) to this JSON file.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Base-spectrum cache folder, shared with `spectrum` [default: ~/.cache/lora-audit/spectra, "
+                   "or $LORA_AUDIT_CACHE/spectra].")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @device_option
 @user_errors
-def mitigate(base, adapter, lam, k, epsilon, out, as_json, device):
-    """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter."""
-    from ..device import resolve_device
+def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):
+    """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter.
+
+    One SVD per adapted matrix (and one of its base matrix, unless `spectrum` cached it), on the
+    checkpoint stream (BASE may be a folder, a .safetensors or a GGUF file); the new adapter keeps
+    the original adapter_config.json and tensor keys.
+
+    \b
+    Example:
+      lora-audit mitigate ./base ./adapter --lambda 0.5 --out ./adapter-mitigated --json mitigate.json
+    """
+    from ..spectral.api import open_cache
     from ..spectral.mitigate import mitigate_adapter
 
-    res = mitigate_adapter(base, adapter, out, lam=lam, k=k, epsilon=epsilon, device=str(resolve_device(device)))
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
+    res = mitigate_adapter(base, adapter, out, lam=lam, k=k, epsilon=epsilon, device=device, overwrite=overwrite,
+                           json_path=json_path, cache=None if no_cache else open_cache(cache_dir))
     click.echo(f"intruders: {res['intruders_before']} -> {res['intruders_after']} over {len(res['modules'])} "
-               f"matrices; wrote {out}")
+               f"matrices ({res['matrices_rewritten']} rewritten); wrote {out}"
+               + (f" and {json_path}" if json_path else ""))

@@ -22,6 +22,13 @@ are 0-based. Top level, in this order::
           "matrices_audited": int,      len(matrices)
           "matrices_unchanged": int,    matrices of the audit plan (those any tuned model
                                         touches) that this model leaves exactly as they were
+          "skipped": [                  matrices left out of the statistics, with the reason
+            {"name": str, "where": "base" | "tuned" | "lora_A" | "lora_B" | "magnitude" |
+             "scale" | "update", "reason": str, "nonfinite_values": int}
+          ],                            NaN/Inf weights, or an update that overflows the audit's
+                                        dtype (where "update"): the audit is incomplete; or a
+                                        tuned matrix that is all zeros (where "tuned",
+                                        nonfinite_values 0): nothing to examine, no intruder
           "by_module": {module: int},   intruders per module name (q_proj, down_proj, ...)
           "by_layer": {"0": int, ...},  intruders per layer index (matrices with a layer)
           "info": {...},                what the loader found (format, adapter config, ...)
@@ -32,16 +39,21 @@ are 0-based. Top level, in this order::
               "name": str,              [contract] BASE parameter name, e.g.
                                         "model.layers.0.self_attn.q_proj.weight"
               "shape": [m, n],          [contract] analysed as (out x in)
-              "max_cos": [float]*k',    [contract] k' = min(k, m, n) values, in the order of
+              "max_cos": [float]*k',    [contract] k' = k_used values, in the order of
                                         the tuned singular values (largest first)
               "intruders": int,         [contract] count of max_cos < epsilon
+              "k_used": int,            directions examined: min(k, m, n, numerical rank of
+                                        W1); singular values <= max(m, n) eps sigma_1 are null
+                                        directions, never examined (= len(max_cos))
               "module": str,            e.g. "q_proj" (the name's last component before .weight)
               "layer": int | null,      transformer block index, null for non-block weights
               "kind": str,              "linear" | "embedding" | "conv"
               "transposed": bool,       stored (in x out) (GPT-2 Conv1D) and transposed
               "delta_type": str,        "dense" | "lowrank" | "dora"
               "adapter_rank": int|null, r of a LoRA/DoRA delta
-              "method": str,            "exact" | "lowrank" | "randomized" (how top-k was found)
+              "method": str,            "exact" | "lowrank" | "block_krylov" (how top-k was
+                                        found; files from earlier versions say "randomized"
+                                        for the block Krylov path)
               "converged": bool,        False when an iterative method missed its tolerance
               "tuned_singular_values": [float]*k',   sigma_j of W1
               "base_index": [int]*k',   best-matching base left singular vector of each y_j
@@ -141,8 +153,17 @@ class MatrixResult:
     def min_cos(self) -> float | None:
         return min(self.max_cos) if self.max_cos else None
 
+    @property
+    def k_used(self) -> int:
+        """Directions examined: min(k, m, n, numerical rank of W1)."""
+        return len(self.max_cos)
+
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            d[key] = value
+            if key == "intruders":
+                d["k_used"] = self.k_used
         d["shape"] = [int(x) for x in self.shape]
         return d
 
@@ -157,6 +178,22 @@ class MatrixResult:
 
 
 @dataclass
+class SkippedMatrix:
+    """A matrix left out of the spectral statistics (``lora_audit.spectral.findings``)."""
+
+    name: str  # the BASE parameter name
+    where: str  # "base" | "tuned" | "lora_A" | "lora_B" | "magnitude" | "scale" | "update"
+    reason: str  # what is wrong, for people
+    nonfinite_values: int = 0  # NaN/Inf values found where ``where`` says
+
+    @property
+    def unmeasured(self) -> bool:
+        """Whether the audit could not measure this matrix (NaN/Inf values, an overflowing update):
+        every finding but an all-zero tuned matrix, which has no direction to examine."""
+        return self.where == "update" or self.nonfinite_values > 0
+
+
+@dataclass
 class TunedResult:
     tuned: str
     matrices: list[MatrixResult] = field(default_factory=list)
@@ -165,10 +202,16 @@ class TunedResult:
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: list[SkippedMatrix] = field(default_factory=list)
 
     @property
     def total_intruders(self) -> int:
         return sum(m.intruders for m in self.matrices)
+
+    @property
+    def incomplete(self) -> bool:
+        """True when a matrix was left out for NaN/Inf values or an overflowing update."""
+        return any(s.unmeasured for s in self.skipped)
 
     def by_module(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -195,6 +238,7 @@ class TunedResult:
             "sweep_totals": [int(x) for x in self.sweep_totals],
             "matrices_audited": len(self.matrices),
             "matrices_unchanged": int(self.matrices_unchanged),
+            "skipped": [asdict(s) for s in self.skipped],
             "by_module": self.by_module(),
             "by_layer": self.by_layer(),
             "info": self.info,
@@ -219,6 +263,12 @@ class SpectrumResult:
     warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
     provenance_block: dict[str, Any] | None = None  # read from the file, or made on first to_json()
 
+    @property
+    def incomplete(self) -> bool:
+        """True when any matrix of any tuned model was skipped for NaN/Inf values or an overflowing
+        update (``TunedResult.skipped``): the CLI's exit status 4."""
+        return any(r.incomplete for r in self.results)
+
     def to_json(self) -> dict[str, Any]:
         if self.provenance_block is None:  # made once, so every serialisation is the same text
             self.provenance_block = provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
@@ -233,11 +283,6 @@ class SpectrumResult:
             "warnings": list(self.warnings),
             "results": [r.to_json() for r in self.results],
         }
-
-    @property
-    def incomplete(self) -> bool:
-        """True when some matrix of some model could not be audited."""
-        return False
 
     @staticmethod
     def looks_like(obj: dict[str, Any]) -> bool:
@@ -274,6 +319,7 @@ class SpectrumResult:
                     "tuned": r.tuned, "name": m.name, "module": m.module, "layer": m.layer,
                     "rows": m.shape[0], "cols": m.shape[1], "kind": m.kind, "delta_type": m.delta_type,
                     "adapter_rank": m.adapter_rank, "method": m.method, "intruders": m.intruders,
+                    "k_used": m.k_used,
                     "min_max_cos": m.min_cos,
                     "max_cos": ";".join(f"{c:.6f}" for c in m.max_cos),
                     "delta_norm": m.delta_norm, "relative_delta_norm": m.relative_delta_norm,
@@ -302,7 +348,7 @@ class SpectrumResult:
 
 
 CSV_COLUMNS = ["tuned", "name", "module", "layer", "rows", "cols", "kind", "delta_type", "adapter_rank",
-               "method", "intruders", "min_max_cos", "max_cos", "delta_norm", "relative_delta_norm",
+               "method", "intruders", "k_used", "min_max_cos", "max_cos", "delta_norm", "relative_delta_norm",
                "effective_rank", "stable_rank"]
 
 

@@ -29,26 +29,6 @@ def open_cache(cache_dir: str | Path | None = None):
     return SpectrumCache(Path(cache_dir).expanduser() if cache_dir else cache_root() / "spectra")
 
 
-class closing:
-    """``with`` for streams that may or may not hold open files."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __enter__(self):
-        enter = getattr(self.stream, "__enter__", None)
-        return enter() if enter else self.stream
-
-    def __exit__(self, *exc):
-        exit_ = getattr(self.stream, "__exit__", None)
-        if exit_:
-            return exit_(*exc)
-        close = getattr(self.stream, "close", None)
-        if close:
-            close()
-        return False
-
-
 def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, epsilon: float = 0.5,
                  epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP, device: str | torch.device = "auto",
                  exact: bool = False, float64: bool = False, include_embeddings: bool = False,
@@ -58,7 +38,8 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     """Audit every TUNED against BASE; returns a ``lora_audit.results.spectrum.SpectrumResult``.
 
     Labels default to the paths as given. Errors in the inputs raise ``lora_audit.errors``
-    exceptions before any matrix is decomposed.
+    exceptions before any matrix is decomposed; matrices with NaN/Inf weights are findings in the
+    result (``TunedResult.skipped``, ``SpectrumResult.incomplete``), not errors.
     """
     from ..checkpoints import open_stream
     from ..device import resolve_device
@@ -69,8 +50,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     cache = open_cache(cache_dir) if use_cache else None
     tuned = [str(t) for t in tuned]
     stream = open_stream(base, tuned, include_embeddings=include_embeddings, dtype=dtype, allow_pickle=allow_pickle)
-    with closing(stream):
-        return audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
-                     cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
-                     tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
-                     extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
+    return audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
+                 cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
+                 tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
+                 extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})

@@ -2,11 +2,16 @@
 
 For every base matrix W0 (out x in) the stream yields, the engine
 
+0. screens W0 and each delta (``screen``): NaN/Inf weights, an update that overflows the audit's
+   dtype, or an all-zero W1 make the matrix a finding in that model's ``skipped`` list, never
+   a number, and the rest is audited; a broken W0 is a finding for every tuned model,
 1. decomposes W0 once (thin SVD; from the on-disk base-spectrum cache when one is given),
 2. audits every tuned model's delta against it while it is in memory: the top-k left singular
    vectors y_j of W1 = W0 + dW and c_j = max_i |<y_j, u0_i>| over ALL base left singular
    vectors (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence",
-   Sec. 3); y_j is an intruder dimension when c_j < epsilon,
+   Sec. 3); y_j is an intruder dimension when c_j < epsilon. Directions of W1 whose singular
+   value is numerically zero (``exact.rank_tolerance``) are not examined: k_used =
+   min(k, m, n, numerical rank of W1),
 3. measures dW itself (Frobenius norm, effective and stable rank; ``metrics``).
 
 How the top-k of W1 is found depends on the delta (the engine never parses files):
@@ -14,7 +19,7 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
     exact=True            two full SVDs, the paper's algorithm (``exact.exact_topk``)
     LowRank               ``lowrank.lowrank_topk``: W1 in the base's singular basis, O(p r) per
                           product, no second full SVD
-    Dense / DoRA          ``randomized.randomized_topk``: block Krylov top-k of the materialised
+    Dense / DoRA          ``dense.block_krylov_topk``: block Krylov top-k of the materialised
                           W1 with diagonal corrections in the base basis, started on the base's
                           top vectors, with a residual check
 
@@ -29,7 +34,7 @@ several GPUs (``schedule``); results come back in stream order either way.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -38,12 +43,13 @@ from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_ch
 from ..device import resolve_device
 from ..errors import InputError
 from ..progress import progress as progress_bar
-from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, IntruderRecord, MatrixResult, SpectrumResult, TunedResult,
+from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, MatrixResult, SkippedMatrix, SpectrumResult, TunedResult,
                                 split_name)
 from . import schedule
+from .exact import base_spectrum, exact_topk, examined
+from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
-from .exact import base_spectrum, exact_topk
-from .metrics import count_intruders, intruder_details, sweep_counts, update_metrics
+from .findings import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_delta
 from .types import BaseSpectrum, TopK
 
 
@@ -82,8 +88,8 @@ def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> To
     """The fast path for this delta type; ImportError/NotImplementedError when there is none.
 
     LowRank -> ``lowrank_topk``; DoRA -> ``lowrank_topk`` if it takes it, else (a row rescaling is
-    not low rank in the base basis) ``randomized_topk`` on the materialised W1; Dense ->
-    ``randomized_topk``.
+    not low rank in the base basis) ``block_krylov_topk`` on the materialised W1; Dense ->
+    ``block_krylov_topk``.
     """
     if isinstance(delta, (LowRank, DoRA)):
         from .lowrank import lowrank_topk
@@ -94,9 +100,9 @@ def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> To
             if not isinstance(delta, DoRA):
                 raise
     if isinstance(delta, (Dense, DoRA)):
-        from .randomized import randomized_topk
+        from .dense import block_krylov_topk
 
-        return randomized_topk(base, delta.merged(W0), k)
+        return block_krylov_topk(base, delta.merged(W0), k)
     raise NotImplementedError(f"no fast path for {type(delta).__name__}")
 
 
@@ -108,7 +114,8 @@ EXACT_BELOW = 192
 
 
 def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, exact: bool) -> tuple[TopK, list[str]]:
-    """Top-k of W1 measured against the base; (TopK, notes about fallbacks)."""
+    """Top-k of W1 measured against the base, without W1's numerically null directions
+    (``exact.examined``: ``len(top.singular_values)`` is k_used); (TopK, notes about fallbacks)."""
     notes: list[str] = []
     if not exact and min(base.shape) >= EXACT_BELOW:
         try:
@@ -117,22 +124,48 @@ def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, ex
             notes.append(f"fast path unavailable ({e}); exact SVD used")
         else:
             if top.converged:
-                return top, notes
+                return examined(top, base.shape, base.U.dtype), notes
             why = top.note or f"residual {top.residual}"
             notes.append(f"{top.method} did not converge ({why}); exact SVD used")
-    return exact_topk(base, delta.merged(W0), k), notes
+    return examined(exact_topk(base, delta.merged(W0), k), base.shape, base.U.dtype), notes
 
 
 # ---- one matrix group ---------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What auditing one base matrix gave for one tuned model: a record, a finding
+    (``screen``: the matrix is left out of the statistics), or neither (unchanged)."""
+
+    matrix: MatrixResult | None = None
+    skipped: SkippedMatrix | None = None
+    seconds: float = 0.0
+
+
 def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta: Delta,
-                 settings: AuditSettings, *, base_norm: float) -> MatrixResult | None:
-    """Audit one tuned model's delta against one base matrix; None when W1 == W0 exactly."""
+                 settings: AuditSettings, *, base_norm: float) -> Outcome:
+    """Audit one tuned model's (screened, changed) delta against one base matrix.
+
+    An all-zero W1 (no direction above the numerical-rank tolerance) and any NaN/Inf number in
+    the record (an overflow the screens did not foresee) become findings, never numbers."""
     metrics = update_metrics(delta, W0, base_norm=base_norm, spectrum=settings.dense_metrics)
     if metrics.delta_norm == 0.0:
-        return None
+        return Outcome()
     top, notes = tuned_topk(base, W0, delta, settings.k, exact=settings.exact)
+    if top.singular_values.numel() == 0:
+        return Outcome(skipped=finding(group.name, "tuned", ZERO_TUNED))
+    rec = _matrix_result(group, base, delta, top, metrics, settings, notes)
+    bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [
+        rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])
+    if bad:
+        dtype = str(settings.dtype).replace("torch.", "")
+        return Outcome(skipped=finding(group.name, "update", f"the audit in {dtype} gave {bad} NaN/Inf number(s) "
+                                                             "(an overflow)", bad))
+    return Outcome(matrix=rec)
+
+
+def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: TopK, metrics: UpdateMetrics,
+                   settings: AuditSettings, notes: list[str]) -> MatrixResult:
     max_cos = [float(c) for c in top.max_cos.detach().cpu().double().tolist()]
-    details = intruder_details(top, settings.epsilon, base.S)
     module, layer = split_name(group.name)
     return MatrixResult(
         name=group.name, shape=list(group.shape), max_cos=max_cos,
@@ -144,7 +177,7 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
         base_index=[int(i) for i in top.argmax_base.detach().cpu().tolist()],
         cos_top_base=_cos_top_base(top, settings.k),
         sweep_counts=sweep_counts(max_cos, settings.epsilon_sweep),
-        intruder_details=[IntruderRecord(**vars(d)) for d in details],
+        intruder_details=intruder_details(top, settings.epsilon, base.S),
         delta_norm=metrics.delta_norm, relative_delta_norm=metrics.relative_delta_norm,
         spectral_norm=metrics.spectral_norm, effective_rank=metrics.effective_rank,
         stable_rank=metrics.stable_rank, notes=list(group.notes) + notes,
@@ -160,26 +193,38 @@ def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:
 
 
 def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.device,
-                spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum]) -> list[tuple[MatrixResult | None, float]]:
-    """Decompose W0 once, then audit every tuned model's delta against it.
-
-    Returns one (MatrixResult or None for 'unchanged', seconds) per tuned model, in order.
-    """
-    changed = [d is not None and is_changed(d, group.base) for d in group.deltas]
-    if not any(changed):
-        return [(None, 0.0) for _ in group.deltas]
+                spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum]) -> list[Outcome]:
+    """Screen W0, then every tuned model's delta; decompose W0 once (the first time a delta
+    needs it) and audit every delta that passes against it. One Outcome per tuned model, in order.
+    A base with NaN/Inf values is a finding for every tuned model that has a delta there."""
     W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
-    base = spectrum_of(W0, device)
-    base_norm = float(base.S.double().norm())  # ||W0||_F = ||S0||_2: no pass over W0
-    out: list[tuple[MatrixResult | None, float]] = []
-    for delta, ch in zip(group.deltas, changed):
-        if not ch:
-            out.append((None, 0.0))
-            continue
-        t0 = time.perf_counter()
-        rec = audit_matrix(group, base, W0, delta.to(device=device, dtype=settings.dtype), settings,
-                           base_norm=base_norm)
-        out.append((rec, time.perf_counter() - t0))
+    bad_base = screen_base(group.name, W0)
+    if bad_base is not None:
+        return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
+    decomposed: list[tuple[BaseSpectrum, float]] = []
+
+    def base_of() -> tuple[BaseSpectrum, float]:
+        if not decomposed:
+            spec = spectrum_of(W0, device)
+            decomposed.append((spec, float(spec.S.double().norm())))  # ||W0||_F = ||S0||_2
+        return decomposed[0]
+
+    return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of) for d in group.deltas]
+
+
+def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: AuditSettings,
+                 base_of: Callable[[], tuple[BaseSpectrum, float]]) -> Outcome:
+    """Screen one delta (``findings.screen_delta``) and audit it when it passes."""
+    delta = delta.to(device=W0.device, dtype=settings.dtype)
+    changed, found = screen_delta(group.name, W0, delta)
+    if not changed:
+        return Outcome()
+    if found is not None:
+        return Outcome(skipped=found)
+    base, base_norm = base_of()
+    t0 = time.perf_counter()
+    out = audit_matrix(group, base, W0, delta, settings, base_norm=base_norm)
+    out.seconds = time.perf_counter() - t0
     return out
 
 
@@ -187,6 +232,27 @@ def _spectrum_function(cache) -> Callable[[torch.Tensor, torch.device], BaseSpec
     if cache is None:
         return lambda W0, device: base_spectrum(W0.to(device))
     return lambda W0, device: cache.base_spectrum(W0, device)
+
+
+def _workers(settings: AuditSettings, cache) -> tuple[Callable | None, Callable]:
+    """(prepare, work) for ``schedule.run``: with a SpectrumCache, ``prepare`` hashes W0 and reads
+    its cached spectrum in the reader thread; ``work`` audits one group on one device."""
+    spectrum_of = _spectrum_function(cache)
+    lookup = getattr(cache, "lookup", None)
+
+    def prepare(group: MatrixGroup):
+        if not any(d is not None and is_changed(d, group.base) for d in group.deltas):
+            return None
+        W0 = group.base.to(dtype=settings.dtype)
+        return lookup(W0) if bool(torch.isfinite(W0).all()) else None  # (key, spectrum or None), on the CPU
+
+    def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list[Outcome]]:
+        of = spectrum_of
+        if found is not None:
+            of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
+        return group.name, audit_group(group, settings, device, of)
+
+    return (prepare if lookup is not None else None), work
 
 
 # ---- the whole stream ---------------------------------------------------------------------------
@@ -217,48 +283,54 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             ``device`` alone). Results are the same and in stream order either way.
         prefetch: how many matrix groups to read ahead in a background thread (reading, hashing
             and cache reads overlap the SVDs); 0 reads in the calling thread.
+    Returns:
+        A SpectrumResult; matrices with NaN/Inf weights or an overflowing update are in each
+        model's ``skipped`` list, and ``result.incomplete`` is True when there is one.
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
     sweep = tuple(sorted({float(e) for e in epsilon_sweep}))
     settings = AuditSettings(k=k, epsilon=float(epsilon), epsilon_sweep=sweep, exact=exact, dtype=dtype,
                              dense_metrics=dense_metrics)
-    dev = resolve_device(device)
-    spectrum_of = _spectrum_function(cache)
-    run_on = devices_for(dev, devices)
-    lookup = getattr(cache, "lookup", None)  # a SpectrumCache: hash and read in the reader thread
-
-    def prepare(group: MatrixGroup):
-        if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
-            return None
-        return lookup(group.base.to(dtype=settings.dtype))  # (key, spectrum or None), on the CPU
-
-    def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list]:
-        of = spectrum_of
-        if found is not None:
-            of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
-        return group.name, audit_group(group, settings, device, of)
-
-    n_tuned = _n_tuned(stream, tuned_labels)
+    run_on = devices_for(resolve_device(device), devices)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
-    labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, n_tuned)
-    results: list[TunedResult] | None = [TunedResult(tuned=t) for t in labels] if labels else None
-    n_groups = 0
+    labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
+    prepare, work = _workers(settings, cache)
+    results, n_groups = _collect(stream, work, prepare, run_on, prefetch, labels, total=total, progress=progress,
+                                 cache=cache)
+    if results is None or (n_groups == 0 and not total):
+        raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
+    planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
+    for i, res in enumerate(results):
+        _finish(res, planned, len(sweep), info=_per_tuned(stream, "info", i), warnings=_per_tuned(stream, "warnings", i))
+    run_settings = {"device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""),
+                    "exact": bool(exact), "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
+                    "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics), **(extra_settings or {})}
+    return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
+                          settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))
+
+
+def _collect(stream, work, prepare, run_on, prefetch: int, labels: list[str] | None, *, total: int | None,
+             progress: bool, cache) -> tuple[list[TunedResult] | None, int]:
+    """Run the stream through ``schedule`` and gather each tuned model's outcomes in stream order.
+    Returns (results, number of groups seen); results is None for an empty stream without labels."""
+    results = [TunedResult(tuned=t) for t in labels] if labels else None
+    n_groups = 0
     bar = progress_bar(total=total, desc="spectrum", unit="matrix") if progress else _NoBar()
     try:
-        for name, per_tuned in schedule.run(stream, work, run_on, prepare=prepare, depth=prefetch):
+        for name, outcomes in schedule.run(stream, work, run_on, prepare=prepare, depth=prefetch):
             n_groups += 1
             if results is None:
-                n_tuned = n_tuned or len(per_tuned)
-                labels = labels or [f"tuned[{i}]" for i in range(n_tuned)]
-                results = [TunedResult(tuned=labels[i]) for i in range(n_tuned)]
-            if len(per_tuned) != len(results):
-                raise ValueError(f"{name}: {len(per_tuned)} deltas for {len(results)} tuned models")
-            for res, (rec, secs) in zip(results, per_tuned):
-                if rec is not None:
-                    res.matrices.append(rec)
-                res.seconds += secs
+                results = [TunedResult(tuned=f"tuned[{i}]") for i in range(len(outcomes))]
+            if len(outcomes) != len(results):
+                raise ValueError(f"{name}: {len(outcomes)} deltas for {len(results)} tuned models")
+            for res, out in zip(results, outcomes):
+                if out.matrix is not None:
+                    res.matrices.append(out.matrix)
+                if out.skipped is not None:
+                    res.skipped.append(out.skipped)
+                res.seconds += out.seconds
             bar.set_postfix_str(name[-40:], refresh=False)
             bar.update(1)
     finally:
@@ -266,27 +338,31 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
         flush = getattr(cache, "flush", None)  # new cache entries are written in the background
         if flush is not None:
             flush()
-    if results is None or (n_groups == 0 and not total):
-        raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
-    planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
+    return results, n_groups
 
-    for i, res in enumerate(results):
-        res.info = dict(_per_tuned(stream, "info", i) or {})
-        res.warnings = list(_per_tuned(stream, "warnings", i) or [])
-        res.matrices_unchanged = planned - len(res.matrices)
-        if not res.matrices:
-            res.warnings.append("no weight matrix differs from the base: nothing to audit")
-        res.sweep_totals = [sum(m.sweep_counts[j] for m in res.matrices) for j in range(len(sweep))]
-        fallbacks = sum(1 for m in res.matrices if any("exact SVD used" in n for n in m.notes))
-        if fallbacks:
-            res.warnings.append(f"{fallbacks} matrices fell back from the fast path to the exact SVD")
 
-    run_settings = {"device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""), "exact": bool(exact),
-                    "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
-                    "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics)}
-    run_settings.update(extra_settings or {})
-    return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
-                          settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))
+def _finish(res: TunedResult, planned: int, n_sweep: int, *, info, warnings) -> None:
+    """Fill in one tuned model's totals, loader info and warnings (mutates ``res``)."""
+    res.info = dict(info or {})
+    res.warnings = list(warnings or [])
+    res.matrices_unchanged = planned - len(res.matrices) - len(res.skipped)
+    if not res.matrices and not res.skipped:
+        res.warnings.append("no weight matrix differs from the base: nothing to audit")
+    res.sweep_totals = [sum(m.sweep_counts[j] for m in res.matrices) for j in range(n_sweep)]
+    fallbacks = sum(1 for m in res.matrices if any("exact SVD used" in n for n in m.notes))
+    if fallbacks:
+        res.warnings.append(f"{fallbacks} matrices fell back from the fast path to the exact SVD")
+    broken = [s.name for s in res.skipped if s.unmeasured]
+    if broken:
+        res.warnings.append(f"{_matrices(len(broken))} not audited (NaN/Inf weights or an overflowing update; "
+                            f"see 'skipped'): {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
+    zeros = len(res.skipped) - len(broken)
+    if zeros:
+        res.warnings.append(f"{_matrices(zeros)} all zeros in the tuned model: no direction to examine")
+
+
+def _matrices(n: int) -> str:
+    return f"{n} matrix" if n == 1 else f"{n} matrices"
 
 
 class _NoBar:
@@ -300,9 +376,7 @@ class _NoBar:
         pass
 
 
-def _n_tuned(stream, tuned_labels) -> int | None:
-    if tuned_labels is not None:
-        return len(tuned_labels)
+def _n_tuned(stream) -> int | None:
     for attr in ("tuned", "info"):
         v = getattr(stream, attr, None)
         if isinstance(v, (list, tuple)):

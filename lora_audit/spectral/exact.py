@@ -9,11 +9,13 @@ Shuttleworth, Andreas, Torralba, Sharma, "LoRA vs Full Fine-tuning: An Illusion 
 
 Only left singular vectors are used; every matrix is (out x in), so they live in the layer's
 output space. SVDs run in float32 or float64 (never bf16/fp16: torch refuses them, and the
-cosines would be noise). This is the ground truth the fast paths (``lowrank``, ``randomized``)
+cosines would be noise). This is the ground truth the fast paths (``lowrank``, ``dense``)
 are checked against, and what ``lora-audit spectrum --exact`` runs.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -67,7 +69,40 @@ def exact_topk(base: BaseSpectrum, W1: Tensor, k: int) -> TopK:
         raise ValueError(f"tuned matrix shape {tuple(W1.shape)} != base shape {base.shape}")
     W1 = W1.to(device=base.U.device, dtype=base.U.dtype)
     U1, S1, _ = torch.linalg.svd(W1, full_matrices=False)  # (m, p), (p,)
+    return topk_from_svd(base, U1, S1, k)
+
+
+def topk_from_svd(base: BaseSpectrum, U1: Tensor, S1: Tensor, k: int) -> TopK:
+    """The paper's test on W1's thin SVD (U1 (m, p), S1 (p,) descending), given the base's SVD:
+    the top k' = min(k, p) columns of U1 against ALL columns of U0."""
     kk = min(k, U1.shape[1])
     max_cos, argmax, coords = match_against_base(base.U, U1[:, :kk])
     return TopK(singular_values=S1[:kk], max_cos=max_cos, argmax_base=argmax, method="exact",
                 base_coords=coords)
+
+
+def rank_tolerance(sigma_1: float, shape: tuple[int, int], dtype: torch.dtype) -> float:
+    """Singular values of a matrix at or below ``max(m, n) * eps(dtype) * sigma_1`` are numerically 0.
+
+    A backward-stable SVD returns the exact singular values of W + E with ||E||_2 about
+    eps * ||W||_2 (times a slowly growing function of the size), and W1 = W0 + dW, formed in the
+    audit's dtype, is itself known only to that precision: a singular value below the bound cannot
+    be told from 0, and its singular vector is an arbitrary direction of a (near-)null space whose
+    cosines with the base mean nothing. The bound is numpy's ``matrix_rank`` default (also
+    MATLAB's ``rank``; Press et al., Numerical Recipes, 2nd ed., Sec. 2.6)."""
+    return float(max(shape)) * float(torch.finfo(dtype).eps) * float(sigma_1)
+
+
+def examined(top: TopK, shape: tuple[int, int], dtype: torch.dtype) -> TopK:
+    """``top`` without its numerically null directions (``rank_tolerance``): those are never
+    examined, so never intruders. ``len(result.singular_values)`` is min(k, m, n, numerical rank),
+    0 for an all-zero W1. ``top.singular_values[0]`` must be W1's largest singular value."""
+    S = top.singular_values
+    if S.numel() == 0 or not bool(torch.isfinite(S[0])):  # an overflow: left to the engine's check
+        return top
+    n = int((S > rank_tolerance(float(S[0]), shape, dtype)).sum())
+    if n == S.numel():
+        return top
+    coords = None if top.base_coords is None else top.base_coords[:, :n]
+    return replace(top, singular_values=S[:n], max_cos=top.max_cos[:n], argmax_base=top.argmax_base[:n],
+                   base_coords=coords)

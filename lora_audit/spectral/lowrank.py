@@ -32,7 +32,7 @@ as not converged and the engine falls back to the exact SVD.
 
 DoRA (W1 = diag(g)(W0 + s·B·A), g the magnitude over row norms) breaks this structure (a row
 scaling is not diagonal in the base's singular basis), so it is not handled here; the engine
-takes the randomised path on the materialised matrix for it.
+takes the block Krylov path (``dense``) on the materialised matrix for it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoints.deltas import Delta, LowRank
+from ..results.spectrum import IntruderRecord
 from .types import TopK
 
 
@@ -44,11 +45,12 @@ class UpdateMetrics:
 def lowrank_singular_values(B: Tensor, A: Tensor, scale: float) -> Tensor:
     """Singular values of scale * B @ A without forming it: QR of B and A^T, SVD of the core.
 
-    B: (m, r), A: (r, n). Returns the min(r, m, n) singular values, descending.
+    B: (m, r), A: (r, n). Returns the min(r, m, n) singular values, descending, in float64: the
+    r x r core is formed in float64, so a large scale (lora_alpha 1e30) cannot overflow it.
     """
     _, Rb = torch.linalg.qr(B, mode="reduced")  # B (m, r) = Qb (m, r') Rb (r', r)
     _, Ra = torch.linalg.qr(A.T, mode="reduced")  # A^T (n, r) = Qa (n, r'') Ra (r'', r)
-    core = scale * (Rb @ Ra.T)  # (r', r) @ (r, r'') -> (r', r'')
+    core = scale * (Rb.double() @ Ra.double().T)  # (r', r) @ (r, r'') -> (r', r'')
     return torch.linalg.svdvals(core)
 
 
@@ -99,17 +101,10 @@ def update_metrics(delta: Delta, W0: Tensor, *, base_norm: float | None = None,
                          effective_rank=None, stable_rank=None, spectral_norm=None)
 
 
-@dataclass
-class IntruderDetail:
-    index: int  # 0-based position j in the tuned spectrum (same index as in max_cos)
-    singular_value: float  # sigma_j of W1
-    max_cos: float  # max_i |<y_j, u0_i>|
-    base_index: int  # 0-based index i of the best-matching base left singular vector
-    base_singular_value: float | None  # sigma_i of W0 for that best match
-
-
-def intruder_details(topk: TopK, epsilon: float, base_S: Tensor | None = None) -> list[IntruderDetail]:
-    """One record per intruder (max_cos < epsilon), in tuned-spectrum order."""
+def intruder_details(topk: TopK, epsilon: float, base_S: Tensor | None = None) -> list[IntruderRecord]:
+    """One record per intruder (max_cos < epsilon), in tuned-spectrum order: its position j in the
+    tuned spectrum, sigma_j of W1, max_i |<y_j, u0_i>|, the best-matching base vector i and sigma_i
+    of W0 (None without ``base_S``)."""
     cos = topk.max_cos.detach().cpu().double().tolist()
     sv = topk.singular_values.detach().cpu().double().tolist()
     arg = topk.argmax_base.detach().cpu().tolist()
@@ -118,7 +113,7 @@ def intruder_details(topk: TopK, epsilon: float, base_S: Tensor | None = None) -
     for j, c in enumerate(cos):
         if c < epsilon:
             i = int(arg[j])
-            out.append(IntruderDetail(index=j, singular_value=sv[j], max_cos=c, base_index=i,
+            out.append(IntruderRecord(index=j, singular_value=sv[j], max_cos=c, base_index=i,
                                       base_singular_value=bs[i] if bs is not None and i < len(bs) else None))
     return out
 

@@ -45,7 +45,7 @@ class TopK:
     singular_values: Tensor  # (k,) of W1
     max_cos: Tensor  # (k,)
     argmax_base: Tensor  # (k,) int64: index i of the best-matching base vector (its rank in W0)
-    method: str  # "exact" | "lowrank" | "randomized" | ...
+    method: str  # "exact" | "lowrank" | "block_krylov"
     base_coords: Tensor | None = None  # (p, k): U0^T y_j, signed; for the |cos| heat maps
     converged: bool = True  # False when an iterative method did not reach its tolerance
     residual: float | None = None  # the iterative method's convergence measure, when it has one

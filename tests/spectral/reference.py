@@ -109,3 +109,18 @@ def intruder_case(m: int = 48, n: int = 40, *, seed: int = 0, strength: float = 
     v = torch.randn(1, n, generator=g, dtype=torch.float64)
     v = v / v.norm()
     return W0, u, v, strength * float(S0[0])
+
+
+def cos_tolerance(W1: torch.Tensor, k: int = 10, *, floor: float = 1e-4, eps: float = 1.2e-7) -> list[float]:
+    """How far a float32 audit's max |cos| of each top-k direction of W1 may fairly lie from the
+    float64 reference: max(floor, 10 eps sigma_1 / gap_j), gap_j the distance from sigma_j to its
+    nearest other singular value. A singular vector is determined only up to ||E|| / gap by a
+    backward-stable SVD with error ||E|| ~ eps sigma_1 (Wedin's sin-theta theorem, Wedin 1972), so
+    nearly equal singular values make float32 cosines move by far more than eps."""
+    S = torch.linalg.svdvals(W1.double())
+    out = []
+    for j in range(min(k, S.numel())):
+        gaps = [abs(float(S[j] - S[i])) for i in (j - 1, j + 1) if 0 <= i < S.numel()]
+        gap = min(gaps) if gaps else float("inf")
+        out.append(max(floor, 10 * eps * float(S[0]) / gap) if gap > 0 else 1.0)
+    return out

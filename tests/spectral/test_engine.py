@@ -122,7 +122,7 @@ def test_fast_path_that_does_not_converge_falls_back_to_exact(monkeypatch):
 
     def unconverged(base, W0, delta, k):
         return TopK(singular_values=torch.ones(k), max_cos=torch.zeros(k), argmax_base=torch.zeros(k, dtype=torch.long),
-                    method="randomized", converged=False, residual=0.3)
+                    method="block_krylov", converged=False, residual=0.3)
 
     monkeypatch.setattr(engine, "_fast_topk", unconverged)
     groups, W0s, W1s = _groups()

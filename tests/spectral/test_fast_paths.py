@@ -9,7 +9,7 @@ from lora_audit.checkpoints.deltas import Dense, DoRA, LowRank
 from lora_audit.spectral.exact import base_spectrum
 from lora_audit.spectral.krylov import topk_svd
 from lora_audit.spectral.lowrank import lowrank_topk
-from lora_audit.spectral.randomized import randomized_topk
+from lora_audit.spectral.dense import block_krylov_topk
 from tests.helpers import reference_intruders
 
 
@@ -57,7 +57,7 @@ def test_dense_and_dora_equal_reference(m, n):
     W1 += 2.0 * torch.outer(torch.randn(m, generator=g), torch.randn(n, generator=g)) / (m * n) ** 0.5
     for tuned in (W1, DoRA(torch.randn(m, 2, generator=g), torch.randn(2, n, generator=g), 0.5,
                            W0.norm(dim=1) * 1.3).merged(W0)):
-        top = randomized_topk(base_spectrum(W0), tuned, 10)
+        top = block_krylov_topk(base_spectrum(W0), tuned, 10)
         ref_cos, ref_count = reference_intruders(W0, tuned)
         assert top.converged
         assert int((top.max_cos < 0.5).sum()) == ref_count
@@ -84,7 +84,7 @@ def test_engine_uses_the_fast_paths_and_matches_exact():
     groups = [MatrixGroup("model.layers.0.mlp.up_proj.weight", W0, deltas)]
     fast = audit(groups, progress=False, tuned_labels=["lora", "full"])
     exact = audit(groups, progress=False, exact=True, tuned_labels=["lora", "full"])
-    assert [m.method for t in fast.results for m in t.matrices] == ["lowrank", "randomized"]
+    assert [m.method for t in fast.results for m in t.matrices] == ["lowrank", "block_krylov"]
     for a, b in zip(fast.results, exact.results):
         assert a.total_intruders == b.total_intruders
         torch.testing.assert_close(torch.tensor(a.matrices[0].max_cos), torch.tensor(b.matrices[0].max_cos),

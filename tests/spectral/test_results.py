@@ -4,6 +4,7 @@ import io
 import json
 
 import pandas as pd
+import torch
 import pytest
 
 from lora_audit.checkpoints.deltas import Dense, LowRank, MatrixGroup
@@ -90,3 +91,41 @@ def test_csv_one_row_per_tuned_and_matrix(result, tmp_path):
 ])
 def test_split_name(name, expected):
     assert split_name(name) == expected
+
+
+@pytest.mark.parametrize("method", ["randomized", "block_krylov"])
+def test_dense_path_method_names_old_and_new_are_read_and_tabulated(method):
+    """Files written before the block Krylov path had its name say "randomized": both load, give
+    CSV rows, and go through the report's tables."""
+    from lora_audit.report.model import gather
+    from lora_audit.report.tables import worst_matrices_table
+    from tests.report.synth import spectrum as synth_spectrum
+
+    obj = synth_spectrum(["tuned/"])
+    for m in obj["results"][0]["matrices"]:
+        m["method"] = method
+    res = SpectrumResult.from_json(obj)
+    assert {m.method for m in res.results[0].matrices} == {method}
+    df = pd.read_csv(io.StringIO(res.to_csv()))
+    assert set(df["method"]) == {method} and set(df["k_used"]) == {6}  # files without k_used: len(max_cos)
+    assert set(worst_matrices_table(gather([obj])).df["method"]) == {method}
+
+
+def test_skipped_findings_round_trip_and_mark_the_result_incomplete(tmp_path):
+    W0, u, v, s = intruder_case(20, 16)
+    nan_B = u.float().clone()
+    nan_B[0, 0] = float("nan")
+    groups = [MatrixGroup("model.layers.0.mlp.up_proj.weight", W0.float(),
+                          [LowRank(nan_B, v.float(), s), Dense(torch.zeros(20, 16))])]
+    res = audit(groups, k=4, device="cpu", progress=False, tuned_labels=["nan/", "zero/"])
+    assert res.incomplete and res.results[0].incomplete and not res.results[1].incomplete
+    obj = json.loads(res.write_json(tmp_path / "s.json").read_text())
+    assert obj["results"][0]["skipped"] == [{"name": "model.layers.0.mlp.up_proj.weight", "where": "lora_B",
+                                              "reason": "1 NaN/Inf value(s) in the lora_B (float32)",
+                                              "nonfinite_values": 1}]
+    assert obj["results"][1]["skipped"][0]["reason"] == "tuned matrix is all zeros"
+    assert [r["matrices_unchanged"] for r in obj["results"]] == [0, 0]
+    back = load_spectrum(tmp_path / "s.json")
+    assert back.to_json()["results"] == obj["results"] and back.incomplete
+    old = dict(obj, results=[{k: v for k, v in r.items() if k != "skipped"} for r in obj["results"]])
+    assert not SpectrumResult.from_json(old).incomplete  # files without the field: nothing was skipped

@@ -158,7 +158,7 @@ def test_mitigate_cli(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     assert "intruders:" in r.output and (tmp_path / "m" / "mitigate.json").is_file()
     r = CliRunner().invoke(cli, ["mitigate", str(tiny_llama), str(ad), "--lambda", "2", "--out", str(tmp_path / "x")])
-    assert r.exit_code == 1 and "lambda" in r.output
+    assert r.exit_code == 2 and "lambda" in r.output
 
 
 def test_finetune_cli(tiny_llama, tmp_path):

@@ -9,6 +9,11 @@ the Krylov block) was 1.5x faster on the bench, but nothing here could certify t
 TOP k (the LoRA path has an exact count for that; a dense W1 does not), so the Krylov block stays.
 Then c = U0^T y against ALL base vectors (the paper's test).
 
+It is not a randomised SVD (Halko, Martinsson & Tropp 2011: a fixed number of power steps and
+no certificate): the 4 extra start vectors come from a fixed seed, the space grows until every
+residual is below the tolerance, and the same W1 always gives the same answer. Results record
+``method: "block_krylov"`` (result files written before this name say "randomized" for it).
+
 Precision: the products with W1 and the Rayleigh-Ritz run in float64 (in float32 the residual
 floor, ~1e-6 relative, is too close to the accuracy the cosines need). The preconditioner only
 proposes directions, so it runs in the base's dtype; so does c = U0^T y (rounding ~1e-7, far
@@ -29,9 +34,10 @@ from .krylov import shifted_diagonal, topk_svd
 from .types import BaseSpectrum, TopK
 
 _OVERSAMPLE = 10
+METHOD = "block_krylov"  # recorded as MatrixResult.method
 
 
-def randomized_topk(base: BaseSpectrum, W1: Tensor, k: int, *, tol: float | None = None,
+def block_krylov_topk(base: BaseSpectrum, W1: Tensor, k: int, *, tol: float | None = None,
                     seed: int = 0) -> TopK:
     """Top-k left singular directions of the dense tuned matrix W1 (m, n), measured against the base."""
     U0, S0 = base.U, base.S  # (m, p), (p,) in the audit's dtype
@@ -56,5 +62,5 @@ def randomized_topk(base: BaseSpectrum, W1: Tensor, k: int, *, tol: float | None
                    precondition=precondition, block=kk + 4)
     max_cos, argmax, coords = match_against_base(U0, res.U)
     return TopK(singular_values=res.S.to(out_dtype), max_cos=max_cos.to(out_dtype), argmax_base=argmax,
-                method="randomized", base_coords=coords.to(out_dtype), converged=res.converged,
+                method=METHOD, base_coords=coords.to(out_dtype), converged=res.converged,
                 residual=res.residual)
