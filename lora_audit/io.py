@@ -217,6 +217,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json_text(obj))
 
 
+def csv_text(df) -> str:
+    """A pandas DataFrame as CSV text whose text cells a spreadsheet shows as text, never runs as a
+    formula (``lora_audit.text.csv_cell``); numbers are written as they are."""
+    import pandas as pd
+
+    from .text import csv_cell
+
+    df = df.copy()
+    for col in df.columns:  # text columns are object or (pandas >= 3) string dtype
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col].dtype):
+            # a new object Series: Series.map would turn [8, None] into floats
+            df[col] = pd.Series([csv_cell(v) for v in df[col]], index=df.index, dtype=object)
+    return df.to_csv(index=False)
+
+
 def _json_default(o: Any) -> Any:
     try:
         import numpy as np
@@ -329,9 +344,9 @@ def _resolved(p: str | os.PathLike) -> Path:
 def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
     """OutputError when an output would replace or delete an input, or two outputs collide.
 
-    An output may not be an input, nor contain one (replacing a folder would delete it). A new
-    file inside an input folder is allowed; an existing one is refused by ``check_output_file``
-    unless lora-audit wrote it. Inputs that are not local paths (hub ids) are ignored."""
+    An output may not be an input, contain one (replacing a folder would delete it), or be an
+    existing file inside an input folder; a new file inside an input folder is allowed. Inputs
+    that are not local paths (hub ids) are ignored."""
     outs = [(o, _resolved(o)) for o in outputs if o is not None]
     ins = [(i, _resolved(i)) for i in inputs if i is not None and Path(str(i)).expanduser().exists()]
     seen: dict[Path, Any] = {}
@@ -344,6 +359,9 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[
                 raise OutputError(f"{o}: is also an input; writing it would destroy the input. Choose another path")
             if ri.is_relative_to(ro):
                 raise OutputError(f"{o}: contains the input {i}; writing it would replace that input. "
+                                  "Choose another path")
+            if ri.is_dir() and ro.is_relative_to(ri) and (ro.exists() or ro.is_symlink()):
+                raise OutputError(f"{o}: is a file of the input {i}; writing it would change that input. "
                                   "Choose another path")
 
 

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import matplotlib
 
+from ..text import printable
+
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -80,7 +82,7 @@ def to_svg(fig: Figure, *, desc: str = "") -> str:
                      svg)
     # Scale with the page: keep the viewBox, let CSS set the width.
     svg = re.sub(r'<svg([^>]*?)\swidth="[^"]*"\s+height="[^"]*"', r'<svg\1', svg, count=1)
-    label = _xml_escape(desc)
+    label = _xml_escape(printable(desc))
     # natural size (points -> CSS px) as the largest width: small figures do not blow up
     width_px = fig.get_figwidth() * 72 * 1.3
     svg = svg.replace("<svg", f'<svg role="img" aria-label="{label}" class="fig" style="max-width:{width_px:.0f}px"', 1)
@@ -118,7 +120,9 @@ def _thin(xs: Sequence, ys: Sequence) -> tuple[list, list]:
 
 
 def short_label(name: str, width: int = 28) -> str:
-    name = str(name)
+    """A name for a figure: printable (control and bidi characters as escapes, ``text.printable``),
+    cut to ``width`` characters from the left. Every name a figure shows goes through here."""
+    name = printable(name)
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 

@@ -7,10 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import pandas as pd
-
-from ..io import atomic_dir, atomic_write_text, check_output_dir, check_output_file
-from ..text import csv_cell
+from ..io import atomic_dir, atomic_write_text, check_output_dir, check_output_file, csv_text
 from .model import gather
 from .render import render
 from .tables import Table, all_tables
@@ -19,14 +16,11 @@ from .tables import Table, all_tables
 def write_csvs(tables: dict[str, Table], folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write every table as <key>.csv into the new folder ``folder`` (atomically; an earlier
     lora-audit tables folder is replaced only with ``overwrite``). Text cells that a spreadsheet
-    would run as a formula are neutralised (``text.csv_cell``)."""
+    would run as a formula are neutralised (``io.csv_text``)."""
     folder = Path(folder)
     with atomic_dir(folder, overwrite=overwrite, what="report tables") as tmp:
         for key, t in tables.items():
-            df = t.df.copy()
-            for col in df.columns[df.dtypes == object]:  # (Series.map would turn [8, None] into floats)
-                df[col] = pd.Series([csv_cell(v) for v in df[col]], index=df.index, dtype=object)
-            df.to_csv(tmp / f"{key}.csv", index=False)
+            (tmp / f"{key}.csv").write_text(csv_text(t.df), encoding="utf-8")
     return folder
 
 

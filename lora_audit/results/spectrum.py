@@ -339,7 +339,10 @@ class SpectrumResult:
         return pd.DataFrame(self.rows(), columns=self.csv_columns())
 
     def to_csv(self) -> str:
-        return self.to_dataframe().to_csv(index=False)
+        """The rows as CSV; text cells are neutralised against spreadsheet formulas."""
+        from ..io import csv_text
+
+        return csv_text(self.to_dataframe())
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         from ..io import atomic_write_text
