@@ -14,6 +14,10 @@ are 0-based. Top level, in this order::
       "epsilon_sweep": [float, ...],    thresholds of the sweep, ascending
       "warnings": [str, ...],           about the base or the run as a whole (per-model ones
                                         are under each result)
+      "gate": {...} | null,             the --fail-on outcome (``results.gate.GateOutcome``):
+                                        "expression", "tripped", "conditions": [{"condition",
+                                        "field", "op", "threshold", "tripped", "models": [{"model",
+                                        "value", "shown", "where", "tripped"}]}]; null without a gate
       "results": [                      [contract] one entry per TUNED, in argument order
         {
           "tuned": str,                 [contract] the TUNED argument as given
@@ -22,6 +26,14 @@ are 0-based. Top level, in this order::
           "matrices_audited": int,      len(matrices)
           "matrices_unchanged": int,    matrices of the audit plan (those any tuned model
                                         touches) that this model leaves exactly as they were
+          "skipped": [{"name", "where", "reason", "nonfinite_values"}],  matrices left out of
+                                        the statistics (NaN/Inf values, overflow, all zeros)
+          "findings": [                 structural findings on the tuned files, read before any
+                                        matrix (``checkpoints.structure``; rules in
+                                        ``results.findings.RULES``)
+            {"rule": "LA021", "level": "error"|"warning"|"note", "message": str,
+             "file": str | null, "detail": {...}}
+          ],
           "by_module": {module: int},   intruders per module name (q_proj, down_proj, ...)
           "by_layer": {"0": int, ...},  intruders per layer index (matrices with a layer)
           "info": {...},                what the loader found (format, adapter config, ...)
@@ -79,6 +91,8 @@ from typing import Any
 
 from ..errors import InputError
 from . import PROVENANCE_KEY, check_schema, provenance, read_result, write_result
+from .findings import Finding
+from .gate import GateOutcome
 from .schema import parse
 
 SCHEMA = "spectrum"
@@ -156,6 +170,13 @@ class MatrixResult:
         return raw
 
 
+def left_unmeasured(skipped: dict[str, Any]) -> bool:
+    """Whether a ``TunedResult.skipped`` entry is a matrix the audit could not measure (NaN/Inf
+    values, an overflowing update): every entry but an all-zero tuned matrix (where "tuned" with
+    no NaN/Inf value), which has no direction to examine."""
+    return skipped.get("where") == "update" or int(skipped.get("nonfinite_values", 0)) > 0
+
+
 @dataclass
 class TunedResult:
     tuned: str
@@ -165,6 +186,8 @@ class TunedResult:
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"name", "where", "reason", "nonfinite_values"}
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def total_intruders(self) -> int:
@@ -195,6 +218,8 @@ class TunedResult:
             "sweep_totals": [int(x) for x in self.sweep_totals],
             "matrices_audited": len(self.matrices),
             "matrices_unchanged": int(self.matrices_unchanged),
+            "skipped": [dict(s) for s in self.skipped],
+            "findings": [f.to_json() for f in self.findings],
             "by_module": self.by_module(),
             "by_layer": self.by_layer(),
             "info": self.info,
@@ -218,6 +243,7 @@ class SpectrumResult:
     settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
     warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
     provenance_block: dict[str, Any] | None = None  # read from the file, or made on first to_json()
+    gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
     def to_json(self) -> dict[str, Any]:
         if self.provenance_block is None:  # made once, so every serialisation is the same text
@@ -231,6 +257,7 @@ class SpectrumResult:
             "epsilon": float(self.epsilon),
             "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
             "warnings": list(self.warnings),
+            "gate": self.gate.to_json() if self.gate is not None else None,
             "results": [r.to_json() for r in self.results],
         }
 
