@@ -167,8 +167,12 @@ def parse_gate(text: str, fields: Mapping[str, GateField]) -> Gate:
 
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown field {name!r}{hint}; this command's fields are: {describe_fields(fields)}")
-        threshold, shown = _threshold(f, token)
+            raise ValueError(f"unknown field {name!r}{hint}; expected {GRAMMAR}; this command's fields are: "
+                             f"{describe_fields(fields)}")
+        try:
+            threshold, shown = _threshold(f, token)
+        except ValueError as e:
+            raise ValueError(f"{e}; expected {GRAMMAR}") from None
         conditions.append(Condition(f, op, threshold, shown))
     return Gate(",".join(c.text for c in conditions), tuple(conditions))
 
