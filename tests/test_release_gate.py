@@ -161,3 +161,14 @@ def test_audit_gate(tiny_llama, ckpts, tmp_path):
     assert spec["gate"]["tripped"] and spec["results"][0]["total_intruders"] == ckpts["total"]
     validate(json.loads(sarif.read_text()))
     assert "TRIPPED  intruders>0" in r.output
+
+
+def test_audit_gate_on_both_results(tiny_llama, ckpts, tmp_path):
+    out = tmp_path / "audit"
+    r = run("audit", tiny_llama, ckpts["adapter"], "--limit", "2", "--max-new-tokens", "3", "--tasks", "none",
+            "--benign", "none", "--k", "4", "--no-cache", "--exact", "-q", "--out", out,
+            "--fail-on", "intruders>1000,refusal_rate>=0")
+    assert r.exit_code == 3, r.output
+    spec, saf = (json.loads((out / n).read_text()) for n in ("spectrum.json", "safety.json"))
+    assert [c["condition"] for c in spec["gate"]["conditions"]] == ["intruders>1000"] and not spec["gate"]["tripped"]
+    assert [c["condition"] for c in saf["gate"]["conditions"]] == ["refusal_rate>=0"] and saf["gate"]["tripped"]

@@ -1,5 +1,6 @@
 """Structural checks of a TUNED input: red flags found from its file listing, configs and
-safetensors headers alone, before any matrix is read (no tensor data, nothing executed).
+safetensors headers alone, before any matrix is read (no tensor data but a kohya adapter's alphas,
+nothing executed; LA020 hashes the two base models when it compares them).
 
     findings = check_structure("adapter/", base="base/")   # [results.findings.Finding, ...]
 
@@ -12,7 +13,7 @@ Each finding carries a rule id of ``lora_audit.results.findings.RULES``:
   content up to ``COMPARE_CONTENT_BYTES``): same content is a note, different files a warning.
 - LA021 full-matrix-in-adapter: ``modules_to_save`` replacements (full embedding / lm_head
   matrices: warning; other matrices: note) and LoRA factors of rank >= min(rows, cols).
-- LA022 moe-router-adapted: LoRA or a replacement on a mixture-of-experts router (``ROUTER_NAMES``).
+- LA022 moe-router-adapted: LoRA or a replacement on a mixture-of-experts router (``is_router``).
 - LA023 rank-mismatch: declared r / rank_pattern vs the ranks of the lora_A tensors (error: PEFT
   cannot load it, and ``read_adapter`` refuses it), and rank_pattern keys that match no module.
 - LA024 target-modules-mismatch: modules with weights that target_modules does not select
@@ -50,7 +51,8 @@ MAX_LISTED = 10_000  # folder entries looked at (a hostile folder may hold milli
 # Module names of mixture-of-experts routers in transformers: Mixtral / Qwen-MoE / OLMoE / DeepSeek
 # ".mlp.gate" or ".block_sparse_moe.gate", Qwen's ".shared_expert_gate", Switch / DBRX / Jamba / GPT-OSS
 # ".router" (".router.classifier", ".router.layer"). "gate_proj" is a dense MLP's gate, not a router.
-ROUTER_NAMES = ("gate", "shared_expert_gate", "router")
+ROUTER_MODULES = ("gate", "shared_expert_gate")  # the module's own name
+ROUTER_PARENT = "router"  # any component of the name
 SCALE_HIGH = 16.0  # 8x the largest common recipe (alpha = 2r): see RULES["LA027"]
 COMPARE_CONTENT_BYTES = 2 * 2**30  # base models up to this size are compared by content (LA020)
 SHOWN = 5  # names listed in a message
@@ -58,8 +60,9 @@ SHOWN = 5  # names listed in a message
 
 def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None = None) -> list[Finding]:
     """The structural findings of one TUNED input (an adapter folder or file, or a full model),
-    optionally against the BASE it is audited with. Reads headers and configs only; raises the
-    loaders' InputError / FormatError for inputs that cannot be read at all."""
+    optionally against the BASE it is audited with. Reads headers and configs only (and, when the
+    adapter names another base that is on this machine, the files of both bases to compare them);
+    raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
     path, kind = local_path(tuned)
     findings = _folder_findings(path) if path.is_dir() else []
     if kind == Kind.PEFT_ADAPTER:
@@ -277,11 +280,12 @@ def _full_matrices(af: AdapterFile, where: str) -> list[Finding]:
 
 
 def is_router(name: str) -> bool:
-    """Whether a module or parameter name is a mixture-of-experts router (``ROUTER_NAMES``)."""
+    """Whether a module or parameter name is a mixture-of-experts router (``ROUTER_MODULES``,
+    ``ROUTER_PARENT``)."""
     parts = name.split(".")
     if parts[-1] in ("weight", "bias"):
         parts = parts[:-1]
-    return bool(parts) and (parts[-1] in ("gate", "shared_expert_gate") or "router" in parts)
+    return bool(parts) and (parts[-1] in ROUTER_MODULES or ROUTER_PARENT in parts)
 
 
 def _routers(af: AdapterFile, where: str) -> list[Finding]:

@@ -98,7 +98,6 @@ def all_fields() -> dict[str, GateField]:
     return out
 
 
-
 def fields_for(*kinds: str) -> dict[str, GateField]:
     """The fields of the given result kinds ("spectrum", "safety"), in documentation order."""
     return {n: f for n, f in all_fields().items() if f.kind in kinds}

@@ -15,7 +15,7 @@ from lora_audit.checkpoints.adapters import read_adapter
 from lora_audit.checkpoints.structure import _pattern_key, _targeted, check_structure, is_router
 from lora_audit.errors import FormatError
 from lora_audit.results import fingerprint
-from tests.checkpoints.test_adapters import _copy, _edit_config
+from tests.checkpoints.test_adapters import _copy, _edit_config, _kohya
 from tests.helpers import make_peft_adapter, make_tiny_llama
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -218,6 +218,15 @@ def test_scale_anomaly(tiny_llama, adapter, tmp_path, alpha, scale, effect):
     (f,) = check_structure(ad, base=tiny_llama)
     assert (f.rule, f.level) == ("LA027", "warning") and f.detail["scale"] == scale and effect in f.message
     assert len(f.detail["modules"]) == 4 and f"lora_alpha {alpha}, r 4" in f.message
+
+
+def test_kohya_scale_anomaly(tmp_path):
+    f = _kohya(tmp_path, torch.tensor(100.0))  # r = 2: scale 50
+    (found,) = check_structure(f)
+    assert (found.rule, found.level, found.file) == ("LA027", "warning", str(f))
+    assert found.detail == {"scale": 50.0, "modules": [Q0]} and "lora_alpha" not in found.message
+    (tmp_path / "ok").mkdir()
+    assert check_structure(_kohya(tmp_path / "ok", torch.tensor(2.0))) == []
 
 
 def test_usual_scales_pass(tiny_llama, adapter, tmp_path):
