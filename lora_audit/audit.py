@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import InputError
 from .io import atomic_dir, atomic_write_json, check_output_dir, check_outputs
 from .results import fingerprint
 from .results.safety import SafetyResult
@@ -45,6 +46,7 @@ class AuditConfig:
     progress: bool = True
     safety: Any = None  # EvalConfig | None
     title: str | None = None
+    gate: Any = None  # results.gate.Gate | None: evaluated before the folder is written (``gate`` blocks)
 
 
 @dataclass
@@ -77,9 +79,12 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
             the report (so it can time everything).
     Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
     """
+    from .results.gate import apply_gate
     from .spectral.api import run_spectrum
 
     cfg = config or AuditConfig()
+    if cfg.gate is not None and "safety" in cfg.gate.kinds and cfg.safety is None:
+        raise InputError(f"--fail-on {cfg.gate.expression!r} has safety conditions, but the safety audit is skipped")
     tuned = [str(t) for t in tuned]
     out = check_output_dir(out, overwrite=overwrite)
     check_outputs([out], [base, *tuned])
@@ -98,6 +103,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         safety = run_safety_eval(str(base), tuned, cfg.safety, names=list(tuned_labels) if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
+    if cfg.gate is not None:
+        apply_gate(cfg.gate, spectrum=spectrum, safety=safety)
     files = _write_folder(out, spectrum, safety, cfg.title or default_title(tuned), overwrite, extra_files)
     return AuditOutcome(out=out, spectrum=spectrum, safety=safety, files=files)
 

@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
 
     warnings.showwarning = _show_warning
     try:
-        status = cli.main(args=argv, prog_name="lora-audit", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the status a command exits with
+        # (exit_status: 3 gate tripped, 4 incomplete); a command's own return value is None.
+        code = cli.main(args=argv, prog_name="lora-audit", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         say("Aborted.")
         sys.exit(130)
@@ -137,8 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         say(f"Error: unexpected {type(e).__name__}: {e}\n"
             "This is a bug in lora-audit; rerun with LORA_AUDIT_RAISE_ERRORS=1 for the traceback.")
         sys.exit(EXIT_ERROR)
-    if isinstance(status, int) and status:  # a command's exit_status (gate tripped, incomplete)
-        sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

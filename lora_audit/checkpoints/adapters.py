@@ -6,8 +6,8 @@ PEFT (adapter_config.json + adapter_model.safetensors), keys such as
 ``...lora_B.weight`` (out x r); optionally an adapter name before ``.weight``
 (``lora_A.default.weight``). Scale s = lora_alpha / r, or lora_alpha / sqrt(r) with
 ``use_rslora`` (Kalajdzievski 2023); ``rank_pattern`` / ``alpha_pattern`` override r and alpha
-per module with PEFT's own matching rule (``peft.utils.other.get_pattern_key``: the first key
-that matches the end of the module name). Also: DoRA ``lora_magnitude_vector`` (out,);
+per module with PEFT's matching rule (``pattern_key``: the first key that matches the end of
+the module name). Also: DoRA ``lora_magnitude_vector`` (out,);
 embedding LoRA ``lora_embedding_A`` (r x vocab), ``lora_embedding_B`` (dim x r) whose delta is
 (B A)^T; ``fan_in_fan_out`` (GPT-2 Conv1D, base stored in x out); ``lora_B.bias`` (lora_bias);
 ``modules_to_save`` (full replacement tensors, saved under the plain module name).
@@ -114,7 +114,24 @@ def validate_adapter_config(config: dict, where: str | os.PathLike) -> dict:
             except re.error as e:
                 raise FormatError(f"{where}: {name} key {printable(key)!r} is not a valid regular expression "
                                   f"({e}); PEFT matches these keys against the end of module names") from None
+            if _NESTED_QUANTIFIER.search(key) or len(key) > 1000:
+                raise FormatError(f"{where}: {name} key {printable(key)[:80]!r} repeats a group ('(...)*', "
+                                  "'(...)+', '(...){n}') or is over 1000 characters: matching such a pattern can "
+                                  "take exponential time, so lora-audit does not run it; use plain module names "
+                                  "or simple patterns")
     return config
+
+
+# A quantified group: the ingredient of catastrophic backtracking ("(a+)+$"). PEFT's own patterns
+# are module names or simple alternations, which never need one.
+_NESTED_QUANTIFIER = re.compile(r"\)[*+{?]")
+
+
+def pattern_key(keys: list[str], module: str) -> str | None:
+    """PEFT's matching rule for rank_pattern / alpha_pattern (``peft.utils.other.get_pattern_key``):
+    the first key that matches the end of the module name (a whole dotted suffix), or None. Keys
+    were checked by ``validate_adapter_config`` (valid, no quantified groups)."""
+    return next((k for k in keys if re.match(rf"(.*\.)?({k})$", module)), None)
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
@@ -383,12 +400,10 @@ def _scale(af: AdapterFile, module: str, rank: int) -> float:
     r = cfg.get("r", rank)
     alpha = cfg.get("lora_alpha", r)
     rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    if rp or ap:  # imported only here: peft pulls in transformers (seconds of start-up)
-        from peft.utils.other import get_pattern_key
     origin = "r"
-    if rp and (key := get_pattern_key(list(rp), module)) in rp:
+    if (key := pattern_key(list(rp), module)) is not None:
         r, origin = rp[key], f"rank_pattern[{key!r}]"
-    if ap and (key := get_pattern_key(list(ap), module)) in ap:
+    if (key := pattern_key(list(ap), module)) is not None:
         alpha = ap[key]
     if r != rank:
         raise FormatError(f"{af.path}: module {printable(module)} has rank {rank} in the weights but "

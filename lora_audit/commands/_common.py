@@ -5,7 +5,13 @@
   checkpoints cannot move the cursor, clear the screen or reorder text.
 - ``--json PATH``: writes the command's result JSON there (``-`` prints it to stdout); checked
   before any work (``check_outputs``), never over a file lora-audit did not write.
-- Exit codes: ``lora_audit.errors`` (0 ok, 1 error, 2 usage, 3 gate tripped, 4 incomplete).
+- ``--fail-on EXPR`` (``fail_on_option``): the release gate of ``lora_audit.results.gate``, parsed
+  before any work (a bad expression is a usage error, status 2, with the grammar and the fields).
+- ``--sarif PATH`` (``sarif_option``): the findings as SARIF 2.1.0 (``lora_audit.report.sarif``).
+- Exit codes: ``lora_audit.errors`` (0 ok, 1 error, 2 usage, 3 gate tripped, 4 incomplete);
+  ``exit_code`` decides between them: a tripped gate (3) takes precedence over an incomplete result
+  (4), because the gate is what the user asked the exit status to tell; the JSON still says which
+  matrices were left out.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Iterable
 
 import click
 
-from ..errors import EXIT_INCOMPLETE, EXIT_OK, LoraAuditError, OutputError
+from ..errors import EXIT_GATE, EXIT_INCOMPLETE, EXIT_OK, LoraAuditError, OutputError
 from ..text import printable
 
 
@@ -54,6 +60,43 @@ def json_option(what: str = "the result"):
     """``--json PATH``: the same meaning in every command."""
     return click.option("--json", "json_path", default=None, metavar="PATH", callback=file_path,
                         help=f"Write {what} as JSON to PATH (atomically, after success; '-' prints it to stdout).")
+
+
+def fail_on_option(*kinds: str):
+    """``--fail-on EXPR`` over the fields of the given result kinds ("spectrum", "safety"); the
+    callback returns a ``results.gate.Gate`` (or None)."""
+    from ..results.gate import GRAMMAR, fields_for, parse_gate
+
+    fields = fields_for(*kinds)
+
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse_gate(value, fields)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+    return click.option("--fail-on", "fail_on", default=None, metavar="EXPR", callback=parse,
+                        help=f"Release gate: after writing the results, exit with status 3 when a condition holds "
+                             f"for a tuned model. EXPR: {GRAMMAR}. Fields: {', '.join(fields)} (see the README). "
+                             "Example: 'intruders>0'.")
+
+
+def sarif_option(f):
+    return click.option("--sarif", "sarif_path", default=None, metavar="PATH", callback=file_path,
+                        help="Write the findings (intruders per matrix, verdicts, structural red flags, matrices "
+                             "left out) as SARIF 2.1.0 to PATH, for code-scanning UIs.")(f)
+
+
+def report_gate(gate, outcomes, *, json_path: str | None) -> bool:
+    """Print the gate's outcome (to stderr when the JSON goes to stdout); whether it tripped."""
+    if gate is None:
+        return False
+    from ..results.gate import format_gate
+
+    echo(format_gate(gate, outcomes), err=json_path == "-")
+    return any(o.tripped for o in outcomes)
 
 
 def k_option(f):
@@ -103,9 +146,17 @@ def write_json_output(path: str | os.PathLike | None, obj: Any) -> Path | None:
             from None
 
 
-def exit_status(*, incomplete: bool = False) -> None:
-    """End the command with the exit code its results call for (4 when incomplete)."""
-    code = EXIT_INCOMPLETE if incomplete else EXIT_OK
+def exit_code(*, incomplete: bool = False, gate_tripped: bool = False) -> int:
+    """The exit status results call for: 3 when the --fail-on gate tripped, else 4 when incomplete,
+    else 0 (the gate takes precedence: see the module docstring)."""
+    if gate_tripped:
+        return EXIT_GATE
+    return EXIT_INCOMPLETE if incomplete else EXIT_OK
+
+
+def exit_status(*, incomplete: bool = False, gate_tripped: bool = False) -> None:
+    """End the command with ``exit_code``'s status (nothing happens for 0)."""
+    code = exit_code(incomplete=incomplete, gate_tripped=gate_tripped)
     if code != EXIT_OK:
         raise click.exceptions.Exit(code)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from ._common import (check_paths, device_option, echo, epsilon_option, exit_status, file_path, k_option,
-                      overwrite_option, seed_option, user_errors)
+from ._common import (check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
+                      file_path, k_option, overwrite_option, report_gate, sarif_option, seed_option, user_errors)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -99,9 +99,12 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @device_option
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
+@fail_on_option("spectrum", "safety")
+@sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, prompts, benign,
-          scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet):
+          scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet, fail_on,
+          sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval) and the HTML report.
 
@@ -110,15 +113,19 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     index.html (open it in a browser) and tables/*.csv. Nothing is written if a step fails.
 
     \b
-    Example:
+    Examples:
       lora-audit audit ./SmolLM2-135M-Instruct ./adapter-a ./adapter-b --out reports/ab/
+      lora-audit audit BASE ./adapter --fail-on 'intruders>20,verdict>=SAFETY_DEGRADED' --sarif audit.sarif
     """
     from ..audit import AuditConfig, run_audit
     from ..device import resolve_device
 
+    if fail_on is not None and skip_safety and "safety" in fail_on.kinds:
+        raise click.UsageError(f"--fail-on '{fail_on.expression}' has safety conditions, but --skip-safety skips "
+                               "the safety audit")
     dev = str(resolve_device(device))
     out = Path(out) if out is not None else REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
-    check_paths(folders=[out], inputs=[base, *tuned], overwrite=overwrite)
+    check_paths(files=[sarif_path], folders=[out], inputs=[base, *tuned], overwrite=overwrite)
     safety_cfg = None
     if not skip_safety:
         from ..safety.capability import parse_tasks
@@ -129,10 +136,22 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
                                 allow_pickle=allow_pickle)
     cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
-                      allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title)
+                      allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
+                      gate=fail_on)
     outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
+    gates = [r.gate for r in (outcome.spectrum, outcome.safety) if r is not None and r.gate is not None]
+    tripped = any(g.tripped for g in gates)
+    incomplete = outcome.spectrum.incomplete
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, write_sarif
+
+        write_sarif(sarif_path, sarif_log(spectrum=outcome.spectrum, safety=outcome.safety,
+                                          exit_code=exit_code(incomplete=incomplete, gate_tripped=tripped)))
     echo(f"\nReport written to {outcome.out / 'index.html'} (results and tables/ in {outcome.out})")
-    exit_status(incomplete=outcome.spectrum.incomplete)
+    if sarif_path is not None:
+        echo(f"SARIF written to {sarif_path}")
+    report_gate(fail_on, gates, json_path=None)
+    exit_status(incomplete=incomplete, gate_tripped=tripped)
 
 
 def _print_stage(stage: str, result, quiet: bool) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import check_paths, device_option, echo, json_option, seed_option, user_errors, write_json_output
+from ._common import (check_paths, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
+                      report_gate, sarif_option, seed_option, user_errors, write_json_output)
 
 
 @click.command("safety-eval")
@@ -50,10 +51,12 @@ from ._common import check_paths, device_option, echo, json_option, seed_option,
 @device_option
 @seed_option
 @json_option("the full result (every response, rates, verdicts, provenance)")
+@fail_on_option("safety")
+@sarif_option
 @user_errors
 def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
                 max_new_tokens, tasks, task_dir, limit, batch_size, backend, chat_template, max_prompt_chars,
-                no_early_stop, allow_pickle, device, seed, json_path):
+                no_early_stop, allow_pickle, device, seed, json_path, fail_on, sarif_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
@@ -67,14 +70,16 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
       lora-audit safety-eval --base BASE --tuned A --tuned B --prompts harmful_behaviors.csv \\
           --benign xstest.csv --tasks mmlu,hellaswag --limit 100
       lora-audit safety-eval --base BASE --tuned A --scorer first-token   # no generation
+      lora-audit safety-eval --base BASE --tuned A --fail-on 'verdict>=SAFETY_DEGRADED' --sarif s.sarif
     """
+    from ..results.gate import apply_gate
     from ..results.safety import summary_table
     from ..safety.capability import parse_tasks
     from ..safety.evaluate import EvalConfig, run_safety_eval
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..safety.scorers import load_markers
 
-    check_paths(files=[json_path], inputs=[base, *tuned])
+    check_paths(files=[json_path, sarif_path], inputs=[base, *tuned])
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                      scorer=scorer, markers=None if markers is None else load_markers(markers),
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, first_token_threshold=first_token_threshold, judge=judge,
@@ -83,8 +88,17 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
                      chat_template=chat_template, allow_pickle=allow_pickle, backend=backend,
                      early_stop=not no_early_stop)
     result = run_safety_eval(base, list(tuned), cfg)
+    outcomes = apply_gate(fail_on, safety=result) if fail_on is not None else []
+    tripped = any(o.tripped for o in outcomes)
     write_json_output(json_path, result)
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, write_sarif
+
+        write_sarif(sarif_path, sarif_log(safety=result, exit_code=exit_code(gate_tripped=tripped)))
     if json_path != "-":
         echo(summary_table(result))
-        if json_path:
-            echo(f"wrote {json_path}")
+        for p in (json_path, sarif_path):
+            if p:
+                echo(f"wrote {p}")
+    report_gate(fail_on, outcomes, json_path=json_path)
+    exit_status(gate_tripped=tripped)

@@ -12,8 +12,8 @@ import math
 import click
 
 from ..text import printable
-from ._common import (check_paths, device_option, echo, epsilon_option, exit_status, file_path, json_option,
-                      k_option, user_errors, write_json_output)
+from ._common import (check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
+                      file_path, json_option, k_option, report_gate, sarif_option, user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
 MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
@@ -93,9 +93,11 @@ def sweep_option(f):
               help="Skip effective/stable rank of dense and DoRA updates (each costs a full SVD of dW); "
                    "LoRA updates always get them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table: one line per tuned model.")
+@fail_on_option("spectrum")
+@sarif_option
 @user_errors
 def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device, exact, float64,
-             include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, quiet):
+             include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, quiet, fail_on, sarif_path):
     """Intruder-dimension audit of TUNED models against BASE (Shuttleworth et al. 2024).
 
     \b
@@ -104,28 +106,40 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
 
     BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id. Each TUNED:
     the same kinds, or a PEFT adapter folder (applied to BASE). Every 2-D weight that differs is
-    audited; the summary names the models and matrices with the most intruders.
+    audited; the summary names the models and matrices with the most intruders. Structural red
+    flags of the tuned files (full matrices in adapters, router LoRA, declared vs actual ranks and
+    modules, executable files, base mismatch, scale) are found first, from headers and configs.
 
     \b
-    Example:
+    Examples:
       lora-audit spectrum ./base ./adapter ./full-ft --json spectrum.json --csv spectrum.csv
+      lora-audit spectrum ./base ./adapter --fail-on 'intruders>0,structural>0' --sarif audit.sarif
     """
+    from ..results.gate import apply_gate
     from ..spectral.api import run_spectrum
 
-    check_paths(files=[json_path, csv_path], inputs=[base, *tuned])
+    check_paths(files=[json_path, csv_path, sarif_path], inputs=[base, *tuned])
     result = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=device,
                           exact=exact, float64=float64, include_embeddings=include_embeddings, cache_dir=cache_dir,
                           use_cache=not no_cache, allow_pickle=allow_pickle, dense_metrics=not no_metrics,
                           progress=not quiet)
+    outcomes = apply_gate(fail_on, spectrum=result) if fail_on is not None else []
+    tripped = any(o.tripped for o in outcomes)
     write_json_output(json_path, result)
     if csv_path is not None:
         result.write_csv(csv_path)
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, write_sarif
+
+        write_sarif(sarif_path, sarif_log(spectrum=result, exit_code=exit_code(incomplete=result.incomplete,
+                                                                                  gate_tripped=tripped)))
     if json_path != "-":
         echo(format_summary(result, quiet=quiet))
-        for label, p in (("JSON", json_path), ("CSV", csv_path)):
+        for label, p in (("JSON", json_path), ("CSV", csv_path), ("SARIF", sarif_path)):
             if p is not None and not quiet:
                 echo(f"{label} written to {p}")
-    exit_status(incomplete=result.incomplete)
+    report_gate(fail_on, outcomes, json_path=json_path)
+    exit_status(incomplete=result.incomplete, gate_tripped=tripped)
 
 
 def _short(text: str, width: int) -> str:
@@ -158,6 +172,7 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
     sweep = list(result.epsilon_sweep)
     if quiet:
         return "\n".join(f"{printable(r.tuned)}: {r.total_intruders} intruders in {len(r.matrices)} matrices"
+                         + (f", {n} structural findings" if (n := sum(f.counts for f in r.findings)) else "")
                          for r in result.results)
     show = [e for e in (0.3, 0.7, 0.9) if e in sweep and e != result.epsilon]
     lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {printable(result.base)}", ""]
@@ -179,6 +194,9 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
                               f"{printable(low.name)}"]
             continue
         lines += [""] + _worst_lines(r, worst)
+    found = [(r.tuned, f) for r in result.results for f in r.findings]
+    if found:
+        lines += ["", "Structural findings:"] + [f"  {printable(t)}: {f.line()}" for t, f in found]
     warn = [("base", w) for w in result.warnings] + [(r.tuned, w) for r in result.results for w in r.warnings]
     if warn:
         lines += ["", "Warnings:"] + [f"  {printable(t)}: {printable(w, multiline=True)}" for t, w in warn]

@@ -22,6 +22,7 @@ in this order (the dataclasses below are the exact schema)::
     comparisons  {tuned: ``Comparison``}: deltas tuned - base
     verdict      {tuned: ``Verdict``}: SAFETY_REMOVED | SAFETY_DEGRADED | RETAINED | INCONCLUSIVE,
                  flags and reasons (``lora_audit.safety.verdict`` explains the rules)
+    gate         the --fail-on outcome (``results.gate.GateOutcome``), null without a gate
 
 Read one back with ``load_safety_result(path)`` (or ``lora_audit.results.load_result``).
 """
@@ -36,6 +37,7 @@ from typing import Any
 from ..errors import InputError
 from ..text import printable
 from . import PROVENANCE_KEY, check_schema, read_result, write_result
+from .gate import GateOutcome
 from .schema import parse
 
 SCHEMA = "safety"
@@ -236,6 +238,7 @@ class SafetyResult:
     counts: Counts | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     provenance_block: dict[str, Any] = field(default_factory=dict)
+    gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
     def __post_init__(self):
         if "base" not in self.models:

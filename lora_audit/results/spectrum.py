@@ -14,6 +14,10 @@ are 0-based. Top level, in this order::
       "epsilon_sweep": [float, ...],    thresholds of the sweep, ascending
       "warnings": [str, ...],           about the base or the run as a whole (per-model ones
                                         are under each result)
+      "gate": {...} | null,             the --fail-on outcome (``results.gate.GateOutcome``):
+                                        "expression", "tripped", "conditions": [{"condition",
+                                        "field", "op", "threshold", "tripped", "models": [{"model",
+                                        "value", "shown", "where", "tripped"}]}]; null without a gate
       "results": [                      [contract] one entry per TUNED, in argument order
         {
           "tuned": str,                 [contract] the TUNED argument as given
@@ -29,6 +33,12 @@ are 0-based. Top level, in this order::
                                         dtype (where "update"): the audit is incomplete; or a
                                         tuned matrix that is all zeros (where "tuned",
                                         nonfinite_values 0): nothing to examine, no intruder
+          "findings": [                 structural findings on the tuned files, read before any
+                                        matrix (``checkpoints.structure``; rules in
+                                        ``results.findings.RULES``)
+            {"rule": "LA021", "level": "error"|"warning"|"note", "message": str,
+             "file": str | null, "detail": {...}}
+          ],
           "by_module": {module: int},   intruders per module name (q_proj, down_proj, ...)
           "by_layer": {"0": int, ...},  intruders per layer index (matrices with a layer)
           "info": {...},                what the loader found (format, adapter config, ...)
@@ -91,6 +101,8 @@ from typing import Any
 
 from ..errors import InputError
 from . import PROVENANCE_KEY, check_schema, provenance, read_result, write_result
+from .findings import Finding
+from .gate import GateOutcome
 from .schema import parse
 
 SCHEMA = "spectrum"
@@ -203,6 +215,7 @@ class TunedResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     skipped: list[SkippedMatrix] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def total_intruders(self) -> int:
@@ -239,6 +252,7 @@ class TunedResult:
             "matrices_audited": len(self.matrices),
             "matrices_unchanged": int(self.matrices_unchanged),
             "skipped": [asdict(s) for s in self.skipped],
+            "findings": [f.to_json() for f in self.findings],
             "by_module": self.by_module(),
             "by_layer": self.by_layer(),
             "info": self.info,
@@ -262,6 +276,7 @@ class SpectrumResult:
     settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
     warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
     provenance_block: dict[str, Any] | None = None  # read from the file, or made on first to_json()
+    gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
     @property
     def incomplete(self) -> bool:
@@ -281,6 +296,7 @@ class SpectrumResult:
             "epsilon": float(self.epsilon),
             "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
             "warnings": list(self.warnings),
+            "gate": self.gate.to_json() if self.gate is not None else None,
             "results": [r.to_json() for r in self.results],
         }
 

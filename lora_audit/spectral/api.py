@@ -39,9 +39,12 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
 
     Labels default to the paths as given. Errors in the inputs raise ``lora_audit.errors``
     exceptions before any matrix is decomposed; matrices with NaN/Inf weights are findings in the
-    result (``TunedResult.skipped``, ``SpectrumResult.incomplete``), not errors.
+    result (``TunedResult.skipped``, ``SpectrumResult.incomplete``), not errors. Each tuned model's
+    structural findings (``checkpoints.structure.check_structure``, from headers and configs) are in
+    its ``findings``.
     """
     from ..checkpoints import open_stream
+    from ..checkpoints.structure import check_structure
     from ..device import resolve_device
     from .engine import audit
 
@@ -49,8 +52,12 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     dtype = torch.float64 if float64 else torch.float32
     cache = open_cache(cache_dir) if use_cache else None
     tuned = [str(t) for t in tuned]
+    findings = [check_structure(t, base=base) for t in tuned]
     stream = open_stream(base, tuned, include_embeddings=include_embeddings, dtype=dtype, allow_pickle=allow_pickle)
-    return audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
-                 cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
-                 tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
-                 extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
+    result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
+                   cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
+                   tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
+                   extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
+    for r, found in zip(result.results, findings):
+        r.findings = found
+    return result

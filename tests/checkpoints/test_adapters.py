@@ -244,3 +244,15 @@ def test_gpt2_adapter_matches_the_loaded_conv1d_model(tiny_gpt2, tmp_path):
 def test_not_an_adapter(tiny_llama):
     with pytest.raises(InputError, match="not an adapter .* it is a hf folder"):
         read_adapter(tiny_llama)
+
+
+def test_pattern_key_that_could_backtrack_forever_is_refused(adapter, tmp_path):
+    """A rank_pattern key with a repeated group ("(a+)+$") can make regular-expression matching take
+    exponential time on a hostile module name: refused before any matching."""
+    bad = tmp_path / "redos"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"(a+)+$": 4}
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="exponential time"):
+        read_adapter(bad)

@@ -27,7 +27,8 @@ def result():
 def test_json_contract_keys_and_types(result, tmp_path):
     path = result.write_json(tmp_path / "s.json")
     obj = json.loads(path.read_text())
-    assert list(obj) == ["lora_audit", "base", "k", "epsilon", "epsilon_sweep", "warnings", "results"]
+    assert list(obj) == ["lora_audit", "base", "k", "epsilon", "epsilon_sweep", "warnings", "gate", "results"]
+    assert obj["gate"] is None  # no --fail-on
     assert obj["lora_audit"]["schema"] == "spectrum" and obj["lora_audit"]["schema_version"] == SCHEMA_VERSION
     assert obj["lora_audit"]["settings"]["k"] == 4
     assert (obj["base"], obj["k"], obj["epsilon"], obj["epsilon_sweep"]) == ("base/", 4, 0.5, [0.3, 0.7])

@@ -1,0 +1,104 @@
+"""SARIF 2.1.0 output: every kind of finding (intruders, verdicts and their flags, structural
+findings, matrices left out) validated against the SARIF 2.1.0 schema (the subset lora-audit
+writes, tests/data/sarif-2.1.0-subset.schema.json, keywords copied from the OASIS schema), with
+its rule ids, levels, files and logical locations checked one by one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from lora_audit.io import written_by_lora_audit
+from lora_audit.report.sarif import artifact_uri, sarif_log, weights_file, write_sarif
+from lora_audit.results.findings import RULES
+from lora_audit.results.gate import apply_gate, fields_for, parse_gate
+from tests.results.synth import safety_result, spectrum_result
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "data" / "sarif-2.1.0-subset.schema.json").read_text())
+
+
+def validate(log):
+    jsonschema.Draft4Validator.check_schema(SCHEMA)
+    v = jsonschema.Draft4Validator(SCHEMA, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+    errors = sorted(v.iter_errors(log), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+@pytest.fixture
+def log():
+    spectrum, safety = spectrum_result(), safety_result()
+    apply_gate(parse_gate("intruders>0,verdict>=SAFETY_DEGRADED", fields_for("spectrum", "safety")), spectrum=spectrum,
+               safety=safety)
+    return sarif_log(spectrum=spectrum, safety=safety, exit_code=3)
+
+
+def test_valid_sarif_with_every_finding_kind(log):
+    validate(log)
+    run = log["runs"][0]
+    assert log["version"] == "2.1.0" and run["tool"]["driver"]["name"] == "lora-audit"
+    rules = run["tool"]["driver"]["rules"]
+    assert [r["id"] for r in rules] == list(RULES)
+    got = [(r["ruleId"], r["level"], r["properties"]["tuned"]) for r in run["results"]]
+    assert got == [
+        ("LA001", "warning", "a"), ("LA001", "warning", "a"),  # l0.q_proj (2), l0.v_proj (1); l1.q_proj has none
+        ("LA021", "warning", "a"), ("LA028", "note", "a"), ("LA023", "error", "a"),  # structural, as found
+        ("LA030", "warning", "a"),  # the NaN matrix; the all-zero one is not left unmeasured
+        ("LA010", "error", "removed"), ("LA011", "warning", "removed"), ("LA010", "warning", "degraded")]
+    for r in run["results"]:
+        assert rules[r["ruleIndex"]]["id"] == r["ruleId"]
+    first = run["results"][0]
+    assert first["message"]["text"].startswith("2 intruder dimensions in l0.q_proj.weight (lowest max|cos| 0.200")
+    assert first["locations"][0]["logicalLocations"] == [
+        {"fullyQualifiedName": "l0.q_proj.weight", "name": "q_proj", "kind": "variable"}]
+    assert first["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "a"  # no such folder: as given
+    assert run["results"][2]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == \
+        "a/adapter_model.safetensors"
+    assert "SAFETY_REMOVED" in run["results"][6]["message"]["text"]
+    assert run["invocations"] == [{"executionSuccessful": True, "exitCode": 3}]
+    assert [g["expression"] for g in run["properties"]["gate"]] == ["intruders>0,verdict>=SAFETY_DEGRADED"] * 2
+    fingerprints = [r["partialFingerprints"]["loraAuditFinding/v1"] for r in run["results"]]
+    assert len(set(fingerprints)) == len(fingerprints)
+
+
+def test_fingerprints_are_stable_across_runs(log):
+    again = sarif_log(spectrum=spectrum_result(), safety=safety_result())
+    assert [r["partialFingerprints"] for r in again["runs"][0]["results"]] == \
+        [r["partialFingerprints"] for r in log["runs"][0]["results"]]
+
+
+@pytest.mark.parametrize("broken", [
+    lambda lg: lg["runs"][0]["results"][0].update(level="warn"),
+    lambda lg: lg["runs"][0]["results"][0].pop("message"),
+    lambda lg: lg["runs"][0]["results"][0]["locations"][0].update(physicalLocation={}),
+    lambda lg: lg.update(version="2.0.0"),
+    lambda lg: lg["runs"][0]["tool"]["driver"].pop("name"),
+    lambda lg: lg["runs"][0]["results"][0].update(ruleIndex=-2),
+])
+def test_the_schema_rejects_broken_logs(log, broken):
+    broken(log)
+    with pytest.raises(AssertionError):
+        validate(log)
+
+
+def test_empty_results_and_written_file(tmp_path):
+    validate(sarif_log())
+    path = write_sarif(tmp_path / "x.sarif", sarif_log(spectrum=spectrum_result()))
+    validate(json.loads(path.read_text()))
+    assert written_by_lora_audit(path)  # a later run may replace it
+
+
+def test_files_and_uris(tmp_path, monkeypatch):
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.safetensors.index.json").write_text("{}")
+    assert weights_file(str(tmp_path / "ad")) == str(tmp_path / "ad" / "adapter_model.safetensors")
+    assert weights_file(str(tmp_path / "full")) == str(tmp_path / "full" / "model.safetensors.index.json")
+    assert weights_file("owner/model") == "owner/model"
+    monkeypatch.chdir(tmp_path)
+    assert artifact_uri(str(tmp_path / "ad" / "adapter_model.safetensors")) == "ad/adapter_model.safetensors"
+    assert artifact_uri("./my adapter/x#1.safetensors") == "my%20adapter/x%231.safetensors"
+    assert artifact_uri("/elsewhere/a.safetensors") == "file:///elsewhere/a.safetensors"
