@@ -109,6 +109,8 @@ def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
                         "markers": len(run.scorer.markers)} for run in data.safeties]
     warnings = [(run.base, w) for run in data.spectra for w in run.warnings]
     warnings += [(m.name, w) for m in data.models if m.spectrum is not None for w in m.spectrum.warnings]
+    gates = [{"expression": g.expression, "tripped": g.tripped, "lines": g.lines()}
+             for g in (run.gate for run in [*data.spectra, *data.safeties]) if g is not None]
     return {
         **_common(data, tables),
         "many": len(data.models) > 1,
@@ -118,6 +120,7 @@ def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
         "safefig": sections.safety_figures(data) if data.has_safety else None,
         "samples": sections.samples(data) if data.has_safety else [],
         "warnings": warnings,
+        "gates": gates,
     }
 
 

@@ -241,6 +241,24 @@ def effective_rank_by_layer(data: ReportData) -> Table:
                  {c: "f2" for c in df.columns[1:]})
 
 
+def findings_table(data: ReportData) -> Table | None:
+    """Structural findings on the tuned files (rule, level, message, file) and matrices left out of
+    the audit (non-finite weights, overflowing updates, all-zero matrices); None when there are none."""
+    rows = []
+    for m in _spectrum_models(data):
+        for f in m.spectrum.findings:
+            rows.append({"model": m.name, "rule": f.rule, "level": f.level, "what": f.message, "file": f.file})
+        for x in m.spectrum.skipped:
+            rows.append({"model": m.name, "rule": "LA030" if x.unmeasured else "–",
+                         "level": "warning" if x.unmeasured else "note",
+                         "what": f"{x.name} not audited: {x.reason}", "file": None})
+    if not rows:
+        return None
+    df = pd.DataFrame(rows, columns=["model", "rule", "level", "what", "file"])
+    return Table("findings", "Findings: structural checks of the tuned files, matrices not audited", df,
+                 {}, "Rules: see 'lora_audit.results.findings' (also in SARIF output with --sarif).")
+
+
 def sweep_table(data: ReportData) -> Table:
     rows = []
     for m in _spectrum_models(data):
@@ -339,8 +357,8 @@ def all_tables(data: ReportData) -> dict[str, Table]:
     """Every table of the report, by key (the CSV export writes each one)."""
     out = {"summary": summary_table(data)}
     if data.has_spectrum:
-        for t in (tuned_models_table(data), sweep_table(data), by_module_table(data), by_layer_table(data),
-                  worst_matrices_table(data), effective_rank_by_layer(data)):
+        for t in (tuned_models_table(data), findings_table(data), sweep_table(data), by_module_table(data),
+                  by_layer_table(data), worst_matrices_table(data), effective_rank_by_layer(data)):
             if t is not None:
                 out[t.key] = t
     if data.has_safety:

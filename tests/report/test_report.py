@@ -320,3 +320,17 @@ def test_what_was_audited_table_from_the_adapter_configs(tmp_path):
     plain = synth.spectrum(["x"], seed=8)  # info {}: nothing to show
     html2 = build_report([write(tmp_path, "p.json", plain)], out=tmp_path / "p.html").read_text()
     assert "What was audited" not in html2
+
+
+def test_findings_skipped_matrices_and_gate_are_shown():
+    """Structural findings, matrices left out of the audit and a --fail-on outcome reach the page."""
+    from lora_audit.results.gate import apply_gate, fields_for, parse_gate
+
+    from ..results.synth import spectrum_result
+
+    res = spectrum_result()
+    apply_gate(parse_gate("intruders>0", fields_for("spectrum")), spectrum=res)
+    html = build_report([res], title="gate")
+    text = re.sub(r"\s+", " ", visible_text(html))
+    assert "LA021" in text and "full lm_head" in text and "l1.v_proj.weight not audited: NaN" in text
+    assert "Release gate intruders>0" in text and "TRIPPED" in text
