@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -195,7 +195,8 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
           exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
           base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
           dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None,
-          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1) -> SpectrumResult:
+          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1,
+          base_spectra: Mapping[str, BaseSpectrum] | None = None) -> SpectrumResult:
     """Audit every tuned model of ``stream`` against its base; see the module docstring.
 
     Args:
@@ -217,6 +218,10 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             ``device`` alone). Results are the same and in stream order either way.
         prefetch: how many matrix groups to read ahead in a background thread (reading, hashing
             and cache reads overlap the SVDs); 0 reads in the calling thread.
+        base_spectra: spectra already in memory, by base parameter name (``.get(name)``, on the
+            CPU, in ``dtype``): a screen decomposes its base once and audits thousands of adapters
+            against it. They must be the spectra of this stream's base matrices as the stream
+            yields them; a name it lacks goes through ``cache`` (or a fresh SVD).
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
@@ -229,13 +234,18 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     lookup = getattr(cache, "lookup", None)  # a SpectrumCache: hash and read in the reader thread
 
     def prepare(group: MatrixGroup):
+        held = base_spectra.get(group.name) if base_spectra is not None else None
+        if held is not None:
+            return _HELD, held
         if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
             return None
         return lookup(group.base.to(dtype=settings.dtype))  # (key, spectrum or None), on the CPU
 
     def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list]:
         of = spectrum_of
-        if found is not None:
+        if found is not None and found[0] is _HELD:
+            of = lambda W0, d: _on_device(found[1], d)  # noqa: E731
+        elif found is not None:
             of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
         return group.name, audit_group(group, settings, device, of)
 
@@ -287,6 +297,13 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     run_settings.update(extra_settings or {})
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
                           settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))
+
+
+_HELD = object()  # prepare()'s mark for a spectrum from ``base_spectra``
+
+
+def _on_device(spec: BaseSpectrum, device: torch.device) -> BaseSpectrum:
+    return BaseSpectrum(U=spec.U.to(device), S=spec.S.to(device), Vh=spec.Vh.to(device), key=spec.key)
 
 
 class _NoBar:
