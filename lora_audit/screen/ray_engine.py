@@ -6,7 +6,7 @@ Ray is an optional extra (``pip install 'lora-audit[ray]'``), imported only here
 - joins the running Ray runtime when there is one (a test, a notebook), else connects to the
   cluster at ``address`` (``ray.init(address=...)``: ``auto``, ``host:6379`` or
   ``ray://host:10001``), else starts a local runtime on this machine, giving its workers this
-  lora-audit's code;
+  lora-audit's code (and, unless RAY_USAGE_STATS_ENABLED says otherwise, no usage statistics);
 - checks first that a worker can run this version of lora-audit (every node needs the same
   version installed, with its dependencies);
 - pins each task to one GPU (``num_gpus=1``; Ray sets CUDA_VISIBLE_DEVICES) when the cluster has
@@ -83,6 +83,7 @@ class RayEngine:
             else:
                 import lora_audit
 
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local runtime reports nothing home
                 code = str(Path(lora_audit.__file__).resolve().parents[1])
                 path = os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)
                 ray.init(num_cpus=self.workers, include_dashboard=False, logging_level="WARNING",

@@ -200,7 +200,7 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
         if todo:
             with engine:
                 stream, names = touched_matrices(base_local, todo, include_embeddings=cfg.include_embeddings,
-                                                 dtype=dtype)
+                                                 dtype=dtype, progress=cfg.progress)
                 notes += list(getattr(stream, "base_warnings", None) or [])
                 put = engine.put if cfg.engine == "ray" and (cfg.spectra or "object-store") == "object-store" else None
                 refs, more = (share_spectra(stream, names, cache, device=torch.device(_driver_device(cfg)), put=put,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -52,14 +52,14 @@ class SpectrumRef:
     obj: Any = None
 
 
-def touched_matrices(base: str, entries: Iterable[Entry], *, include_embeddings: bool,
-                     dtype: torch.dtype) -> tuple[AuditStream | None, list[str]]:
+def touched_matrices(base: str, entries: Sequence[Entry], *, include_embeddings: bool, dtype: torch.dtype,
+                     progress: bool = True) -> tuple[AuditStream | None, list[str]]:
     """The base matrices the local adapters change, in the base's order, and one of their streams
     (to read base matrices from). Reads headers and configs only; an entry that cannot be opened is
     left out (its worker records why), and so are hub ids and GGUF/pickle models (opening them
     means downloading or loading them whole)."""
     stream, names = None, set()
-    for e in entries:
+    for e in progress_bar(entries, total=len(entries), desc="scanning", unit="adapter") if progress else entries:
         try:
             if not Path(e.path).exists() or detect(e.path) not in SCANNED_KINDS:
                 continue

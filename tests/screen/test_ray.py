@@ -31,9 +31,11 @@ def ray_runtime(session_cache, session_config):
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
            "LORA_AUDIT_CACHE": str(session_cache), "LORA_AUDIT_CONFIG": str(session_config),
            "LORA_AUDIT_NO_PROGRESS": "1"}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env})
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env})
+        yield ray
+        ray.shutdown()
 
 
 def test_ray_records_equal_spectrum_and_a_corrupt_adapter_fails_alone(ray_runtime, wide_set, tmp_path):
