@@ -233,11 +233,15 @@ def _bench(tmp: Path, args) -> int:
         print(f"    screen ray vs spectrum: {differ} adapters with another intruder total; max |max_cos "
               f"difference| {worst:.1e}")
 
+    recs = screen_records(tmp / f"screen-local-{len(adapters)}")
     a, b = cost_terms(tmp / f"screen-local-{len(adapters)}")
-    mean_m = sum(len(r["result"]["matrices"]) for r in screen_records(tmp / f"screen-local-{len(adapters)}")) / len(adapters)
-    print(f"\ncost terms (per worker, one CPU thread): a = {a * 1000:.0f} ms per adapter (open, hash, plan), "
-          f"b = {b * 1000:.0f} ms per LoRA matrix ({args.width} wide, base spectrum held); mean {mean_m:.1f} "
-          f"matrices per adapter -> {60 / (a + b * mean_m):.0f} adapters/min per worker; t_svd {t_svd:.2f} s")
+    matrices = sum(len(r["result"]["matrices"]) for r in recs)
+    per_matrix = sum(r["seconds"] for r in recs) / matrices
+    print(f"\ncost terms (per worker, one CPU thread): least squares a = {a * 1000:.0f} ms per adapter (open, hash, "
+          f"plan), b = {b * 1000:.0f} ms per LoRA matrix ({args.width} wide, base spectrum held)"
+          + (" (a < 0: not separable from the noise of this run)" if a < 0 else "")
+          + f"; all worker time / all matrices = {per_matrix * 1000:.0f} ms per matrix; mean "
+          f"{matrices / len(recs):.1f} matrices per adapter; t_svd {t_svd:.2f} s")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other work on the machine slows every case)")
     local = cases["screen local N"]
     print(f"\ngoal >= {GOAL} adapters/min on this machine (screen local, whole process): {local['rate']:.0f} "

@@ -156,7 +156,7 @@ class LocalEngine:
             job = next(it, None)
             return None if job is None else (job, 1)
 
-        while True:
+        def hand_out() -> None:
             while idle and (got := next_job()) is not None:
                 w = idle.pop()
                 try:
@@ -166,9 +166,13 @@ class LocalEngine:
                     retry.appendleft(got)
                     continue
                 busy[id(w)] = (w, *got)
+
+        while True:
+            hand_out()
             if not busy:
                 return
             ready = set(wait([w.conn for w, _, _ in busy.values()] + [w.process.sentinel for w, _, _ in busy.values()]))
+            finished = []
             for key, (w, job, attempt) in list(busy.items()):
                 if w.conn not in ready and w.process.sentinel not in ready:
                     continue
@@ -176,7 +180,7 @@ class LocalEngine:
                 msg = w.receive()
                 if msg is not None and msg[0] == "record":
                     idle.append(w)
-                    yield msg[1]
+                    finished.append(msg[1])
                     continue
                 if msg is None:
                     error = w.death()
@@ -187,7 +191,9 @@ class LocalEngine:
                 if attempt < ATTEMPTS:
                     retry.append((job, attempt + 1))
                 else:
-                    yield failed_record(job, error, attempts=attempt, worker=w.name)
+                    finished.append(failed_record(job, error, attempts=attempt, worker=w.name))
+            hand_out()  # the workers start their next adapters while the driver stores these records
+            yield from finished
 
     def _stop(self, *, graceful: bool) -> None:
         """Stop every worker this engine started: asked to finish when all went well, terminated
