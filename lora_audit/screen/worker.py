@@ -11,6 +11,7 @@ it as failed (``failed_record``).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import socket
 import time
@@ -24,6 +25,7 @@ from ..results.screen import FAILED, OK, ScreenRecord
 from .spectra import SpectrumRef, held_for
 
 ATTEMPTS = 2  # tries per adapter for failures that are not the input's fault
+UNREADABLE = "unreadable"
 MAX_ERROR_CHARS = 2000
 
 
@@ -55,7 +57,8 @@ class WorkerSpec:
 
 def input_fingerprint(path: str) -> str:
     """The content hash of an adapter's files (``results.fingerprint``); for a hub id, of its local
-    snapshot (downloaded when needed), or of the id itself when it cannot be fetched."""
+    snapshot (downloaded when needed), or of the id itself when it cannot be fetched; "unreadable"
+    when its files cannot be read (the audit then fails and says why)."""
     if not Path(path).expanduser().exists():
         from ..checkpoints.sources import local_path
 
@@ -63,7 +66,10 @@ def input_fingerprint(path: str) -> str:
             path = str(local_path(path)[0])
         except LoraAuditError:
             pass
-    return fingerprint(path)
+    try:
+        return fingerprint(path)
+    except OSError:
+        return UNREADABLE
 
 
 def now() -> str:
@@ -105,6 +111,12 @@ def audit_adapter(spec: WorkerSpec, job: Job, *, device: Any = "auto", attempt: 
     except LoraAuditError as e:
         return failed_record(job, error_text(e), attempts=attempt, worker=where,
                              seconds=time.perf_counter() - t0, fingerprint_=fp)
-    return ScreenRecord(adapter=job.adapter, name=job.name, status=OK, fingerprint=fp,
-                        seconds=time.perf_counter() - t0, attempts=attempt, worker=where, finished=now(),
-                        result=result.results[0]).to_json()
+    record = ScreenRecord(adapter=job.adapter, name=job.name, status=OK, fingerprint=fp,
+                          seconds=time.perf_counter() - t0, attempts=attempt, worker=where, finished=now(),
+                          result=result.results[0]).to_json()
+    try:
+        json.dumps(record, allow_nan=False)  # what the store will write: JSON has no NaN or inf
+    except ValueError:
+        return failed_record(job, "the result holds non-finite numbers (NaN or inf in the adapter's weights?)",
+                             attempts=attempt, worker=where, seconds=time.perf_counter() - t0, fingerprint_=fp)
+    return record

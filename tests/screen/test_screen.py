@@ -224,3 +224,17 @@ def test_bad_settings_and_bases_fail_before_anything_is_written(screen_set, tmp_
     with pytest.raises(InputError, match="no adapters to screen"):
         run_screen(str(base), [], out, ScreenConfig(**FAST))
     assert not out.exists()
+
+
+def test_a_result_json_cannot_hold_is_recorded_as_failed(screen_set, tmp_path, monkeypatch):
+    """JSON has no NaN: a result holding one becomes a failed record instead of stopping the store."""
+    from lora_audit.results.spectrum import MatrixResult, SpectrumResult, TunedResult
+    from lora_audit.spectral import api
+
+    base, ads = screen_set
+    bad = TunedResult(tuned="x", matrices=[MatrixResult(name="m.weight", shape=[2, 2], max_cos=[0.1], intruders=1,
+                                                        delta_norm=float("nan"))])
+    monkeypatch.setattr(api, "run_spectrum", lambda *a, **k: SpectrumResult(base="b", k=1, epsilon=0.5, results=[bad]))
+    outcome = run_screen(str(base), [Entry("x", str(ads["tiny1"]))], tmp_path / "s", ScreenConfig(**FAST))
+    rec = stored_results(tmp_path / "s")["x"]
+    assert rec["status"] == "failed" and "non-finite numbers" in rec["error"] and outcome.failed == 1
