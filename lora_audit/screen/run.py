@@ -174,6 +174,7 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
     missing Ray, before anything is written. An adapter that cannot be audited is not an error: it
     is recorded as failed (``ScreenOutcome.failed``). ``warnings``: from finding the entries.
     """
+    from ..device import resolve_device
     from ..io import check_outputs
     from ..spectral.api import open_cache
     from .spectra import share_spectra, touched_matrices
@@ -202,8 +203,8 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
                 stream, names = touched_matrices(base_local, todo, include_embeddings=cfg.include_embeddings,
                                                  dtype=dtype, progress=cfg.progress)
                 notes += list(getattr(stream, "base_warnings", None) or [])
-                put = engine.put if cfg.engine == "ray" and (cfg.spectra or "object-store") == "object-store" else None
-                refs, more = (share_spectra(stream, names, cache, device=torch.device(_driver_device(cfg)), put=put,
+                put = engine.put if _sharing(cfg) == "object-store" else None
+                refs, more = (share_spectra(stream, names, cache, device=resolve_device(cfg.device), put=put,
                                             progress=cfg.progress) if stream is not None else ({}, []))
                 del stream
                 spec = WorkerSpec(token=uuid.uuid4().hex, base=base_local, base_label=str(base),
@@ -215,15 +216,14 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
                 _drive(engine, spec, todo, store, total=len(entries), progress=cfg.progress)
                 notes += more
         settings = {"engine": cfg.engine, "workers": cfg.workers, "device": cfg.device, "cache": str(cache.root),
-                    "spectra": (cfg.spectra or "object-store") if cfg.engine == "ray" else "cache",
-                    "address": cfg.address}
+                    "spectra": _sharing(cfg), "address": cfg.address}
         summary = summarize(store, entries, settings=settings, seconds=time.perf_counter() - t0, audited=len(todo),
                             warnings=notes)
         files = write_outputs(out, store, summary, detail=cfg.detail, title=cfg.title)
     return ScreenOutcome(out=out, summary=summary, audited=len(todo), files=files)
 
 
-def _driver_device(cfg: ScreenConfig) -> str:
-    from ..device import resolve_device
-
-    return str(resolve_device(cfg.device))
+def _sharing(cfg: ScreenConfig) -> str:
+    """How the workers get the base spectra: Ray's object store (the Ray engine's default), or the
+    on-disk cache (the local engine's only way)."""
+    return (cfg.spectra or "object-store") if cfg.engine == "ray" else "cache"
