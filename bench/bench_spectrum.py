@@ -94,26 +94,29 @@ def _top(W: torch.Tensor) -> float:
     return _TOP[id(W)]
 
 
-def write_adapter(folder: Path, base: dict, seed: int) -> None:
-    """A PEFT LoRA adapter (r = 16, alpha = 32) whose update's norm is a random fraction (0.05 to
-    1.5) of the base matrix's top singular value: some matrices get intruders, some do not."""
+def write_adapter(folder: Path, base: dict, seed: int, *, rank: int = RANK, alpha: float = ALPHA,
+                  modules: tuple[str, ...] | None = None) -> None:
+    """A PEFT LoRA adapter (default r = 16, alpha = 32, every matrix of ``base``; ``modules``: only
+    the matrices whose module name is one of these) whose update's norm is a random fraction (0.05
+    to 1.5) of the base matrix's top singular value: some matrices get intruders, some do not."""
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(1000 + seed)
-    s = ALPHA / RANK
+    s = alpha / rank
     out = {}
-    for name, W0 in base.items():
+    targets = {n: W0 for n, W0 in base.items() if modules is None or n.split(".")[-2] in modules}
+    for name, W0 in targets.items():
         m, n = W0.shape
         top = _top(W0)
         c = 0.05 + 1.45 * float(torch.rand(1, generator=g))
-        A = torch.randn(RANK, n, generator=g) / n ** 0.5
-        B = torch.randn(m, RANK, generator=g) / m ** 0.5 * (c * top / s)
+        A = torch.randn(rank, n, generator=g) / n ** 0.5
+        B = torch.randn(m, rank, generator=g) / m ** 0.5 * (c * top / s)
         mod = name[: -len(".weight")]
         out[f"base_model.model.{mod}.lora_A.weight"] = A.contiguous()
         out[f"base_model.model.{mod}.lora_B.weight"] = B.contiguous()
     save_file(out, str(folder / "adapter_model.safetensors"))
-    mods = sorted({n.split(".")[-2] for n in base})
+    mods = sorted({n.split(".")[-2] for n in targets})
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": mods, "use_rslora": False,
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": mods, "use_rslora": False,
         "use_dora": False, "fan_in_fan_out": False, "base_model_name_or_path": "synthetic"}))
 
 

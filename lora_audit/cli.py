@@ -19,6 +19,7 @@ from . import __version__
 # command name -> "module:attribute"; keep in sync with the README's command list.
 COMMANDS: dict[str, tuple[str, str]] = {
     "spectrum": ("lora_audit.commands.spectrum:spectrum", "Intruder-dimension audit of tuned models against their base."),
+    "screen": ("lora_audit.commands.screen:screen", "Audit thousands of adapters of one base as one resumable job (local or Ray)."),
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),

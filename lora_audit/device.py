@@ -33,6 +33,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     raise DeviceError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
 
 
+def all_devices(spec: str | None = "auto") -> list[torch.device]:
+    """Devices to spread independent work over: every CUDA device for ``auto`` on a multi-GPU
+    machine, otherwise the single resolved device."""
+    dev = resolve_device(spec)
+    if dev.type == "cuda" and (spec or "auto").strip().lower() == "auto":
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [dev]
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for out-of-memory errors on any device (CUDA OOM or a failed CPU allocation)."""
     if isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):

@@ -35,9 +35,10 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", leave: bool = False) -> "tqdm[T]":
-    """A tqdm bar on stderr; usable as an iterator wrapper or with ``.update(n)``."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave,
+             unit: str = "it", leave: bool = False, initial: int = 0) -> "tqdm[T]":
+    """A tqdm bar on stderr; usable as an iterator wrapper or with ``.update(n)``. ``initial``: work
+    done before the bar starts (counted, but not in the rate and the time left)."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial,
                 disable=not progress_enabled(), file=sys.stderr, dynamic_ncols=True)
 
 

@@ -22,12 +22,17 @@ class Kind(str, enum.Enum):
     PICKLE = "pickle"  # only pytorch_model.bin / adapter_model.bin: refused by default
 
 
+def is_hub_id(text: str) -> bool:
+    """True when ``text`` has the form of a Hugging Face hub id ("owner/name")."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/"))
+
+
 def detect(path: str | os.PathLike) -> Kind:
     """Classify a checkpoint path; raise InputError with a helpful message when it is none."""
     s = str(path)
     p = Path(s).expanduser()
     if not p.exists():
-        if _HUB_ID.match(s) and not s.startswith((".", "/")):
+        if is_hub_id(s):
             return Kind.HUB_ID
         raise InputError(f"{s}: no such file or folder")
     if p.is_file():

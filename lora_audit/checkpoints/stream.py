@@ -90,6 +90,11 @@ class AuditStream:
             if any(d is not None for d in group.deltas):
                 yield group
 
+    def base_matrix(self, name: str) -> torch.Tensor:
+        """The base parameter ``name`` as the stream's groups carry it: (out x in), in the stream's
+        dtype. Any 2-D (or conv) base parameter, also one outside this stream's plan."""
+        return self._orient(name, self.base_source.get(name))
+
     def _orient(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 4:  # conv kernel (out, in, kh, kw) -> (out, in*kh*kw)
             t = t.reshape(t.shape[0], -1)

@@ -338,3 +338,54 @@ def category_bars(categories: list[str], series: list[tuple[str, list[float | No
             ax.set_title(title, loc="left")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         return to_svg(fig, desc=f"{ylabel} per category")
+
+
+# ---- screens of many adapters ------------------------------------------------------------
+def histogram(values: Sequence[float], *, xlabel: str, integer: bool = False, bins: int = 30,
+              title: str = "") -> str:
+    """How many adapters have each value (one bar per integer with ``integer``, else ``bins`` bins)."""
+    import numpy as np
+
+    vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    with plt.rc_context(RC):
+        fig = new_figure(5.0, 2.8)
+        ax = fig.add_subplot()
+        if vals.size:
+            if integer:
+                lo, hi = int(vals.min()), int(vals.max())
+                step = max(1, math.ceil((hi - lo + 1) / 60))
+                edges = np.arange(lo - 0.5, hi + step + 0.5, step)
+            else:
+                edges = bins
+            ax.hist(vals, bins=edges, color=OKABE_ITO[0], edgecolor="white", linewidth=0.4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("adapters")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        if integer:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if title:
+            ax.set_title(title, loc="left")
+        return to_svg(fig, desc=f"Distribution over the adapters of {xlabel}")
+
+
+def scatter(xs: Sequence[float], ys: Sequence[float], *, xlabel: str, ylabel: str, title: str = "",
+            log_x: bool = False) -> str:
+    """One point per adapter (points with a missing or non-finite coordinate are left out)."""
+    pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    if log_x:
+        pts = [(x, y) for x, y in pts if x > 0]
+    with plt.rc_context(RC):
+        fig = new_figure(5.0, 2.8)
+        ax = fig.add_subplot()
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=OKABE_ITO[1], alpha=0.6,
+                       edgecolors="none")
+        if log_x and pts:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title, loc="left")
+        return to_svg(fig, desc=f"{ylabel} against {xlabel}, one point per adapter")

@@ -11,7 +11,8 @@ from .text import clean, md_escape
 FORMATS = ("html", "md")
 
 
-def _env(fmt: str):
+def environment(fmt: str):
+    """The jinja2 environment of the report templates (autoescape for html) with their filters."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("lora_audit.report", "templates"),
@@ -49,4 +50,4 @@ def render(data: ReportData, fmt: str = "html", tables: dict[str, Table] | None 
         _trust_figures(ctx)
     else:
         ctx = md_context(data, tables)
-    return _env(fmt).get_template(f"report.{fmt}.j2").render(**ctx)
+    return environment(fmt).get_template(f"report.{fmt}.j2").render(**ctx)

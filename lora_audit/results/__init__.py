@@ -4,7 +4,7 @@ Every JSON file the tool writes starts with one provenance block under the key `
 (``PROVENANCE_KEY``): schema name and version, tool version, git hash of the tool's checkout
 when there is one, library versions, time, and the settings the result was produced with. Then
 come the fields of its own contract. Each result kind is a tree of dataclasses in its own module
-(``spectrum``, ``safety``; later kinds in the same style), whose annotations are the schema that
+(``spectrum``, ``safety``, ``screen``), whose annotations are the schema that
 ``results.schema.parse`` checks on every read. One version policy for every kind
 (``check_schema``): the schema name must match, and a version newer than this tool knows is
 refused (the contract only grows: fields are added, never renamed or removed, so every older
@@ -109,6 +109,28 @@ def check_schema(prov: Any, schema: str, version: int, source: str, *, what: str
                          f"({version}); upgrade lora-audit")
 
 
+def parse_result(cls: type, obj: Any, source: str, *, what: str, required: tuple[str, ...]) -> Any:
+    """Read a result kind whose settings live in its provenance block (``SpectrumResult``,
+    ``ScreenResult``): check it is an object of schema ``cls.SCHEMA`` at a version this tool reads
+    with the ``required`` fields, parse the fields (``results.schema``; InputError naming the
+    field), and keep the provenance block and its settings on the result."""
+    from .schema import parse
+
+    if not isinstance(obj, dict):
+        raise InputError(f"{source}: expected a JSON object")
+    prov = obj.get(PROVENANCE_KEY)
+    check_schema(prov, cls.SCHEMA, cls.SCHEMA_VERSION, source, what=what)
+    missing = [key for key in required if key not in obj]
+    if missing:
+        raise InputError(f"{source}: not a {what} (missing {', '.join(missing)})")
+    body = {k: v for k, v in obj.items() if k not in (PROVENANCE_KEY, "settings", "provenance_block")}
+    result = parse(cls, body, source, what=what)
+    if isinstance(prov, dict):
+        result.provenance_block = prov
+        result.settings = dict(prov.get("settings") or {})
+    return result
+
+
 # ---- fingerprints of inputs -------------------------------------------------------------------
 CONTENT_HASH_LIMIT = 256 * 2**20  # bytes: inputs up to this size are hashed by content
 
@@ -161,9 +183,10 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
 def result_kinds() -> dict[str, type]:
     """schema name -> result class, for every kind ``load_result`` reads."""
     from .safety import SafetyResult
+    from .screen import ScreenResult
     from .spectrum import SpectrumResult
 
-    return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult}
+    return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult, ScreenResult.SCHEMA: ScreenResult}
 
 
 def detect_kind(obj: dict[str, Any], source: str) -> str:
@@ -184,7 +207,7 @@ def detect_kind(obj: dict[str, Any], source: str) -> str:
 
 
 def load_result(item: str | os.PathLike | dict[str, Any], source: str | None = None) -> Any:
-    """A typed result (``SpectrumResult``, ``SafetyResult``, ...) from a JSON path or dict, validated."""
+    """A typed result (``SpectrumResult``, ``SafetyResult``, ``ScreenResult``) from a JSON path or dict, validated."""
     if isinstance(item, dict):
         obj, source = item, source or "result"
     else:

@@ -99,11 +99,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from . import PROVENANCE_KEY, check_schema, provenance, read_result, write_result
+from . import PROVENANCE_KEY, parse_result, provenance, read_result, write_result
 from .findings import Finding
 from .gate import GateOutcome
-from .schema import parse
 
 SCHEMA = "spectrum"
 SCHEMA_VERSION = 1
@@ -300,27 +298,17 @@ class SpectrumResult:
             "results": [r.to_json() for r in self.results],
         }
 
-    @staticmethod
-    def looks_like(obj: dict[str, Any]) -> bool:
+    REQUIRED = ("base", "k", "epsilon", "results")
+
+    @classmethod
+    def looks_like(cls, obj: dict[str, Any]) -> bool:
         """A spectrum result JSON without a provenance block (fields only)."""
-        return all(key in obj for key in ("base", "k", "epsilon", "results"))
+        return all(key in obj for key in cls.REQUIRED)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], *, source: str = "spectrum JSON") -> "SpectrumResult":
         """Parse and validate a spectrum result (``results.schema``); InputError naming the field."""
-        if not isinstance(obj, dict):
-            raise InputError(f"{source}: expected a JSON object")
-        prov = obj.get(PROVENANCE_KEY)
-        check_schema(prov, SCHEMA, SCHEMA_VERSION, source, what="spectrum result")
-        if not cls.looks_like(obj):
-            missing = [key for key in ("base", "k", "epsilon", "results") if key not in obj]
-            raise InputError(f"{source}: not a spectrum result (missing {', '.join(missing)})")
-        body = {k: v for k, v in obj.items() if k not in (PROVENANCE_KEY, "settings", "provenance_block")}
-        result = parse(cls, body, source, what="spectrum result")
-        if isinstance(prov, dict):
-            result.provenance_block = prov
-            result.settings = dict(prov.get("settings") or {})
-        return result
+        return parse_result(cls, obj, source, what="spectrum result", required=cls.REQUIRED)
 
     def write_json(self, path: str | os.PathLike) -> Path:
         return write_result(path, self.to_json())

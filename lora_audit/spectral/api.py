@@ -34,14 +34,16 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
                  exact: bool = False, float64: bool = False, include_embeddings: bool = False,
                  cache_dir: str | Path | None = None, use_cache: bool = True, allow_pickle: bool = False,
                  dense_metrics: bool = True, progress: bool = True, base_label: str | None = None,
-                 tuned_labels: Sequence[str] | None = None, extra_settings: dict | None = None):
+                 tuned_labels: Sequence[str] | None = None, extra_settings: dict | None = None,
+                 base_spectra=None):
     """Audit every TUNED against BASE; returns a ``lora_audit.results.spectrum.SpectrumResult``.
 
     Labels default to the paths as given. Errors in the inputs raise ``lora_audit.errors``
     exceptions before any matrix is decomposed; matrices with NaN/Inf weights are findings in the
     result (``TunedResult.skipped``, ``SpectrumResult.incomplete``), not errors. Each tuned model's
     structural findings (``checkpoints.structure.check_structure``, from headers and configs) are in
-    its ``findings``.
+    its ``findings``. ``base_spectra``: base spectra already in memory,
+    by parameter name (``engine.audit``).
     """
     from ..checkpoints import open_stream
     from ..checkpoints.structure import check_structure
@@ -57,6 +59,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                    cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
                    tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
+                   base_spectra=base_spectra,
                    extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
     for r, found in zip(result.results, findings):
         r.findings = found

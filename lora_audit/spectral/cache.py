@@ -418,27 +418,34 @@ class SpectrumCache:
     def lookup(self, W0: Tensor, *, key: str | None = None) -> tuple[str, BaseSpectrum | None]:
         """(key, verified spectrum on the CPU) or (key, None) on a miss. A bad entry is warned
         about, deleted and reported as a miss. Safe to call from a background thread."""
-        secret = self.secret()  # an unusable key file is the user's to fix: raised, not a miss
         key = key or tensor_key(W0)
+        return key, self.load(key, W0.dtype, (int(W0.shape[0]), int(W0.shape[1])))
+
+    def load(self, key: str, dtype: torch.dtype, shape: tuple[int, int]) -> BaseSpectrum | None:
+        """The verified spectrum stored under ``key`` for a base matrix of ``dtype`` and ``shape``
+        (memory-mapped, on the CPU), or None on a miss. A bad entry is warned about, deleted and
+        reported as a miss. For callers that know a matrix's key without holding the matrix (a
+        screen's workers get the keys from the process that hashed the base)."""
+        secret = self.secret()  # an unusable key file is the user's to fix: raised, not a miss
         path = self.path_for(key)
         if not path.is_file():
-            return key, None
+            return None
         try:
-            spec = self._read(path, key, W0, secret)
+            spec = self._read(path, key, dtype, shape, secret)
         except _OldFormat as e:
             why = f"is from an older lora-audit (format version {e}, not authenticated)"
         except Exception as e:  # any failure to read or verify: never use it
             why = f"is corrupt ({e})"
         else:
-            return key, spec
+            return spec
         warnings.warn(f"spectrum cache entry {path.name} {why}; deleting and recomputing it", CacheWarning,
-                      stacklevel=2)
+                      stacklevel=3)
         self.rebuilt += 1
         try:
             path.unlink()
         except OSError:  # gone already, or a read-only cache: the entry is still not used
             pass
-        return key, None
+        return None
 
     def base_spectrum(self, W0: Tensor, device: torch.device | str | None = None, *,
                       key: str | None = None, found: BaseSpectrum | None = None) -> BaseSpectrum:
@@ -497,13 +504,14 @@ class SpectrumCache:
                 "mac": _payload_mac(self.secret(), key, dtype, shape, U, S, Vh)}  # type: ignore[arg-type]
         return atomic_write_bytes(self.path_for(key), _aligned_save({"U": U, "S": S, "Vh": Vh}, meta))
 
-    def _read(self, path: Path, key: str, W0: Tensor, secret: bytes) -> BaseSpectrum:
+    def _read(self, path: Path, key: str, torch_dtype: torch.dtype, shape: tuple[int, int],
+              secret: bytes) -> BaseSpectrum:
         """Read and verify one entry (_OldFormat or ValueError when it fails). The payload is
         memory-mapped copy-on-write (no read into a zero-filled buffer: for a 4096-wide matrix
         that copy cost more than the MAC), the tensors are views of the mapping, and the MAC
         is computed over those views: one pass over the payload. Entries are only ever replaced
         by rename, never rewritten in place, so the mapped pages stay the ones the MAC verified."""
-        dtype, shape = _DTYPES[W0.dtype], (int(W0.shape[0]), int(W0.shape[1]))
+        dtype = _DTYPES[torch_dtype]
         with open(path, "rb") as fh:
             header = _header_from(fh)
             start = fh.tell()
@@ -514,11 +522,11 @@ class SpectrumCache:
             bad = {k: meta.get(k) for k, v in want.items() if meta.get(k) != v}
             if bad:
                 raise ValueError(f"metadata does not match: {bad}")
-            where = _layout(header, start, os.fstat(fh.fileno()).st_size, W0.dtype, shape)
+            where = _layout(header, start, os.fstat(fh.fileno()).st_size, torch_dtype, shape)
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # stays valid after close
         t = {}
         for name, (offset, want_shape) in where.items():
-            t[name] = torch.frombuffer(buf, dtype=W0.dtype, offset=offset, count=_numel(want_shape)).view(want_shape)
+            t[name] = torch.frombuffer(buf, dtype=torch_dtype, offset=offset, count=_numel(want_shape)).view(want_shape)
             if offset % _ALIGN:  # BLAS kernels round differently on unaligned data: copy
                 t[name] = t[name].clone()
         mac = _payload_mac(secret, key, dtype, shape, t["U"], t["S"], t["Vh"])

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -234,25 +234,32 @@ def _spectrum_function(cache) -> Callable[[torch.Tensor, torch.device], BaseSpec
     return lambda W0, device: cache.base_spectrum(W0, device)
 
 
-def _workers(settings: AuditSettings, cache) -> tuple[Callable | None, Callable]:
-    """(prepare, work) for ``schedule.run``: with a SpectrumCache, ``prepare`` hashes W0 and reads
-    its cached spectrum in the reader thread; ``work`` audits one group on one device."""
+def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None
+             ) -> tuple[Callable | None, Callable]:
+    """(prepare, work) for ``schedule.run``: ``prepare`` (in the reader thread) takes a base
+    spectrum held in memory (``base_spectra``), or with a SpectrumCache hashes W0 and reads its
+    cached spectrum; ``work`` audits one group on one device."""
     spectrum_of = _spectrum_function(cache)
     lookup = getattr(cache, "lookup", None)
 
     def prepare(group: MatrixGroup):
-        if not any(d is not None and is_changed(d, group.base) for d in group.deltas):
+        held = base_spectra.get(group.name) if base_spectra is not None else None
+        if held is not None:
+            return _HELD, held
+        if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
             return None
         W0 = group.base.to(dtype=settings.dtype)
         return lookup(W0) if bool(torch.isfinite(W0).all()) else None  # (key, spectrum or None), on the CPU
 
     def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list[Outcome]]:
         of = spectrum_of
-        if found is not None:
+        if found is not None and found[0] is _HELD:
+            of = lambda W0, d: _on_device(found[1], d)  # noqa: E731
+        elif found is not None:
             of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
         return group.name, audit_group(group, settings, device, of)
 
-    return (prepare if lookup is not None else None), work
+    return (prepare if lookup is not None or base_spectra is not None else None), work
 
 
 # ---- the whole stream ---------------------------------------------------------------------------
@@ -261,7 +268,8 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
           exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
           base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
           dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None,
-          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1) -> SpectrumResult:
+          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1,
+          base_spectra: Mapping[str, BaseSpectrum] | None = None) -> SpectrumResult:
     """Audit every tuned model of ``stream`` against its base; see the module docstring.
 
     Args:
@@ -283,6 +291,10 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
             ``device`` alone). Results are the same and in stream order either way.
         prefetch: how many matrix groups to read ahead in a background thread (reading, hashing
             and cache reads overlap the SVDs); 0 reads in the calling thread.
+        base_spectra: spectra already in memory, by base parameter name (``.get(name)``, on the
+            CPU, in ``dtype``): a screen decomposes its base once and audits thousands of adapters
+            against it. They must be the spectra of this stream's base matrices as the stream
+            yields them; a name it lacks goes through ``cache`` (or a fresh SVD).
     Returns:
         A SpectrumResult; matrices with NaN/Inf weights or an overflowing update are in each
         model's ``skipped`` list, and ``result.incomplete`` is True when there is one.
@@ -296,7 +308,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
     labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
-    prepare, work = _workers(settings, cache)
+    prepare, work = _workers(settings, cache, base_spectra)
     results, n_groups = _collect(stream, work, prepare, run_on, prefetch, labels, total=total, progress=progress,
                                  cache=cache)
     if results is None or (n_groups == 0 and not total):
@@ -363,6 +375,13 @@ def _finish(res: TunedResult, planned: int, n_sweep: int, *, info, warnings) -> 
 
 def _matrices(n: int) -> str:
     return f"{n} matrix" if n == 1 else f"{n} matrices"
+
+
+_HELD = object()  # prepare()'s mark for a spectrum from ``base_spectra``
+
+
+def _on_device(spec: BaseSpectrum, device: torch.device) -> BaseSpectrum:
+    return BaseSpectrum(U=spec.U.to(device), S=spec.S.to(device), Vh=spec.Vh.to(device), key=spec.key)
 
 
 class _NoBar:

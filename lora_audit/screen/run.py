@@ -1,0 +1,229 @@
+"""``run_screen``: audit many adapters of one base as one resumable job (``lora-audit screen``).
+
+    from lora_audit.screen import ScreenConfig, discover, run_screen
+    entries, _ = discover(["hub-mirror/adapters/"])
+    outcome = run_screen("base/", entries, "screens/base", ScreenConfig(workers=2))
+    outcome.summary.adapters[0].adapter, outcome.summary.adapters[0].total_intruders
+
+The steps, in order: check every setting and the base (errors before anything is written);
+open the screen folder (``store``: new, resumed or replaced); skip the adapters whose record is
+stored and whose files have not changed since (same content hash); decompose the base matrices
+the remaining adapters change, once (``spectra``); audit the adapters on the chosen engine
+(``engines``, ``ray_engine``), storing each record the moment it arrives; then rank every adapter
+and write summary.json, summary.csv and report.html (``summary``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import InputError
+from ..results import fingerprint
+from ..results.screen import FAILED, OK, ScreenResult, ScreenSetup
+from ..results.spectrum import DEFAULT_EPSILON_SWEEP
+from .discovery import Entry, unique
+from .store import ScreenStore
+from .worker import Job, WorkerSpec, input_fingerprint
+
+ENGINES = ("local", "ray")
+SPECTRA = ("object-store", "cache")
+
+
+@dataclass
+class ScreenConfig:
+    """Settings of a screen. The audit's (k ... dense_metrics) are those of ``lora-audit spectrum``
+    and are fixed for a screen folder; the rest say how to run it.
+
+    engine: "local" (worker processes on this machine) or "ray". workers: "local": processes (0:
+    audit in this process; default one per GPU, else one per CPU core); "ray": adapters at once
+    (default: the cluster's CPUs, or GPUs). spectra (ray): "object-store" (default) or "cache"
+    (``spectra`` explains both). resume: continue the folder's screen; retry_failed: audit again
+    the adapters stored as failed. detail: detail pages for the top this many adapters."""
+
+    k: int = 10
+    epsilon: float = 0.5
+    epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP
+    exact: bool = False
+    float64: bool = False
+    include_embeddings: bool = False
+    dense_metrics: bool = True
+    device: str = "auto"
+    cache_dir: str | None = None
+    engine: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    spectra: str | None = None
+    resume: bool = False
+    retry_failed: bool = False
+    overwrite: bool = False
+    detail: int = 10
+    title: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ScreenOutcome:
+    out: Path
+    summary: ScreenResult
+    audited: int  # adapters audited in this run (the rest came from the store)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return self.summary.counts.get("failed", 0)
+
+
+def _check(cfg: ScreenConfig) -> tuple[torch.dtype, tuple[float, ...]]:
+    from ..spectral.engine import validate_settings
+
+    dtype = torch.float64 if cfg.float64 else torch.float32
+    sweep = tuple(sorted({float(e) for e in cfg.epsilon_sweep}))
+    validate_settings(cfg.k, cfg.epsilon, sweep, dtype)
+    if cfg.engine not in ENGINES:
+        raise InputError(f"unknown engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    if cfg.spectra is not None and cfg.spectra not in SPECTRA:
+        raise InputError(f"unknown spectra sharing {cfg.spectra!r}; choose one of {', '.join(SPECTRA)}")
+    if cfg.engine == "local" and cfg.spectra == "object-store":
+        raise InputError("--spectra object-store needs --engine ray; local workers share the spectra through the "
+                         "on-disk cache")
+    if cfg.engine == "local" and cfg.address:
+        raise InputError("--address is the Ray cluster to use; it needs --engine ray")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise InputError(f"workers must be 0 or more, got {cfg.workers}")
+    return dtype, sweep
+
+
+def _base_path(base: str) -> str:
+    """The local path of BASE (a hub id is downloaded); InputError for a base a screen cannot use."""
+    from ..checkpoints import Kind
+    from ..checkpoints.sources import local_path, open_weights
+
+    path, kind = local_path(base)
+    if kind in (Kind.GGUF, Kind.PICKLE):
+        raise InputError(f"{base}: a {kind.value} base is loaded whole for every adapter, which a screen of many "
+                         "adapters cannot afford; save it once as safetensors (save_pretrained) and screen that")
+    open_weights(path)  # InputError for an adapter or an unreadable model, before any work
+    return str(path)
+
+
+def make_engine(cfg: ScreenConfig):
+    """The engine ``cfg`` asks for (Ray's is checked for at once: an error before any work)."""
+    from ..device import all_devices
+    from .engines import InProcessEngine, LocalEngine
+
+    if cfg.engine == "ray":
+        from .ray_engine import RayEngine
+
+        return RayEngine(address=cfg.address, workers=cfg.workers, device=cfg.device)
+    if cfg.workers == 0:
+        return InProcessEngine(cfg.device)
+    devices = [str(d) for d in all_devices(cfg.device)]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = cfg.workers or (len(devices) if devices[0].startswith("cuda") else cpus)
+    threads = 1 if devices[0].startswith("cuda") else max(1, cpus // n)
+    return LocalEngine([devices[i % len(devices)] for i in range(n)], threads=threads)
+
+
+def pending(store: ScreenStore, entries: list[Entry], *, retry_failed: bool) -> list[Job]:
+    """The entries to audit: those without an intact stored record, those whose files changed since
+    (content hash), and with ``retry_failed`` those stored as failed."""
+    todo = []
+    for e in entries:
+        s = store.latest.get(e.adapter)
+        keep = (s is not None and not (retry_failed and s.status == FAILED) and store.verified(s)
+                and input_fingerprint(e.path) == s.fingerprint)
+        if not keep:
+            todo.append(Job(e.adapter, e.path, e.name))
+    return todo
+
+
+def _drive(engine, spec: WorkerSpec, todo: list[Job], store: ScreenStore, *, total: int, progress: bool) -> None:
+    """Run the jobs, storing each record as it arrives, under one progress bar."""
+    from ..progress import progress as progress_bar
+
+    done = total - len(todo)
+    bar = progress_bar(total=total, desc="screen", unit="adapter", initial=done) if progress else None
+    ok = failed = 0
+    t0 = time.perf_counter()
+    try:
+        for record in engine.run(spec, todo):
+            store.append(record)
+            ok, failed = ok + (record["status"] == OK), failed + (record["status"] != OK)
+            if bar is not None:
+                rate = (ok + failed) / max(time.perf_counter() - t0, 1e-9) * 60
+                bar.set_postfix_str(f"ok {ok}, failed {failed}, left {len(todo) - ok - failed}, {rate:.0f}/min",
+                                    refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, config: ScreenConfig | None = None, *,
+               warnings: Sequence[str] = ()) -> ScreenOutcome:
+    """Screen every entry against BASE into the folder ``out`` (see the module docstring).
+
+    Raises ``lora_audit.errors`` exceptions for bad settings, a bad base or output folder, or a
+    missing Ray, before anything is written. An adapter that cannot be audited is not an error: it
+    is recorded as failed (``ScreenOutcome.failed``). ``warnings``: from finding the entries.
+    """
+    from ..device import resolve_device
+    from ..io import check_outputs
+    from ..spectral.api import open_cache
+    from .spectra import share_spectra, touched_matrices
+    from .summary import summarize, write_outputs
+
+    cfg = config or ScreenConfig()
+    dtype, sweep = _check(cfg)
+    entries, notes = unique(list(entries))
+    if not entries:
+        raise InputError("no adapters to screen: give adapter folders or files, or a --manifest with entries")
+    out = Path(out).expanduser()
+    check_outputs([out], [str(base)] + [e.path for e in entries])
+    base_local = _base_path(str(base))
+    engine = make_engine(cfg)
+    cache = open_cache(cfg.cache_dir)
+    setup = ScreenSetup(base=str(base), base_fingerprint=fingerprint(base_local), k=cfg.k, epsilon=float(cfg.epsilon),
+                        epsilon_sweep=list(sweep), dtype=str(dtype).replace("torch.", ""), exact=cfg.exact,
+                        include_embeddings=cfg.include_embeddings, dense_metrics=cfg.dense_metrics,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    t0 = time.perf_counter()
+    with ScreenStore.open(out, setup, resume=cfg.resume, overwrite=cfg.overwrite) as store:
+        notes = list(warnings) + notes + store.warnings
+        todo = pending(store, entries, retry_failed=cfg.retry_failed)
+        if todo:
+            with engine:
+                stream, names = touched_matrices(base_local, todo, include_embeddings=cfg.include_embeddings,
+                                                 dtype=dtype, progress=cfg.progress)
+                notes += list(getattr(stream, "base_warnings", None) or [])
+                put = engine.put if _sharing(cfg) == "object-store" else None
+                refs, more = (share_spectra(stream, names, cache, device=resolve_device(cfg.device), put=put,
+                                            progress=cfg.progress) if stream is not None else ({}, []))
+                del stream
+                spec = WorkerSpec(token=uuid.uuid4().hex, base=base_local, base_label=str(base),
+                                  options={"k": cfg.k, "epsilon": float(cfg.epsilon), "epsilon_sweep": sweep,
+                                           "exact": cfg.exact, "float64": cfg.float64,
+                                           "include_embeddings": cfg.include_embeddings,
+                                           "dense_metrics": cfg.dense_metrics},
+                                  cache_dir=str(cache.root), spectra=refs)
+                _drive(engine, spec, todo, store, total=len(entries), progress=cfg.progress)
+                notes += more
+        settings = {"engine": cfg.engine, "workers": cfg.workers, "device": cfg.device, "cache": str(cache.root),
+                    "spectra": _sharing(cfg), "address": cfg.address}
+        summary = summarize(store, entries, settings=settings, seconds=time.perf_counter() - t0, audited=len(todo),
+                            warnings=notes)
+        files = write_outputs(out, store, summary, detail=cfg.detail, title=cfg.title)
+    return ScreenOutcome(out=out, summary=summary, audited=len(todo), files=files)
+
+
+def _sharing(cfg: ScreenConfig) -> str:
+    """How the workers get the base spectra: Ray's object store (the Ray engine's default), or the
+    on-disk cache (the local engine's only way)."""
+    return (cfg.spectra or "object-store") if cfg.engine == "ray" else "cache"
