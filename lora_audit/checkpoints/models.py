@@ -113,8 +113,9 @@ def match_adapter_to_model(af: AdapterFile, model: torch.nn.Module, *, base: str
     """``adapters.match_adapter`` against a loaded model (GPT-2 Conv1D weights taken transposed):
     ShapeMismatchError before peft touches the model, which it would leave half-patched."""
     shapes = model_shapes(model)
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     return match_adapter(af, shapes, transposed=conv1d_weights(shapes, getattr(model.config, "model_type", None)),
-                         base=base)
+                         base=base, config=config)
 
 
 def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code) -> LoadedModel:

@@ -72,5 +72,6 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     with closing(stream):
         return audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                      cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
-                     tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
+                     tuned_labels=list(tuned_labels) if tuned_labels else list(getattr(stream, "tuned", tuned)),
+                     dense_metrics=dense_metrics,
                      extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
