@@ -214,3 +214,65 @@ def peft_on(model, seed: int = 1, **lora_kw):
     randomize_lora(pm, seed=seed)
     sd = {k.removeprefix("base_model.model."): v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
     return pm, sd, cfg.to_dict()
+
+
+def single_file_sdxl(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint in the original SDXL layout (sgm): the UNet under
+    "model.diffusion_model." with input_blocks / middle_block / output_blocks names, text encoder 1
+    (Hugging Face CLIP) under "conditioner.embedders.0.transformer.", the VAE under
+    "first_stage_model."; a few tensors of each kind, random (the test builds it, no download)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) / (shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)) ** 0.5
+
+    u, c = "model.diffusion_model.", 16
+    tensors = {u + "input_blocks.0.0.weight": w(c, 4, 3, 3), u + "input_blocks.1.0.in_layers.2.weight": w(c, c, 3, 3),
+               u + "input_blocks.1.0.emb_layers.1.weight": w(c, 64), u + "input_blocks.1.1.proj_in.weight": w(c, c),
+               u + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": w(c, c),
+               u + "input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight": w(c, c),
+               u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": w(c, 16),
+               u + "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight": w(4 * c, c),
+               u + "middle_block.1.proj_out.weight": w(c, c), u + "out.2.weight": w(4, c, 3, 3),
+               u + "input_blocks.1.0.in_layers.2.bias": torch.zeros(c),
+               "first_stage_model.decoder.conv_in.weight": w(8, 4, 3, 3)}
+    torch.manual_seed(seed)
+    tensors.update({f"conditioner.embedders.0.transformer.{k}": v.detach().clone()
+                    for k, v in tiny_text_encoder().state_dict().items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return tensors
+
+
+def lora_factors(base_w: dict[str, torch.Tensor], modules: dict[str, str], *, r: int, alpha: float,
+                 prefix: str = "base_model.model.", seed: int = 5, key=lambda module, part: f"{module}.{part}.weight"
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random LoRA factors for ``modules`` (adapter module -> base parameter), keyed
+    ``prefix + key(module, "lora_A")``, and the hand-merged tuned weights W + alpha/r B A (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, merged = {}, {}
+    for module, param in modules.items():
+        W = base_w[param].double()
+        A = torch.randn(r, W.shape[1], generator=g) * 0.3
+        B = torch.randn(W.shape[0], r, generator=g) * 0.3
+        tensors[prefix + key(module, "lora_A")], tensors[prefix + key(module, "lora_B")] = A, B
+        merged[param] = W + alpha / r * (B.double() @ A.double())
+    return tensors, merged
+
+
+def hand_lora(path: Path, base_w: dict[str, torch.Tensor], modules: dict[str, str], *, config: dict | None = None,
+              **kw) -> dict[str, torch.Tensor]:
+    """``lora_factors`` written to ``path`` (with adapter_config.json when ``config`` is given); the
+    hand-merged tuned weights."""
+    tensors, merged = lora_factors(base_w, modules, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    if config is not None:
+        (path.parent / "adapter_config.json").write_text(json.dumps(config))
+    return merged
+
+
+def update_cos(dWs: list[torch.Tensor]) -> list[list[float]]:
+    """cos of the angle between flattened updates (the Frobenius inner product), float64."""
+    flat = torch.stack([d.double().reshape(-1) for d in dWs])
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    return (flat @ flat.T).tolist()

@@ -9,6 +9,7 @@ the float64 two-SVD reference on weights merged independently (``tests.checkpoin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,223 @@ def test_diffusers_lora_file_on_a_pipeline(tmp_path):
     res = out["results"][0]
     assert_matches(res, ref)
     assert res["info"]["format"] == "diffusers_lora" and res["info"]["components"]["unet"]["lora_alpha"] == 8
+
+
+def _dit(folder=None):
+    from diffusers import SD3Transformer2DModel
+
+    if folder is not None:
+        return SD3Transformer2DModel.from_pretrained(folder)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+
+
+@covers("diffusion (LoRA-Composer, distillation LoRAs)", "diffusers DiT / transformer folder (SD3)",
+        "PEFT LoRA folder; diffusers LoRA file (transformer. keys)")
+def test_dit_transformer_folder(tmp_path):
+    from diffusers.loaders import SD3LoraLoaderMixin
+
+    from tests.checkpoints.families import peft_on
+
+    torch.manual_seed(0)
+    _dit().save_pretrained(tmp_path / "transformer")
+    targets = ["to_q", "to_k", "to_v", "add_q_proj", "proj"]  # proj: the conv patch embedding (pos_embed.proj)
+    adapter = peft_adapter(_dit(tmp_path / "transformer"), tmp_path / "adapter", r=2, lora_alpha=4,
+                           target_modules=targets)
+    base_w = state(_dit(tmp_path / "transformer"))
+    ref = reference(base_w, peft_merged_state(_dit(tmp_path / "transformer"), adapter))
+    assert "pos_embed.proj.weight" in ref
+    pm, sd, cfg = peft_on(_dit(tmp_path / "transformer"), seed=4, r=4, lora_alpha=2, target_modules=targets[:3])
+    SD3LoraLoaderMixin.save_lora_weights(tmp_path / "lora", transformer_lora_layers=sd,
+                                         transformer_lora_adapter_metadata=cfg)
+    ref_file = reference(base_w, state(pm.merge_and_unload()))
+    out = run_spectrum(tmp_path / "transformer", [adapter, tmp_path / "lora"], tmp_path / "s.json")
+    assert_matches(out["results"][0], ref)
+    assert_matches(out["results"][1], ref_file)
+    assert out["results"][1]["info"]["format"] == "diffusers_lora"
+
+
+SDXL_MODULES = [("lora_unet", p, f"model.diffusion_model.{p}.weight") for p in (
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2", "middle_block.1.proj_out",
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k")] + [
+    ("lora_te1", "text_model.encoder.layers.0.self_attn.q_proj",
+     "conditioner.embedders.0.transformer.encoder.layers.0.self_attn.q_proj.weight")]
+
+
+@covers("diffusion (LoRA-Composer, distillation LoRAs)", "single-file checkpoint (original SD/SDXL layout)",
+        "kohya/sd-scripts SDXL files (lora_unet_input_blocks_..., lora_te1_...), written by the test; "
+        "diffusers-named kohya keys refused with the layout named")
+def test_kohya_file_on_a_single_file_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from lora_audit.cli import cli
+    from tests.checkpoints.families import single_file_sdxl, write_kohya
+
+    base_w = single_file_sdxl(tmp_path / "sdxl.safetensors")
+    targets = _kohya_targets(base_w, SDXL_MODULES)
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in targets
+    merged = write_kohya(tmp_path / "lora.safetensors", targets, rank=2, alphas={k: 1.0 for k in targets})
+    ref = reference(base_w, {**base_w, **merged})
+    out = run_spectrum(tmp_path / "sdxl.safetensors", tmp_path / "lora.safetensors", tmp_path / "s.json")
+    res = out["results"][0]
+    assert_matches(res, ref)
+    assert res["info"]["base_format"] == "single-file Stable Diffusion checkpoint (text_encoder, unet, vae)"
+    # an SD1-style file names diffusers modules: it cannot fit this layout, and the error says why
+    write_kohya(tmp_path / "sd1.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in": ("x", torch.ones(16, 16))},
+                rank=2, alphas={"lora_unet_down_blocks_0_attentions_0_proj_in": 1.0})
+    r = CliRunner().invoke(cli, ["spectrum", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "sd1.safetensors")])
+    assert r.exit_code == 1
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in r.output and "original SD layout" in r.output
+
+
+# ---- mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA) --------------------------------------------------
+def _moe(kind: str):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2,
+                                                **common)), MixtralForCausalLM
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                              num_experts=3, num_experts_per_tok=2, intermediate_size=40,
+                                              **common)), Qwen2MoeForCausalLM
+
+
+def _fused_on_disk(model, folder: Path) -> Path:
+    """The model's weights as it holds them (3-D expert stacks), as Llama-4 / gpt-oss style checkpoints
+    store them on disk (transformers itself saves Mixtral per expert)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model.config.save_pretrained(folder)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+               or not model.config.tie_word_embeddings}, str(folder / "model.safetensors"))
+    return folder
+
+
+@covers("mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA)",
+        "Mixtral, Qwen2-MoE: per-expert files (transformers' save) and fused 3-D expert stacks",
+        "PEFT LoRA on fused experts (target_parameters): one matrix per expert, name[e]; similarity of the "
+        "experts' updates")
+@pytest.mark.parametrize("kind, on_disk", [("mixtral", "per_expert"), ("mixtral", "fused"), ("qwen2_moe", "fused")])
+def test_moe_lora_on_fused_experts(kind, on_disk, tmp_path):
+    from tests.checkpoints.families import expand_experts
+
+    torch.manual_seed(0)
+    model, cls = _moe(kind)
+    model.save_pretrained(tmp_path / "saved")  # per expert on disk
+    base = tmp_path / "saved" if on_disk == "per_expert" else _fused_on_disk(model, tmp_path / "fused")
+    adapter = peft_adapter(cls.from_pretrained(tmp_path / "saved"), tmp_path / "adapter", r=2, lora_alpha=4,
+                           target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                         "mlp.experts.down_proj"])
+    base_w = expand_experts(state(cls.from_pretrained(tmp_path / "saved")))
+    ref = reference(base_w, expand_experts(peft_merged_state(cls.from_pretrained(tmp_path / "saved"), adapter)),
+                    skip=lambda n: "embed" in n or "lm_head" in n)
+    assert "model.layers.0.mlp.experts.down_proj[2]" in ref
+    out = run_spectrum(base, adapter, tmp_path / "s.json")
+    res = out["results"][0]
+    got = assert_matches(res, ref)
+    m = got["model.layers.0.mlp.experts.gate_up_proj[1]"]
+    assert m["kind"] == "expert" and m["expert"] == 1 and m["module"] == "gate_up_proj"
+    sim = res["info"]["expert_similarity"]["model.layers.0.mlp.experts.down_proj"]
+    assert sim["experts"] == [0, 1, 2] and sim["update_cos"][1][1] == pytest.approx(1.0)
+    assert any("read through transformers" in w for w in out["warnings"]) == (on_disk == "per_expert")
+
+
+@covers("mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA)",
+        "Mixtral, Qwen2-MoE: per-expert files (transformers' save) and fused 3-D expert stacks",
+        "PEFT LoRA on per-expert modules (experts.<e>.w1/w2/w3, written by the test)")
+def test_moe_lora_on_per_expert_modules(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.checkpoints.families import hand_lora, update_cos
+
+    torch.manual_seed(0)
+    _moe("mixtral")[0].save_pretrained(tmp_path / "base")
+    base_w = load_file(str(tmp_path / "base" / "model.safetensors"))
+    mods = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}": f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
+            for e in range(3) for w in ("w1", "w2", "w3")}
+    merged = hand_lora(tmp_path / "adapter" / "adapter_model.safetensors", base_w, mods, r=2, alpha=4,
+                       config={"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["w1", "w2", "w3"]})
+    ref = reference(base_w, {**base_w, **merged})
+    out = run_spectrum(tmp_path / "base", tmp_path / "adapter", tmp_path / "s.json")
+    res = out["results"][0]
+    assert_matches(res, ref)
+    sim = res["info"]["expert_similarity"]["model.layers.0.block_sparse_moe.experts.*.w2.weight"]
+    p = "model.layers.0.block_sparse_moe.experts.{}.w2.weight"
+    want = update_cos([merged[p.format(e)] - base_w[p.format(e)].double() for e in range(3)])
+    assert sim["experts"] == [0, 1, 2]
+    assert torch.allclose(torch.tensor(sim["update_cos"]), torch.tensor(want, dtype=torch.float32), atol=1e-5)
+
+
+@covers("mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA)", "Llama (dense MLP, LoRA experts on it)",
+        "MixLoRA sets (mixlora.layers.<i>.experts.<e>.<proj> + router, written by the test): one result per "
+        "expert (<path>#expert<e>) and the shared attention LoRA (#shared), each expert's similarity to the others")
+def test_mixlora_set(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.checkpoints.families import lora_factors, update_cos
+
+    base_w = load_file(str(tiny_llama / "model.safetensors"))
+    key = lambda module, part: f"{module}.{part}.weight"  # noqa: E731
+    shared = {f"mixlora.layers.{i}.self_attn.{p}": f"model.layers.{i}.self_attn.{p}.weight"
+              for i in (0, 1) for p in ("q_proj", "v_proj")}
+    tensors, merged = {}, {"shared": None}
+    tensors_s, merged["shared"] = lora_factors(base_w, shared, r=2, alpha=4, prefix="", key=key)
+    tensors.update(tensors_s)
+    for e in range(3):
+        mods = {f"mixlora.layers.{i}.experts.{e}.{p}": f"model.layers.{i}.mlp.{p}.weight"
+                for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")}
+        t, merged[f"expert{e}"] = lora_factors(base_w, mods, r=4, alpha=2, prefix="", key=key, seed=10 + e)
+        tensors.update(t)
+    tensors.update({f"mixlora.layers.{i}.gate.weight": torch.randn(3, 64) for i in (0, 1)})
+    folder = tmp_path / "mixlora"
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], "routing_strategy": "mixtral",
+        "num_experts": 3, "top_k": 2, "expert_lora": {"r": 4, "lora_alpha": 2, "lora_dropout": 0.05}}))
+    out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
+    labels = [r["tuned"] for r in out["results"]]
+    assert labels == [f"{folder}#shared"] + [f"{folder}#expert{e}" for e in range(3)]
+    for res, member in zip(out["results"], ["shared", "expert0", "expert1", "expert2"]):
+        assert_matches(res, reference(base_w, {**base_w, **merged[member]}))
+        assert res["info"]["adapter_set"]["router"]["num_experts"] == 3
+    p = "model.layers.1.mlp.down_proj.weight"
+    want = update_cos([merged[f"expert{e}"][p] - base_w[p].double() for e in range(3)])
+    row = out["results"][2]["info"]["update_similarity"][p]
+    assert row["to"] == ["expert0", "expert1", "expert2"] and row["update_cos"] == pytest.approx(want[1], abs=1e-5)
+
+
+@covers("mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA)", "Llama (dense MLP, LoRA experts on it)",
+        "X-LoRA sets (peft XLoraConfig, one PEFT LoRA folder per expert, classifier weights): one result per "
+        "expert")
+def test_xlora_set(tiny_llama, tmp_path):
+    from peft import XLoraConfig
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import make_peft_adapter
+
+    folder = tmp_path / "xlora"
+    experts = {"math": 1, "code": 2}
+    for name, seed in experts.items():
+        make_peft_adapter(tiny_llama, folder / name, seed=seed, r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters={n: n for n in experts}).to_dict()
+    (folder / "adapter_config.json").write_text(json.dumps({k: (v.value if hasattr(v, "value") else v)
+                                                            for k, v in cfg.items()}, default=list))
+    save_file({"base_model.internal_xlora_classifier.layers.weight": torch.randn(2, 64)},
+              str(folder / "adapter_model.safetensors"))
+    out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
+    assert [r["tuned"] for r in out["results"]] == [f"{folder}#math", f"{folder}#code"]
+    base_w = state(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    for res, name in zip(out["results"], experts):
+        tuned_w = peft_merged_state(AutoModelForCausalLM.from_pretrained(tiny_llama), folder / name)
+        assert_matches(res, reference(base_w, tuned_w, skip=lambda n: "embed" in n or "lm_head" in n))
+        assert res["info"]["adapter_set"]["format"] == "xlora"
+        assert res["info"]["adapter_set"]["router"]["classifier_tensors"] == 1
+    assert out["results"][0]["info"]["update_similarity"]["model.layers.0.mlp.down_proj.weight"]["to"] == ["math",
+                                                                                                           "code"]
