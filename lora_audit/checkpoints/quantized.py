@@ -17,9 +17,14 @@ et al. 2023; LLM.int8, Dettmers et al. 2022)::
                                        nested_offset
     8-bit  <w>.weight int8 (out, in), <module>.SCB float32 (out,) row absmax, <w>.weight_format 0
 
-Dequantised by bitsandbytes itself (``dequantize_4bit``, ``int8_vectorwise_dequant``; both run on
-the CPU) after lora-audit has parsed and checked every field (the JSON is parsed here, and no string
-of the file reaches ``getattr``).
+Dequantised here by the format's definition, so that reading needs no bitsandbytes: byte i of the
+packed weight holds values 2i (high nibble) and 2i+1 (low nibble) of the row-major flattened
+matrix, value j is quant_map[code_j] * absmax[j // blocksize]; with double quantisation absmax_b =
+nested_quant_map[absmax_u8_b] * nested_absmax[b // nested_blocksize] + nested_offset; int8 is
+W = int8 * SCB_row / 127. (bitsandbytes 0.50's CPU ``dequantize_4bit`` is not used: it disagrees
+with its own ``quantize_4bit`` when a block spans two rows, e.g. on a 64 x 96 matrix with blocks
+of 64, by several code spacings; transformers' ``dequantize()`` inherits that on CPU-only machines.)
+Every field is checked first; the JSON is parsed here and no string of the file reaches ``getattr``.
 
 FP8 with block scales (``quant_method`` "fp8", the layout transformers' FineGrainedFP8 saves and
 DeepSeek-V3 / Qwen3-FP8 ship)::
@@ -141,68 +146,66 @@ def dequantize_bnb_4bit(packed: torch.Tensor, state: Bnb4bit, aux: dict[str, tor
                         where: str) -> tuple[torch.Tensor, dict]:
     """(W float32 (out, in), error record) of one bitsandbytes 4-bit weight. ``aux`` holds the
     absmax / quant_map (/ nested_*) tensors, keyed by those names."""
-    from bitsandbytes.functional import QuantState, dequantize_4bit
-
     n = state.shape[0] * state.shape[1]
     blocks = -(-n // state.blocksize)
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n + (n % 2):
+    if packed.dtype != torch.uint8 or packed.numel() != -(-n // 2):
         raise FormatError(f"{where}: packed weight {list(packed.shape)} {packed.dtype} does not hold {n} 4-bit "
                           f"codes of shape {list(state.shape)}")
-    if aux["absmax"].numel() != blocks or aux["quant_map"].numel() != 16:
-        raise FormatError(f"{where}: absmax has {aux['absmax'].numel()} values for {blocks} blocks of "
-                          f"{state.blocksize}, quant_map {aux['quant_map'].numel()} codes (16 expected)")
-    state2, offset = None, None
-    if state.nested is not None:
-        state2 = QuantState(absmax=aux["nested_absmax"].float(), blocksize=state.nested["blocksize"],
-                            code=aux["nested_quant_map"].float(), dtype=_FLOAT_NAMES[state.nested["dtype"]])
-        offset = torch.tensor(state.nested["offset"])
-    qs = QuantState(absmax=aux["absmax"], shape=torch.Size(state.shape), code=aux["quant_map"].float(),
-                    blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype, offset=offset,
-                    state2=state2)
-    try:
-        W = dequantize_4bit(packed, qs).float()
-    except Exception as e:  # noqa: BLE001 - bitsandbytes raises many types for inconsistent states
-        raise FormatError(f"{where}: bitsandbytes could not dequantise it ({e})") from None
-    absmax, absmax_err = _bnb_absmax(qs, aux)
+    if aux.get("absmax") is None or aux["absmax"].numel() != blocks or aux.get("quant_map") is None \
+            or aux["quant_map"].numel() != 16:
+        raise FormatError(f"{where}: needs absmax with one value per block ({blocks} blocks of {state.blocksize}) "
+                          "and a quant_map of 16 codes")
+    b = packed.reshape(-1).to(torch.int64)
+    codes = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]  # (n,): high nibble first
+    book = aux["quant_map"].double().reshape(-1)
+    absmax, absmax_err = _bnb_absmax(state, aux, blocks, where)
     scale = absmax.repeat_interleave(state.blocksize)[:n]  # (n,)
     err_scale = absmax_err.repeat_interleave(state.blocksize)[:n]
-    codes = torch.where(scale > 0, W.reshape(-1).double() / scale.clamp(min=1e-300), 0.0)
-    dist, width = cell_errors(codes, qs.code)
+    c = book[codes]  # (n,) values in code units
+    W = (c * scale).reshape(state.shape)
+    dist, width = cell_errors(c, book)
     # |x - c a_q| <= d (a_q + e_a) + |c| e_a: the cell in code units, scaled by an absmax that may
     # itself be off by e_a (double quantisation)
-    max_dist = dist * (scale + err_scale) + codes.abs() * err_scale
+    max_dist = dist * (scale + err_scale) + c.abs() * err_scale
     rec = error_record(f"bitsandbytes {state.quant_type}", max_dist, width * scale, blocksize=state.blocksize,
                        double_quant=state.nested is not None)
-    return W, rec
+    return W.to(state.dtype).float(), rec
 
 
-def _bnb_absmax(qs, aux) -> tuple[torch.Tensor, torch.Tensor]:
+def _bnb_absmax(state: Bnb4bit, aux: dict[str, torch.Tensor], blocks: int, where: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(absmax per block as used for dequantising, bound on its own error) in float64; the error is
     0 without double quantisation, else the nested blockwise 8-bit cell (Dettmers et al. 2023, Sec. 3)."""
-    if qs.state2 is None:
+    if state.nested is None:
         a = aux["absmax"].double().reshape(-1)
         return a, torch.zeros_like(a)
-    from bitsandbytes.functional import dequantize_blockwise
-
-    a = (dequantize_blockwise(aux["absmax"], qs.state2).double() + float(qs.offset)).reshape(-1)
-    nested = aux["nested_absmax"].double().reshape(-1).repeat_interleave(qs.state2.blocksize)[: a.numel()]
-    codes = torch.where(nested > 0, (a - float(qs.offset)) / nested.clamp(min=1e-300), 0.0)
-    dist, _ = cell_errors(codes, qs.state2.code)
-    return a, dist * nested
+    nb = state.nested["blocksize"]
+    book, nested = aux.get("nested_quant_map"), aux.get("nested_absmax")
+    if aux["absmax"].dtype != torch.uint8 or book is None or book.numel() != 256 or nested is None \
+            or nested.numel() != -(-blocks // nb):
+        raise FormatError(f"{where}: double quantisation needs uint8 absmax, a nested_quant_map of 256 codes and "
+                          f"one nested_absmax per {nb} blocks")
+    scale = nested.double().reshape(-1).repeat_interleave(nb)[:blocks]
+    c = book.double().reshape(-1)[aux["absmax"].reshape(-1).to(torch.int64)]
+    dist, _ = cell_errors(c, book)
+    return c * scale + state.nested["offset"], dist * scale
 
 
 # ---- bitsandbytes 8-bit (LLM.int8) -----------------------------------------------------------------
-def dequantize_bnb_int8(weight: torch.Tensor, scb: torch.Tensor, where: str) -> tuple[torch.Tensor, dict]:
-    """(W float32, error record) of an LLM.int8 weight: W = int8 · SCB_row / 127, so every value lies
-    within half a step, SCB_row / 254, of the original."""
-    from bitsandbytes.functional import int8_vectorwise_dequant
+# Quantisers compute x * 127 / absmax in half precision (bitsandbytes on the CPU does), which can push
+# a value across a rounding boundary by half an fp16 ulp at 127, 1/32 of a step: seen up to 0.521 steps.
+INT8_ROUNDING_SLACK = 1 / 32
 
+
+def dequantize_bnb_int8(weight: torch.Tensor, scb: torch.Tensor, where: str) -> tuple[torch.Tensor, dict]:
+    """(W float32, error record) of an LLM.int8 weight: W = int8 * SCB_row / 127, so every value lies
+    within half a step, SCB_row / 254, of the original (plus ``INT8_ROUNDING_SLACK`` of a step)."""
     if weight.dtype != torch.int8 or weight.dim() != 2 or scb.numel() != weight.shape[0]:
         raise FormatError(f"{where}: int8 weight {list(weight.shape)} {weight.dtype} with {scb.numel()} row "
                           "scales (SCB); LLM.int8 stores int8 (out, in) and one scale per row")
-    W = int8_vectorwise_dequant(weight, scb.float()).float()
-    step = (scb.double() / 127.0).reshape(-1, 1).expand(weight.shape)
-    return W, error_record("bitsandbytes int8", step / 2, step)
+    step = (scb.double() / 127.0).reshape(-1, 1).expand(weight.shape)  # (out, in)
+    return (weight.double() * step).float(), error_record("bitsandbytes int8", step * (0.5 + INT8_ROUNDING_SLACK),
+                                                          step)
 
 
 # ---- FP8 with block scales -------------------------------------------------------------------------

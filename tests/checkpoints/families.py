@@ -276,3 +276,50 @@ def update_cos(dWs: list[torch.Tensor]) -> list[list[float]]:
     flat = torch.stack([d.double().reshape(-1) for d in dWs])
     flat = flat / flat.norm(dim=1, keepdim=True)
     return (flat @ flat.T).tolist()
+
+
+# ---- quantised bases ------------------------------------------------------------------------------------
+def fp8_folder(src: Path, dst: Path, block: int = 16) -> Path:
+    """A copy of the float model folder ``src`` with its projection weights in FP8 e4m3 with one scale
+    per (block x block) tile, as transformers' FineGrainedFP8 / DeepSeek-V3 checkpoints store them:
+    ``<w>.weight`` float8_e4m3fn and ``<w>.weight_scale_inv`` float32, W = fp8 * scale."""
+    dst.mkdir(parents=True)
+    sd = load_file(str(src / "model.safetensors"))
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 2 and k.endswith("proj.weight"):
+            r, c = v.shape
+            scale = v.reshape(r // block, block, c // block, block).abs().amax(dim=(1, 3)) / 448.0  # e4m3 max
+            full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+            out[k], out[k + "_scale_inv"] = (v / full).to(torch.float8_e4m3fn), scale.float()
+        else:
+            out[k] = v
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block],
+                                  "activation_scheme": "dynamic"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def bnb4_reference(folder: Path) -> dict[str, torch.Tensor]:
+    """The 4-bit weights of a bitsandbytes folder dequantised by the format's definition, written
+    independently of lora_audit (bitsandbytes' own CPU dequantize_4bit is wrong when a block spans two
+    rows): value j = quant_map[nibble j] * absmax[j // blocksize], high nibble first; with double
+    quantisation absmax = nested_quant_map[absmax] * nested_absmax[block // nested_blocksize] + offset."""
+    sd = load_file(str(folder / "model.safetensors"))
+    out = {}
+    for key, t in sd.items():
+        if ".quant_state.bitsandbytes__" not in key:
+            continue
+        w = key.split(".quant_state.")[0]
+        qs = json.loads(bytes(t.tolist()).decode())
+        rows, cols = qs["shape"]
+        nib = torch.stack([sd[w].reshape(-1).long() >> 4, sd[w].reshape(-1).long() & 15], 1).reshape(-1)
+        absmax = sd[w + ".absmax"].double()
+        if "nested_blocksize" in qs:
+            nested = sd[w + ".nested_absmax"].double().repeat_interleave(qs["nested_blocksize"])
+            absmax = sd[w + ".nested_quant_map"].double()[absmax.long()] * nested[: absmax.numel()] + qs["nested_offset"]
+        vals = sd[w + ".quant_map"].double()[nib] * absmax.repeat_interleave(qs["blocksize"])[: nib.numel()]
+        out[w] = vals[: rows * cols].reshape(rows, cols)
+    return out

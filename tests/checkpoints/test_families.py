@@ -457,3 +457,155 @@ def test_xlora_set(tiny_llama, tmp_path):
         assert res["info"]["adapter_set"]["router"]["classifier_tensors"] == 1
     assert out["results"][0]["info"]["update_similarity"]["model.layers.0.mlp.down_proj.weight"]["to"] == ["math",
                                                                                                            "code"]
+
+
+# ---- quantised bases (LQ-LoRA, L4Q, QLoRA) ----------------------------------------------------------------
+QUANTS = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+          "fp4-double-quant": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+          "int8": dict(load_in_8bit=True), "fp8": None}
+
+
+@covers("quantised bases (LQ-LoRA, L4Q, QLoRA)",
+        "bitsandbytes NF4, FP4 (double quantisation) and int8 folders saved by transformers; FP8 with block "
+        "scales (quant_method fp8); GGUF",
+        "PEFT LoRA (QLoRA); weights dequantised for the audit, each matrix's quantisation error bound in the "
+        "JSON (dequantization)")
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_quantised_base(quant, tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.checkpoints.families import bnb4_reference, fp8_folder
+    from tests.helpers import make_peft_adapter
+
+    qdir = tmp_path / "q"
+    if QUANTS[quant] is None:
+        fp8_folder(tiny_llama, qdir)
+    else:
+        AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=BitsAndBytesConfig(**QUANTS[quant]),
+                                             device_map="cpu").save_pretrained(qdir)
+
+    def dequantised():  # transformers' dequantisation (FP8 on load, int8 by bitsandbytes), 4-bit by hand
+        m = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu", dtype=torch.float32)
+        m = m.dequantize() if QUANTS[quant] is not None else m
+        if quant in ("nf4", "fp4-double-quant"):
+            with torch.no_grad():
+                for name, w in bnb4_reference(qdir).items():
+                    m.get_parameter(name).copy_(w)
+        return m
+
+    adapter = make_peft_adapter(tiny_llama, tmp_path / "adapter", r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    base_w = state(dequantised())
+    ref = reference(base_w, peft_merged_state(dequantised(), adapter), skip=lambda n: "embed" in n or "lm_head" in n)
+    out = run_spectrum(qdir, adapter, tmp_path / "s.json")
+    res = out["results"][0]
+    got = assert_matches(res, ref)
+    assert "quantised: " + ("fp8" if quant == "fp8" else "bitsandbytes") in res["info"]["base_format"]
+    original = load_file(str(tiny_llama / "model.safetensors"))  # the float weights before quantisation
+    for name, m in got.items():
+        d = m["dequantization"]
+        err = original[name].double() - base_w[name].double()  # what quantisation did to this matrix
+        assert float(err.abs().max()) <= d["error_max_abs_bound"] * (1 + 1e-6), name
+        assert float(err.norm()) <= d["error_fro_bound"] * (1 + 1e-6), name
+        assert 0 < d["error_fro_expected"] <= d["error_fro_bound"]
+
+
+# ---- pruned bases (LoRAPrune, LoRAM) ---------------------------------------------------------------------
+@covers("pruned bases (LoRAPrune, LoRAM)", "bases pruned with masks (torch.nn.utils.prune: weight_orig x weight_mask)",
+        "PEFT LoRA trained on the masked base")
+def test_masked_base(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+    from torch.nn.utils import prune
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import make_peft_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for i in (0, 1):
+        for mod in (model.model.layers[i].self_attn.q_proj, model.model.layers[i].mlp.down_proj):
+            prune.l1_unstructured(mod, "weight", amount=0.3)
+    base = tmp_path / "pruned"
+    base.mkdir()
+    shutil.copy(tiny_llama / "config.json", base)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.0.self_attn.q_proj.weight_mask" in sd and "model.layers.0.self_attn.q_proj.weight" not in sd
+    save_file(sd, str(base / "model.safetensors"))
+    adapter = make_peft_adapter(tiny_llama, tmp_path / "adapter", r=2, target_modules=["q_proj", "down_proj"])
+    for mod in model.modules():  # the masked weights, made permanent: the base the adapter applies to
+        if prune.is_pruned(mod) and hasattr(mod, "weight_mask"):
+            prune.remove(mod, "weight")
+    base_w = state(model)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    fresh.load_state_dict(base_w)
+    ref = reference(base_w, peft_merged_state(fresh, adapter), skip=lambda n: "embed" in n or "lm_head" in n)
+    out = run_spectrum(base, adapter, tmp_path / "s.json")
+    got = assert_matches(out["results"][0], ref)
+    assert any("weight_orig x weight_mask" in note for note in got["model.layers.0.self_attn.q_proj.weight"]["notes"])
+    assert "pruning masks" in out["results"][0]["info"]["base_format"]
+
+
+def _structurally_pruned(full: Path, out: Path, keep: torch.Tensor) -> Path:
+    """``full`` with the MLP's intermediate channels ``keep`` only (rows of gate/up, columns of down),
+    as LoRAPrune / LoRAM prune structurally."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    cfg = json.loads((full / "config.json").read_text())
+    cfg["intermediate_size"] = len(keep)
+    (out / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(full / "model.safetensors"))
+    for k in list(sd):
+        if k.endswith(("gate_proj.weight", "up_proj.weight")):
+            sd[k] = sd[k][keep].contiguous()
+        elif k.endswith("down_proj.weight"):
+            sd[k] = sd[k][:, keep].contiguous()
+    save_file(sd, str(out / "model.safetensors"))
+    for f in full.glob("tokenizer*"):
+        shutil.copy(f, out)
+    return out
+
+
+@covers("pruned bases (LoRAPrune, LoRAM)", "structurally pruned bases (fewer MLP channels) and the full base",
+        "adapters trained on the pruned base: audited on it; on the full base a clear error naming the mismatch; "
+        "recovered to the full shape (LoRAM, zeros at pruned channels): audited on the full base")
+def test_adapter_of_a_structurally_pruned_base(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lora_audit.cli import cli
+    from tests.helpers import make_peft_adapter
+
+    keep = torch.sort(torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64]).values
+    pruned = _structurally_pruned(tiny_llama, tmp_path / "pruned", keep)
+    adapter = make_peft_adapter(pruned, tmp_path / "adapter", r=2, target_modules=["q_proj", "up_proj", "down_proj"])
+    load = AutoModelForCausalLM.from_pretrained
+    skip = lambda n: "embed" in n or "lm_head" in n  # noqa: E731
+    out = run_spectrum(pruned, adapter, tmp_path / "p.json")
+    assert_matches(out["results"][0], reference(state(load(pruned)), peft_merged_state(load(pruned), adapter),
+                                                skip=skip))
+    r = CliRunner().invoke(cli, ["spectrum", str(tiny_llama), str(adapter)])
+    assert r.exit_code == 1
+    assert "model.layers.0.mlp.up_proj: adapter 64x64, base 96x64" in r.output and "structurally pruned" in r.output
+    # LoRAM's recovery: the factors padded with zeros at the pruned channels fit the full base
+    recovered = tmp_path / "recovered"
+    recovered.mkdir()
+    (recovered / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    for k in list(sd):
+        if "up_proj.lora_B" in k:
+            full = torch.zeros(96, sd[k].shape[1])
+            full[keep] = sd[k]
+            sd[k] = full
+        elif "down_proj.lora_A" in k:
+            full = torch.zeros(sd[k].shape[0], 96)
+            full[:, keep] = sd[k]
+            sd[k] = full
+    save_file(sd, str(recovered / "adapter_model.safetensors"))
+    out = run_spectrum(tiny_llama, recovered, tmp_path / "r.json")
+    assert_matches(out["results"][0], reference(state(load(tiny_llama)), peft_merged_state(load(tiny_llama), recovered),
+                                                skip=skip))
