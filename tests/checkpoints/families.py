@@ -81,6 +81,9 @@ def run_spectrum(base, tuned, out: Path, *extra) -> dict:
     assert r.exit_code == 0, r.output
     obj = json.loads(out.read_text())
     obj["_summary"] = r.output
+    page = out.with_suffix(".html")  # `report` renders every family's result
+    rr = CliRunner().invoke(cli, ["report", str(out), "--out", str(page), "--no-csv"])
+    assert rr.exit_code == 0 and page.stat().st_size > 0, rr.output
     return obj
 
 
