@@ -34,7 +34,8 @@ import torch
 
 from ..errors import FormatError, InputError
 from ..text import printable
-from .adapters import AdapterFile, ModuleFactors, _index, _open, read_adapter_config, read_peft_adapter
+from .adapters import (ADAPTER_SET_TYPES, AdapterFile, ModuleFactors, _index, _open, read_adapter_config,
+                       read_peft_adapter)
 
 _MIXLORA_KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:(?P<attn>self_attn)\.(?P<aproj>[^.]+)|"
                           r"experts\.(?P<expert>\d+)\.(?P<eproj>[^.]+)|(?P<gate>gate))\."
@@ -58,7 +59,7 @@ def is_adapter_set(path: str | os.PathLike) -> bool:
     p = Path(path)
     if not (p / "adapter_config.json").is_file():
         return False
-    return str(read_adapter_config(p).get("peft_type", "")).upper() in ("MIXLORA", "XLORA")
+    return str(read_adapter_config(p).get("peft_type", "")).upper() in ADAPTER_SET_TYPES
 
 
 def read_adapter_set(path: str | os.PathLike) -> AdapterSet:

@@ -11,7 +11,7 @@ Every matrix the audit reports is a base parameter, under the base's own name, i
     expert     one expert of a fused expert stack: a 3-D parameter ``...experts.<name>`` (no
                ``.weight`` suffix), (experts x out x in) as transformers' MoE layers keep them, or
                (experts x in x out) in the transposed layouts (Llama-4, gpt-oss); the JSON name is
-               ``<parameter>[e]``
+               ``<parameter>[e]`` (their 2-D bias stacks, ``..._bias``, are not matrices)
 
 Whether a stack is (E, out, in) or (E, in, out) is read from the config's hidden size: a
 gate/up projection takes the hidden size in, a down projection gives it out. Anything else
@@ -136,6 +136,9 @@ def plan_matrices(shapes: Mapping[str, tuple[int, ...]], config: Mapping, *, inc
     for name, shape in shapes.items():
         shape = tuple(shape)
         if len(shape) < 2:
+            continue
+        if len(shape) == 2 and "bias" in _parts(name)[-1]:
+            skipped[name] = f"2-D stack of bias vectors {list(shape)} (one per expert), not a weight matrix"
             continue
         if len(shape) == 2:
             kind = "embedding" if is_embedding(name) else "linear"

@@ -259,9 +259,6 @@ class PipelineSource(WeightSource):
         comp, n = self._where[name]
         return self.parts[comp].note(n)
 
-    def component_config(self, name: str) -> dict:
-        return self.parts[self._where[name][0]].config
-
 
 class LogicalSource(WeightSource):
     """Weights kept as several stored tensors, read as one float tensor under the model's name.
@@ -430,7 +427,8 @@ def _pickle_source(path: Path) -> StateDictSource:
         if not isinstance(obj, dict):
             raise FormatError(f"{f}: expected a state dict, got {type(obj).__name__}")
         state.update(obj)
-    return StateDictSource(str(path), state, read_model_config(path if path.is_dir() else path.parent))
+    return StateDictSource(str(path), state, read_model_config(path if path.is_dir() else path.parent),
+                           fmt="pickle (torch.load weights_only=True)")
 
 
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.gguf", "tokenizer*", "merges.txt", "*.jinja")

@@ -289,7 +289,8 @@ def _check_dense(spec: _Tuned, base: str, base_src: WeightSource, plan: dict[str
                          "(and both in Hugging Face naming)?")
     missing = [n for n in params if n not in w]
     if missing:
-        spec.warnings.append(f"{len(missing)} base matrices absent from the tuned model (e.g. {missing[0]}); not audited")
+        spec.warnings.append(f"{len(missing)} base matrices absent from the tuned model (e.g. {missing[0]}); "
+                             "not audited")
     skipped = {n: why for n, why in plan_skipped.items() if n in w and not (is_embedding(n) or is_head(n))}
     if skipped:
         spec.info["skipped"] = [{"name": n, "why": why} for n, why in skipped.items()]
@@ -311,7 +312,10 @@ def _loaded_source(path: str, src: WeightSource) -> WeightSource | None:
     cls = getattr(transformers, arch, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         return None
-    model = cls.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    try:
+        model = cls.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - not loadable this way: the caller keeps the error of the file names
+        return None
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if set(state) == set(src.names()):
         return None

@@ -32,7 +32,8 @@ def as_matrix(t: torch.Tensor, transposed: bool = False) -> torch.Tensor:
 
 
 def expand_experts(state: dict[str, torch.Tensor], transposed: bool = False) -> dict[str, torch.Tensor]:
-    """A fused (experts x out x in) stack "p" becomes matrices "p[e]"; everything else unchanged."""
+    """A fused (experts x out x in) stack "p" becomes matrices "p[e]" ((experts x in x out) ones transposed
+    with ``transposed``); everything else unchanged."""
     out = {}
     for n, t in state.items():
         if t.dim() == 3 and not n.endswith(".weight") and ".experts." in f".{n}":
@@ -322,7 +323,8 @@ def bnb4_reference(folder: Path) -> dict[str, torch.Tensor]:
         absmax = sd[w + ".absmax"].double()
         if "nested_blocksize" in qs:
             nested = sd[w + ".nested_absmax"].double().repeat_interleave(qs["nested_blocksize"])
-            absmax = sd[w + ".nested_quant_map"].double()[absmax.long()] * nested[: absmax.numel()] + qs["nested_offset"]
+            codes = sd[w + ".nested_quant_map"].double()[absmax.long()]
+            absmax = codes * nested[: absmax.numel()] + qs["nested_offset"]
         vals = sd[w + ".quant_map"].double()[nib] * absmax.repeat_interleave(qs["blocksize"])[: nib.numel()]
         out[w] = vals[: rows * cols].reshape(rows, cols)
     return out

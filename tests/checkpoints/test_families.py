@@ -315,8 +315,8 @@ def test_kohya_file_on_a_single_file_checkpoint(tmp_path):
     assert_matches(res, ref)
     assert res["info"]["base_format"] == "single-file Stable Diffusion checkpoint (text_encoder, unet, vae)"
     # an SD1-style file names diffusers modules: it cannot fit this layout, and the error says why
-    write_kohya(tmp_path / "sd1.safetensors", {"lora_unet_down_blocks_0_attentions_0_proj_in": ("x", torch.ones(16, 16))},
-                rank=2, alphas={"lora_unet_down_blocks_0_attentions_0_proj_in": 1.0})
+    sd1 = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    write_kohya(tmp_path / "sd1.safetensors", {sd1: ("x", torch.ones(16, 16))}, rank=2, alphas={sd1: 1.0})
     r = CliRunner().invoke(cli, ["spectrum", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "sd1.safetensors")])
     assert r.exit_code == 1
     assert "lora_unet_down_blocks_0_attentions_0_proj_in" in r.output and "original SD layout" in r.output
@@ -331,6 +331,11 @@ def _moe(kind: str):
     if kind == "mixtral":
         return MixtralForCausalLM(MixtralConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2,
                                                 **common)), MixtralForCausalLM
+    if kind == "gpt_oss":  # experts stored (experts x in x out), with bias stacks
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        return GptOssForCausalLM(GptOssConfig(intermediate_size=24, num_local_experts=3, num_experts_per_tok=2,
+                                              head_dim=8, sliding_window=8, **common)), GptOssForCausalLM
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(moe_intermediate_size=24, shared_expert_intermediate_size=40,
                                               num_experts=3, num_experts_per_tok=2, intermediate_size=40,
                                               **common)), Qwen2MoeForCausalLM
@@ -349,23 +354,27 @@ def _fused_on_disk(model, folder: Path) -> Path:
 
 
 @covers("mixture of experts (LoRAMoE, MixLoRA, MoLA, X-LoRA)",
-        "Mixtral, Qwen2-MoE: per-expert files (transformers' save) and fused 3-D expert stacks",
+        "Mixtral, Qwen2-MoE, gpt-oss: per-expert files (transformers' save) and fused 3-D expert stacks "
+        "(experts x out x in, or x in x out)",
         "PEFT LoRA on fused experts (target_parameters): one matrix per expert, name[e]; similarity of the "
         "experts' updates")
-@pytest.mark.parametrize("kind, on_disk", [("mixtral", "per_expert"), ("mixtral", "fused"), ("qwen2_moe", "fused")])
+@pytest.mark.parametrize("kind, on_disk", [("mixtral", "per_expert"), ("mixtral", "fused"), ("qwen2_moe", "fused"),
+                                           ("gpt_oss", "fused")])
 def test_moe_lora_on_fused_experts(kind, on_disk, tmp_path):
     from tests.checkpoints.families import expand_experts
 
     torch.manual_seed(0)
     model, cls = _moe(kind)
     model.save_pretrained(tmp_path / "saved")  # per expert on disk
-    base = tmp_path / "saved" if on_disk == "per_expert" else _fused_on_disk(model, tmp_path / "fused")
+    base = tmp_path / "saved" if on_disk == "per_expert" or kind == "gpt_oss" else _fused_on_disk(model,
+                                                                                                  tmp_path / "fused")
     adapter = peft_adapter(cls.from_pretrained(tmp_path / "saved"), tmp_path / "adapter", r=2, lora_alpha=4,
                            target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
                                                                          "mlp.experts.down_proj"])
-    base_w = expand_experts(state(cls.from_pretrained(tmp_path / "saved")))
-    ref = reference(base_w, expand_experts(peft_merged_state(cls.from_pretrained(tmp_path / "saved"), adapter)),
-                    skip=lambda n: "embed" in n or "lm_head" in n)
+    transposed = kind == "gpt_oss"  # (experts, in, out): each expert's (out x in) matrix is its transpose
+    base_w = expand_experts(state(cls.from_pretrained(tmp_path / "saved")), transposed)
+    ref = reference(base_w, expand_experts(peft_merged_state(cls.from_pretrained(tmp_path / "saved"), adapter),
+                                           transposed), skip=lambda n: "embed" in n or "lm_head" in n or "bias" in n)
     assert "model.layers.0.mlp.experts.down_proj[2]" in ref
     out = run_spectrum(base, adapter, tmp_path / "s.json")
     res = out["results"][0]
@@ -387,8 +396,8 @@ def test_moe_lora_on_per_expert_modules(tmp_path):
     torch.manual_seed(0)
     _moe("mixtral")[0].save_pretrained(tmp_path / "base")
     base_w = load_file(str(tmp_path / "base" / "model.safetensors"))
-    mods = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}": f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
-            for e in range(3) for w in ("w1", "w2", "w3")}
+    mods = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}": f"model.layers.0.block_sparse_moe.experts.{e}.{w}"
+            ".weight" for e in range(3) for w in ("w1", "w2", "w3")}
     merged = hand_lora(tmp_path / "adapter" / "adapter_model.safetensors", base_w, mods, r=2, alpha=4,
                        config={"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["w1", "w2", "w3"]})
     ref = reference(base_w, {**base_w, **merged})
@@ -683,7 +692,8 @@ OTHER_ROWS = [
     ("any", "folder with only pytorch_model.bin", "refused unless --allow-pickle (torch.load(weights_only=True))",
      ("tests/checkpoints/test_stream.py::test_pickle_refused_unless_asked",)),
 ]
-README_START = "<!-- inputs table: generated from tests/checkpoints/test_families.py (python -m tests.checkpoints.test_families) -->"
+README_START = ("<!-- inputs table: generated from tests/checkpoints/test_families.py "
+                "(python -m tests.checkpoints.test_families) -->")
 README_END = "<!-- end of generated inputs table -->"
 
 
