@@ -109,7 +109,7 @@ class AuditStream:
         if m.name in spec.match.flipped:  # the analysed matrix is (B A)^T = A^T B^T
             B, A = A.T, B.T
         s = spec.adapter.scale(module)
-        B, A = B.to(self.dtype).contiguous(), A.to(self.dtype).contiguous()
+        B, A = B.to(self.dtype), A.to(self.dtype)
         if mag is not None:
             return DoRA(B=B, A=A, scale=s, magnitude=mag.to(self.dtype))
         return LowRank(B=B, A=A, scale=s)
