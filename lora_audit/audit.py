@@ -74,7 +74,9 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         base_label, tuned_labels: names in the results (default: the paths as given; the safety
             side names tuned models after their folders unless ``tuned_labels`` is given).
         on_stage: called with ("spectrum", SpectrumResult) and ("safety", SafetyResult) as each
-            stage ends.
+            stage ends, or ("safety-not-applicable", reason) when the inputs are not a causal LM
+            with full models or PEFT adapters (encoders, diffusion models, kohya files, LoRA expert
+            sets): then only the weight side runs, and spectrum.json says why.
         extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
             the report (so it can time everything).
     Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
@@ -97,7 +99,17 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     if on_stage:
         on_stage("spectrum", spectrum)
     safety = None
+    not_applicable = None
     if cfg.safety is not None:
+        from .checkpoints.models import behaviour_not_applicable
+
+        not_applicable = behaviour_not_applicable(base, tuned)
+    if not_applicable is not None:
+        spectrum.warnings.append(f"behavioural side (safety-eval) does not apply: {not_applicable}; only the weight "
+                                 "audit was run")
+        if on_stage:
+            on_stage("safety-not-applicable", not_applicable)
+    elif cfg.safety is not None:
         from .safety.evaluate import run_safety_eval
 
         safety = run_safety_eval(str(base), tuned, cfg.safety, names=list(tuned_labels) if tuned_labels else None)

@@ -11,6 +11,7 @@ FutureWarning / DeprecationWarning chatter of the libraries, so each stage shows
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -59,6 +60,7 @@ def quiet_libraries() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft when installed: CPU kernel notices
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning,

@@ -9,8 +9,12 @@ from .readme_usage import README, commands_in, render
 
 
 def test_readme_help_blocks_match_the_commands():
+    import difflib
+
     text = README.read_text(encoding="utf-8")
-    assert render(text) == text, "README usage blocks differ from --help: run `make readme`"
+    new = render(text)
+    diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), "README.md", "--help", n=1))
+    assert new == text, f"README usage blocks differ from --help (run `make readme`):\n{diff}"
 
 
 def test_every_command_has_its_help_in_the_readme():

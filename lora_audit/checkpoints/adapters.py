@@ -12,8 +12,22 @@ embedding LoRA ``lora_embedding_A`` (r x vocab), ``lora_embedding_B`` (dim x r) 
 (B A)^T; ``fan_in_fan_out`` (GPT-2 Conv1D, base stored in x out); ``lora_B.bias`` (lora_bias);
 ``modules_to_save`` (full replacement tensors, saved under the plain module name).
 
-Kohya / diffusers: ``<module>.lora_down.weight`` (A), ``lora_up.weight`` (B), ``.alpha``
-(s = alpha / r); 4-D conv factors are flattened to (out x in*kh*kw).
+PEFT LoRA on parameters (``target_parameters``, peft's ParamWrapper; MoE expert stacks): keys
+``<module>.lora_A.weight`` (r*E x in) and ``lora_B.weight`` (out x r*E), one wrapper per targeted
+parameter of the module, nested through ``.base_layer``; expert e's factors are
+A.reshape(E, r, in)[e] and B.reshape(out, r, E)[:, :, e] (peft's ``ParamWrapper.get_delta_weight``).
+
+Kohya / sd-scripts files: ``<name>.lora_down.weight`` (A), ``lora_up.weight`` (B), ``<name>.alpha``
+(s = alpha / r, alpha = r when absent); ``<name>`` is ``lora_unet_`` / ``lora_te_`` / ``lora_te1_``
+/ ``lora_te2_`` followed by the module path with dots replaced by underscores (sd-scripts
+networks/lora.py), resolved against the base's own module names (``KohyaIndex``), or a dotted
+module path. LoCon conv LoRA: A is a conv kernel (r, in, kh, kw), B (out, r, 1, 1), and
+dW = B A reshaped to (out, in, kh, kw), analysed as (out x in*kh*kw).
+
+Diffusers LoRA files (``save_lora_weights``: pytorch_lora_weights.safetensors): PEFT keys prefixed
+with the pipeline component (``unet.``, ``transformer.``, ``text_encoder.``); r and lora_alpha per
+component from the file's ``lora_adapter_metadata`` (a JSON object in the safetensors header),
+else alpha = r (diffusers' default) or a ``<module>.alpha`` tensor.
 
 Everything a user can get wrong is checked when the adapter is read, from the config and the
 safetensors header alone (no tensor data but kohya's one-number alphas): config field types and
@@ -88,6 +102,7 @@ CONFIG_FIELDS = {
                      "an object mapping module-name patterns to positive integers"),
     "alpha_pattern": (_pattern(_finite), "an object mapping module-name patterns to finite numbers"),
     "target_modules": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
+    "target_parameters": (lambda v: v is None or _strs(v), "a list of strings or null"),
     "modules_to_save": (lambda v: v is None or _strs(v), "a list of strings or null"),
     "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or an init method's name"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
@@ -153,6 +168,8 @@ class ModuleFactors:
     bias: bool = False
     embedding: bool = False
     alpha: float | None = None  # kohya per-module alpha
+    experts: int = 0  # a ParamWrapper over a stack of this many experts (0: an ordinary module)
+    depth: int = 0  # ParamWrapper nesting: how many ".base_layer" end the module name
 
 
 @dataclass
@@ -173,10 +190,12 @@ class AdapterFile:
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     _handle: object = field(default=None, repr=False)  # the safe_open handle
+    format: str = "peft_lora"  # "peft_lora" | "kohya_lora" | "diffusers_lora" (stated in the JSON)
+    component_configs: dict[str, dict] = field(default_factory=dict)  # diffusers: "unet" -> its LoRA config
 
     @property
     def kind(self) -> str:
-        return "kohya_lora" if self.config.get("peft_type") == "KOHYA" else "peft_adapter"
+        return {"peft_lora": "peft_adapter"}.get(self.format, self.format)
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor of the file, as stored."""
@@ -193,17 +212,22 @@ class AdapterFile:
         """A tensor's safetensors dtype name ("F32", "BF16", ...), from the header."""
         return self._handle.get_slice(key).get_dtype()
 
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def factors(self, module: str, expert: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, A, magnitude) with B (rows, r) and A (r, cols) such that delta = B @ A has the
         layout of the stored base tensor for embeddings ((B A)^T is returned as A^T, B^T) and the
         nn.Linear (out, in) layout otherwise (the stream transposes GPT-2 Conv1D bases to match);
-        4-D conv factors flattened: A (r, in, kh, kw) -> (r, in*kh*kw), B (out, r, 1, 1) -> (out, r).
-        The magnitude is flattened to (rows,)."""
+        conv factors flattened: A (r, in, k...) -> (r, in*prod(k)), B (out, r, 1...) -> (out, r).
+        The magnitude is flattened to (rows,). ``expert`` picks one expert of a ParamWrapper."""
         f = self.modules[module]
         A = self.tensor(f.A)
         B = self.tensor(f.B)
         A = A.reshape(A.shape[0], -1)
         B = B.reshape(B.shape[0], -1)
+        if f.experts:
+            e = 0 if expert is None else expert
+            A = A.reshape(f.experts, -1, A.shape[-1])[e]  # (E*r, in) -> (E, r, in) -> (r, in)
+            B = B.reshape(B.shape[0], -1, f.experts)[:, :, e]  # (out, r*E) -> (out, r, E) -> (out, r)
         mag = self.tensor(f.magnitude).reshape(-1) if f.magnitude is not None else None
         if f.embedding:  # delta = (B A)^T = A^T B^T: rows vocab, cols dim
             return A.T.contiguous(), B.T.contiguous(), mag
@@ -216,13 +240,20 @@ class AdapterFile:
     def info(self) -> dict:
         c = self.config
         ranks = sorted({r for (_, _, r) in self.shapes.values()})
-        return {"kind": self.kind, "peft_type": c.get("peft_type"), "r": c.get("r"), "ranks": ranks,
-                "lora_alpha": c.get("lora_alpha"), "use_rslora": bool(c.get("use_rslora")),
-                "use_dora": bool(c.get("use_dora")), "init_lora_weights": c.get("init_lora_weights"),
-                "target_modules": c.get("target_modules"), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
-                "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
-                "modules_to_save": c.get("modules_to_save"),
-                "base_model_name_or_path": c.get("base_model_name_or_path"), "adapted_modules": len(self.modules)}
+        out = {"kind": self.kind, "format": self.format, "peft_type": c.get("peft_type"), "r": c.get("r"),
+               "ranks": ranks,
+               "lora_alpha": c.get("lora_alpha"), "use_rslora": bool(c.get("use_rslora")),
+               "use_dora": bool(c.get("use_dora")), "init_lora_weights": c.get("init_lora_weights"),
+               "target_modules": c.get("target_modules"), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
+               "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
+               "modules_to_save": c.get("modules_to_save"),
+               "base_model_name_or_path": c.get("base_model_name_or_path"), "adapted_modules": len(self.modules)}
+        if c.get("target_parameters"):
+            out["target_parameters"] = c["target_parameters"]
+        if self.component_configs:
+            out["components"] = {k: {f: v.get(f) for f in ("r", "lora_alpha", "use_rslora")}
+                                 for k, v in self.component_configs.items()}
+        return out
 
 
 def _open(path: Path):
@@ -241,7 +272,9 @@ def _strip(key: str) -> str:
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read any adapter at a local ``path``: a PEFT folder or a kohya/diffusers .safetensors file."""
+    """Read any single adapter at a local ``path``: a PEFT folder, a kohya/sd-scripts .safetensors file
+    or a diffusers LoRA file (or a folder holding pytorch_lora_weights.safetensors). Adapter sets
+    (MixLoRA, X-LoRA: several LoRA experts and a router) are read by ``adapter_sets.read_adapter_set``."""
     from .detect import Kind, detect
 
     kind = detect(path)
@@ -249,36 +282,22 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         return read_peft_adapter(path)
     if kind == Kind.KOHYA_LORA:
         return read_kohya_lora(path)
+    if kind == Kind.DIFFUSERS_LORA:
+        return read_diffusers_lora(path)
     raise InputError(f"{path}: not an adapter (a PEFT folder with adapter_config.json and "
-                     "adapter_model.safetensors, or a kohya LoRA .safetensors file); it is a "
+                     "adapter_model.safetensors, a kohya LoRA .safetensors file or a diffusers LoRA file); it is a "
                      f"{kind.value.replace('_', ' ')}")
 
 
-def read_peft_adapter(folder: str | os.PathLike) -> AdapterFile:
-    """Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
-    from .sources import contained_file
-
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    ptype = str(config.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise InputError(f"{folder / 'adapter_config.json'}: peft_type {printable(ptype)} is not supported; "
-                         "lora-audit reads LoRA adapters (incl. rsLoRA, DoRA, patterns). Merge it into the model "
-                         "and audit the merged folder.")
-    st = folder / "adapter_model.safetensors"
-    if not st.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            raise InputError(f"{folder}: the adapter weights are a pickle (adapter_model.bin), which lora-audit does "
-                             "not unpickle. Re-save it with save_pretrained(safe_serialization=True).")
-        raise InputError(f"{folder}: adapter_config.json but no adapter_model.safetensors")
-    handle, keys = _open(contained_file(folder, st.name, "adapter weights"))
+def _peft_modules(keys: list[str], strip) -> tuple[dict[str, ModuleFactors], dict[str, str]]:
+    """(modules, replacements) from PEFT-style keys; ``strip`` maps a key to its module path."""
     modules: dict[str, ModuleFactors] = {}
     replacements: dict[str, str] = {}
     for key in keys:
-        m = _PEFT_KEY.match(_strip(key))
+        m = _PEFT_KEY.match(strip(key))
         if m is None:
-            name = _strip(key)
-            if ".base_layer." not in name:  # base_layer: a copy of the base PEFT saves with embedding adapters
+            name = strip(key)
+            if ".base_layer." not in name and not name.endswith(".alpha"):  # base_layer: a copy PEFT saves
                 replacements[name.replace(".modules_to_save.default", "")] = key
             continue
         mod = modules.setdefault(m["module"], ModuleFactors(m["module"]))
@@ -292,10 +311,54 @@ def read_peft_adapter(folder: str | os.PathLike) -> AdapterFile:
         else:
             mod.magnitude = key
         mod.embedding = mod.embedding or part.startswith("lora_embedding")
+    return modules, replacements
+
+
+def read_peft_adapter(folder: str | os.PathLike) -> AdapterFile:
+    """Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+    from .sources import contained_file
+
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    ptype = str(config.get("peft_type", "LORA")).upper()
+    if ptype in ADAPTER_SET_TYPES:
+        raise InputError(f"{folder / 'adapter_config.json'}: peft_type {ptype} is a set of LoRA experts with a "
+                         "router; read it with adapter_sets.read_adapter_set (lora-audit spectrum does)")
+    if ptype != "LORA":
+        raise InputError(f"{folder / 'adapter_config.json'}: peft_type {printable(ptype)} is not supported; "
+                         "lora-audit reads LoRA adapters (incl. rsLoRA, DoRA, patterns) and the LoRA expert sets "
+                         f"{', '.join(ADAPTER_SET_TYPES)}. Merge it into the model and audit the merged folder.")
+    st = folder / "adapter_model.safetensors"
+    if not st.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise InputError(f"{folder}: the adapter weights are a pickle (adapter_model.bin), which lora-audit does "
+                             "not unpickle. Re-save it with save_pretrained(safe_serialization=True).")
+        raise InputError(f"{folder}: adapter_config.json but no adapter_model.safetensors")
+    handle, keys = _open(contained_file(folder, st.name, "adapter weights"))
+    modules, replacements = _peft_modules(keys, _strip)
+    _mark_param_wrappers(modules, config)
     af = AdapterFile(str(folder), config, modules, replacements, keys, _peft_warnings(config, modules, replacements),
                      _handle=handle)
     _index(af)
     return af
+
+
+# peft_type values of adapter sets (several LoRA experts and a router), read by adapter_sets.
+ADAPTER_SET_TYPES = ("MIXLORA", "XLORA")
+
+
+def _mark_param_wrappers(modules: dict[str, ModuleFactors], config: dict) -> None:
+    """Flag the modules that are peft ParamWrappers (``target_parameters``): their name, without the
+    ".base_layer" that nesting adds, ends with a targeted parameter's module path."""
+    targets = [t.rsplit(".", 1)[0] for t in config.get("target_parameters") or [] if "." in t]
+    for name, f in modules.items():
+        bare = name
+        while bare.endswith(".base_layer"):
+            bare, f.depth = bare[: -len(".base_layer")], f.depth + 1
+        if any(bare == t or bare.endswith("." + t) for t in targets):
+            f.experts = -1  # resolved to the number of experts in _index, from the rank
+        else:
+            f.depth = 0
 
 
 def _peft_warnings(config: dict, modules: dict[str, ModuleFactors], replacements: dict[str, str]) -> list[str]:
@@ -314,24 +377,86 @@ def _peft_warnings(config: dict, modules: dict[str, ModuleFactors], replacements
     return warnings
 
 
+KOHYA_PARTS = ((".lora_down.weight", "A"), (".lora_up.weight", "B"), (".alpha", "alpha"))
+
+
 def read_kohya_lora(path: str | os.PathLike) -> AdapterFile:
-    """Read and validate a kohya/diffusers LoRA file (lora_down / lora_up / alpha per module)."""
+    """Read and validate a kohya/sd-scripts LoRA file (lora_down / lora_up / alpha per module, LoCon
+    conv kernels included); FormatError naming keys of any other kind (LoHa, LoKr, DoRA scales, ...)."""
+    from .detect import UNREAD_LAYOUTS
+
     path = Path(path)
     handle, keys = _open(path)
     modules: dict[str, ModuleFactors] = {}
+    other = []
     for key in keys:
-        for suffix, part in ((".lora_down.weight", "A"), (".lora_up.weight", "B"), (".alpha", "alpha")):
+        for suffix, part in KOHYA_PARTS:
             if key.endswith(suffix):
                 mod = modules.setdefault(key[: -len(suffix)], ModuleFactors(key[: -len(suffix)]))
                 if part == "alpha":
                     mod.alpha = _kohya_alpha(path, handle, key)
                 else:
                     setattr(mod, part, key)
+                break
+        else:
+            other.append(key)
     if not modules:
         raise FormatError(f"{path}: not a kohya LoRA (no <module>.lora_up.weight / lora_down.weight tensors)")
-    af = AdapterFile(str(path), {"peft_type": "KOHYA"}, modules, {}, keys, _handle=handle)
+    if other:
+        kinds = sorted({name for k in other for end, name in UNREAD_LAYOUTS.items() if f".{end}" in k})
+        raise FormatError(f"{path}: {len(other)} tensors are not kohya LoRA factors (lora_down.weight, "
+                          f"lora_up.weight, alpha), e.g. {', '.join(map(printable, other[:3]))}"
+                          + (f" ({', '.join(kinds)})" if kinds else "") + "; lora-audit reads plain LoRA and LoCon")
+    af = AdapterFile(str(path), {"peft_type": "KOHYA"}, modules, {}, keys, _handle=handle, format="kohya_lora")
     _index(af)
     return af
+
+
+def read_diffusers_lora(path: str | os.PathLike) -> AdapterFile:
+    """Read a diffusers LoRA file (PEFT keys prefixed by pipeline component, no adapter_config.json):
+    r / lora_alpha per component from the header's ``lora_adapter_metadata``, else ``<module>.alpha``
+    tensors, else alpha = r (scale 1, diffusers' default; stated as a warning)."""
+    from .detect import DIFFUSERS_LORA_FILE
+    from .sources import contained_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = contained_file(path, DIFFUSERS_LORA_FILE, "LoRA weights")
+    handle, keys = _open(path)
+    modules, replacements = _peft_modules(keys, _strip)
+    for key in keys:
+        if key.endswith(".alpha") and key[: -len(".alpha")] in modules:
+            modules[key[: -len(".alpha")]].alpha = _kohya_alpha(path, handle, key)
+    components = _diffusers_metadata(path, handle)
+    af = AdapterFile(str(path), {"peft_type": "LORA"}, modules, replacements, keys, _handle=handle,
+                     format="diffusers_lora", component_configs=components)
+    if not components and not any(f.alpha is not None for f in modules.values()):
+        af.warnings.append("no lora_adapter_metadata and no alpha tensors: scale 1 (alpha = r), diffusers' default")
+    _index(af)
+    return af
+
+
+def _diffusers_metadata(path: Path, handle) -> dict[str, dict]:
+    """The per-component LoRA configs diffusers packs into the header as "<component>.<field>"."""
+    import json
+
+    raw = (handle.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{path}: header field lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{path}: header field lora_adapter_metadata must be a JSON object")
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        comp, _, fld = str(key).partition(".")
+        if fld:
+            out.setdefault(comp, {})[fld] = value
+    for comp, cfg in out.items():
+        validate_adapter_config(cfg, f"{path} (lora_adapter_metadata, {printable(comp)})")
+    return out
 
 
 def _kohya_alpha(path: Path, handle, key: str) -> float:
@@ -356,7 +481,7 @@ def _check_factor(af: AdapterFile, module: str, key: str, role: str, dims: tuple
         raise FormatError(f"{where} is stored as {dtype}; factors must be floating point ({', '.join(FLOAT_DTYPES)})")
     if len(shape) not in dims:
         raise FormatError(f"{where} has {len(shape)} dimensions {list(shape)}; expected "
-                          + " or ".join(f"{d}" for d in dims))
+                          + (" or ".join(f"{d}" for d in dims) if len(dims) < 3 else f"{dims[0]} to {dims[-1]}"))
     if 0 in shape:
         raise FormatError(f"{where} is empty (shape {list(shape)})")
     return shape
@@ -369,25 +494,54 @@ def _index(af: AdapterFile) -> None:
         raise FormatError(f"{af.path}: modules with only one of lora_A / lora_B (lora_down / lora_up): "
                           f"{', '.join(map(printable, incomplete[:5]))}")
     for name, f in af.modules.items():
-        dims = (2,) if f.embedding else (2, 4)
+        where = f"{af.path}: module {printable(name)}"
+        dims = (2,) if f.embedding or f.experts else (2, 3, 4, 5)  # 3 to 5: conv kernels (Conv1d/2d/3d)
         a = _check_factor(af, name, f.A, "lora_A", dims)
         b = _check_factor(af, name, f.B, "lora_B", dims)
-        if len(b) == 4 and b[2:] != (1, 1):
-            raise FormatError(f"{af.path}: module {printable(name)}: lora_B {list(b)} must be (out, r, 1, 1)")
-        if b[1] != a[0]:
-            raise FormatError(f"{af.path}: module {printable(name)}: lora_B {list(b)} and lora_A {list(a)} "
-                              "ranks differ")
+        if len(a) != len(b) or any(d != 1 for d in b[2:]):
+            raise FormatError(f"{where}: lora_B {list(b)} does not fit lora_A {list(a)}: a conv LoRA has lora_A "
+                              "(r, in, k...) and lora_B (out, r, 1...), a linear one two 2-D factors")
+        rank = a[0]
+        if f.experts:
+            r = _config_rank(af, name, a[0])
+            if a[0] % r or b[1] != a[0]:
+                raise FormatError(f"{where}: a LoRA on a parameter of E experts has lora_A (r*E, in) and lora_B "
+                                  f"(out, r*E); got {list(a)} and {list(b)} with r = {r}")
+            f.experts, rank = a[0] // r, r
+        elif b[1] != a[0]:
+            raise FormatError(f"{where}: lora_B {list(b)} and lora_A {list(a)} ranks differ")
         if f.embedding:  # A (r, vocab), B (dim, r): delta (B A)^T is (vocab, dim)
             af.shapes[name] = (a[1], b[0], a[0])
         else:
-            af.shapes[name] = (b[0], math.prod(a[1:]), a[0])
+            af.shapes[name] = (b[0], math.prod(a[1:]), rank)
         if f.magnitude is not None:
             m = _check_factor(af, name, f.magnitude, "lora_magnitude_vector", (1, 2, 3, 4))
             rows = af.shapes[name][0]
             if math.prod(m) != rows or sum(d != 1 for d in m) > 1:
-                raise FormatError(f"{af.path}: module {printable(name)}: lora_magnitude_vector has shape {list(m)}; "
+                raise FormatError(f"{where}: lora_magnitude_vector has shape {list(m)}; "
                                   f"DoRA needs one magnitude per output row ({rows})")
-        af.scales[name] = _scale(af, name, a[0])
+        af.scales[name] = _scale(af, name, rank)
+
+
+def _config_of(af: AdapterFile, module: str) -> tuple[dict, str]:
+    """(the LoRA config that governs ``module``, the module name its patterns are matched against):
+    a diffusers file's per-component config, else the adapter's."""
+    comp, _, rest = module.partition(".")
+    if comp in af.component_configs and rest:
+        return af.component_configs[comp], rest
+    return af.config, module
+
+
+def _pattern_rank(cfg: dict, module: str, default: int) -> tuple[int, str]:
+    rp = cfg.get("rank_pattern") or {}
+    if (key := pattern_key(list(rp), module)) is not None:
+        return rp[key], f"rank_pattern[{key!r}]"
+    return cfg.get("r", default), "r"
+
+
+def _config_rank(af: AdapterFile, module: str, default: int) -> int:
+    cfg, name = _config_of(af, module)
+    return _pattern_rank(cfg, name, default)[0]
 
 
 def _scale(af: AdapterFile, module: str, rank: int) -> float:
@@ -396,14 +550,11 @@ def _scale(af: AdapterFile, module: str, rank: int) -> float:
     f = af.modules[module]
     if f.alpha is not None:
         return f.alpha / rank
-    cfg = af.config
-    r = cfg.get("r", rank)
+    cfg, name = _config_of(af, module)
+    r, origin = _pattern_rank(cfg, name, rank)
     alpha = cfg.get("lora_alpha", r)
-    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    origin = "r"
-    if (key := pattern_key(list(rp), module)) is not None:
-        r, origin = rp[key], f"rank_pattern[{key!r}]"
-    if (key := pattern_key(list(ap), module)) is not None:
+    ap = cfg.get("alpha_pattern") or {}
+    if (key := pattern_key(list(ap), name)) is not None:
         alpha = ap[key]
     if r != rank:
         raise FormatError(f"{af.path}: module {printable(module)} has rank {rank} in the weights but "
@@ -414,16 +565,75 @@ def _scale(af: AdapterFile, module: str, rank: int) -> float:
 # ---- matching an adapter to a base ------------------------------------------------------------
 @dataclass
 class AdapterMatch:
-    """Which base parameter each part of an adapter changes."""
+    """Which base matrix each part of an adapter changes (names as ``layout.plan_matrices`` gives them)."""
 
-    module_of: dict[str, str]  # base parameter name -> adapter module (factored delta)
+    module_of: dict[str, str]  # matrix name -> adapter module (factored delta)
     replacement_of: dict[str, str]  # base parameter name -> tensor key of a full replacement
+    expert_of: dict[str, int] = field(default_factory=dict)  # matrix -> expert of a ParamWrapper module
+    flipped: set[str] = field(default_factory=set)  # matrices whose B A is the transpose of the analysed matrix
+    new_modules: list[str] = field(default_factory=list)  # modules_to_save tensors the base lacks (new heads)
+    skipped: dict[str, str] = field(default_factory=dict)  # adapter module -> why it is not audited
 
 
-def _oriented(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
-    if len(shape) == 4:
-        shape = (shape[0], shape[1] * shape[2] * shape[3])
-    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+# kohya prefix -> (pipeline component, where that component's modules live in a base: a diffusers
+# pipeline folder, a single-file SD / SDXL checkpoint, or the component's own folder).
+KOHYA_ROOTS = (("lora_unet_", "unet", ("unet.", "transformer.", "model.diffusion_model.", "")),
+               ("lora_te1_", "text_encoder", ("text_encoder.", "conditioner.embedders.0.transformer.", "")),
+               ("lora_te2_", "text_encoder_2", ("text_encoder_2.", "conditioner.embedders.1.model.")),
+               ("lora_te3_", "text_encoder_3", ("text_encoder_3.",)),
+               ("lora_te_", "text_encoder", ("text_encoder.", "cond_stage_model.transformer.", "")))
+
+
+class KohyaIndex:
+    """Resolves kohya module names (a prefix, then the module path with "." replaced by "_") against
+    a base's parameter names. The replacement cannot be undone by string surgery (``down_blocks_0``
+    is ``down_blocks.0``), so every base module path is underscored and looked up; a name two base
+    modules share is an error."""
+
+    def __init__(self, names: Collection[str]):
+        self.names = [n for n in names if n.endswith(".weight")]
+        self._maps: dict[str, tuple[dict[str, str], set[str]]] = {}
+
+    @staticmethod
+    def prefix(module: str) -> tuple[str, str, tuple[str, ...]] | None:
+        return next((entry for entry in KOHYA_ROOTS if module.startswith(entry[0])), None)
+
+    def _map(self, root: str) -> tuple[dict[str, str], set[str]]:
+        if root not in self._maps:
+            found, dup = {}, set()
+            for n in self.names:
+                if n.startswith(root):
+                    key = n[len(root): -len(".weight")].replace(".", "_")
+                    if key in found:
+                        dup.add(key)
+                    found[key] = n
+            self._maps[root] = (found, dup)
+        return self._maps[root]
+
+    def resolve(self, module: str, where: str) -> str | None:
+        """The base parameter of a kohya module: its underscored path under one of the prefix's roots,
+        else the one base module whose underscored path ends the kohya name (a base saved without
+        a wrapper level the trainer's model had: ``text_model.`` of CLIPTextModel in transformers 5)."""
+        entry = self.prefix(module)
+        if entry is None:
+            return None
+        rest = module[len(entry[0]):]
+        for root in entry[2]:
+            found, dup = self._map(root)
+            if rest in dup:
+                same = [n for n in self.names if n.startswith(root) and n[len(root): -7].replace(".", "_") == rest]
+                raise FormatError(f"{where}: kohya module {printable(module)} names two base modules "
+                                  f"({', '.join(map(printable, same[:2]))}); the layout is ambiguous")
+            if rest in found:
+                return found[rest]
+        for root in entry[2]:
+            found, _ = self._map(root)
+            ends = [k for k in found if rest.endswith("_" + k)]
+            if ends:
+                longest = max(ends, key=len)
+                if sum(len(k) == len(longest) for k in ends) == 1:
+                    return found[longest]
+        return None
 
 
 def _match_module(module: str, names: Collection[str], by_last: Mapping[str, list[str]]) -> str | None:
@@ -442,49 +652,93 @@ def _more(items: list, shown: int) -> str:
     return f" (and {len(items) - shown} more)" if len(items) > shown else ""
 
 
+def _wrapped_params(af: AdapterFile, module: str, shapes: Mapping[str, tuple[int, ...]],
+                    children: Mapping[str, list[str]]) -> list[tuple[str, bool]]:
+    """The base parameters a ParamWrapper module may adapt, each with whether the stored delta is
+    B A (peft's swapped (experts, out, in) layout) rather than (B A)^T, by shape; several fits (equal
+    shapes) are narrowed by nesting: peft wraps in ``target_parameters`` order, innermost first."""
+    f = af.modules[module]
+    rows, cols, _ = af.shapes[module]
+    bare = module[: len(module) - len(".base_layer") * f.depth]
+    parts = bare.split(".")
+    owner = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in children), None)
+    leaves = [t.rsplit(".", 1)[-1] for t in af.config.get("target_parameters") or []]
+    fits = []
+    for p in children.get(owner, []):
+        s = tuple(shapes[p])
+        if p.rsplit(".", 1)[-1] not in leaves:
+            continue
+        if len(s) == 3 and s[0] == f.experts and (rows, cols) in (s[1:], s[:0:-1]):
+            fits.append((p, (rows, cols) == s[1:]))
+        elif len(s) == 2 and f.experts == 1 and (rows, cols) == s:
+            fits.append((p, True))
+    if len(fits) > 1:
+        wrappers = sum(1 for m, g in af.modules.items() if g.experts and m.startswith(bare) and
+                       m[len(bare):].replace(".base_layer", "") == "")
+        order = sorted(fits, key=lambda x: leaves.index(x[0].rsplit(".", 1)[-1]))
+        pick = wrappers - 1 - f.depth
+        fits = [order[pick]] if 0 <= pick < len(order) else fits
+    return fits
+
+
 def match_adapter(af: AdapterFile, base_shapes: Mapping[str, tuple[int, ...]], *,
-                  transposed: Collection[str] = frozenset(), base: str = "the base model") -> AdapterMatch:
-    """Match every module and replacement of ``af`` to a 2-D (or 4-D conv) parameter of the base.
+                  transposed: Collection[str] | None = None, base: str = "the base model",
+                  config: Mapping | None = None) -> AdapterMatch:
+    """Match every module and replacement of ``af`` to a matrix of the base (``layout.plan_matrices``:
+    2-D weights, conv kernels, experts of fused stacks).
 
     Args:
         base_shapes: base parameter name -> shape as stored (a weight file's header, or
             ``{n: tuple(p.shape) for n, p in model.named_parameters()}``).
         transposed: base parameters stored (in x out) (GPT-2 Conv1D, see
-            ``stream.conv1d_weights``); every other weight must have the delta's (out x in) shape.
+            ``layout.conv1d_weights``; default: from ``config``'s model type); every other weight
+            must have the delta's (out x in) shape.
         base: how to name the base in messages.
+        config: the base's config (model type, hidden size for fused expert stacks).
 
     Raises ShapeMismatchError naming the adapter, the base and the modules when a module has no
-    base parameter or a different shape (an adapter made for another base).
+    base parameter or a different shape (an adapter made for another base; one trained on a pruned
+    base is named as such). Kohya modules of a pipeline component the base does not hold (text
+    encoder modules against a UNet folder) are reported in ``skipped``, not refused.
     """
-    names = {n for n, s in base_shapes.items() if len(s) in (2, 4)}
+    from .layout import plan_matrices
+
+    plan, plan_skipped = plan_matrices(base_shapes, config or {}, include_embeddings=True, transposed=transposed)
+    names = {m.param for m in plan.values() if m.expert is None} | set(plan_skipped)
+    names = {n for n in names if n in base_shapes}
     by_last: dict[str, list[str]] = {}
-    for n in names:
+    children: dict[str, list[str]] = {}
+    for n in base_shapes:
         if n.count(".") >= 1:
             by_last.setdefault(n.split(".")[-2], []).append(n)
+            children.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    kohya = KohyaIndex(names) if af.format == "kohya_lora" else None
     match = AdapterMatch({}, {})
-    unmatched, mismatched = [], []
+    unmatched: list[str] = []
+    mismatched: list[str] = []
     for module, (rows, cols, r) in af.shapes.items():
-        name = _match_module(module, names, by_last)
+        f = af.modules[module]
+        if f.experts:
+            _match_experts(af, module, base_shapes, children, plan, plan_skipped, match, mismatched)
+            continue
+        name = (kohya.resolve(module, af.path) if kohya and KohyaIndex.prefix(module) else None) or \
+            _match_module(module, names, by_last)
         if name is None:
             unmatched.append(module)
-            continue
-        stored = tuple(base_shapes[name])
-        want = stored if af.modules[module].embedding else _oriented(stored, name in transposed)
-        if (rows, cols) != tuple(want):  # embeddings keep their stored (vocab, dim) layout
-            mismatched.append(f"{module}: adapter {rows}x{cols}, base {want[0]}x{want[1]} ({name}, r={r})")
+        elif name not in plan:
+            match.skipped[module] = plan_skipped.get(name, "not a matrix")
         else:
-            match.module_of[name] = module
-    for pname, key in af.replacements.items():
-        name = pname if pname in names else _match_module(pname.rsplit(".", 1)[0], names, by_last)
-        if name is None:
-            if pname.endswith(".weight"):
-                unmatched.append(pname)
-            continue
-        shape, stored = af.tensor_shape(key), tuple(base_shapes[name])
-        if shape != stored:
-            mismatched.append(f"{pname}: replacement {list(shape)}, base {list(stored)} ({name})")
-        else:
-            match.replacement_of[name] = key
+            want = tuple(base_shapes[name]) if f.embedding else plan[name].shape
+            if (rows, cols) != tuple(want[:2]):  # embeddings keep their stored (vocab, dim) layout
+                mismatched.append(f"{module}: adapter {rows}x{cols}, base {want[0]}x{want[1]} ({name}, r={r})"
+                                  + _pruned_hint(rows, cols, want))
+            else:
+                match.module_of[name] = module
+    _match_replacements(af, base_shapes, names, by_last, match, unmatched, mismatched)
+    if match.module_of and unmatched:
+        unmatched = _new_modules(unmatched, base_shapes, match)
+    if kohya is not None:
+        unmatched = _kohya_missing_components(unmatched, af, match)
     named = af.config.get("base_model_name_or_path")
     hint = f"; the adapter was made for {printable(named)!r}" if named else "; was it trained on another model?"
     if mismatched:
@@ -494,5 +748,107 @@ def match_adapter(af: AdapterFile, base_shapes: Mapping[str, tuple[int, ...]], *
     if unmatched:
         raise ShapeMismatchError(f"{af.path}: adapter for another base: {base} does not have {len(unmatched)} "
                                  f"module(s) it changes: {', '.join(map(printable, unmatched[:8]))}"
-                                 f"{_more(unmatched, 8)}{hint}")
+                                 f"{_more(unmatched, 8)}{hint}{_layout_hint(unmatched, names)}")
     return match
+
+
+def _pruned_hint(rows: int, cols: int, want: tuple[int, ...]) -> str:
+    """Say so when the adapter is smaller than the base on one side: trained on a pruned base."""
+    if (rows <= want[0] and cols <= want[1]) and (rows, cols) != tuple(want[:2]):
+        return (" [smaller than the base: an adapter trained on a structurally pruned base (LoRAPrune, LoRAM)? "
+                "Recover it to the full shape with the pruning indices, or audit it against the pruned base]")
+    return ""
+
+
+def _match_experts(af, module, base_shapes, children, plan, plan_skipped, match: AdapterMatch,
+                   mismatched: list[str]) -> None:
+    """A ParamWrapper module: one matrix per expert of the stack it adapts."""
+    rows, cols, r = af.shapes[module]
+    fits = _wrapped_params(af, module, base_shapes, children)
+    if len(fits) != 1:
+        what = "no" if not fits else f"{len(fits)}"
+        mismatched.append(f"{module}: LoRA on a parameter of {af.modules[module].experts} experts, {rows}x{cols} "
+                          f"per expert (r={r}), fits {what} base parameter(s) of its module")
+        return
+    param, stored_is_ba = fits[0]
+    experts = af.modules[module].experts
+    keys = [f"{param}[{e}]" for e in range(experts)] if len(base_shapes[param]) == 3 else [param]
+    if keys[0] not in plan:
+        match.skipped[module] = plan_skipped.get(param, "not a matrix")
+        return
+    for e, key in enumerate(keys):
+        match.module_of[key] = module
+        match.expert_of[key] = e
+        if stored_is_ba == plan[key].transposed:
+            match.flipped.add(key)
+
+
+def _match_replacements(af, base_shapes, names, by_last, match: AdapterMatch, unmatched, mismatched) -> None:
+    """modules_to_save tensors: full replacements of base weights, or new weights (heads) the base
+    lacks, which are reported and not audited."""
+    saved = [m for m in af.config.get("modules_to_save") or []]
+    for pname, key in af.replacements.items():
+        name = pname if pname in names else _match_module(pname.rsplit(".", 1)[0], names, by_last)
+        if name is None:
+            if any(pname == s or pname.startswith(s + ".") or f".{s}." in f".{pname}" for s in saved):
+                match.new_modules.append(pname)
+            elif pname.endswith(".weight"):
+                unmatched.append(pname)
+            continue
+        shape, stored = af.tensor_shape(key), tuple(base_shapes[name])
+        if shape != stored:
+            mismatched.append(f"{pname}: replacement {list(shape)}, base {list(stored)} ({name})")
+        else:
+            match.replacement_of[name] = key
+
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _new_modules(unmatched: list[str], base_shapes: Mapping[str, tuple[int, ...]], match: AdapterMatch) -> list[str]:
+    """LoRA modules inside a module the base has no counterpart of, at any layer (a task model's
+    pooler or head: ``bert.pooler.dense`` on a masked-LM base) are new weights: reported in
+    ``new_modules``, not refused. Modules under a path the base has (``model.layers.N.self_attn``
+    for a layer N it lacks) stay unmatched: that adapter is for another base."""
+    known = set()
+    for n in base_shapes:
+        parts = _INDEX.sub(".*", n).split(".")[:-1]
+        known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    still = []
+    for m in unmatched:
+        parent = _INDEX.sub(".*", m).rsplit(".", 1)[0] if "." in m else ""
+        if parent and parent not in known and not any(parent.endswith("." + k) or k.endswith("." + parent)
+                                                      for k in known if "." in k):
+            match.new_modules.append(m)
+        else:
+            still.append(m)
+    return still
+
+
+def _kohya_missing_components(unmatched: list[str], af: AdapterFile, match: AdapterMatch) -> list[str]:
+    """Kohya modules of a component none of whose modules the base holds are skipped with the reason;
+    the rest stay unmatched (refused)."""
+    resolved = {KohyaIndex.prefix(m)[1] for m in match.module_of.values() if KohyaIndex.prefix(m)}
+    still = []
+    for m in unmatched:
+        entry = KohyaIndex.prefix(m)
+        if entry is not None and entry[1] not in resolved and match.module_of:
+            match.skipped[m] = (f"the base holds no {entry[1]} (kohya prefix {entry[0]}); pass the pipeline folder "
+                                "or single-file checkpoint that has it to audit these modules")
+        else:
+            still.append(m)
+    return still
+
+
+def _layout_hint(unmatched: list[str], names: Collection[str]) -> str:
+    """A hint when kohya names follow diffusers' UNet layout but the base is an original-layout
+    single-file checkpoint (or the other way round)."""
+    rests = [m[len("lora_unet_"):] for m in unmatched if m.startswith("lora_unet_")]
+    ldm = any(n.startswith("model.diffusion_model.") for n in names)
+    if rests and ldm and any(r.startswith(("down_blocks", "up_blocks", "mid_block")) for r in rests):
+        return ("; the adapter names diffusers UNet modules (down_blocks_...) but the base is a single-file checkpoint "
+                "in the original SD layout (input_blocks...): audit it against a diffusers folder of the same model")
+    if rests and not ldm and any(r.startswith(("input_blocks", "output_blocks", "middle_block")) for r in rests):
+        return ("; the adapter names original-SD UNet modules (input_blocks_..., as sd-scripts does for SDXL) but "
+                "the base uses diffusers names: audit it against the single-file checkpoint")
+    return ""

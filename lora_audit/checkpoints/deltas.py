@@ -107,9 +107,12 @@ class MatrixGroup:
     name: str  # the BASE model's parameter name, e.g. "model.layers.0.self_attn.q_proj.weight"
     base: Tensor  # W0, (out, in)
     deltas: list[Delta | None]
-    kind: str = "linear"  # "linear" | "embedding" | "conv" (4-D kernels reshaped to out x in*kh*kw)
-    transposed: bool = False  # the stored tensor was (in x out) (GPT-2 Conv1D) and was transposed
+    kind: str = "linear"  # "linear" | "embedding" | "conv" (kernels reshaped to out x in*k) | "expert"
+    transposed: bool = False  # the stored tensor was (in x out) (GPT-2 Conv1D, some expert stacks)
     notes: list[str] = field(default_factory=list)
+    reshaped_from: tuple[int, ...] | None = None  # a conv kernel's stored shape
+    expert: int | None = None  # the expert of a fused (experts x out x in) stack; the name ends "[e]"
+    dequantization: dict | None = None  # quantisation error record of a quantised base (checkpoints.quantized)
 
     @property
     def shape(self) -> tuple[int, int]:

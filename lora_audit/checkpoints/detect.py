@@ -1,4 +1,9 @@
-"""What is this path? One function decides, for every command that takes a checkpoint."""
+"""What is this path? One function decides, for every command that takes a checkpoint.
+
+The layout is read from the files themselves (folder contents, safetensors key names), never from
+the file name alone; a file whose keys fit no accepted layout, or fit two, is a ``FormatError``
+that lists what was found and the layouts lora-audit reads (``ACCEPTED``).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ class Kind(str, enum.Enum):
     SAFETENSORS_FILE = "safetensors_file"  # a bare .safetensors file (state dict)
     PEFT_ADAPTER = "peft_adapter"  # adapter_config.json + adapter_model.safetensors
     KOHYA_LORA = "kohya_lora"  # a .safetensors file of lora_up/lora_down(/alpha) tensors
+    DIFFUSERS_LORA = "diffusers_lora"  # lora_A/lora_B keys without adapter_config.json (save_lora_weights)
+    DIFFUSERS_PIPELINE = "diffusers_pipeline"  # model_index.json + one folder per component
     GGUF = "gguf"  # a llama.cpp GGUF file (or a folder holding exactly one)
     HUB_ID = "hub_id"  # "owner/name" on the Hugging Face hub (needs network)
     PICKLE = "pickle"  # only pytorch_model.bin / adapter_model.bin: refused by default
@@ -40,7 +47,7 @@ def detect(path: str | os.PathLike) -> Kind:
         if suffix == ".gguf":
             return Kind.GGUF
         if suffix == ".safetensors":
-            return Kind.KOHYA_LORA if _looks_like_kohya(p) else Kind.SAFETENSORS_FILE
+            return _safetensors_kind(p)
         if suffix in (".bin", ".pt", ".pth", ".ckpt"):
             return Kind.PICKLE
         raise InputError(f"{s}: unsupported file type {suffix or '(no extension)'}; expected a .safetensors, "
@@ -48,6 +55,10 @@ def detect(path: str | os.PathLike) -> Kind:
     names = {x.name for x in p.iterdir()}
     if "adapter_config.json" in names:
         return Kind.PEFT_ADAPTER
+    if "model_index.json" in names:
+        return Kind.DIFFUSERS_PIPELINE
+    if DIFFUSERS_LORA_FILE in names and not any(n in names for n in MODEL_WEIGHT_FILES):
+        return Kind.DIFFUSERS_LORA
     if "model.safetensors" in names or "model.safetensors.index.json" in names or any(
             n.endswith(".safetensors") for n in names):
         return Kind.HF_FOLDER
@@ -59,18 +70,58 @@ def detect(path: str | os.PathLike) -> Kind:
     if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
         return Kind.PICKLE
     raise InputError(f"{s}: not a model folder (no config.json with *.safetensors), not a PEFT adapter "
-                     f"(no adapter_config.json) and no .gguf file inside")
+                     f"(no adapter_config.json) and no .gguf file inside; lora-audit reads {ACCEPTED}")
 
 
-def _looks_like_kohya(p: Path) -> bool:
+# The file a diffusers pipeline's save_lora_weights writes, and the weight files of a model folder.
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                      "diffusion_pytorch_model.safetensors.index.json")
+# Key endings of low-rank layouts lora-audit does not read (LyCORIS LoHa, LoKr, (B)OFT, IA3, kohya DoRA).
+UNREAD_LAYOUTS = {"hada_w1_a": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", "lokr_w1_a": "LyCORIS LoKr",
+                  "oft_blocks": "OFT", "oft_diag": "OFT", "ia3_l": "IA3", "dora_scale": "DoRA (kohya/LyCORIS)"}
+ACCEPTED = ("Hugging Face model folders (transformers or diffusers, safetensors, bitsandbytes-quantised too), "
+            "diffusers pipeline folders (model_index.json), single .safetensors state dicts (incl. single-file "
+            "Stable Diffusion checkpoints), GGUF files, PEFT adapter folders (LoRA, DoRA, MixLoRA, X-LoRA), "
+            "kohya/sd-scripts LoRA files (lora_down/lora_up/alpha, LoCon conv) and diffusers LoRA files "
+            "(lora_A/lora_B keys)")
+
+
+def safetensors_keys(p: Path) -> list[str]:
+    """The tensor names of a safetensors file (header only); FormatError when it is not one."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error for the user
         raise FormatError(f"{p}: not a readable safetensors file ({e})") from None
-    return any(k.endswith(("lora_down.weight", "lora_up.weight")) for k in keys)
+
+
+def _safetensors_kind(p: Path) -> Kind:
+    """Kohya LoRA, diffusers LoRA or a plain state dict, from the key names; FormatError for a file
+    of a low-rank layout lora-audit does not read, or with keys of two LoRA layouts at once."""
+    keys = safetensors_keys(p)
+    kohya = any(k.endswith(("lora_down.weight", "lora_up.weight")) for k in keys)
+    peft = any(re.search(r"\.lora_[AB](\.[^.]+)?\.weight$", k) for k in keys)
+    unread = sorted({name for k in keys for end, name in UNREAD_LAYOUTS.items() if k.endswith("." + end)
+                     or k.endswith("." + end + ".weight")})
+    if kohya and peft:
+        raise FormatError(f"{p}: ambiguous layout: keys of kohya LoRA (lora_down/lora_up, e.g. "
+                          f"{_first(keys, 'lora_down')}) and of PEFT/diffusers LoRA (lora_A/lora_B, e.g. "
+                          f"{_first(keys, '.lora_A')}) in one file; lora-audit reads one layout per file")
+    if unread and not (kohya or peft):
+        raise FormatError(f"{p}: {', '.join(unread)} weights, which lora-audit does not read; it reads {ACCEPTED}. "
+                          "Merge the adapter into the model and audit the merged weights.")
+    if kohya:
+        return Kind.KOHYA_LORA
+    return Kind.DIFFUSERS_LORA if peft else Kind.SAFETENSORS_FILE
+
+
+def _first(keys: list[str], part: str) -> str:
+    from ..text import printable
+
+    return printable(next((k for k in keys if part in k), "?"))
 
 
 PICKLE_REFUSAL = ("{path}: holds only pickle weights (pytorch_model.bin / *.bin). Unpickling can run "

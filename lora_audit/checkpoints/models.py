@@ -60,9 +60,12 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     dev = resolve_device(device)
     if kind == Kind.PEFT_ADAPTER:
         return _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code)
-    if kind in (Kind.SAFETENSORS_FILE, Kind.KOHYA_LORA):
+    if kind in (Kind.SAFETENSORS_FILE, Kind.KOHYA_LORA, Kind.DIFFUSERS_LORA):
         raise InputError(f"{source}: a bare .safetensors file has no model config; pass the model folder "
                          "that holds config.json")
+    if kind == Kind.DIFFUSERS_PIPELINE:
+        raise InputError(f"{source}: a diffusers pipeline is not a causal language model; lora-audit loads causal "
+                         "LMs whole (generation, training) and audits the weights of every family (spectrum)")
     if kind == Kind.PICKLE and not allow_pickle:
         raise InputError(PICKLE_REFUSAL.format(path=source))
     tok_path, tok_kwargs = path, {"trust_remote_code": trust_remote_code}
@@ -113,8 +116,9 @@ def match_adapter_to_model(af: AdapterFile, model: torch.nn.Module, *, base: str
     """``adapters.match_adapter`` against a loaded model (GPT-2 Conv1D weights taken transposed):
     ShapeMismatchError before peft touches the model, which it would leave half-patched."""
     shapes = model_shapes(model)
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     return match_adapter(af, shapes, transposed=conv1d_weights(shapes, getattr(model.config, "model_type", None)),
-                         base=base)
+                         base=base, config=config)
 
 
 def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code) -> LoadedModel:
@@ -142,6 +146,41 @@ def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_rem
         model = model.merge_and_unload()
     return LoadedModel(model=model, tokenizer=loaded.tokenizer, source=source, kind=Kind.PEFT_ADAPTER,
                        base=str(base), merged=merge)
+
+
+def behaviour_not_applicable(base: str | os.PathLike, tuned: list[str | os.PathLike]) -> str | None:
+    """Why the behavioural audit (safety-eval: generation with a causal language model and a PEFT
+    adapter or full model) cannot run on these inputs, or None when it can. Reads configs only; a hub
+    id is left to safety-eval (which downloads it)."""
+    from .adapter_sets import is_adapter_set
+    from .detect import detect
+
+    kind = detect(base)
+    if kind == Kind.DIFFUSERS_PIPELINE:
+        return f"BASE {base} is a diffusers pipeline, not a causal language model"
+    if kind == Kind.SAFETENSORS_FILE:
+        return f"BASE {base} is a single .safetensors file without a model config"
+    if kind == Kind.HF_FOLDER:
+        config = read_model_config(Path(base))
+        arch = (config.get("architectures") or [None])[0] if isinstance(config.get("architectures"), list) else None
+        if isinstance(config.get("_class_name"), str):
+            return f"BASE {base} is a diffusers {config['_class_name']}, not a causal language model"
+        if isinstance(arch, str) and not _is_causal_lm(arch):
+            return f"BASE {base} is a {arch}, not a causal language model"
+    for t in tuned:
+        tk = detect(t)
+        what = {Kind.KOHYA_LORA: "kohya LoRA file", Kind.DIFFUSERS_LORA: "diffusers LoRA file"}.get(tk)
+        if tk == Kind.PEFT_ADAPTER and is_adapter_set(t):
+            what = "set of LoRA experts with a router"
+        if what:
+            return f"TUNED {t} is a {what}; the behavioural audit runs full models and PEFT LoRA adapters"
+    return None
+
+
+def _is_causal_lm(arch: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return arch in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or arch.endswith("ForCausalLM")
 
 
 def _prepare_tokenizer(tokenizer) -> None:

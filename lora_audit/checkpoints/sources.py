@@ -1,9 +1,18 @@
 """Weight sources: read one named tensor at a time from whatever holds a model's weights.
 
-    SafetensorsSource   HF folder (model.safetensors, or shards + model.safetensors.index.json),
-                        or a bare .safetensors file: memory-mapped with ``safe_open``, one tensor
-                        at a time, in the index's order; headers are checked when opened, so a
-                        truncated or corrupted file is reported before any work starts.
+    SafetensorsSource   HF folder (model.safetensors, or shards + model.safetensors.index.json;
+                        diffusers' diffusion_pytorch_model.safetensors likewise), or a bare
+                        .safetensors file: memory-mapped with ``safe_open``, one tensor at a time,
+                        in the index's order; headers are checked when opened, so a truncated or
+                        corrupted file is reported before any work starts.
+    PipelineSource      a diffusers pipeline folder (model_index.json): every component folder that
+                        holds weights (unet, transformer, text_encoder, ...), its parameter names
+                        prefixed with the component ("unet.down_blocks.0...."), as diffusers' own
+                        LoRA files name them.
+    LogicalSource       weights stored in several pieces, read as one float tensor under the name
+                        the model uses: bitsandbytes 4-bit / 8-bit and block-scaled FP8 weights
+                        (dequantised, with their error bounds, ``quantized``), and the
+                        ``weight_orig`` x ``weight_mask`` pairs of torch.nn.utils.prune (pruned bases).
     StateDictSource     weights that had to be loaded whole: GGUF (dequantised by transformers,
                         which also maps llama.cpp names to HF names and undoes the Q/K
                         permutation of its converter) and, only with ``allow_pickle``,
@@ -32,9 +41,18 @@ class WeightSource:
 
     path: str
     config: dict  # the model's config.json (empty when there is none)
+    format: str = "safetensors"  # the layout, as stated in the summary and the JSON
 
     def names(self) -> list[str]:
         raise NotImplementedError
+
+    def dequantization(self, name: str) -> dict | None:
+        """The quantisation error record of a dequantised weight (after ``get``), else None."""
+        return None
+
+    def note(self, name: str) -> str | None:
+        """How a weight was derived from stored pieces (masks), for the matrix's notes."""
+        return None
 
     def shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
@@ -105,8 +123,8 @@ class SafetensorsSource(WeightSource):
 class StateDictSource(WeightSource):
     """Weights already in memory (GGUF, pickle); ``get`` hands out one tensor at a time."""
 
-    def __init__(self, path: str, state: dict[str, torch.Tensor], config: dict | None = None):
-        self.path, self.config = path, config or {}
+    def __init__(self, path: str, state: dict[str, torch.Tensor], config: dict | None = None, fmt: str = "state dict"):
+        self.path, self.config, self.format = path, config or {}, fmt
         self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     def names(self) -> list[str]:
@@ -156,15 +174,20 @@ def contained_file(folder: Path, name: str, what: str, named_by: Path | None = N
                      "lora-audit reads only weights inside the folder it is given")
 
 
+INDEX_FILES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+SINGLE_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
 def _folder_source(folder: Path) -> SafetensorsSource:
-    """The weights of a model folder, found as transformers finds them: model.safetensors, else the
-    shards a model.safetensors.index.json names, else every other *.safetensors file."""
+    """The weights of a model folder, found as transformers (and diffusers) find them:
+    model.safetensors, else the shards a model.safetensors.index.json names, else every other
+    *.safetensors file."""
     config = read_model_config(folder)
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return SafetensorsSource(str(folder), [contained_file(folder, "model.safetensors", "weight file")],
-                                 config=config)
-    if index.exists():
+    single = next((n for n in SINGLE_FILES if (folder / n).is_file()), None)
+    index = next((folder / n for n in INDEX_FILES if (folder / n).exists()), None)
+    if single is not None:
+        src = SafetensorsSource(str(folder), [contained_file(folder, single, "weight file")], config=config)
+    elif index is not None:
         weight_map = read_user_json(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError(f"{index}: field 'weight_map' must be a non-empty object mapping tensor names to "
@@ -174,12 +197,170 @@ def _folder_source(folder: Path) -> SafetensorsSource:
             raise FormatError(f"{index}: weight_map[{printable(repr(bad[0]))}] is {_json_kind(bad[1])}; "
                               "it must be a shard file name (a string)")
         files = sorted({contained_file(folder, f, "shard", index) for f in weight_map.values()})
-        return SafetensorsSource(str(folder), files, order=list(weight_map), config=config)
-    files = sorted(contained_file(folder, p.name, "weight file") for p in folder.glob("*.safetensors")
-                   if not p.name.startswith("adapter_"))
-    if not files:
-        raise InputError(f"{folder}: no *.safetensors weights in this folder")
-    return SafetensorsSource(str(folder), files, config=config)
+        src = SafetensorsSource(str(folder), files, order=list(weight_map), config=config)
+    else:
+        files = sorted(contained_file(folder, p.name, "weight file") for p in folder.glob("*.safetensors")
+                       if not p.name.startswith("adapter_"))
+        if not files:
+            raise InputError(f"{folder}: no *.safetensors weights in this folder")
+        src = SafetensorsSource(str(folder), files, config=config)
+    src.format = folder_format(config)
+    return src
+
+
+def folder_format(config: dict) -> str:
+    """"transformers folder (RobertaForMaskedLM)", "diffusers folder (UNet2DConditionModel)", ..."""
+    if isinstance(config.get("_class_name"), str):
+        return f"diffusers folder ({printable(config['_class_name'])})"
+    arch = config.get("architectures")
+    if isinstance(arch, list) and arch and isinstance(arch[0], str):
+        return f"transformers folder ({printable(arch[0])})"
+    return "model folder" + (f" ({printable(config['model_type'])})" if isinstance(config.get("model_type"), str)
+                             else "")
+
+
+class PipelineSource(WeightSource):
+    """A diffusers pipeline folder: each component with weights, its names prefixed "<component>."."""
+
+    format = "diffusers pipeline"
+
+    def __init__(self, folder: Path):
+        index = read_user_json(folder / "model_index.json", "pipeline index")
+        self.path, self.config = str(folder), {"model_index": index, "components": {}}
+        self.parts: dict[str, WeightSource] = {}
+        for comp in sorted(k for k, v in index.items() if isinstance(v, list) and not k.startswith("_")):
+            sub = folder / comp
+            if not _plain_name(comp) or not sub.is_dir() or not any(sub.glob("*.safetensors")):
+                continue  # schedulers, tokenizers, feature extractors: no weights
+            contained_file(folder, comp, "component folder")
+            self.parts[comp] = logical(_folder_source(sub))
+            self.config["components"][comp] = self.parts[comp].config
+        if not self.parts:
+            raise InputError(f"{folder}: model_index.json names no component folder with *.safetensors weights")
+        self.format = "diffusers pipeline (" + ", ".join(f"{c}: {p.format}" for c, p in self.parts.items()) + ")"
+        self._where = {f"{c}.{n}": (c, n) for c, p in self.parts.items() for n in p.names()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        comp, n = self._where[name]
+        return self.parts[comp].shape(n)
+
+    def get(self, name: str) -> torch.Tensor:
+        comp, n = self._where[name]
+        return self.parts[comp].get(n)
+
+    def dequantization(self, name: str) -> dict | None:
+        comp, n = self._where[name]
+        return self.parts[comp].dequantization(n)
+
+    def note(self, name: str) -> str | None:
+        comp, n = self._where[name]
+        return self.parts[comp].note(n)
+
+
+class LogicalSource(WeightSource):
+    """Weights kept as several stored tensors, read as one float tensor under the model's name.
+
+    ``pieces[name] = (reader, stored keys)``; the stored keys are hidden from ``names``. Used for
+    bitsandbytes / FP8 quantised weights (``quantized``) and torch.nn.utils.prune masks
+    (W = weight_orig * weight_mask)."""
+
+    def __init__(self, inner: WeightSource, pieces: dict, shapes: dict[str, tuple[int, ...]], fmt: str):
+        self.path, self.config, self.inner, self.format = inner.path, inner.config, inner, fmt
+        self._pieces, self._shapes = pieces, shapes
+        hidden = {k for _, keys in pieces.values() for k in keys}
+        self._names = [n for n in inner.names() if n not in hidden or n in pieces]
+        self._names += [n for n in pieces if n not in set(self._names)]
+        self._records: dict[str, dict] = {}
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes.get(name) or self.inner.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._pieces:
+            return self.inner.get(name)
+        reader, _ = self._pieces[name]
+        W, record = reader()
+        if record is not None:
+            self._records[name] = record
+        return W
+
+    def dequantization(self, name: str) -> dict | None:
+        return self._records.get(name)
+
+    def note(self, name: str) -> str | None:
+        if name in self._pieces and self._pieces[name][1][-1].endswith("weight_mask"):
+            return "pruned base: weight_orig x weight_mask (torch.nn.utils.prune)"
+        return None
+
+
+def logical(src: WeightSource) -> WeightSource:
+    """``src`` itself, or a LogicalSource when its weights are quantised or masked."""
+    from . import quantized as q
+
+    method = q.quant_method(src.config)
+    names = set(src.names())
+    pieces: dict = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    if method is not None:
+        _quantized_pieces(src, method, names, pieces, shapes)
+    for n in names:
+        if n.endswith(".weight_orig") and n[: -len("_orig")] + "_mask" in names:
+            w = n[: -len("_orig")]
+            pieces[w] = ((lambda a=n, m=w + "_mask": (src.get(a).float() * src.get(m).float(), None)), (n, w + "_mask"))
+            shapes[w] = tuple(src.shape(n))
+    if not pieces:
+        return src
+    fmt = src.format + (f", quantised: {method}" if method else "") + (
+        ", pruning masks" if any(k[-1].endswith("weight_mask") for _, k in pieces.values()) else "")
+    return LogicalSource(src, pieces, shapes, fmt)
+
+
+def _quantized_pieces(src: WeightSource, method: str, names: set[str], pieces: dict, shapes: dict) -> None:
+    """Fill ``pieces``/``shapes`` with the dequantising readers of a quantised folder (FormatError for a
+    quant_method lora-audit cannot dequantise)."""
+    from . import quantized as q
+
+    where = f"{src.path}"
+    if method == "bitsandbytes":
+        for n in names:
+            qs_keys = [n + "." + q.BNB_QS_PREFIX + t for t in ("nf4", "fp4") if n + "." + q.BNB_QS_PREFIX + t in names]
+            if qs_keys:
+                state = q.parse_bnb_state(src.get(qs_keys[0]), f"{where}: tensor {printable(qs_keys[0])}")
+                aux = {a: n + "." + a for a in q.BNB_4BIT_AUX if n + "." + a in names}
+                pieces[n] = ((lambda n=n, st=state, aux=aux: q.dequantize_bnb_4bit(
+                    src.get(n), st, {a: src.get(k) for a, k in aux.items()}, f"{where}: {printable(n)}")),
+                    (*aux.values(), qs_keys[0], n))
+                shapes[n] = state.shape
+            elif n.endswith(".weight") and n[: -len(".weight")] + ".SCB" in names:
+                scb, fmt_key = n[: -len(".weight")] + ".SCB", n + "_format"
+                if fmt_key in names and int(src.get(fmt_key).reshape(-1)[0]) != 0:
+                    raise FormatError(f"{where}: {printable(fmt_key)} is not 0 (row-major int8); lora-audit reads "
+                                      "int8 weights as transformers saves them")
+                pieces[n] = ((lambda n=n, scb=scb: q.dequantize_bnb_int8(src.get(n), src.get(scb),
+                                                                         f"{where}: {printable(n)}")),
+                             (scb, *([fmt_key] if fmt_key in names else []), n))
+        return
+    if method == "fp8":
+        block = (src.config.get("quantization_config") or {}).get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise FormatError(f"{where}/config.json: quantization_config.weight_block_size is "
+                              f"{printable(repr(block))}; lora-audit reads FP8 with block scales [rows, cols]")
+        for n in names:
+            if n.endswith(".weight") and n + "_scale_inv" in names:
+                pieces[n] = ((lambda n=n: q.dequantize_fp8_blocks(src.get(n), src.get(n + "_scale_inv"),
+                                                                  tuple(block), f"{where}: {printable(n)}")),
+                             (n + "_scale_inv", n))
+        return
+    raise FormatError(f"{where}/config.json: quantization_config.quant_method {printable(repr(method))} is not a "
+                      "layout lora-audit dequantises; it reads bitsandbytes (4-bit nf4/fp4, 8-bit), fp8 with block "
+                      "scales and GGUF. Dequantise the model first (transformers: model.dequantize(), then "
+                      "save_pretrained) and audit that folder.")
 
 
 def _json_kind(v: object) -> str:
@@ -246,7 +427,8 @@ def _pickle_source(path: Path) -> StateDictSource:
         if not isinstance(obj, dict):
             raise FormatError(f"{f}: expected a state dict, got {type(obj).__name__}")
         state.update(obj)
-    return StateDictSource(str(path), state, read_model_config(path if path.is_dir() else path.parent))
+    return StateDictSource(str(path), state, read_model_config(path if path.is_dir() else path.parent),
+                           fmt="pickle (torch.load weights_only=True)")
 
 
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.gguf", "tokenizer*", "merges.txt", "*.jinja")
@@ -280,16 +462,32 @@ def local_path(path: str | os.PathLike) -> tuple[Path, Kind]:
                          f"that lora-audit fetches ({', '.join(HUB_PATTERNS)}; pickle weights never are)") from None
 
 
+# Key prefixes of the single-file checkpoints of the original Stable Diffusion code (LDM / SGM).
+SINGLE_FILE_ROOTS = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
+                     "conditioner.embedders.0.transformer.": "text_encoder",
+                     "conditioner.embedders.1.model.": "text_encoder_2", "first_stage_model.": "vae"}
+
+
+def single_file_format(names: list[str]) -> str:
+    """"single-file Stable Diffusion checkpoint (...)" when the keys carry the original SD prefixes."""
+    found = sorted({comp for n in names for root, comp in SINGLE_FILE_ROOTS.items() if n.startswith(root)})
+    return f"single-file Stable Diffusion checkpoint ({', '.join(found)})" if found else "safetensors file"
+
+
 def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> WeightSource:
     """A full set of model weights (not an adapter)."""
     p, kind = local_path(path)
     if kind == Kind.HF_FOLDER:
-        return _folder_source(p)
+        return logical(_folder_source(p))
+    if kind == Kind.DIFFUSERS_PIPELINE:
+        return PipelineSource(p)
     if kind == Kind.SAFETENSORS_FILE:
-        return SafetensorsSource(str(p), [p])
+        src = SafetensorsSource(str(p), [p])
+        src.format = single_file_format(src.names())
+        return logical(src)
     if kind == Kind.GGUF:
         state, config = load_gguf_state(str(p))
-        return StateDictSource(str(p), state, config)
+        return StateDictSource(str(p), state, config, fmt="gguf (dequantised by transformers)")
     if kind == Kind.PICKLE:
         if not allow_pickle:
             raise InputError(PICKLE_REFUSAL.format(path=path))

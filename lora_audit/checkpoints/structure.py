@@ -38,6 +38,7 @@ from ..errors import InputError
 from ..io import read_user_json
 from ..results.findings import Finding
 from ..text import printable
+from .adapter_sets import is_adapter_set, read_adapter_set
 from .adapters import AdapterFile, pattern_key, read_adapter, read_adapter_config
 from .detect import Kind, detect
 from .sources import contained_file, local_path
@@ -65,6 +66,10 @@ def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None 
     raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
     path, kind = local_path(tuned)
     findings = _folder_findings(path) if path.is_dir() else []
+    if kind == Kind.PEFT_ADAPTER and is_adapter_set(path):  # MixLoRA / X-LoRA: each member's factors
+        for member in read_adapter_set(path).members.values():
+            findings += adapter_findings(member)
+        return findings
     if kind == Kind.PEFT_ADAPTER:
         config = read_adapter_config(path)
         if base is not None:

@@ -111,6 +111,9 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     \b
     Writes into the --out folder: spectrum.json, safety.json (unless --skip-safety),
     index.html (open it in a browser) and tables/*.csv. Nothing is written if a step fails.
+    The behavioural side needs a causal language model with full models or PEFT adapters; for
+    encoders, encoder-decoders, vision and diffusion models, kohya/diffusers LoRA files and LoRA
+    expert sets only the weight side runs, and the output says so.
 
     \b
     Examples:
@@ -164,3 +167,5 @@ def _print_stage(stage: str, result, quiet: bool) -> None:
 
         echo("")
         echo(summary_table(result))
+    elif stage == "safety-not-applicable":
+        echo(f"\nBehavioural side (safety-eval): does not apply; {result}. Only the weight audit was run.")

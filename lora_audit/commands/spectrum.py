@@ -166,6 +166,16 @@ def _worst_lines(r, worst: int) -> list[str]:
     return lines
 
 
+def _format_lines(result) -> list[str]:
+    """How the inputs were read (detected from the files): the base's layout, each tuned one's format."""
+    base_fmt = next((r.info.get("base_format") for r in result.results if r.info.get("base_format")), None)
+    lines = [f"  read as: base {printable(base_fmt)}"] if base_fmt else []
+    for r in result.results:
+        if r.info.get("format"):
+            lines.append(f"  read as: {printable(r.tuned)} {printable(r.info['format'])}")
+    return lines
+
+
 def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
     """The short table printed to stdout: totals per tuned model, worst matrices and layers,
     matrices that could not be audited, warnings. Every name is made printable."""
@@ -175,7 +185,8 @@ def format_summary(result, *, quiet: bool = False, worst: int = 5) -> str:
                          + (f", {n} structural findings" if (n := sum(f.counts for f in r.findings)) else "")
                          for r in result.results)
     show = [e for e in (0.3, 0.7, 0.9) if e in sweep and e != result.epsilon]
-    lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {printable(result.base)}", ""]
+    lines = [f"Intruder dimensions: k={result.k}, epsilon={result.epsilon:g}, base {printable(result.base)}"]
+    lines += _format_lines(result) + [""]
     width = max([5] + [min(40, len(printable(r.tuned))) for r in result.results])
     lines.append(f"{'TUNED':<{width}}  {'matrices':>8}  {'intruders':>9}  "
                  + "".join(f"{'eps ' + format(e, 'g'):>8}  " for e in show) + "min max|cos|")

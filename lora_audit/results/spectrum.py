@@ -81,6 +81,13 @@ are 0-based. Top level, in this order::
               "effective_rank": float,  Roy & Vetterli 2007, exp entropy of s_i / sum s
               "stable_rank": float,     ||dW||_F^2 / ||dW||_2^2
               "notes": [str, ...]       loader notes, fast-path fallbacks
+              "reshaped_from": [int]|null,  a conv kernel's stored shape (out, in, k...), analysed
+                                        as (out x in*prod(k))
+              "expert": int | null,     the expert of a fused (experts x out x in) stack; the
+                                        name is then "<parameter>[expert]"
+              "dequantization": {...} | null,  a quantised base's error record for this matrix
+                                        (method, error_max_abs_bound, error_fro_bound,
+                                        error_fro_expected; checkpoints.quantized)
             }, ...
           ]
         }, ...
@@ -114,7 +121,7 @@ _ANY_INDEX_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 def split_name(name: str) -> tuple[str, int | None]:
     """(module, layer) of a parameter name: "model.layers.3.mlp.down_proj.weight" -> ("down_proj", 3);
     "transformer.h.0.attn.c_attn.weight" -> ("c_attn", 0); "lm_head.weight" -> ("lm_head", None)."""
-    parts = name.split(".")
+    parts = re.sub(r"\[\d+\]$", "", name).split(".")  # "...experts.down_proj[3]": one expert of a stack
     if parts and parts[-1] in ("weight", "bias", "base_layer"):
         parts = parts[:-1]
     if parts and parts[-1] == "base_layer":
@@ -158,6 +165,9 @@ class MatrixResult:
     effective_rank: float | None = None
     stable_rank: float | None = None
     notes: list[str] = field(default_factory=list)
+    reshaped_from: list[int] | None = None
+    expert: int | None = None
+    dequantization: dict[str, Any] | None = None
 
     @property
     def min_cos(self) -> float | None:

@@ -70,7 +70,7 @@ def touched_matrices(base: str, entries: Sequence[Entry], *, include_embeddings:
         stream = stream or s
     if stream is None:
         return None, []
-    order = {n: i for i, n in enumerate(stream.base_source.names())}
+    order = {n: i for i, n in enumerate(stream.all_names)}
     return stream, sorted(names, key=order.__getitem__)
 
 

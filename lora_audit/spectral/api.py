@@ -56,11 +56,12 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     tuned = [str(t) for t in tuned]
     findings = [check_structure(t, base=base) for t in tuned]
     stream = open_stream(base, tuned, include_embeddings=include_embeddings, dtype=dtype, allow_pickle=allow_pickle)
+    labels = list(tuned_labels) if tuned_labels else list(stream.tuned)  # adapter sets give one per member
     result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                    cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
-                   tuned_labels=list(tuned_labels) if tuned_labels else tuned, dense_metrics=dense_metrics,
-                   base_spectra=base_spectra,
+                   tuned_labels=labels, dense_metrics=dense_metrics, base_spectra=base_spectra,
                    extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
-    for r, found in zip(result.results, findings):
-        r.findings = found
+    found = dict(zip(tuned, findings))
+    for r, spec_path in zip(result.results, stream.sources):
+        r.findings = list(found.get(spec_path, []))
     return result

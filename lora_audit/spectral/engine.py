@@ -180,8 +180,20 @@ def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: To
         intruder_details=intruder_details(top, settings.epsilon, base.S),
         delta_norm=metrics.delta_norm, relative_delta_norm=metrics.relative_delta_norm,
         spectral_norm=metrics.spectral_norm, effective_rank=metrics.effective_rank,
-        stable_rank=metrics.stable_rank, notes=list(group.notes) + notes,
+        stable_rank=metrics.stable_rank, notes=list(group.notes) + notes + _noise_note(group, metrics.spectral_norm),
+        reshaped_from=list(group.reshaped_from) if group.reshaped_from else None, expert=group.expert,
+        dequantization=group.dequantization,
     )
+
+
+def _noise_note(group: MatrixGroup, spectral_norm: float | None) -> list[str]:
+    """A quantised base's matrix whose update is no larger than the possible quantisation error
+    (||dW||_2 <= bound on ||E||_F >= ||E||_2): its intruders may be quantisation noise."""
+    bound = (group.dequantization or {}).get("error_fro_bound")
+    if bound is None or spectral_norm is None or spectral_norm > bound:
+        return []
+    return [f"update spectral norm {spectral_norm:.3g} <= quantisation error bound {bound:.3g}: "
+            "this update cannot be told apart from quantisation noise"]
 
 
 def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:

@@ -130,8 +130,8 @@ def test_dora_magnitude_of_the_wrong_length(dora, tmp_path):
 @pytest.mark.parametrize("change, msg", [
     (lambda t: t.to(torch.int64), r"lora_A \(.*lora_A.weight\) is stored as I64; factors must be floating point"),
     (lambda t: t.to(torch.bool), r"lora_A \(.*\) is stored as BOOL"),
-    (lambda t: t[None], r"lora_A \(.*\) has 3 dimensions \[1, 4, 64\]; expected 2 or 4"),
-    (lambda t: t[0], r"lora_A \(.*\) has 1 dimensions \[64\]"),
+    (lambda t: t[None], r"lora_B \[64, 4\] does not fit lora_A \[1, 4, 64\]: a conv LoRA has lora_A \(r, in, k...\)"),
+    (lambda t: t[0], r"lora_A \(.*\) has 1 dimensions \[64\]; expected 2 to 5"),
 ])
 def test_factor_of_wrong_dtype_or_dimensions(adapter, tmp_path, change, msg):
     a = _copy(adapter, tmp_path)
