@@ -254,3 +254,24 @@ def test_report_shows_names_as_text(tmp_path):
     html = build_report([synth.spectrum([name], seed=1)], title="t")
     assert "\u202e" not in html and "\\u202e" in html
     assert "cost $5 and $6" in html and "cost 5and6" not in html
+
+
+def test_results_are_kept_when_the_late_write_fails(ws, tmp_path, capsys, monkeypatch):
+    """The output folder passes the early check, then the write fails (disk full, folder removed):
+    the error says where the result was saved instead, and that file holds it."""
+    import re
+
+    import lora_audit.io as lio
+
+    def fail(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lio, "atomic_write_json", fail)
+    code, output = run_main(["spectrum", ws / "base", ws / "good", "--json", tmp_path / "s.json", "--no-cache", "-q"],
+                            capsys)
+    assert code == 1 and "No space left on device" in output, output
+    kept = re.search(r"the result was saved to (\S+\.json)", output)
+    assert kept, output
+    saved = json.loads(Path(kept.group(1)).read_text())
+    assert saved["lora_audit"]["schema"] == "spectrum" and saved["results"][0]["tuned"] == str(ws / "good")
+    Path(kept.group(1)).unlink()

@@ -334,3 +334,18 @@ def test_findings_skipped_matrices_and_gate_are_shown():
     text = re.sub(r"\s+", " ", visible_text(html))
     assert "LA021" in text and "full lm_head" in text and "l1.v_proj.weight not audited: NaN" in text
     assert "Release gate intruders>0" in text and "TRIPPED" in text
+
+
+def test_a_safety_result_written_by_the_first_version_still_renders():
+    """reports/demo/safety.json as the first version wrote it (responses cut to 3 per set to keep the
+    file small): provenance under "provenance" only, no fields added since. It still validates and
+    renders."""
+    from pathlib import Path
+
+    from lora_audit.results import load_result
+
+    old = Path(__file__).resolve().parents[1] / "data" / "safety-v1-2026-11-24.json"
+    res = load_result(old)
+    assert res.verdict["lora-undo"].label == "SAFETY_REMOVED" and res.models["base"].refusal_rate == 0.825
+    html = build_report([old], title="old")
+    assert "SAFETY_REMOVED" in html and "lora-undo" in html
