@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (device_option, echo, epsilon_option, exit_status, k_option, overwrite_option,
+from ._common import (device_option, echo, epsilon_option, exit_status, fail_on_option, k_option, overwrite_option,
                       user_errors)
 from .spectrum import sweep_option
 
@@ -57,10 +57,11 @@ SHOWN = 10
               help="Write a detail page (the per-matrix report) for the top this many adapters.")
 @click.option("--title", default=None, help="Title of report.html.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the counts and where the results are.")
+@fail_on_option("spectrum", "screen")
 @user_errors
 def screen(base, adapters, manifest, out, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
            epsilon, epsilon_sweep, device, exact, float64, include_embeddings, no_metrics, cache_dir, detail, title,
-           quiet):
+           quiet, fail_on):
     """Audit many adapters of BASE, each as 'lora-audit spectrum BASE ADAPTER' would, as one job.
 
     \b
@@ -98,10 +99,16 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
                        include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
                        cache_dir=cache_dir, engine=engine, address=address, workers=workers, spectra=spectra,
                        resume=resume, retry_failed=retry_failed, overwrite=overwrite, detail=detail, title=title,
-                       progress=not quiet)
+                       progress=not quiet, gate=fail_on)
     outcome = run_screen(base, entries, out, cfg, warnings=notes)
     echo(format_summary(outcome, quiet=quiet))
-    exit_status(incomplete=outcome.failed > 0)
+    tripped = False
+    if fail_on is not None:
+        from ..results.gate import format_gate
+
+        echo(format_gate(fail_on, [outcome.summary.gate]))
+        tripped = outcome.summary.gate.tripped
+    exit_status(incomplete=outcome.failed > 0, gate_tripped=tripped)
 
 
 def format_summary(outcome, *, quiet: bool = False) -> str:

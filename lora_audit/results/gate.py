@@ -95,6 +95,7 @@ def all_fields() -> dict[str, GateField]:
         out[name] = GateField(name, "safety", doc)
     out["capability_degraded"] = GateField("capability_degraded", "safety", "the verdict's capability flag "
                                            "(true / false)", FLAG)
+    out["failed"] = GateField("failed", "screen", "the adapter could not be audited (true / false)", FLAG)
     return out
 
 
@@ -254,24 +255,46 @@ def evaluate(gate: Gate, values: Values, kind: str) -> GateOutcome:
     return GateOutcome(gate.expression, any(c.tripped for c in conditions), conditions)
 
 
+def tuned_values(r) -> dict[str, Measure]:
+    """The spectrum fields of one tuned model (a ``TunedResult``)."""
+    worst = max(r.matrices, key=lambda m: m.intruders, default=None)
+    cosines = [m for m in r.matrices if m.min_cos is not None]
+    low = min(cosines, key=lambda m: m.min_cos, default=None)
+    return {
+        "intruders": Measure(r.total_intruders),
+        "matrix_intruders": Measure(worst.intruders if worst else 0, worst.name if worst and worst.intruders else None),
+        "intruder_matrices": Measure(sum(m.intruders > 0 for m in r.matrices)),
+        "min_max_cos": Measure(low.min_cos, low.name) if low else Measure(None),
+        "nonfinite": Measure(sum(s.unmeasured for s in r.skipped)),
+        "structural": Measure(sum(f.counts for f in r.findings)),
+        "structural_errors": Measure(sum(f.level == "error" for f in r.findings)),
+    }
+
+
 def spectrum_values(result) -> list[tuple[str, dict[str, Measure]]]:
     """The spectrum fields of every tuned model of a ``SpectrumResult``."""
+    return [(r.tuned, tuned_values(r)) for r in result.results]
+
+
+def screen_values(result) -> list[tuple[str, dict[str, Measure]]]:
+    """Every adapter of a ``ScreenResult``: the spectrum fields stored in its row (none for an
+    adapter that failed: its conditions cannot hold) and ``failed``."""
     out = []
-    for r in result.results:
-        worst = max(r.matrices, key=lambda m: m.intruders, default=None)
-        cosines = [m for m in r.matrices if m.min_cos is not None]
-        low = min(cosines, key=lambda m: m.min_cos, default=None)
-        out.append((r.tuned, {
-            "intruders": Measure(r.total_intruders),
-            "matrix_intruders": Measure(worst.intruders if worst else 0,
-                                        worst.name if worst and worst.intruders else None),
-            "intruder_matrices": Measure(sum(m.intruders > 0 for m in r.matrices)),
-            "min_max_cos": Measure(low.min_cos, low.name) if low else Measure(None),
-            "nonfinite": Measure(sum(s.unmeasured for s in r.skipped)),
-            "structural": Measure(sum(f.counts for f in r.findings)),
-            "structural_errors": Measure(sum(f.level == "error" for f in r.findings)),
-        }))
+    for row in result.adapters:
+        measures = {name: Measure(value) for name, value in row.gate_values.items()}
+        measures["failed"] = Measure(float(row.status != "ok"), shown="true" if row.status != "ok" else "false")
+        out.append((row.adapter, measures))
     return out
+
+
+def apply_screen_gate(gate: Gate, result) -> GateOutcome:
+    """Evaluate ``gate`` (spectrum and screen conditions) on every adapter of a ``ScreenResult``,
+    store the outcome in its ``gate`` field (mutates it) and return it."""
+    values = screen_values(result)
+    parts = [evaluate(gate, values, kind) for kind in ("spectrum", "screen")]
+    result.gate = GateOutcome(gate.expression, any(p.tripped for p in parts),
+                              [c for p in parts for c in p.conditions])
+    return result.gate
 
 
 def safety_values(result) -> list[tuple[str, dict[str, Measure]]]:

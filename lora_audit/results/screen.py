@@ -54,6 +54,7 @@ from typing import Any
 from .. import __version__
 from ..errors import InputError
 from . import PROVENANCE_KEY, check_schema, parse_result, provenance, read_result, write_result
+from .gate import GateOutcome, tuned_values
 from .schema import parse
 from .spectrum import DEFAULT_EPSILON_SWEEP, TunedResult
 
@@ -166,6 +167,7 @@ class ScreenRow:
     seconds: float | None = None
     fingerprint: str = ""
     record: str = ""
+    gate_values: dict[str, float | None] = field(default_factory=dict)  # the spectrum fields of --fail-on
 
     @classmethod
     def from_record(cls, rec: ScreenRecord, location: str = "") -> "ScreenRow":
@@ -182,6 +184,7 @@ class ScreenRow:
         rel = [m.relative_delta_norm for m in r.matrices if m.relative_delta_norm is not None]
         row.max_relative_delta_norm = max(rel) if rel else None
         row.drift = drift(r)
+        row.gate_values = {name: m.value for name, m in tuned_values(r).items()}
         return row
 
 
@@ -233,6 +236,7 @@ class ScreenResult:
     adapters: list[ScreenRow] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     provenance_block: dict[str, Any] | None = None
+    gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
     def to_json(self) -> dict[str, Any]:
         if self.provenance_block is None:
@@ -242,7 +246,8 @@ class ScreenResult:
                 "epsilon": float(self.epsilon), "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
                 "ranked_by": list(self.ranked_by), "counts": dict(self.counts),
                 "seconds": round(float(self.seconds), 3), "warnings": list(self.warnings),
-                "adapters": [asdict(r) for r in self.adapters]}
+                "adapters": [asdict(r) for r in self.adapters],
+                "gate": None if self.gate is None else self.gate.to_json()}
 
     REQUIRED = ("base", "k", "epsilon", "adapters")
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -66,6 +66,7 @@ class ScreenConfig:
     detail: int = 10
     title: str | None = None
     progress: bool = True
+    gate: Any = None  # results.gate.Gate | None: evaluated on the summary before it is written
 
 
 @dataclass
@@ -219,6 +220,10 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
                     "spectra": _sharing(cfg), "address": cfg.address}
         summary = summarize(store, entries, settings=settings, seconds=time.perf_counter() - t0, audited=len(todo),
                             warnings=notes)
+        if cfg.gate is not None:
+            from ..results.gate import apply_screen_gate
+
+            apply_screen_gate(cfg.gate, summary)
         files = write_outputs(out, store, summary, detail=cfg.detail, title=cfg.title)
     return ScreenOutcome(out=out, summary=summary, audited=len(todo), files=files)
 

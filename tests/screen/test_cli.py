@@ -63,3 +63,25 @@ def test_help_lists_the_options():
                 "--detail"):
         assert opt in res.output
     assert "screen" in CliRunner().invoke(cli, ["--help"]).output
+
+
+def test_fail_on_gates_a_screen(screen_set, tmp_path):
+    """--fail-on on a screen: spectrum fields per adapter (here: intruders, from each adapter's own
+    spectrum result) and `failed`; exit 3 when a condition holds, the outcome in summary.json."""
+    import json
+
+    from .conftest import spectrum_of
+
+    base, ads = screen_set
+    want = {str(ads[n]): spectrum_of(base, str(ads[n]))["total_intruders"] for n in ("big", "tiny1")}
+    res = _run(base, ads["big"], ads["tiny1"], "--out", tmp_path / "s", "--workers", "0", "--fail-on", "intruders>0")
+    assert res.exit_code == (3 if max(want.values()) > 0 else 0), res.output
+    gate = json.loads((tmp_path / "s" / "summary.json").read_text())["gate"]
+    (cond,) = gate["conditions"]
+    assert {m["model"]: m["value"] for m in cond["models"]} == want
+    assert "Gate --fail-on 'intruders>0'" in res.output
+    res = _run(base, ads["tiny1"], ads["corrupt"], "--out", tmp_path / "f", "--workers", "0", "--fail-on", "failed")
+    assert res.exit_code == 2 and "failed" in res.output  # a flag needs a comparison
+    res = _run(base, ads["tiny1"], ads["corrupt"], "--out", tmp_path / "f", "--workers", "0",
+               "--fail-on", "failed==true")
+    assert res.exit_code == 3, res.output
