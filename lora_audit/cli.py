@@ -15,6 +15,7 @@ import sys
 import click
 
 from . import __version__
+from .commands._common import CONTEXT
 
 # command name -> "module:attribute"; keep in sync with the README's command list.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,7 +67,7 @@ class LazyGroup(click.Group):
             raise
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="lora-audit")
 @click.option("--verbose", "-v", is_flag=True,
               help="Also show the libraries' own progress bars, logs and warnings (transformers, lm-eval, ...).")

@@ -28,6 +28,12 @@ from ..errors import EXIT_GATE, EXIT_INCOMPLETE, EXIT_OK, LoraAuditError, Output
 from ..text import printable
 
 
+# Every command's context settings, also when a command object is invoked on its own (tests, other
+# programs embedding it): click caches a command's help option the first time it is built, so a
+# command that inherited "-h" only from the group would lose it after one direct invocation.
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
 def echo(text: Any = "", *, err: bool = False) -> None:
     """click.echo with every control, bidi and invisible character shown as an escape."""
     click.echo(printable(text, multiline=True), err=err)

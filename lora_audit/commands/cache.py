@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..text import printable
-from ._common import user_errors
+from ._common import CONTEXT, user_errors
 
 
 def _cache_dir_option(f):
@@ -43,7 +43,7 @@ def human_bytes(n: int) -> str:
     return f"{size:.1f} TiB"  # pragma: no cover
 
 
-@click.group("cache")
+@click.group("cache", context_settings=CONTEXT)
 def cache():
     """List or clear the base-spectrum cache.
 
@@ -81,7 +81,7 @@ def _table(entries) -> list[str]:
             for r in [head, *rows]]
 
 
-@cache.command("ls")
+@cache.command("ls", context_settings=CONTEXT)
 @_cache_dir_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write the entries, total size and provenance as JSON to this file ('-': print only "
@@ -116,7 +116,7 @@ def ls(cache_dir, json_path):
         click.echo(f"JSON written to {printable(json_path)}")
 
 
-@cache.command("clear")
+@cache.command("clear", context_settings=CONTEXT)
 @_cache_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @user_errors

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ._common import check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors, \
+from ._common import CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors, \
     write_json_output
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--out", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for index.html, spectrum.json, safety.json, demo.json and tables/.")
 @overwrite_option

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from ._common import (check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors,
+from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors,
                       write_json_output)
 
 
@@ -16,7 +16,7 @@ def _positive_float(ctx, param, value):
     return value
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--method", required=True, help="lora, rslora, dora, ffa-lora, allora (scale 1, no dropout, norm-scaled gradients), "
               "lora-ga, lora-sb, lora-mgpo or full.")
 @click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
@@ -62,7 +62,7 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
              f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--method", "agg", default="fedavg", show_default=True, type=click.Choice(["fedavg", "ffa", "fed-sb"]),
               help="fedavg: average A and B; ffa / fed-sb: clients share A, average B (exact).")
@@ -90,7 +90,7 @@ def federated(adapters, agg, out, overwrite, json_path):
          f"{agg} aggregate bias: {report['aggregate_bias_total']:.4f}" + (f"; wrote {out}" if out else ""))
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("base", type=click.Path())
 @click.argument("adapter", type=click.Path())
 @click.option("--lambda", "lam", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0),

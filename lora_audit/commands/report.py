@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ._common import (check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
+from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
                       file_path, k_option, overwrite_option, report_gate, sarif_option, seed_option, user_errors)
 from .spectrum import sweep_option
 
@@ -23,7 +23,7 @@ def _slug(text: str) -> str:
     return s[:80] or "report"
 
 
-@click.command("report")
+@click.command("report", context_settings=CONTEXT)
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "-o", default=None, callback=file_path,
               help="Output file [default: reports/<first result's name>.html, or .md].")
@@ -69,7 +69,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
         echo(f"Tables (CSV) in {csv_target}")
 
 
-@click.command("audit")
+@click.command("audit", context_settings=CONTEXT)
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,

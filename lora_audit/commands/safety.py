@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import click
 
-from ._common import (check_paths, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
+from ._common import (CONTEXT, check_paths, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
                       report_gate, sarif_option, seed_option, user_errors, write_json_output)
 
 
-@click.command("safety-eval")
+@click.command("safety-eval", context_settings=CONTEXT)
 @click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
 @click.option("--tuned", multiple=True, help="Tuned model or PEFT adapter on BASE (repeatable).")
 @click.option("--prompts", default="builtin:harmful", show_default=True,

@@ -10,14 +10,14 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (device_option, echo, epsilon_option, exit_status, fail_on_option, k_option, overwrite_option,
+from ._common import (CONTEXT, device_option, echo, epsilon_option, exit_status, fail_on_option, k_option, overwrite_option,
                       user_errors)
 from .spectrum import sweep_option
 
 SHOWN = 10
 
 
-@click.command("screen")
+@click.command("screen", context_settings=CONTEXT)
 @click.argument("base")
 @click.argument("adapters", nargs=-1, metavar="[ADAPTER_DIR]...")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,

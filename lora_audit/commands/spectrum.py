@@ -12,7 +12,7 @@ import math
 import click
 
 from ..text import printable
-from ._common import (check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
+from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
                       file_path, json_option, k_option, report_gate, sarif_option, user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
@@ -71,7 +71,7 @@ def sweep_option(f):
                              "'a,b,...,c' for a progression, or 'none'.")(f)
 
 
-@click.command("spectrum")
+@click.command("spectrum", context_settings=CONTEXT)
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
 @k_option

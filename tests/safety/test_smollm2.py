@@ -34,7 +34,7 @@ def test_smollm2_batched_equals_one_by_one(smol):
 
 
 def test_smollm2_refusal_run(smollm2_dir, smol):
-    out = run_safety_eval(smol, [], EvalConfig(limit=4, max_new_tokens=16, tasks=[], benign=None, batch_size=4))
+    out = run_safety_eval(smol, [], EvalConfig(limit=4, max_new_tokens=16, tasks=[], benign=None, batch_size=4)).to_json()
     m = out["models"]["base"]
     kw = KeywordScorer()
     for r in m["responses"]:
