@@ -4,7 +4,7 @@ Every JSON file the tool writes starts with one provenance block under the key `
 (``PROVENANCE_KEY``): schema name and version, tool version, git hash of the tool's checkout
 when there is one, library versions, time, and the settings the result was produced with. Then
 come the fields of its own contract. Each result kind is a tree of dataclasses in its own module
-(``spectrum``, ``safety``; later kinds in the same style), whose annotations are the schema that
+(``spectrum``, ``safety``, ``study``), whose annotations are the schema that
 ``results.schema.parse`` checks on every read. One version policy for every kind
 (``check_schema``): the schema name must match, and a version newer than this tool knows is
 refused (the contract only grows: fields are added, never renamed or removed, so every older
@@ -109,6 +109,16 @@ def check_schema(prov: Any, schema: str, version: int, source: str, *, what: str
                          f"({version}); upgrade lora-audit")
 
 
+def checked_provenance(obj: Any, schema: str, version: int, source: str, what: str) -> dict[str, Any] | None:
+    """The provenance block of the result JSON ``obj`` (None when it has none), after the checks
+    every kind makes first: ``obj`` is a JSON object, and its block passes ``check_schema``."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{source}: expected a JSON object")
+    prov = obj.get(PROVENANCE_KEY)
+    check_schema(prov, schema, version, source, what=what)
+    return prov
+
+
 # ---- fingerprints of inputs -------------------------------------------------------------------
 CONTENT_HASH_LIMIT = 256 * 2**20  # bytes: inputs up to this size are hashed by content
 
@@ -162,8 +172,9 @@ def result_kinds() -> dict[str, type]:
     """schema name -> result class, for every kind ``load_result`` reads."""
     from .safety import SafetyResult
     from .spectrum import SpectrumResult
+    from .study import StudyResult
 
-    return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult}
+    return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult, StudyResult.SCHEMA: StudyResult}
 
 
 def detect_kind(obj: dict[str, Any], source: str) -> str:
