@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .text import sci
 
 SCHEMA = "lora-audit/demo"
 STUDY_DATA = "builtin:alpaca-mini"
@@ -75,13 +76,8 @@ class Series:
 
     def run_name(self, lr: float) -> str:
         """e.g. "lora-r8-lr5e-4", "full-lr3e-5"."""
-        return f"{self.method}{'' if self.rank is None else f'-r{self.rank}'}-lr{lr_text(lr)}"
+        return f"{self.method}{'' if self.rank is None else f'-r{self.rank}'}-lr{sci(lr)}"
 
-
-def lr_text(lr: float) -> str:
-    """A learning rate as short text: 0.0005 -> "5e-4", 3e-05 -> "3e-5", 0.002 -> "2e-3"."""
-    mantissa, exponent = f"{lr:.6e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 # The pre-registered grid. Learning rates span each method's usual range, evenly on a log scale, up
@@ -223,7 +219,7 @@ FEW_SHARE = 0.01  # "few" intruders: at most this share of the examined top-k di
 
 
 def _counts(points: list) -> str:
-    return ", ".join(f"lr {lr_text(p.lr)}: {p.intruders}" for p in points)
+    return ", ".join(f"lr {sci(p.lr)}: {p.intruders}" for p in points)
 
 
 def study_claims(points: list, series: tuple[Series, ...]) -> list:
@@ -250,7 +246,7 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
         if pairs:
             holds = all(q.intruders <= p.intruders for p, q in pairs) and sum(q.intruders for _, q in pairs) < sum(
                 p.intruders for p, _ in pairs)
-            measured = "; ".join(f"lr {lr_text(p.lr)}: {q.intruders} vs {p.intruders}" for p, q in pairs)
+            measured = "; ".join(f"lr {sci(p.lr)}: {q.intruders} vs {p.intruders}" for p, q in pairs)
             out.append(StudyClaim(f"{rs.name} has fewer intruders than {lora.name} at the same learning rate",
                                   f"at every shared learning rate {rs.name} has at most as many, and fewer in total",
                                   measured, holds))
@@ -258,13 +254,13 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
         p, q = of[lora.name][-1], of[full.name][-1]
         out.append(StudyClaim(f"At the top of each method's usual range {lora.name} has more intruders than "
                               f"{full.name}",
-                              f"{lora.name} at lr {lr_text(p.lr)} has more than {full.name} at lr {lr_text(q.lr)}",
+                              f"{lora.name} at lr {sci(p.lr)} has more than {full.name} at lr {sci(q.lr)}",
                               f"{p.intruders} vs {q.intruders}", p.intruders > q.intruders))
     if full and of[full.name]:
         pts = of[full.name]
         out.append(StudyClaim(f"{full.name} has few or no intruders at its usual learning rates",
                               f"at every learning rate at most {FEW_SHARE:.0%} of the examined top-k directions",
-                              "; ".join(f"lr {lr_text(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
+                              "; ".join(f"lr {sci(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
                               all(p.intruders <= FEW_SHARE * (p.directions or 0) for p in pts)))
     return out
 
@@ -397,7 +393,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
                                 _train, rel, base_dir, dirs[rel.name], plan, dev)}
     for r in plan.tuned:
         shape = "" if r.method == "full" else f", r={r.rank}"
-        what = f"fine-tune {r.name} ({r.method}{shape}, lr {lr_text(r.lr)}, {r.steps} steps on {r.data})"
+        what = f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
         records[r.name] = st.run(what, _train, r, dirs[rel.name], dirs[r.name], plan, dev)
     names = [r.name for r in plan.tuned]
     cfg = AuditConfig(k=plan.k, epsilon=plan.epsilon, device=dev, progress=True,

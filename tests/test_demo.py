@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from lora_audit.cli import cli
-from lora_audit.demo import GRID, QUICK_GRID, lr_text, make_plan, safety_findings, study_claims
+from lora_audit.demo import GRID, QUICK_GRID, make_plan, safety_findings, study_claims
+from lora_audit.text import sci
 from lora_audit.results.study import StudyPoint
 
 
@@ -40,7 +41,7 @@ def test_trained_models_are_cached_per_run():
     assert changed == {"lora-r8-lr1.5e-3"}
     rel = replace(plan, runs=tuple(replace(r, steps=r.steps + 1) if r.role == "released" else r for r in plan.runs))
     assert all(plan.run_key(r) != rel.run_key(o) for r, o in zip(plan.runs, rel.runs))
-    assert lr_text(5e-4) == "5e-4" and lr_text(0.002) == "2e-3" and run.name == f"lora-r8-lr{lr_text(run.lr)}"
+    assert sci(5e-4) == "5e-4" and sci(0.002) == "2e-3" and run.name == f"lora-r8-lr{sci(run.lr)}"
 
 
 def _points(counts: dict[str, list[int]], directions: int = 2100) -> list[StudyPoint]:

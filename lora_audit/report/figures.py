@@ -21,6 +21,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..text import sci  # noqa: E402
+
 # Okabe-Ito, without yellow (too light on white) first.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -275,7 +277,7 @@ def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylab
     """One line per method against the learning rate (log axis), the paper's Fig. 5 style.
     ``threshold``: a dotted horizontal line (e.g. epsilon); ``band``: a shaded horizontal range
     (e.g. what a random direction reaches at the audited widths). None values are gaps."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
     with plt.rc_context(RC):
         fig = new_figure(7.0, 3.2)
@@ -290,16 +292,22 @@ def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylab
                 ax.plot([x for x, _ in pts], [y for _, y in pts], label=short_label(name, 24), linewidth=1.6,
                         markersize=5, **style(i))
         ax.set_xscale("log")
+        lrs = sorted({x for _, xs, _ in series for x in xs})
+        ax.set_xticks(lrs, [sci(x) for x in lrs])  # the grid's own values, "5e-4" (no mathtext)
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel(ylabel)
+        ax.margins(x=0.08)
         if integer:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             top = max([y for _, _, ys in series for y in ys if y is not None] + [0])
             ax.set_ylim(-0.05 * max(1, top), max(1, top) * 1.08)
+        elif threshold is not None or band is not None:  # a cosine: its whole range
+            ax.set_ylim(0, 1.02)
         if title:
             ax.set_title(title, loc="left")
         if series:
-            ax.legend(loc="best", frameon=False, fontsize=7)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=7)
         return to_svg(fig, desc=f"{ylabel} versus learning rate per method")
 
 

@@ -170,9 +170,8 @@ def study_sections(data: ReportData) -> list[dict[str, Any]]:
         nulls = [p.null_max_cos for p in st.points if p.null_max_cos is not None]
         fig_n = F.lr_curves(curves, ylabel=f"intruder dimensions (k={st.k}, ε={st.epsilon:g})", integer=True)
         fig_c = F.lr_curves(lows, ylabel="lowest max |cos| of any top-k direction", threshold=st.epsilon,
-                            threshold_label=f"ε = {st.epsilon:g} (below: intruder)",
-                            band=(min(nulls), max(nulls)) if nulls else None,
-                            band_label="a random direction (null, at the audited widths)")
+                            threshold_label=f"ε = {st.epsilon:g}", band=(min(nulls), max(nulls)) if nulls else None,
+                            band_label="random direction")
         out.append({"title": st.title, "question": st.question, "intruders_svg": fig_n, "cos_svg": fig_c,
                     "claims": [{"claim": c.claim, "rule": c.rule, "measured": c.measured, "holds": c.holds,
                                 "note": c.note} for c in st.claims],

@@ -130,7 +130,7 @@ def summary_table(data: ReportData) -> Table:
     if not data.has_safety:
         df = df[[c for c in df.columns if c == "model" or c in SPECTRUM_SUMMARY]]
     fm = {"intruders": "int", "matrices": "int", "intruders_per_matrix": "f2", "min_max_cos": "f3",
-          "intruder_energy": "f3", "mean_drift": "f3",
+          "mean_drift": "f3",  # intruder_energy: 4 significant digits, a mean share is often tiny
           "refusal_base": "pct", "refusal_tuned": "pct", "refusal_tuned_ci_low": "pct", "refusal_tuned_ci_high": "pct",
           "refusal_drop": "spct", "refusal_drop_ci_low": "spct", "refusal_drop_ci_high": "spct",
           "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
@@ -284,7 +284,7 @@ def study_points_table(data: ReportData) -> Table:
     shown = df.drop(columns=["study"]) if len(data.studies) == 1 else df
     return Table("study_points", "Study: every grid point", df,
                  {"intruders": "int", "directions": "int", "steps": "int", "lowest_max_cos": "f3",
-                  "null_max_cos": "f3", "intruder_energy": "f3", "mean_drift": "f3", "loss_first": "f3",
+                  "null_max_cos": "f3", "mean_drift": "f3", "loss_first": "f3",
                   "final_loss": "f3"},
                  "null: the expected max |cos| of a random direction against the base basis of the matrix that "
                  "scored lowest (exact, spectral.calibration); intruder energy: mean share of the top-k singular "
