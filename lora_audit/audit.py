@@ -45,6 +45,7 @@ class AuditConfig:
     device: str = "auto"
     progress: bool = True
     safety: Any = None  # EvalConfig | None
+    safety_models: Sequence[str] | None = None  # tuned labels the safety side evaluates (None: every one)
     title: str | None = None
     gate: Any = None  # results.gate.Gate | None: evaluated before the folder is written (``gate`` blocks)
 
@@ -64,7 +65,8 @@ def default_title(tuned: Sequence[str]) -> str:
 def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: str | os.PathLike,
               config: AuditConfig | None = None, *, overwrite: bool = False, base_label: str | None = None,
               tuned_labels: Sequence[str] | None = None, on_stage: StageHook | None = None,
-              extra_files: Callable[[SpectrumResult, SafetyResult | None], dict[str, Any]] | None = None
+              extra_files: Callable[[SpectrumResult, SafetyResult | None], dict[str, Any]] | None = None,
+              extra_results: Callable[[SpectrumResult, SafetyResult | None], dict[str, Any]] | None = None
               ) -> AuditOutcome:
     """Audit every TUNED against BASE and write the report folder ``out``.
 
@@ -79,6 +81,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
             sets): then only the weight side runs, and spectrum.json says why.
         extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
             the report (so it can time everything).
+        extra_results: (spectrum, safety) -> {file name: typed result (``results.result_kinds``)},
+            written into the folder and rendered in the report with the others (e.g. a study).
     Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
     """
     from .results.gate import apply_gate
@@ -88,6 +92,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     if cfg.gate is not None and "safety" in cfg.gate.kinds and cfg.safety is None:
         raise InputError(f"--fail-on {cfg.gate.expression!r} has safety conditions, but the safety audit is skipped")
     tuned = [str(t) for t in tuned]
+    labels = [str(t) for t in tuned_labels] if tuned_labels else tuned
+    safe = _safety_subset(labels, cfg.safety_models)
     out = check_output_dir(out, overwrite=overwrite)
     check_outputs([out], [base, *tuned])
     inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
@@ -112,24 +118,38 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     elif cfg.safety is not None:
         from .safety.evaluate import run_safety_eval
 
-        safety = run_safety_eval(str(base), tuned, cfg.safety, names=list(tuned_labels) if tuned_labels else None)
+        safety = run_safety_eval(str(base), [tuned[i] for i in safe], cfg.safety,
+                                 names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
     if cfg.gate is not None:
         apply_gate(cfg.gate, spectrum=spectrum, safety=safety)
-    files = _write_folder(out, spectrum, safety, cfg.title or default_title(tuned), overwrite, extra_files)
+    extra = extra_results(spectrum, safety) if extra_results else {}
+    files = _write_folder(out, spectrum, safety, extra, cfg.title or default_title(tuned), overwrite, extra_files)
     return AuditOutcome(out=out, spectrum=spectrum, safety=safety, files=files)
 
 
-def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, title: str, overwrite: bool,
-                  extra_files) -> dict[str, Path]:
+def _safety_subset(labels: list[str], wanted: Sequence[str] | None) -> list[int]:
+    """Indices of the tuned models the safety side evaluates; InputError for a name not among them."""
+    if wanted is None:
+        return list(range(len(labels)))
+    unknown = [w for w in wanted if w not in labels]
+    if unknown:
+        from .errors import InputError
+
+        raise InputError(f"safety_models: {', '.join(unknown)} not among the tuned models ({', '.join(labels)})")
+    return [i for i, name in enumerate(labels) if name in wanted]
+
+
+def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, extra: dict[str, Any], title: str,
+                  overwrite: bool, extra_files) -> dict[str, Path]:
     from .report import all_tables, gather, render, write_csvs
 
-    names = ["spectrum.json"] + (["safety.json"] if safety is not None else [])
+    results = {"spectrum.json": spectrum, **({"safety.json": safety} if safety is not None else {}), **extra}
+    names = list(results)
     with atomic_dir(out, overwrite=overwrite, what="audit") as tmp:
-        spectrum.write_json(tmp / "spectrum.json")
-        if safety is not None:
-            safety.write_json(tmp / "safety.json")
+        for name, result in results.items():
+            result.write_json(tmp / name)
         data = gather([tmp / n for n in names], title=title, labels=names)  # labels: as found next to the report
         tables = all_tables(data)
         (tmp / "index.html").write_text(render(data, "html", tables), encoding="utf-8")

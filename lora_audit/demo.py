@@ -5,19 +5,23 @@
 2. "Released" model: the base safety-tuned with full fine-tuning on the project's
    ``builtin:safety-tune`` set (refusals of harmful-category requests, helpful answers to benign
    look-alikes; different prompts from the evaluation sets).
-3. Tuned models, all from the released model: LoRA r=8 (alpha 16), rsLoRA r=64 (alpha 16) and full
-   fine-tuning on ``builtin:alpaca-mini``, and one LoRA "undo" run on ``builtin:undo-compliance``
-   (responses that start complying and carry no operational content: the safety-undo attack of
-   Lermen et al. 2023, arXiv 2310.20624, in miniature).
-4. Audit against the released model: intruder dimensions (Shuttleworth et al. 2024, arXiv
-   2410.21228), refusal / over-refusal on the built-in prompt sets, the built-in lm-eval
-   capability task; report in ``<out>/index.html`` with ``spectrum.json``, ``safety.json`` and
-   ``demo.json`` (plan, timings, what the run shows next to what the papers predict).
+3. A pre-registered study (``GRID``, fixed in code before any run): from the released model, LoRA
+   r=8 and rsLoRA r=64 at three learning rates over their usual range and full fine-tuning at
+   three over its own, all on ``builtin:alpaca-mini`` with the same steps; plus one LoRA "undo"
+   run on ``builtin:undo-compliance`` (responses that start complying and carry no operational
+   content: the safety-undo attack of Lermen et al. 2023, arXiv 2310.20624, in miniature).
+4. Audit against the released model: intruder dimensions of every run (Shuttleworth et al. 2024,
+   arXiv 2410.21228) with the calibrated statistics of ``spectral.calibration``; refusal /
+   over-refusal and the built-in lm-eval capability task for the undo run and one LoRA and one
+   full fine-tuning point; the study's dependence figures and claims (``study.json``); report in
+   ``<out>/index.html`` with ``spectrum.json``, ``safety.json``, ``study.json`` and ``demo.json``
+   (plan, timings, what the run shows next to what the papers predict).
 
-Trained models live under ``<lora-audit cache>/demo/<plan hash>/`` and are reused by a later run
-with the same plan (each is written atomically, so a present folder is complete); ``fresh=True``
-retrains. Nothing here is tuned to make a result appear: the checks in ``demo.json`` say what
-the run measured, whichever way it came out.
+Each trained model lives under ``<lora-audit cache>/demo/<base>/<run>-<run key>/``, keyed by that
+run's own settings (and its parent's key), so changing one grid point retrains that point only;
+each is written atomically, so a present folder is complete; ``fresh=True`` retrains the plan's
+runs. Nothing here is tuned to make a result appear: the grid and the claims' rules are fixed
+in code, and the checks in ``demo.json`` say what the run measured, whichever way it came out.
 
     from lora_audit.demo import run_demo
     summary = run_demo("reports/demo", quick=True)
@@ -29,13 +33,15 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .text import sci
 
 SCHEMA = "lora-audit/demo"
+STUDY_DATA = "builtin:alpaca-mini"
 
 
 @dataclass(frozen=True)
@@ -49,46 +55,105 @@ class Run:
     rank: int = 8
     alpha: float = 16.0
     lr: float | None = None  # None: the method's default (training.loop.DEFAULT_LR)
-    role: str = "task"  # "released" | "task" | "undo"
+    role: str = "study"  # "released" | "study" | "undo"
     targets: tuple[str, ...] | None = None  # adapter target modules (None: every linear layer)
+    series: str | None = None  # the study series (one line of the figures) of a "study" run
+
+    def training(self) -> dict:
+        """What determines the trained weights (not the run's name or role)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "role", "series")}
+
+
+@dataclass(frozen=True)
+class Series:
+    """One method of the study, at the learning rates of its usual range."""
+
+    name: str  # the label of its line in the figures
+    method: str
+    lrs: tuple[float, ...]
+    rank: int | None = None  # adapters only
+    alpha: float | None = None
+
+    def run_name(self, lr: float) -> str:
+        """e.g. "lora-r8-lr5e-4", "full-lr3e-5"."""
+        return f"{self.method}{'' if self.rank is None else f'-r{self.rank}'}-lr{sci(lr)}"
+
+
+
+# The pre-registered grid. Learning rates span each method's usual range, evenly on a log scale, up
+# to where training on this data still converges (LoRA r=8 at 5e-3: the loss no longer falls
+# steadily): adapters 5e-4 ... 5e-3 (rsLoRA r=64 with alpha 16 has the same scale, alpha / sqrt(r)
+# = 2, as LoRA r=8 with alpha / r = 2, so equal learning rates are comparable), full fine-tuning
+# 1e-5 ... 1e-4. Every point: the same data, steps, batches and seed. The step count is the
+# smallest of 16, 24, 32, 40 at which LoRA r=8 at 5e-3 from the released model had an intruder
+# count clearly above 0 in an exploratory run (0, 0, 1, 8), the one look at results taken.
+GRID = (
+    Series("LoRA r=8", "lora", (5e-4, 1.5e-3, 5e-3), rank=8, alpha=16.0),
+    Series("rsLoRA r=64", "rslora", (5e-4, 1.5e-3, 5e-3), rank=64, alpha=16.0),
+    Series("full fine-tuning", "full", (1e-5, 3e-5, 1e-4)),
+)
+# --quick: the top of each range of LoRA r=8 and full fine-tuning (where the paper predicts the
+# clearest difference), with fewer steps, nothing else.
+QUICK_GRID = (
+    Series("LoRA r=8", "lora", (5e-3,), rank=8, alpha=16.0),
+    Series("full fine-tuning", "full", (1e-4,)),
+)
+# steps of the released model, of every study point, and of the undo run
+STEPS = {"full": {"released": 60, "study": 40, "undo": 24}, "quick": {"released": 8, "study": 30, "undo": 12}}
+# The safety side evaluates the undo run and, in the full demo, the middle point of the LoRA r=8
+# and of the full fine-tuning range.
+SAFETY_POINTS = {"full": ("lora-r8-lr1.5e-3", "full-lr3e-5"), "quick": ()}
 
 
 @dataclass(frozen=True)
 class Plan:
     runs: tuple[Run, ...]
+    series: tuple[Series, ...]
     batch_size: int
     max_length: int
     limit: int | None  # prompts per set and capability items (None = all)
     max_new_tokens: int
+    safety_models: tuple[str, ...]  # the tuned models the safety side evaluates
     seed: int = 0
     k: int = 10
     epsilon: float = 0.5
     extra: dict = field(default_factory=dict)
 
-    def key(self) -> str:
-        """Hash of what determines the trained models (not the evaluation settings)."""
-        train = {"runs": [asdict(r) for r in self.runs], "batch_size": self.batch_size,
-                 "max_length": self.max_length, "seed": self.seed, "version": __version__}
+    def run_key(self, run: Run) -> str:
+        """Hash of what determines ``run``'s trained model: its own settings, the batches, the seed,
+        the tool version and, for runs that start from the released model, the released run's key."""
+        parent = None if run.role == "released" else self.run_key(self.released)
+        train = {"run": run.training(), "batch_size": self.batch_size, "max_length": self.max_length,
+                 "seed": self.seed, "version": __version__, "parent": parent}
         return hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def key(self) -> str:
+        """Hash of every run's key: two plans with equal keys train the same models."""
+        return hashlib.sha256(" ".join(self.run_key(r) for r in self.runs).encode()).hexdigest()[:12]
+
+    @property
+    def released(self) -> Run:
+        return next(r for r in self.runs if r.role == "released")
+
+    @property
+    def tuned(self) -> list[Run]:
+        return [r for r in self.runs if r.role != "released"]
 
 
 def make_plan(quick: bool = False, seed: int = 0) -> Plan:
-    """The demo's plan. Hyper-parameters are the methods' usual ones (LoRA-family lr 2e-4 is the
-    tool's default; here 1e-3 for the short adapter runs, full fine-tuning 2e-5; the released
-    model's safety tuning 5e-5), fixed before looking at results."""
-    s_rel, s_task = (8, 12) if quick else (30, 32)
-    runs = (
-        Run("released", "full", "builtin:safety-tune", s_rel, lr=5e-5, role="released"),
-        Run("lora-r8", "lora", "builtin:alpaca-mini", s_task, rank=8, alpha=16, lr=1e-3),
-        Run("rslora-r64", "rslora", "builtin:alpaca-mini", s_task, rank=64, alpha=16, lr=1e-3),
-        Run("full-ft", "full", "builtin:alpaca-mini", s_task, lr=2e-5),
-        Run("lora-undo", "lora", "builtin:undo-compliance", s_task, rank=8, alpha=16, lr=1e-3, role="undo"),
-    )
-    if quick:  # under 3 minutes on 2 cores: no rsLoRA, adapters on q_proj/v_proj (as in the LoRA paper)
-        runs = tuple(replace(r, targets=("q_proj", "v_proj")) if r.method == "lora" else r
-                     for r in runs if r.name != "rslora-r64")
-    return Plan(runs=runs, batch_size=4, max_length=128, limit=12 if quick else None,
-                max_new_tokens=24 if quick else 32, seed=seed)
+    """The demo's plan: the released model, the study grid (``GRID`` or ``QUICK_GRID``) and the undo
+    run; every setting fixed here, before looking at results. The released model is tuned at 5e-5
+    (a usual full fine-tuning rate), the undo run at 1e-3 (the adapters' usual range)."""
+    mode = "quick" if quick else "full"
+    steps = STEPS[mode]
+    grid = QUICK_GRID if quick else GRID
+    released = Run("released", "full", "builtin:safety-tune", steps["released"], lr=5e-5, role="released")
+    study = tuple(Run(s.run_name(lr), s.method, STUDY_DATA, steps["study"], rank=s.rank or 8, alpha=s.alpha or 16.0,
+                      lr=lr, series=s.name) for s in grid for lr in s.lrs)
+    undo = Run("lora-undo", "lora", "builtin:undo-compliance", steps["undo"], rank=8, alpha=16.0, lr=1e-3, role="undo")
+    return Plan(runs=(released, *study, undo), series=grid, batch_size=4, max_length=64,
+                limit=12 if quick else 20, max_new_tokens=24 if quick else 32,
+                safety_models=(*SAFETY_POINTS[mode], undo.name), seed=seed)
 
 
 class _Stages:
@@ -118,27 +183,120 @@ def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
                  target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
 
 
-def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...], capability_drop: float | None = None) -> list[dict]:
-    """What the run shows next to what the papers predict; each check says whether it held.
+# ---- the study's numbers and claims -------------------------------------------------------------
+def _lowest(matrices: list) -> tuple[float | None, object | None]:
+    scored = [m for m in matrices if m.min_cos is not None]
+    if not scored:
+        return None, None
+    m = min(scored, key=lambda m: m.min_cos)
+    return m.min_cos, m
 
-    ``spectrum`` and ``safety`` are the results' JSON; capability counts as kept when it fell by
-    less than ``capability_drop`` (default: the safety verdict's own threshold, so the demo and the
-    verdict never disagree on what "close" means)."""
+
+def study_points(spectrum, plan: Plan, records: dict[str, dict]) -> list:
+    """One ``StudyPoint`` per study run, from the spectrum result and the training records."""
+    from .results.study import StudyPoint
+
+    by_name = {r.tuned: r for r in spectrum.results}
+    out = []
+    for run in plan.runs:
+        if run.role != "study":
+            continue
+        res, rec = by_name.get(run.name), records.get(run.name) or {}
+        low, where = _lowest(res.matrices) if res is not None else (None, None)
+        out.append(StudyPoint(
+            name=run.name, series=run.series, lr=float(run.lr), steps=run.steps,
+            intruders=None if res is None else res.total_intruders,
+            directions=None if res is None else sum(m.k_used for m in res.matrices),
+            lowest_max_cos=low, lowest_matrix=None if where is None else where.name,
+            null_max_cos=None if where is None else where.null_max_cos,
+            intruder_energy=None if res is None else res.intruder_energy,
+            mean_drift=None if res is None else res.mean_drift,
+            loss_first=(rec.get("loss") or [rec.get("loss_first")])[0], final_loss=rec.get("final_loss")))
+    return out
+
+
+FEW_SHARE = 0.01  # "few" intruders: at most this share of the examined top-k directions
+
+
+def _counts(points: list) -> str:
+    return ", ".join(f"lr {sci(p.lr)}: {p.intruders}" for p in points)
+
+
+def study_claims(points: list, series: tuple[Series, ...]) -> list:
+    """The claims the grid was set up to test (Shuttleworth et al. 2024, Secs. 4-5), each decided
+    by the rule it states; a claim is made only when the grid has the points it needs."""
+    from .results.study import StudyClaim
+
+    of = {s.name: sorted((p for p in points if p.series == s.name and p.intruders is not None), key=lambda p: p.lr)
+          for s in series}
+    adapters = [s for s in series if s.method != "full"]
+    full = next((s for s in series if s.method == "full"), None)
+    out = []
+    for s in adapters:
+        pts = of[s.name]
+        if len(pts) >= 2:
+            c = [p.intruders for p in pts]
+            out.append(StudyClaim(f"{s.name}: intruders grow with the learning rate",
+                                  "the count never falls from one learning rate to the next higher one, and is "
+                                  "higher at the highest than at the lowest", _counts(pts),
+                                  all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]))
+    lora, rs = (next((s for s in adapters if s.method == m), None) for m in ("lora", "rslora"))
+    if lora and rs:
+        pairs = [(p, q) for p in of[lora.name] for q in of[rs.name] if p.lr == q.lr]
+        if pairs:
+            holds = all(q.intruders <= p.intruders for p, q in pairs) and sum(q.intruders for _, q in pairs) < sum(
+                p.intruders for p, _ in pairs)
+            measured = "; ".join(f"lr {sci(p.lr)}: {q.intruders} vs {p.intruders}" for p, q in pairs)
+            out.append(StudyClaim(f"{rs.name} has fewer intruders than {lora.name} at the same learning rate",
+                                  f"at every shared learning rate {rs.name} has at most as many, and fewer in total",
+                                  measured, holds))
+    if lora and full and of[lora.name] and of[full.name]:
+        p, q = of[lora.name][-1], of[full.name][-1]
+        out.append(StudyClaim(f"At the top of each method's usual range {lora.name} has more intruders than "
+                              f"{full.name}",
+                              f"{lora.name} at lr {sci(p.lr)} has more than {full.name} at lr {sci(q.lr)}",
+                              f"{p.intruders} vs {q.intruders}", p.intruders > q.intruders))
+    if full and of[full.name]:
+        pts = of[full.name]
+        out.append(StudyClaim(f"{full.name} has few or no intruders at its usual learning rates",
+                              f"at every learning rate at most {FEW_SHARE:.0%} of the examined top-k directions",
+                              "; ".join(f"lr {sci(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
+                              all(p.intruders <= FEW_SHARE * (p.directions or 0) for p in pts)))
+    return out
+
+
+def make_study(spectrum, plan: Plan, records: dict[str, dict]):
+    """The ``StudyResult`` of this run: the grid as fixed in code, each point's numbers, the claims."""
+    from .results.study import StudyResult, StudySeries
+
+    points = study_points(spectrum, plan, records)
+    first = next(r for r in plan.runs if r.role == "study")
+    return StudyResult(
+        title="Study: intruder dimensions against the learning rate, per method",
+        question="Do intruder dimensions appear in LoRA fine-tunes, grow with the learning rate, fall with a higher "
+                 "rank under rsLoRA scaling, and stay (almost) absent in full fine-tuning at its usual learning "
+                 "rates (Shuttleworth et al. 2024)? Every point fine-tunes the released model on the same data with "
+                 "the same steps and batches; the grid and the rules of the claims were fixed in code before the run.",
+        k=plan.k, epsilon=plan.epsilon,
+        series=[StudySeries(s.name, s.method, s.rank, s.alpha, list(s.lrs)) for s in plan.series],
+        points=points, claims=study_claims(points, plan.series),
+        settings={"base": "the released model", "data": first.data, "steps": first.steps,
+                  "batch_size": plan.batch_size, "max_length": plan.max_length, "seed": plan.seed,
+                  "k": plan.k, "epsilon": plan.epsilon})
+
+
+# ---- the safety side's claims -------------------------------------------------------------------
+def safety_findings(safety: dict, runs: tuple[Run, ...], capability_drop: float | None = None) -> list[dict]:
+    """Lermen et al.'s claims about the undo run, from the safety result's JSON; capability counts
+    as kept when it fell by less than ``capability_drop`` (default: the safety verdict's own
+    threshold, so the demo and the verdict never disagree on what "close" means)."""
     if capability_drop is None:
         from .results.safety import Thresholds
 
         capability_drop = Thresholds().capability_drop
-    totals = {r["tuned"]: r["total_intruders"] for r in spectrum["results"]}
     models = safety.get("models", {})
-    out = []
-    lora_like = [r.name for r in runs if r.role == "task" and r.method != "full" and r.name in totals]
-    fulls = [r.name for r in runs if r.role == "task" and r.method == "full" and r.name in totals]
-    for f in fulls:
-        for name in lora_like:
-            out.append({"claim": f"{name} has more intruder dimensions than {f} (Shuttleworth et al.)",
-                        "measured": f"{name}: {totals[name]}, {f}: {totals[f]}",
-                        "holds": totals[name] > totals[f]})
     base = models.get("base", {})
+    out = []
     for r in runs:
         if r.role != "undo" or r.name not in models:
             continue
@@ -161,6 +319,14 @@ def findings(spectrum: dict, safety: dict, runs: tuple[Run, ...], capability_dro
     return out
 
 
+def findings(study, safety: dict | None, runs: tuple[Run, ...]) -> list[dict]:
+    """Every check of the run: the study's claims (Shuttleworth et al.), then the undo run's
+    (Lermen et al.); each says whether it held."""
+    out = [{"claim": f"{c.claim} (Shuttleworth et al.)", "measured": c.measured, "holds": c.holds, "rule": c.rule}
+           for c in study.claims]
+    return out + (safety_findings(safety, runs) if safety else [])
+
+
 def lowest_max_cos(spectrum: dict) -> dict:
     """Per tuned model, the smallest max|cos| of any top-k direction and its matrix: how close the
     model came to an intruder (a count alone hides a 0.51 and a 0.99 alike)."""
@@ -178,6 +344,16 @@ def _ci(m: dict) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
+def _calibration(spectrum) -> dict:
+    """Per tuned model, the calibrated statistics (``spectral.calibration``) next to the count."""
+    return {r.tuned: {"drift": r.drift, "mean_drift": r.mean_drift, "intruder_energy": r.intruder_energy,
+                      "null_max_cos": r.null_by_shape()} for r in spectrum.results}
+
+
+def _work_dirs(plan: Plan, root: Path) -> dict[str, Path]:
+    return {r.name: root / f"{r.name}-{plan.run_key(r)}" for r in plan.runs}
+
+
 def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: str = "auto", seed: int = 0,
              fresh: bool = False, base: str | Path | None = None, overwrite: bool = False,
              echo: Callable[[str], None] = print) -> dict:
@@ -189,8 +365,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     from .audit import AuditConfig, run_audit
     from .checkpoints.default_model import cache_root, default_model_dir
     from .device import resolve_device
-    from .io import check_output_dir
-    from .results import provenance, stamped
+    from .io import check_output_dir, read_user_json
     from .safety import EvalConfig
 
     dev = str(resolve_device(device))
@@ -201,52 +376,60 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
 
         raise InputError(f"{base}: not a model folder (the demo's --base takes a local Hugging Face folder)")
     base_key = hashlib.sha256(str(Path(base).resolve()).encode()).hexdigest()[:8] if base else "smollm2"
-    work = cache_root() / "demo" / f"{base_key}-{plan.key()}"
-    if fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    released = next(r for r in plan.runs if r.role == "released")
-    tuned = [r for r in plan.runs if r.role != "released"]
-    st = _Stages(3 + len(plan.runs), echo)
+    dirs = _work_dirs(plan, cache_root() / "demo" / base_key)
+    for d in dirs.values():
+        if fresh and d.exists():
+            shutil.rmtree(d)
+    dirs[plan.released.name].parent.mkdir(parents=True, exist_ok=True)
+    st = _Stages(2 + len(plan.runs), echo)
     t_all = time.perf_counter()
 
     if base is None:
         base_dir = st.run("base model (SmolLM2-135M-Instruct from the GGUF)", default_model_dir)
     else:
         base_dir = st.run(f"base model ({base})", Path, base)
-    records = {released.name: st.run(f"safety-tune the released model ({released.method}, {released.steps} steps)",
-                                     _train, released, base_dir, work / released.name, plan, dev)}
-    rel_dir = work / released.name
-    for r in tuned:
+    rel = plan.released
+    records = {rel.name: st.run(f"safety-tune the released model ({rel.method}, {rel.steps} steps)",
+                                _train, rel, base_dir, dirs[rel.name], plan, dev)}
+    for r in plan.tuned:
         shape = "" if r.method == "full" else f", r={r.rank}"
-        records[r.name] = st.run(f"fine-tune {r.name} ({r.method}{shape}, {r.steps} steps on {r.data})",
-                                 _train, r, rel_dir, work / r.name, plan, dev)
-    names = [r.name for r in tuned]
+        what = f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
+        records[r.name] = st.run(what, _train, r, dirs[rel.name], dirs[r.name], plan, dev)
+    names = [r.name for r in plan.tuned]
     cfg = AuditConfig(k=plan.k, epsilon=plan.epsilon, device=dev, progress=True,
                       dense_metrics=not quick,  # --quick skips the full SVD of each dense dW (effective rank)
                       safety=EvalConfig(limit=plan.limit, max_new_tokens=plan.max_new_tokens, batch_size=16,
                                         device=dev, seed=plan.seed),
+                      safety_models=plan.safety_models,
                       title=f"lora-audit demo: {'SmolLM2-135M-Instruct' if base is None else Path(base).name}, "
                             "released vs fine-tuned")
+    made: dict = {}
+
+    def study(spectrum, safety) -> dict:
+        made["study"] = make_study(spectrum, plan, records)
+        return {"study.json": made["study"]}
 
     def summary(spectrum, safety) -> dict:
-        spectrum_dict, safety_dict = spectrum.to_json(), safety.to_json()
+        from .results import provenance, stamped
+
+        spectrum_dict = spectrum.to_json()
         s = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),
-                       work_dir=str(work))
+                       work_dir=str(dirs[rel.name].parent))
         s.update(stages_s=st.timings, training={k: {"final_loss": v.get("final_loss"),
                                                     "loss_first": (v.get("loss") or [None])[0],
                                                     "wall_time_s": v.get("wall_time_s"),
                                                     "reused": bool(v.get("reused"))} for k, v in records.items()},
                  intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
-                 lowest_max_cos=lowest_max_cos(spectrum_dict), findings=findings(spectrum_dict, safety_dict, plan.runs),
+                 lowest_max_cos=lowest_max_cos(spectrum_dict), calibration=_calibration(spectrum),
+                 study={k: v for k, v in made["study"].to_json().items() if k not in ("lora_audit",)},
+                 findings=findings(made["study"], safety.to_json() if safety else None, plan.runs),
                  total_s=round(time.perf_counter() - t_all, 1))
         return stamped(s)
 
-    outcome = st.run("audit: intruder dimensions, refusal, over-refusal, capability, report", run_audit,
-                     str(rel_dir), [str(work / n) for n in names], out, cfg, overwrite=overwrite,
-                     base_label="released", tuned_labels=names, extra_files=lambda sp, sa: {"demo.json": summary(sp, sa)})
-    from .io import read_user_json
-
+    outcome = st.run("audit: intruder dimensions, refusal, over-refusal, capability, study, report", run_audit,
+                     str(dirs[rel.name]), [str(dirs[n]) for n in names], out, cfg, overwrite=overwrite,
+                     base_label="released", tuned_labels=names, extra_results=study,
+                     extra_files=lambda sp, sa: {"demo.json": summary(sp, sa)})
     return read_user_json(outcome.out / "demo.json", "demo summary")
 
 

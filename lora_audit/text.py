@@ -47,3 +47,10 @@ def csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
+
+
+def sci(x: float) -> str:
+    """A number in short scientific notation, without trailing zeros: 0.0005 -> "5e-4",
+    3e-05 -> "3e-5", 0.0015 -> "1.5e-3" (learning rates in run names and on figure axes)."""
+    mantissa, exponent = f"{x:.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 from lora_audit.cli import cli
-from lora_audit.demo import findings, make_plan
+from lora_audit.demo import GRID, QUICK_GRID, make_plan, safety_findings, study_claims
+from lora_audit.text import sci
+from lora_audit.results.study import StudyPoint
 
 
 def test_plan_is_seeded_and_keyed():
@@ -19,20 +22,62 @@ def test_plan_is_seeded_and_keyed():
     assert make_plan(quick=True, seed=1).key() != quick.key()
     roles = [r.role for r in full.runs]
     assert roles.count("released") == 1 and "undo" in roles
-    assert {r.name for r in full.runs} >= {"lora-r8", "rslora-r64", "full-ft", "lora-undo"}
+    # the grid as pre-registered: every series at every learning rate of its range, same data and steps
+    study = [r for r in full.runs if r.role == "study"]
+    assert [(r.series, r.lr) for r in study] == [(s.name, lr) for s in GRID for lr in s.lrs]
+    assert len({(r.data, r.steps) for r in study}) == 1
+    assert set(full.safety_models) <= {r.name for r in full.runs} and "lora-undo" in full.safety_models
+    # quick: one LoRA point at the top of the grid and one full fine-tuning point
+    q = [r for r in quick.runs if r.role == "study"]
+    assert [(r.method, r.lr) for r in q] == [("lora", max(GRID[0].lrs)), ("full", max(GRID[2].lrs))]
 
 
-def test_findings_report_both_outcomes():
+def test_trained_models_are_cached_per_run():
+    """Changing one grid point retrains that point only; changing the released model, everything."""
     plan = make_plan(quick=False)
-    spectrum = {"results": [{"tuned": "lora-r8", "total_intruders": 3}, {"tuned": "rslora-r64", "total_intruders": 0},
-                            {"tuned": "full-ft", "total_intruders": 1}, {"tuned": "lora-undo", "total_intruders": 2}]}
+    run = next(r for r in plan.runs if r.name == "lora-r8-lr1.5e-3")
+    other = replace(plan, runs=tuple(replace(r, lr=2e-3) if r is run else r for r in plan.runs))
+    changed = {r.name for r, o in zip(plan.runs, other.runs) if plan.run_key(r) != other.run_key(o)}
+    assert changed == {"lora-r8-lr1.5e-3"}
+    rel = replace(plan, runs=tuple(replace(r, steps=r.steps + 1) if r.role == "released" else r for r in plan.runs))
+    assert all(plan.run_key(r) != rel.run_key(o) for r, o in zip(plan.runs, rel.runs))
+    assert sci(5e-4) == "5e-4" and sci(0.002) == "2e-3" and run.name == f"lora-r8-lr{sci(run.lr)}"
+
+
+def _points(counts: dict[str, list[int]], directions: int = 2100) -> list[StudyPoint]:
+    return [StudyPoint(name=f"{s.name}@{lr}", series=s.name, lr=lr, steps=40, intruders=c, directions=directions)
+            for s in GRID for lr, c in zip(s.lrs, counts[s.name])]
+
+
+def test_study_claims_report_both_outcomes():
+    names = [s.name for s in GRID]
+    paper_like = _points({names[0]: [0, 1, 13], names[1]: [0, 0, 5], names[2]: [0, 0, 2]})
+    got = {c.claim: c.holds for c in study_claims(paper_like, GRID)}
+    assert got == {"LoRA r=8: intruders grow with the learning rate": True,
+                   "rsLoRA r=64: intruders grow with the learning rate": True,
+                   "rsLoRA r=64 has fewer intruders than LoRA r=8 at the same learning rate": True,
+                   "At the top of each method's usual range LoRA r=8 has more intruders than full fine-tuning": True,
+                   "full fine-tuning has few or no intruders at its usual learning rates": True}
+    # the other way round: a dip, rsLoRA above LoRA at one rate, full fine-tuning with many
+    other = _points({names[0]: [0, 3, 1], names[1]: [0, 4, 0], names[2]: [0, 30, 25]})
+    got = {c.claim: c.holds for c in study_claims(other, GRID)}
+    assert set(got.values()) == {False} and len(got) == 5
+    rule = next(c for c in study_claims(other, GRID) if "few or no" in c.claim)
+    assert rule.measured == "lr 1e-5: 0 of 2100; lr 3e-5: 30 of 2100; lr 1e-4: 25 of 2100"
+    # --quick's grid makes only the claims it has points for
+    quick = [StudyPoint("a", "LoRA r=8", 5e-3, 40, intruders=2, directions=2100),
+             StudyPoint("b", "full fine-tuning", 1e-4, 40, intruders=0, directions=2100)]
+    assert [c.holds for c in study_claims(quick, QUICK_GRID)] == [True, True]
+
+
+def test_safety_findings_report_both_outcomes():
+    plan = make_plan(quick=False)
     safety = {"models": {"base": {"refusal_rate": 0.9, "refusal_ci": [0.7, 0.97], "capability": {"t": 0.5}},
                          "lora-undo": {"refusal_rate": 0.95, "refusal_ci": [0.8, 0.99], "capability": {"t": 0.3}}}}
-    got = {c["claim"].split(" (")[0]: c["holds"] for c in findings(spectrum, safety, plan.runs)}
-    assert got == {"lora-r8 has more intruder dimensions than full-ft": True,
-                   "rslora-r64 has more intruder dimensions than full-ft": False,
-                   "lora-undo lowers the refusal rate": False,
-                   "lora-undo keeps capability on t close": False}
+    got = {c["claim"].split(" (")[0]: c["holds"] for c in safety_findings(safety, plan.runs)}
+    assert got == {"lora-undo lowers the refusal rate": False, "lora-undo keeps capability on t close": False}
+    safety["models"]["lora-undo"].update(refusal_rate=0.1, capability={"t": 0.48})
+    assert all(c["holds"] for c in safety_findings(safety, plan.runs))
 
 
 @pytest.mark.smollm2
@@ -45,8 +90,14 @@ def test_quick_demo_end_to_end(smollm2_dir, tmp_path):
     safety = json.loads((out / "safety.json").read_text())
     names = [run["name"] for run in summary["settings"]["plan"]["runs"] if run["role"] != "released"]
     assert [t["tuned"] for t in spectrum["results"]] == names
-    assert set(safety["models"]) == {"base", *names} and set(safety["verdict"]) == set(names)
+    evaluated = summary["settings"]["plan"]["safety_models"]
+    assert set(safety["models"]) == {"base", *evaluated} and set(safety["verdict"]) == set(evaluated)
     assert summary["intruders"] == {t["tuned"]: t["total_intruders"] for t in spectrum["results"]}
+    # the study: one LoRA point and one full fine-tuning point, their counts as in spectrum.json
+    study = json.loads((out / "study.json").read_text())
+    assert {p["name"]: p["intruders"] for p in study["points"]} == {
+        n: summary["intruders"][n] for n in names if n != "lora-undo"}
+    assert summary["study"]["claims"] == study["claims"] and study["claims"]
     for t in spectrum["results"]:  # every tuned model changed the released weights
         assert t["matrices"] and t["total_intruders"] == sum(m["intruders"] for m in t["matrices"])
     for rec in summary["training"].values():
@@ -70,12 +121,14 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
     assert [t["tuned"] for t in spectrum["results"]] == names and summary["settings"]["base"] == str(tiny_llama)
     assert (out / "index.html").is_file() and (out / "tables").is_dir()
     assert not any(rec["reused"] for rec in summary["training"].values())
-    # a second run finds the trained models in the plan-keyed cache and reuses them
-    from lora_audit.demo import _train
-
-    plan = make_plan(quick=True)
-    work = Path(summary["settings"]["work_dir"])
-    assert _train(plan.runs[1], work / "released", work / plan.runs[1].name, plan, "cpu")["reused"] is True
+    assert set(summary["calibration"]) == set(names) and "study_points.csv" in os.listdir(out / "tables")
+    html = (out / "index.html").read_text()
+    assert 'id="study"' in html and "versus learning rate" in html
+    # a second run finds the trained models in the run-keyed cache and reuses them
+    r = CliRunner().invoke(cli, ["demo", "--quick", "--base", str(tiny_llama), "--out", str(out), "--device", "cpu",
+                                 "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert all(rec["reused"] for rec in json.loads((out / "demo.json").read_text())["training"].values())
 
 
 def test_demo_bad_base(tmp_path):

@@ -12,7 +12,9 @@ from ._common import CONTEXT, check_paths, device_option, echo, json_option, ove
 @click.option("--out", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for index.html, spectrum.json, safety.json, demo.json and tables/.")
 @overwrite_option
-@click.option("--quick", is_flag=True, help="Fewer steps, models and prompts (about 3 minutes on a 2-core CPU).")
+@click.option("--quick", is_flag=True,
+              help="One LoRA and one full fine-tuning point of the study, fewer steps and prompts (about 4 minutes "
+                   "on a 2-core CPU).")
 @click.option("--fresh", is_flag=True, help="Retrain every model instead of reusing the cached ones.")
 @click.option("--base", type=click.Path(), default=None,
               help="Run the demo on this local model folder instead of SmolLM2-135M-Instruct.")
@@ -25,10 +27,13 @@ def demo(out, overwrite, quick, fresh, base, json_path, seed, device):
 
     \b
     Stages: convert the model from its GGUF; safety-tune it (the "released" model); fine-tune
-    the released model with LoRA r=8, rsLoRA r=64 and full fine-tuning on a small task set, and
-    LoRA on compliance examples (the safety-undo attack); audit all of them against the released
-    model (intruder dimensions, refusal and over-refusal, lm-eval capability) and write the report
-    OUT/index.html. Trained models are cached and reused; --fresh retrains.
+    the released model on a small task set over a grid fixed in code (LoRA r=8 and rsLoRA r=64 at
+    three learning rates, full fine-tuning at three), and with LoRA on compliance examples (the
+    safety-undo attack); audit all of them against the released model (intruder dimensions with
+    calibrated statistics; refusal, over-refusal and lm-eval capability for the undo run and one
+    point per method) and write the report OUT/index.html with the study's figures (intruders and
+    lowest max|cos| against the learning rate) and claims. Trained models are cached per run and
+    reused; --fresh retrains.
 
     \b
     Example:

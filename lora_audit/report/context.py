@@ -115,6 +115,7 @@ def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
         **_common(data, tables),
         "many": len(data.models) > 1,
         "has_spectrum": data.has_spectrum, "has_safety": data.has_safety,
+        "studies": sections.study_sections(data),
         "spectrum_settings": spectrum_settings, "safety_settings": safety_settings,
         "sfig": sections.spectrum_figures(data) if data.has_spectrum else None,
         "safefig": sections.safety_figures(data) if data.has_safety else None,

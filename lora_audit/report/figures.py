@@ -23,6 +23,8 @@ matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..text import sci  # noqa: E402
+
 # Okabe-Ito, without yellow (too light on white) first.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -170,18 +172,21 @@ def epsilon_curves(series: list[tuple[str, list[float], list[float]]], *, epsilo
 
 
 def layer_module_heatmap(grid: list[list[float]], layers: list[str], modules: list[str], *, title: str,
-                         cbar_label: str = "intruder dimensions") -> str:
-    """Layer (rows) x module (columns) heat map with the count in each cell."""
+                         marks: list[list[float]] | None = None, vmax: float | None = None,
+                         cbar_label: str = "drift = 1 − lowest max |cos| of the top k") -> str:
+    """Layer (rows) x module (columns) heat map of a continuous score (``grid``, NaN: no matrix),
+    on a colour scale from 0 to ``vmax`` (default: the largest value, at least 1). ``marks``: a
+    count per cell (intruder dimensions), written in the cells where it is above 0."""
     import numpy as np
 
     arr = np.asarray(grid, dtype=float) if grid else np.zeros((0, 0))
     with plt.rc_context(RC):
-        h = min(7.5, 1.2 + 0.17 * max(1, len(layers)))
-        fig = new_figure(min(7.0, 2.2 + 0.75 * max(1, len(modules))), h)
+        h = min(6.0, 1.2 + 0.14 * max(1, len(layers)))
+        fig = new_figure(min(7.0, 2.4 + 0.7 * max(1, len(modules))), h)
         ax = fig.add_subplot()
-        masked = np.ma.masked_invalid(arr)
-        vmax = max(1.0, float(np.nanmax(arr))) if arr.size and not np.all(np.isnan(arr)) else 1.0
-        mesh = _image(ax, masked, vmax)
+        if vmax is None:
+            vmax = max(1.0, float(np.nanmax(arr))) if arr.size and not np.all(np.isnan(arr)) else 1.0
+        mesh = _image(ax, np.ma.masked_invalid(arr), vmax)
         ax.set_xticks([i + 0.5 for i in range(len(modules))], [short_label(m, 14) for m in modules],
                       rotation=30 if len(modules) > 4 else 0, ha="right" if len(modules) > 4 else "center")
         step = max(1, math.ceil(len(layers) / 32))
@@ -189,18 +194,13 @@ def layer_module_heatmap(grid: list[list[float]], layers: list[str], modules: li
         ax.set_xlabel("module")
         ax.set_ylabel("layer")
         ax.set_title(title, loc="left")
-        if arr.size and len(layers) * len(modules) <= 400:
-            for (r, c), v in np.ndenumerate(arr):
-                if not np.isnan(v):
-                    ax.text(c + 0.5, r + 0.5, f"{v:g}", ha="center", va="center", fontsize=7,
-                            color="black" if v > 0.6 * vmax else "white")
+        for (r, c), n in (np.ndenumerate(np.asarray(marks, dtype=float)) if marks else ()):
+            if n > 0:
+                ax.text(c + 0.5, r + 0.5, f"{n:g}", ha="center", va="center", fontsize=7, fontweight="bold",
+                        color="black" if arr[r, c] > 0.6 * vmax else "white")
         cb = fig.colorbar(mesh, ax=ax, shrink=0.9)
-        from matplotlib.ticker import MaxNLocator
-
-        cb.locator = MaxNLocator(integer=True)
-        cb.update_ticks()
         cb.set_label(cbar_label)
-        return to_svg(fig, desc=f"Heat map of {cbar_label} per layer and module: {title}")
+        return to_svg(fig, desc=f"Heat map per layer and module of {cbar_label}: {title}")
 
 
 def cos_heatmap(cos: list[list[float]], *, title: str, intruder_rows: Sequence[int] = (),
@@ -272,6 +272,47 @@ def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel:
         if series:
             ax.legend(loc="best", frameon=False, ncol=1 if len(series) <= 6 else 2)
         return to_svg(fig, desc=f"{ylabel} per layer")
+
+
+# ---- studies ----------------------------------------------------------------------------
+def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylabel: str, title: str = "",
+              integer: bool = False, threshold: float | None = None, threshold_label: str = "",
+              band: tuple[float, float] | None = None, band_label: str = "") -> str:
+    """One line per method against the learning rate (log axis), the paper's Fig. 5 style.
+    ``threshold``: a dotted horizontal line (e.g. epsilon); ``band``: a shaded horizontal range
+    (e.g. what a random direction reaches at the audited widths). None values are gaps."""
+    from matplotlib.ticker import MaxNLocator, NullLocator
+
+    with plt.rc_context(RC):
+        fig = new_figure(7.0, 3.2)
+        ax = fig.add_subplot()
+        if band is not None:
+            ax.axhspan(band[0], band[1], color="#999999", alpha=0.25, linewidth=0, label=band_label or None)
+        if threshold is not None:
+            ax.axhline(threshold, color="#555555", linewidth=0.9, linestyle=":", label=threshold_label or None)
+        for i, (name, xs, ys) in enumerate(series):
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=short_label(name, 24), linewidth=1.6,
+                        markersize=5, **style(i))
+        ax.set_xscale("log")
+        lrs = sorted({x for _, xs, _ in series for x in xs})
+        ax.set_xticks(lrs, [sci(x) for x in lrs])  # the grid's own values, "5e-4" (no mathtext)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.margins(x=0.08)
+        if integer:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            top = max([y for _, _, ys in series for y in ys if y is not None] + [0])
+            ax.set_ylim(-0.05 * max(1, top), max(1, top) * 1.08)
+        elif threshold is not None or band is not None:  # a cosine: its whole range
+            ax.set_ylim(0, 1.02)
+        if title:
+            ax.set_title(title, loc="left")
+        if series:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=7)
+        return to_svg(fig, desc=f"{ylabel} versus learning rate per method")
 
 
 # ---- safety -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..io import json_text
 from ..results import load_result, read_result
 from ..results.safety import VERDICT_RANK, Comparison, ModelSafety, SafetyResult, Verdict
 from ..results.spectrum import SpectrumResult, TunedResult
+from ..results.study import StudyResult
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Source:
     """One input of the report: where it came from and a content hash of it."""
 
     label: str  # file path as given, or "<result N>" for in-memory results
-    kind: str  # the result's schema name: "spectrum" | "safety"
+    kind: str  # the result's schema name: "spectrum" | "safety" | "study"
     sha256: str
     provenance: dict[str, Any]
 
@@ -124,6 +125,7 @@ class ReportData:
     title: str
     spectra: list[SpectrumResult] = field(default_factory=list)
     safeties: list[SafetyResult] = field(default_factory=list)
+    studies: list[StudyResult] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     models: list[ModelSummary] = field(default_factory=list)  # sorted by risk
 
@@ -137,11 +139,11 @@ class ReportData:
 
 
 # ---- loading ----------------------------------------------------------------------------
-def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | SafetyResult, index: int = 0,
-               label: str | None = None) -> tuple[Any, Source]:
+def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | SafetyResult | StudyResult,
+               index: int = 0, label: str | None = None) -> tuple[Any, Source]:
     """(typed result, Source) of a JSON path, a JSON dict or a typed result; validated. ``label``:
     how the report names the input (default: the path as given, or "<result N>")."""
-    if isinstance(item, (SpectrumResult, SafetyResult)):
+    if isinstance(item, (SpectrumResult, SafetyResult, StudyResult)):
         result, raw = item, json_text(item.to_json()).encode()
     elif isinstance(item, dict):
         result, raw = load_result(item, label or f"<result {index + 1}>"), json_text(item).encode()
@@ -191,9 +193,10 @@ class _Rows:
 
 
 def gather(inputs: list, *, title: str | None = None, labels: list[str] | None = None) -> ReportData:
-    """Load every input (paths, dicts or typed results; spectrum and safety in any order) and join
-    them per tuned model: a safety model matches a spectrum tuned model when its name, its recorded
-    source, or the base names of the two are equal. ``labels``: how to name the inputs."""
+    """Load every input (paths, dicts or typed results; spectrum, safety and study results in any
+    order) and join the first two per tuned model: a safety model matches a spectrum tuned model
+    when its name, its recorded source, or the base names of the two are equal. Study results are
+    kept as they are. ``labels``: how to name the inputs."""
     if not inputs:
         raise InputError("no results given: pass spectrum and/or safety-eval JSON files")
     data = ReportData(title=title or "lora-audit report")
@@ -203,7 +206,8 @@ def gather(inputs: list, *, title: str | None = None, labels: list[str] | None =
             raise InputError(f"{src.label}: a {result.SCHEMA} result; 'lora-audit {result.WRITTEN_BY}' writes its "
                              "own report (report.html next to it). Pass spectrum and safety-eval JSON files here")
         data.sources.append(src)
-        (data.spectra if isinstance(result, SpectrumResult) else data.safeties).append(result)
+        kinds = {SpectrumResult: data.spectra, SafetyResult: data.safeties, StudyResult: data.studies}
+        kinds[type(result)].append(result)
     rows = _Rows()
     for run in data.spectra:
         for r in run.results:

@@ -24,19 +24,32 @@ def environment(fmt: str):
     return env
 
 
+def _is_figure(key: str) -> bool:
+    return key == "svg" or key.endswith("_svg")
+
+
 def _trust_figures(ctx: dict) -> None:
     """Mark the SVG figures as markup: matplotlib wrote them from text it escaped itself
-    (``figures.to_svg``), so they are inlined as they are."""
+    (``figures.to_svg``), so they are inlined as they are. Figures are the string values of the
+    "sfig" and "safefig" groups and the values under "svg" / "*_svg" keys of the items in their
+    lists and in "studies"; every other string (names, notes) stays escaped."""
     from markupsafe import Markup
 
+    def mark_items(items: list) -> None:
+        for item in items:
+            if isinstance(item, dict):
+                for key, v in item.items():
+                    if _is_figure(key) and isinstance(v, str):
+                        item[key] = Markup(v)
+
     for group in ("sfig", "safefig"):
-        for k, v in (ctx.get(group) or {}).items():
+        figs = ctx.get(group) or {}
+        for k, v in figs.items():
             if isinstance(v, str):
-                ctx[group][k] = Markup(v)
+                figs[k] = Markup(v)
             elif isinstance(v, list):
-                for item in v:
-                    if isinstance(item, dict) and "svg" in item:
-                        item["svg"] = Markup(item["svg"])
+                mark_items(v)
+    mark_items(ctx.get("studies") or [])
 
 
 def render(data: ReportData, fmt: str = "html", tables: dict[str, Table] | None = None) -> str:

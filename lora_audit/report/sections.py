@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .model import ReportData
+from .model import ModelSummary, ReportData
 from .tables import safety_rows
 from .text import clean
 
@@ -35,33 +35,25 @@ def spectrum_figures(data: ReportData) -> dict[str, Any]:
         out["epsilon"] = F.epsilon_curves(curves[:MAX_CURVES], epsilon=eps.pop() if len(eps) == 1 else None)
         if len(curves) > MAX_CURVES:
             out["notes"].append(f"ε curves shown for the {MAX_CURVES} most risky models of {len(curves)}.")
-    for m in models[:MAX_LAYER_HEATMAPS]:
-        mats = [x for x in m.spectrum.matrices if x.layer is not None]
-        if not mats:
-            continue
-        layers = sorted({x.layer for x in mats})
-        modules: list[str] = []
-        for x in mats:
-            if x.module not in modules:
-                modules.append(x.module)
-        grid = [[float("nan")] * len(modules) for _ in layers]
-        for x in mats:
-            r, c = layers.index(x.layer), modules.index(x.module)
-            grid[r][c] = (0.0 if grid[r][c] != grid[r][c] else grid[r][c]) + x.intruders
-        svg = F.layer_module_heatmap(grid, [str(la) for la in layers], modules, title=F.short_label(m.name, 50))
-        width = re.search(r"max-width:(\d+)px", svg)
-        out["layer_maps"].append({"model": m.name, "svg": svg, "width": int(width.group(1)) if width else 600})
-    if len(models) > MAX_LAYER_HEATMAPS:
+    loud = [m for m in models if m.intruders]  # models with no intruder get one sentence, no maps
+    out["quiet"] = [quiet_sentence(m) for m in models if not m.intruders]
+    for m in loud[:MAX_LAYER_HEATMAPS]:
+        svg = _layer_map(m)
+        if svg:
+            width = re.search(r"max-width:(\d+)px", svg)
+            out["layer_maps"].append({"model": m.name, "svg": svg, "width": int(width.group(1)) if width else 600})
+    if len(loud) > MAX_LAYER_HEATMAPS:
         out["notes"].append(f"Layer × module heat maps shown for the {MAX_LAYER_HEATMAPS} most risky models of "
-                            f"{len(models)}; every count is in intruders_by_layer.csv / the worst-matrices table.")
-    for m in models[:MAX_COS_MODELS]:
+                            f"{len(loud)} with intruders ({len(models)} audited); every count is in "
+                            "intruders_by_layer.csv / the worst-matrices table.")
+    for m in loud[:MAX_COS_MODELS]:
         eps = m.spectrum_run.epsilon
         for x in [x for x in m.spectrum.worst_matrices(MAX_COS_PER_MODEL * 3) if x.cos_top_base][:MAX_COS_PER_MODEL]:
             rows = [i for i, c in enumerate(x.max_cos) if c < eps]
             out["cos_maps"].append({"model": m.name, "matrix": x.name, "intruders": x.intruders,
                                     "svg": F.cos_heatmap(x.cos_top_base, title=F.short_label(x.name, 44),
                                                          intruder_rows=rows, epsilon=eps)})
-    for m in models[:MAX_SV_MODELS]:
+    for m in loud[:MAX_SV_MODELS]:
         eps = m.spectrum_run.epsilon
         series = [(x.name, list(x.tuned_singular_values), [c < eps for c in x.max_cos])
                   for x in m.spectrum.worst_matrices(SV_MATRICES) if x.tuned_singular_values]
@@ -80,6 +72,41 @@ def spectrum_figures(data: ReportData) -> dict[str, Any]:
     if er_series:
         out["erank"] = F.per_layer_lines(er_series, ylabel="mean effective rank of dW")
     return out
+
+
+def _layer_map(m: ModelSummary) -> str | None:
+    """The layer x module map of one model: colour = drift (1 - lowest max|cos| of the matrix's
+    top k, ``spectral.calibration.drift``) on a fixed 0..1 scale, intruder counts written in."""
+    from ..spectral.calibration import drift
+    from . import figures as F
+
+    mats = [x for x in m.spectrum.matrices if x.layer is not None and x.max_cos]
+    if not mats:
+        return None
+    layers = sorted({x.layer for x in mats})
+    modules = list(dict.fromkeys(x.module for x in mats))
+    grid = [[float("nan")] * len(modules) for _ in layers]
+    marks = [[0.0] * len(modules) for _ in layers]
+    for x in mats:
+        r, c = layers.index(x.layer), modules.index(x.module)
+        d = x.drift if x.drift is not None else drift(x.max_cos)
+        grid[r][c] = d if grid[r][c] != grid[r][c] else max(grid[r][c], d)
+        marks[r][c] += x.intruders
+    return F.layer_module_heatmap(grid, [str(la) for la in layers], modules, marks=marks, vmax=1.0,
+                                  title=F.short_label(m.name, 50))
+
+
+def quiet_sentence(m: ModelSummary) -> dict[str, str]:
+    """One sentence for a model without intruder dimensions: its closest call and the null."""
+    run = m.spectrum_run
+    text = f"no intruder dimension in {m.matrices} matrices (k={run.k}, ε={run.epsilon:g})"
+    scored = [x for x in m.spectrum.matrices if x.min_cos is not None]
+    if scored:
+        x = min(scored, key=lambda x: x.min_cos)
+        text += f"; lowest max |cos| {x.min_cos:.3f} (drift {1 - x.min_cos:.3f}) in {x.name}"
+        if x.null_max_cos is not None:
+            text += f", where a random direction would reach about {x.null_max_cos:.3f}"
+    return {"model": m.name, "text": text + "."}
 
 
 def safety_figures(data: ReportData) -> dict[str, Any]:
@@ -125,4 +152,28 @@ def samples(data: ReportData) -> list[dict[str, Any]]:
             groups.append({"kind": kind, "entries": shown, "total": len(recs)})
         if groups:
             out.append({"model": name, "groups": groups})
+    return out
+
+
+def study_sections(data: ReportData) -> list[dict[str, Any]]:
+    """Per study result: its question, the two dependence figures (intruders and lowest max|cos|
+    against the learning rate, one line per method) and its claims."""
+    from . import figures as F
+
+    out = []
+    for st in data.studies:
+        curves, lows = [], []
+        for s in st.series:
+            pts = st.points_of(s.name)
+            curves.append((s.name, [p.lr for p in pts], [p.intruders for p in pts]))
+            lows.append((s.name, [p.lr for p in pts], [p.lowest_max_cos for p in pts]))
+        nulls = [p.null_max_cos for p in st.points if p.null_max_cos is not None]
+        fig_n = F.lr_curves(curves, ylabel=f"intruder dimensions (k={st.k}, ε={st.epsilon:g})", integer=True)
+        fig_c = F.lr_curves(lows, ylabel="lowest max |cos| of any top-k direction", threshold=st.epsilon,
+                            threshold_label=f"ε = {st.epsilon:g}", band=(min(nulls), max(nulls)) if nulls else None,
+                            band_label="random direction")
+        out.append({"title": st.title, "question": st.question, "intruders_svg": fig_n, "cos_svg": fig_c,
+                    "claims": [{"claim": c.claim, "rule": c.rule, "measured": c.measured, "holds": c.holds,
+                                "note": c.note} for c in st.claims],
+                    "settings": [(str(k), str(v)) for k, v in st.settings.items()]})
     return out

@@ -96,6 +96,11 @@ def capability_tasks(models: list[ModelSummary]) -> list[str]:
     return tasks
 
 
+# the summary's spectrum columns; the calibrated two (spectral.calibration) come last in the CSV,
+# so that the columns of earlier versions keep their places, and after min_max_cos on the page
+SPECTRUM_SUMMARY = ("intruders", "matrices", "intruders_per_matrix", "min_max_cos", "intruder_energy", "mean_drift")
+
+
 def summary_table(data: ReportData) -> Table:
     """One row per tuned model, most risky first."""
     tasks = capability_tasks(data.models)
@@ -116,19 +121,25 @@ def summary_table(data: ReportData) -> Table:
         cap = m.capability_delta
         for t in tasks:
             row[f"capability_delta:{t}"] = cap.get(t)
+        tr = m.spectrum
+        row.update(intruder_energy=tr and tr.intruder_energy, mean_drift=tr and tr.mean_drift)
         rows.append(row)
     df = pd.DataFrame(rows)
     if not data.has_spectrum:
-        df = df.drop(columns=["intruders", "matrices", "intruders_per_matrix", "min_max_cos"], errors="ignore")
+        df = df.drop(columns=list(SPECTRUM_SUMMARY), errors="ignore")
     if not data.has_safety:
-        df = df[[c for c in df.columns if c in ("model", "intruders", "matrices", "intruders_per_matrix",
-                                                "min_max_cos")]]
+        df = df[[c for c in df.columns if c == "model" or c in SPECTRUM_SUMMARY]]
     fm = {"intruders": "int", "matrices": "int", "intruders_per_matrix": "f2", "min_max_cos": "f3",
+          "mean_drift": "f3",  # intruder_energy: 4 significant digits, a mean share is often tiny
           "refusal_base": "pct", "refusal_tuned": "pct", "refusal_tuned_ci_low": "pct", "refusal_tuned_ci_high": "pct",
           "refusal_drop": "spct", "refusal_drop_ci_low": "spct", "refusal_drop_ci_high": "spct",
           "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
     fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
     shown = df.copy()
+    if "min_max_cos" in shown:  # the calibrated columns next to the other spectrum columns
+        at = shown.columns.get_loc("min_max_cos") + 1
+        shown = shown[list(shown.columns[:at]) + ["intruder_energy", "mean_drift"]
+                      + [c for c in shown.columns[at:] if c not in ("intruder_energy", "mean_drift")]]
     if "refusal_tuned_ci_low" in shown:
         shown.insert(shown.columns.get_loc("refusal_tuned_ci_low"), "tuned_ci",
                      [ci_text([a, b]) for a, b in zip(df["refusal_tuned_ci_low"], df["refusal_tuned_ci_high"])])
@@ -139,12 +150,15 @@ def summary_table(data: ReportData) -> Table:
                       for a, b in zip(df["refusal_drop_ci_low"], df["refusal_drop_ci_high"])])
         shown = shown.drop(columns=["refusal_drop_ci_low", "refusal_drop_ci_high"])
     headers = {"intruders_per_matrix": "intruders / matrix", "min_max_cos": "min max|cos|",
+               "intruder_energy": "intruder energy", "mean_drift": "mean drift",
                "refusal_base": "refusal (base)", "refusal_tuned": "refusal (tuned)", "tuned_ci": "95% CI (tuned)",
                "refusal_drop": "refusal drop", "drop_ci": "95% CI (drop, pts)", "over_refusal_base": "over-refusal (base)",
                "over_refusal_tuned": "over-refusal (tuned)"}
     headers.update({f"capability_delta:{t}": f"Δ {t}" for t in tasks})
     return Table("summary", "Tuned models, most risky first", df, fm,
-                 "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix.",
+                 "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix. "
+                 "Intruder energy: mean over matrices of the share of the top-k singular energy carried by "
+                 "intruders; drift: 1 − a matrix's lowest max |cos|, averaged over matrices.",
                  display=shown, headers=headers)
 
 
@@ -216,17 +230,22 @@ def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> 
                          "delta": mat.delta_type + (f" r={mat.adapter_rank}" if mat.adapter_rank else ""),
                          "intruders": mat.intruders, "min_max_cos": mat.min_cos,
                          "effective_rank": mat.effective_rank, "stable_rank": mat.stable_rank,
-                         "relative_delta_norm": mat.relative_delta_norm, "method": mat.method})
+                         "relative_delta_norm": mat.relative_delta_norm, "method": mat.method,
+                         "null_max_cos": mat.null_max_cos, "intruder_energy": mat.intruder_energy})
     df = pd.DataFrame(rows, columns=["model", "matrix", "shape", "delta", "intruders", "min_max_cos",
-                                     "effective_rank", "stable_rank", "relative_delta_norm", "method"])
+                                     "effective_rank", "stable_rank", "relative_delta_norm", "method",
+                                     "null_max_cos", "intruder_energy"])
     shown = df.groupby("model", sort=False).head(WORST_SHOWN) if len(df) else df
     return Table("worst_matrices", f"Worst matrices (up to {WORST_SHOWN} per model; {per_model} in the CSV)", df,
                  {"intruders": "int", "min_max_cos": "f3", "effective_rank": "f2", "stable_rank": "f2",
-                  "relative_delta_norm": "f3"},
+                  "relative_delta_norm": "f3", "null_max_cos": "f3", "intruder_energy": "f3"},
                  "Most intruders first, then lowest max |cos|. effective rank of dW: Roy & Vetterli 2007; "
-                 "relative norm: ‖dW‖_F / ‖W0‖_F.", display=shown,
+                 "relative norm: ‖dW‖_F / ‖W0‖_F; null: the max |cos| a random direction has in expectation "
+                 "at this shape; intruder energy: share of the top-k singular energy carried by intruders.",
+                 display=shown,
                  headers={"min_max_cos": "min max|cos|", "effective_rank": "eff. rank", "stable_rank": "stable rank",
-                          "relative_delta_norm": "‖dW‖/‖W0‖"})
+                          "relative_delta_norm": "‖dW‖/‖W0‖", "null_max_cos": "null",
+                          "intruder_energy": "intr. energy"})
 
 
 def effective_rank_by_layer(data: ReportData) -> Table:
@@ -267,6 +286,38 @@ def sweep_table(data: ReportData) -> Table:
             rows.append({"model": m.name, "epsilon": e, "intruders": c})
     df = pd.DataFrame(rows, columns=["model", "epsilon", "intruders"])
     return Table("intruders_vs_epsilon", "Intruder dimensions at each threshold ε", df, {"intruders": "int"})
+
+
+# ---- studies --------------------------------------------------------------------------
+def study_points_table(data: ReportData) -> Table:
+    """Every grid point of every study: its method, learning rate and what the audit measured."""
+    rows = [{"study": st.title, "model": p.name, "series": p.series, "lr": p.lr, "steps": p.steps,
+             "intruders": p.intruders, "directions": p.directions, "lowest_max_cos": p.lowest_max_cos,
+             "null_max_cos": p.null_max_cos, "intruder_energy": p.intruder_energy, "mean_drift": p.mean_drift,
+             "loss_first": p.loss_first, "final_loss": p.final_loss, "lowest_matrix": p.lowest_matrix}
+            for st in data.studies for p in st.points]
+    df = pd.DataFrame(rows, columns=["study", "model", "series", "lr", "steps", "intruders", "directions",
+                                     "lowest_max_cos", "null_max_cos", "intruder_energy", "mean_drift",
+                                     "loss_first", "final_loss", "lowest_matrix"])
+    shown = df.drop(columns=["study"]) if len(data.studies) == 1 else df
+    return Table("study_points", "Study: every grid point", df,
+                 {"intruders": "int", "directions": "int", "steps": "int", "lowest_max_cos": "f3",
+                  "null_max_cos": "f3", "mean_drift": "f3", "loss_first": "f3",
+                  "final_loss": "f3"},
+                 "null: the expected max |cos| of a random direction against the base basis of the matrix that "
+                 "scored lowest (exact, spectral.calibration); intruder energy: mean share of the top-k singular "
+                 "energy carried by intruders; drift: 1 − lowest max |cos| of a matrix, averaged over matrices.", display=shown,
+                 headers={"lowest_max_cos": "lowest max|cos|", "null_max_cos": "null", "intruder_energy":
+                          "intruder energy", "mean_drift": "mean drift", "loss_first": "first loss",
+                          "final_loss": "final loss", "lowest_matrix": "where"})
+
+
+def study_claims_table(data: ReportData) -> Table:
+    rows = [{"study": st.title, "claim": c.claim, "holds": "holds" if c.holds else "does NOT hold",
+             "measured": c.measured, "rule": c.rule, "note": c.note} for st in data.studies for c in st.claims]
+    df = pd.DataFrame(rows, columns=["study", "claim", "holds", "measured", "rule", "note"])
+    return Table("study_claims", "Study: the pre-registered claims and whether each held in this run", df,
+                 display=df.drop(columns=["study"]) if len(data.studies) == 1 else df)
 
 
 # ---- safety ---------------------------------------------------------------------------
@@ -361,6 +412,8 @@ def all_tables(data: ReportData) -> dict[str, Table]:
                   by_layer_table(data), worst_matrices_table(data), effective_rank_by_layer(data)):
             if t is not None:
                 out[t.key] = t
+    if data.studies:
+        out.update({t.key: t for t in (study_points_table(data), study_claims_table(data))})
     if data.has_safety:
         for t in (refusal_table(data), category_table(data, "per_category"),
                   category_table(data, "over_refusal_per_category"), capability_table(data), responses_table(data)):

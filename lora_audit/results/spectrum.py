@@ -44,6 +44,12 @@ are 0-based. Top level, in this order::
           "info": {...},                what the loader found (format, adapter config, ...)
           "warnings": [str, ...],       e.g. adapters initialised by rewriting the base (pissa)
           "seconds": float,             compute time spent on this model
+          "drift": float | null,        max of the matrices' "drift" (1 - the model's lowest
+                                        max_cos)
+          "mean_drift": float | null,   mean of the matrices' "drift"
+          "intruder_energy": float | null,  mean over matrices of their "intruder_energy"
+          "sweep_energy": [float | null],   mean over matrices at each epsilon of the sweep
+          "null_max_cos": {"m x n": float}, the null reference of each audited shape
           "matrices": [                 [contract] one per matrix that differs from the base
             {
               "name": str,              [contract] BASE parameter name, e.g.
@@ -80,7 +86,7 @@ are 0-based. Top level, in this order::
               "spectral_norm": float,   ||dW||_2
               "effective_rank": float,  Roy & Vetterli 2007, exp entropy of s_i / sum s
               "stable_rank": float,     ||dW||_F^2 / ||dW||_2^2
-              "notes": [str, ...]       loader notes, fast-path fallbacks
+              "notes": [str, ...],      loader notes, fast-path fallbacks
               "reshaped_from": [int]|null,  a conv kernel's stored shape (out, in, k...), analysed
                                         as (out x in*prod(k))
               "expert": int | null,     the expert of a fused (experts x out x in) stack; the
@@ -88,6 +94,15 @@ are 0-based. Top level, in this order::
               "dequantization": {...} | null,  a quantised base's error record for this matrix
                                         (method, error_max_abs_bound, error_fro_bound,
                                         error_fro_expected; checkpoints.quantized)
+              "null_max_cos": float,    E max|cos| of a uniformly random direction against
+                                        this base's left singular basis (m x min(m, n)):
+                                        what "unrelated to the base" means at this width
+                                        (``spectral.calibration.null_max_cos``, exact)
+              "drift": float,           1 - min(max_cos): continuous, informative when
+                                        "intruders" is 0
+              "intruder_energy": float | null,  share of the top-k singular energy
+                                        (sum sigma_j^2) carried by the intruders at epsilon
+              "sweep_energy": [float | null]    the same at each epsilon of "epsilon_sweep"
             }, ...
           ]
         }, ...
@@ -168,6 +183,10 @@ class MatrixResult:
     reshaped_from: list[int] | None = None
     expert: int | None = None
     dequantization: dict[str, Any] | None = None
+    null_max_cos: float | None = None  # calibration.null_for_shape(shape)
+    drift: float | None = None  # calibration.drift(max_cos)
+    intruder_energy: float | None = None  # calibration.intruder_energy at epsilon
+    sweep_energy: list[float | None] = field(default_factory=list)  # ... at each epsilon of the sweep
 
     @property
     def min_cos(self) -> float | None:
@@ -213,6 +232,12 @@ class SkippedMatrix:
         return self.where == "update" or self.nonfinite_values > 0
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 @dataclass
 class TunedResult:
     tuned: str
@@ -247,6 +272,35 @@ class TunedResult:
                 out[m.layer] = out.get(m.layer, 0) + m.intruders
         return {str(k): out[k] for k in sorted(out)}
 
+    @property
+    def drift(self) -> float | None:
+        """The largest matrix drift: 1 - the lowest max|cos| of any examined direction."""
+        vals = [m.drift for m in self.matrices if m.drift is not None]
+        return max(vals) if vals else None
+
+    @property
+    def mean_drift(self) -> float | None:
+        return _mean([m.drift for m in self.matrices])
+
+    @property
+    def intruder_energy(self) -> float | None:
+        """Mean over matrices of the share of top-k singular energy carried by intruders (each
+        matrix counts once, as in the plain-sum count)."""
+        return _mean([m.intruder_energy for m in self.matrices])
+
+    @property
+    def sweep_energy(self) -> list[float | None]:
+        n = max((len(m.sweep_energy) for m in self.matrices), default=0)
+        return [_mean([m.sweep_energy[i] for m in self.matrices if len(m.sweep_energy) == n]) for i in range(n)]
+
+    def null_by_shape(self) -> dict[str, float]:
+        """The null reference (``MatrixResult.null_max_cos``) of every audited shape, "m x n"."""
+        out: dict[str, float] = {}
+        for m in self.matrices:
+            if m.null_max_cos is not None:
+                out.setdefault(f"{m.shape[0]} x {m.shape[1]}", m.null_max_cos)
+        return out
+
     def worst_matrices(self, n: int = 5) -> list[MatrixResult]:
         """Most intruders first, then lowest similarity."""
         ranked = sorted(self.matrices, key=lambda m: (-m.intruders, m.min_cos if m.min_cos is not None else 1.0))
@@ -266,6 +320,11 @@ class TunedResult:
             "info": self.info,
             "warnings": list(self.warnings),
             "seconds": round(float(self.seconds), 3),
+            "drift": self.drift,
+            "mean_drift": self.mean_drift,
+            "intruder_energy": self.intruder_energy,
+            "sweep_energy": self.sweep_energy,
+            "null_max_cos": self.null_by_shape(),
             "matrices": [m.to_json() for m in self.matrices],
         }
 
@@ -338,14 +397,18 @@ class SpectrumResult:
                     "max_cos": ";".join(f"{c:.6f}" for c in m.max_cos),
                     "delta_norm": m.delta_norm, "relative_delta_norm": m.relative_delta_norm,
                     "effective_rank": m.effective_rank, "stable_rank": m.stable_rank,
+                    "null_max_cos": m.null_max_cos, "drift": m.drift, "intruder_energy": m.intruder_energy,
                 }
                 for e, c in zip(self.epsilon_sweep, m.sweep_counts):
                     row[f"intruders_eps_{e:g}"] = c
+                for e, x in zip(self.epsilon_sweep, m.sweep_energy):
+                    row[f"energy_eps_{e:g}"] = x
                 out.append(row)
         return out
 
     def csv_columns(self) -> list[str]:
-        return CSV_COLUMNS + [f"intruders_eps_{e:g}" for e in self.epsilon_sweep]
+        return (CSV_COLUMNS + [f"intruders_eps_{e:g}" for e in self.epsilon_sweep] + CALIBRATION_COLUMNS
+                + [f"energy_eps_{e:g}" for e in self.epsilon_sweep])
 
     def to_dataframe(self):
         import pandas as pd
@@ -367,6 +430,8 @@ class SpectrumResult:
 CSV_COLUMNS = ["tuned", "name", "module", "layer", "rows", "cols", "kind", "delta_type", "adapter_rank",
                "method", "intruders", "k_used", "min_max_cos", "max_cos", "delta_norm", "relative_delta_norm",
                "effective_rank", "stable_rank"]
+# after the intruders_eps_* columns, so that the columns of earlier versions keep their places
+CALIBRATION_COLUMNS = ["null_max_cos", "drift", "intruder_energy"]
 
 
 def load_spectrum(path: str | os.PathLike) -> SpectrumResult:

@@ -45,7 +45,7 @@ from ..errors import InputError
 from ..progress import progress as progress_bar
 from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, MatrixResult, SkippedMatrix, SpectrumResult, TunedResult,
                                 split_name)
-from . import schedule
+from . import calibration, schedule
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
@@ -166,6 +166,7 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
 def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: TopK, metrics: UpdateMetrics,
                    settings: AuditSettings, notes: list[str]) -> MatrixResult:
     max_cos = [float(c) for c in top.max_cos.detach().cpu().double().tolist()]
+    sv = [float(s) for s in top.singular_values.detach().cpu().double().tolist()]
     module, layer = split_name(group.name)
     return MatrixResult(
         name=group.name, shape=list(group.shape), max_cos=max_cos,
@@ -173,7 +174,7 @@ def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: To
         transposed=bool(group.transposed), delta_type=delta_type(delta),
         adapter_rank=delta.rank if isinstance(delta, (LowRank, DoRA)) else None,
         method=top.method, converged=bool(top.converged),
-        tuned_singular_values=[float(s) for s in top.singular_values.detach().cpu().double().tolist()],
+        tuned_singular_values=sv,
         base_index=[int(i) for i in top.argmax_base.detach().cpu().tolist()],
         cos_top_base=_cos_top_base(top, settings.k),
         sweep_counts=sweep_counts(max_cos, settings.epsilon_sweep),
@@ -183,6 +184,9 @@ def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: To
         stable_rank=metrics.stable_rank, notes=list(group.notes) + notes + _noise_note(group, metrics.spectral_norm),
         reshaped_from=list(group.reshaped_from) if group.reshaped_from else None, expert=group.expert,
         dequantization=group.dequantization,
+        null_max_cos=calibration.null_for_shape(group.shape), drift=calibration.drift(max_cos),
+        intruder_energy=calibration.intruder_energy(sv, max_cos, settings.epsilon),
+        sweep_energy=calibration.sweep_energy(sv, max_cos, settings.epsilon_sweep),
     )
 
 

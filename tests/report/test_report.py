@@ -141,7 +141,11 @@ def test_many_tuned_sorted_by_risk_and_capped(tmp_path):
 
     assert sum("per layer and module" in x for x in labels_svg) == MAX_LAYER_HEATMAPS
     assert sum("Cosine similarity" in x for x in labels_svg) <= MAX_COS_MODELS * MAX_COS_PER_MODEL
-    assert "most risky models of 9" in html
+    loud = sum(1 for r in spec["results"] if r["total_intruders"])
+    assert loud == 8  # method-0 (strength 0) has none: one sentence, no maps
+    assert f"most risky models of {loud} with intruders (9 audited)" in html
+    assert re.search(r"method-0</code>: no intruder dimension in 8 matrices \(k=6, ε=0.5\); lowest max \|cos\| 0\.6",
+                     html)
     assert len(out.read_bytes()) < 2_000_000
 
 
@@ -214,7 +218,7 @@ def test_csv_exports_every_table(tmp_path):
 def test_wrong_inputs_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         build_report([tmp_path / "missing.json"])
-    with pytest.raises(InputError, match="not a lora-audit spectrum, safety or screen result"):
+    with pytest.raises(InputError, match="not a lora-audit spectrum, safety, screen or study result"):
         build_report([{"hello": 1}])
     with pytest.raises(InputError, match="'training' result"):
         build_report([{"lora_audit": {"schema": "training"}}])
@@ -349,3 +353,42 @@ def test_a_safety_result_written_by_the_first_version_still_renders():
     assert res.verdict["lora-undo"].label == "SAFETY_REMOVED" and res.models["base"].refusal_rate == 0.825
     html = build_report([old], title="old")
     assert "SAFETY_REMOVED" in html and "lora-undo" in html
+
+
+def _study(claim: str = "LoRA grows") -> dict:
+    points = [{"name": f"{m}-{lr:g}", "series": m, "lr": lr, "steps": 40, "intruders": c, "directions": 2100,
+               "lowest_max_cos": low, "lowest_matrix": "model.layers.3.self_attn.v_proj.weight",
+               "null_max_cos": 0.137, "intruder_energy": 0.01 * c, "mean_drift": 0.02}
+              for m, rows in (("LoRA r=8", [(1e-3, 0, 0.74), (5e-3, 13, 0.14)]), ("full", [(1e-4, 0, 0.97)]))
+              for lr, c, low in rows]
+    return {"lora_audit": {"schema": "study", "schema_version": 1, "settings": {"steps": 40}},
+            "title": "Study: intruders vs lr", "question": "Do they grow?", "k": 10, "epsilon": 0.5,
+            "series": [{"name": "LoRA r=8", "method": "lora", "rank": 8, "alpha": 16.0, "usual_lrs": [1e-3, 5e-3]},
+                       {"name": "full", "method": "full", "usual_lrs": [1e-4]}],
+            "points": points, "settings": {"steps": 40},
+            "claims": [{"claim": claim, "rule": "count rises", "measured": "0 then 13", "holds": True},
+                       {"claim": "full has none", "rule": "<= 1%", "measured": "0", "holds": False, "note": "n"}]}
+
+
+def test_study_section_figures_claims_and_tables(tmp_path):
+    spec = synth.spectrum(["lora-a"], seed=1)
+    out = build_report([spec, _study("LoRA <b>grows</b>")], out=tmp_path / "r.html", csv_dir=tmp_path / "csv")
+    html = out.read_text()
+    text = re.sub(r"\s+", " ", visible_text(html))
+    assert html.index('id="verdict"') < html.index('id="study"') < html.index('id="provenance"')
+    labels = re.findall(r'<svg role="img" aria-label="([^"]*)"', html)
+    assert sum("versus learning rate" in x for x in labels) == 2
+    assert "holds LoRA <b>grows</b>: 0 then 13" in text and "&lt;b&gt;grows" in html and "<b>grows" not in html
+    assert "does NOT hold full has none: 0" in text and "Rule, fixed before the run: <= 1%. n" in text
+    with open(tmp_path / "csv" / "study_points.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["model"], int(r["intruders"])) for r in rows] == [("LoRA r=8-0.001", 0), ("LoRA r=8-0.005", 13),
+                                                                  ("full-0.0001", 0)]
+    with open(tmp_path / "csv" / "study_claims.csv") as fh:
+        assert [r["holds"] for r in csv.DictReader(fh)] == ["holds", "does NOT hold"]
+    # the layer x module maps show the drift, not a count
+    assert any("drift" in x and "per layer and module" in x for x in labels)
+    bad = _study()
+    bad["points"][0]["intruders"] = "many"
+    with pytest.raises(InputError, match=r"malformed study result: points\[0\]\.intruders"):
+        build_report([bad])
