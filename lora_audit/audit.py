@@ -7,7 +7,8 @@ library user) run it; the commands only parse options and print.
     outcome.spectrum.results[0].total_intruders, outcome.safety.verdict["adapter"].label
 
 The folder holds ``spectrum.json``, ``safety.json`` (unless the safety side is skipped),
-``index.html``, ``tables/*.csv`` and whatever ``extra_files`` adds; it is built in a temporary
+``scan.json`` (safety-scan: by default whenever the safety side runs), ``index.html``,
+``tables/*.csv`` and whatever ``extra_files`` adds; it is built in a temporary
 sibling and moved into place only when every stage succeeded, and it never replaces a folder
 lora-audit did not write (``lora_audit.io.atomic_dir``).
 """
@@ -45,6 +46,10 @@ class AuditConfig:
     progress: bool = True
     safety: Any = None  # EvalConfig | None
     title: str | None = None
+    # safety-scan: a lora_audit.scan.ScanConfig (errors raise), None (never), or "auto": whenever the
+    # safety side runs, with its prompts, limit, batch size and chat template; a base it cannot scan
+    # (refuses nothing, an unstable direction, an architecture it does not know) skips it with a note
+    scan: Any = "auto"
 
 
 @dataclass
@@ -52,7 +57,9 @@ class AuditOutcome:
     out: Path
     spectrum: SpectrumResult
     safety: SafetyResult | None = None
+    scan: Any = None  # SafetyScanResult | None
     files: dict[str, Path] = field(default_factory=dict)  # name -> path in the final folder
+    notes: list[str] = field(default_factory=list)  # e.g. why the automatic safety-scan was skipped
 
 
 def default_title(tuned: Sequence[str]) -> str:
@@ -71,8 +78,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         out: the output folder; an earlier lora-audit folder there is replaced only with ``overwrite``.
         base_label, tuned_labels: names in the results (default: the paths as given; the safety
             side names tuned models after their folders unless ``tuned_labels`` is given).
-        on_stage: called with ("spectrum", SpectrumResult) and ("safety", SafetyResult) as each
-            stage ends.
+        on_stage: called with ("spectrum", SpectrumResult), ("safety", SafetyResult) and ("scan",
+            SafetyScanResult, or the reason it was skipped as a string) as each stage ends.
         extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
             the report (so it can time everything).
     Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
@@ -98,19 +105,43 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         safety = run_safety_eval(str(base), tuned, cfg.safety, names=list(tuned_labels) if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
-    files = _write_folder(out, spectrum, safety, cfg.title or default_title(tuned), overwrite, extra_files)
-    return AuditOutcome(out=out, spectrum=spectrum, safety=safety, files=files)
+    scan, notes = _scan(base, tuned, cfg, tuned_labels)
+    if on_stage and (scan is not None or notes):
+        on_stage("scan", scan if scan is not None else notes[0])
+    files = _write_folder(out, spectrum, safety, cfg.title or default_title(tuned), overwrite, extra_files, scan)
+    return AuditOutcome(out=out, spectrum=spectrum, safety=safety, scan=scan, files=files, notes=notes)
+
+
+def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None):
+    """(safety-scan result or None, notes) as ``cfg.scan`` asks (``AuditConfig``)."""
+    if cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None):
+        return None, []
+    from .errors import InputError
+    from .scan import ScanConfig, run_safety_scan
+
+    if cfg.scan == "auto":
+        sc = cfg.safety
+        scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=sc.limit,
+                          batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
+                          allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
+        try:
+            return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None), []
+        except InputError as e:
+            return None, [f"safety-scan skipped: {e}"]
+    return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []
 
 
 def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, title: str, overwrite: bool,
-                  extra_files) -> dict[str, Path]:
+                  extra_files, scan=None) -> dict[str, Path]:
     from .report import all_tables, gather, render, write_csvs
 
-    names = ["spectrum.json"] + (["safety.json"] if safety is not None else [])
+    names = ["spectrum.json"] + (["safety.json"] if safety is not None else []) + (["scan.json"] if scan else [])
     with atomic_dir(out, overwrite=overwrite, what="audit") as tmp:
         spectrum.write_json(tmp / "spectrum.json")
         if safety is not None:
             safety.write_json(tmp / "safety.json")
+        if scan is not None:
+            scan.write_json(tmp / "scan.json")
         data = gather([tmp / n for n in names], title=title, labels=names)  # labels: as found next to the report
         tables = all_tables(data)
         (tmp / "index.html").write_text(render(data, "html", tables), encoding="utf-8")

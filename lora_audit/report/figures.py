@@ -252,8 +252,10 @@ def singular_values(series: list[tuple[str, list[float], list[bool]]], *, title:
         return to_svg(fig, desc=f"Singular value spectra: {title}")
 
 
-def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel: str, title: str = "") -> str:
-    """One line per tuned model against the layer index (e.g. mean effective rank of dW)."""
+def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel: str, title: str = "",
+                    floor: float | None = 0) -> str:
+    """One line per tuned model against the layer index (e.g. mean effective rank of dW); the y axis
+    starts at ``floor`` (None: where the data do)."""
     with plt.rc_context(RC):
         fig = new_figure(7.0, 3.0)
         ax = fig.add_subplot()
@@ -262,7 +264,8 @@ def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel:
             ax.plot(xs, ys, label=short_label(name), linewidth=1.5, markersize=4, **style(i))
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
+        if floor is not None:
+            ax.set_ylim(bottom=floor)
         if title:
             ax.set_title(title, loc="left")
         if series:
@@ -334,3 +337,24 @@ def category_bars(categories: list[str], series: list[tuple[str, list[float | No
             ax.set_title(title, loc="left")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         return to_svg(fig, desc=f"{ylabel} per category")
+
+
+def scatter(groups: list[tuple[str, list[float], list[float]]], *, xlabel: str, ylabel: str, title: str = "",
+            logx: bool = False, width: float = 3.6, height: float = 2.9) -> str:
+    """Points in groups (one colour and marker per group, e.g. a fine-tuning method): a signal or a
+    risk score (x) against a measured refusal drop (y)."""
+    with plt.rc_context(RC):
+        fig = new_figure(width, height)
+        ax = fig.add_subplot()
+        for i, (name, xs, ys) in enumerate(groups):
+            st = style(i)
+            ax.scatter(xs, ys, label=short_label(name, 24), color=st["color"], marker=st["marker"], s=22)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title, loc="left")
+        if groups:
+            ax.legend(loc="best", frameon=False, fontsize=6)
+        return to_svg(fig, desc=f"{ylabel} against {xlabel}")

@@ -28,7 +28,7 @@ def _trust_figures(ctx: dict) -> None:
     (``figures.to_svg``), so they are inlined as they are."""
     from markupsafe import Markup
 
-    for group in ("sfig", "safefig"):
+    for group in ("sfig", "safefig", "scanfig"):
         for k, v in (ctx.get(group) or {}).items():
             if isinstance(v, str):
                 ctx[group][k] = Markup(v)
