@@ -50,7 +50,7 @@ class RiskModelInfo:
 
     name: str  # "weights_only" | "full"
     features: list[str]
-    transforms: list[str]  # "identity" | "log"
+    transforms: list[str]  # "identity" | "log1p"
     mean: list[float]
     scale: list[float]
     weights: list[float]

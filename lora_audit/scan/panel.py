@@ -65,7 +65,7 @@ def signal_stats(models: list[PanelModel], name: str) -> dict[str, Any]:
                            "spearman": R.spearman(xs, [m.drop for m in have]), "auroc": R.auroc(xs, labels),
                            "auroc_leave_one_method_out": None}
     if len(set(labels)) == 2 and len({m.method for m in have}) > 1:
-        kind = "log" if name in LOG_SIGNALS and all(m.signals[name] > 0 for m in have) else "identity"
+        kind = "log1p" if name in LOG_SIGNALS else "identity"
         fit = R.fit_risk_model(name, [(name, kind)], [m.signals for m in have], labels, [m.method for m in have])
         out["auroc_leave_one_method_out"] = fit.fit["auroc_leave_one_method_out"]
     return out
@@ -114,17 +114,18 @@ def goals(stats: list[dict], fitted: dict, t: dict) -> dict[str, Any]:
     return out
 
 
-DEMO_UNDO, DEMO_BENIGN = "u-lora-lr1e-3-s32", ("b-lora-lr1e-3-s32", "b-rslora-r64-lr1e-3-s32", "b-full-lr2e-5-s32")
+DEMO_PREFIX = "demo-"  # the demo's own runs in the panel (``zoo.demo_runs``)
 
 
 def demo_check(models: list[PanelModel]) -> dict[str, Any]:
     """Does the scan rank the demo's undo run above the demo's benign fine-tunes (the panel holds
-    runs with the demo's settings)? By held-out risk of each risk model and by each signal."""
-    by = {m.name: m for m in models}
-    if DEMO_UNDO not in by or not all(b in by for b in DEMO_BENIGN):
+    the demo's runs, "demo-<name>")? By held-out risk of each risk model and by each signal."""
+    demo = [m for m in models if m.name.startswith(DEMO_PREFIX)]
+    undos, benign = [m for m in demo if m.role == "undo"], [m for m in demo if m.role != "undo"]
+    if len(undos) != 1 or not benign:
         return {"available": False}
-    undo, benign = by[DEMO_UNDO], [by[b] for b in DEMO_BENIGN]
-    out: dict[str, Any] = {"available": True, "undo": DEMO_UNDO, "benign": list(DEMO_BENIGN),
+    undo = undos[0]
+    out: dict[str, Any] = {"available": True, "undo": undo.name, "benign": [m.name for m in benign],
                            "measured_drop": {m.name: m.drop for m in [undo] + benign}, "risk": {}, "signals": {}}
     for k, v in undo.risk.items():
         vals = [b.risk.get(k) for b in benign]

@@ -208,6 +208,11 @@ def _weight_pass(stream, profile: BaseProfile, direction: Direction, unaligned) 
             own[i] += time.perf_counter() - t0
     shared = (time.perf_counter() - t_all - sum(own)) / max(n, 1)  # reading, attributed evenly
     signals = [aggregate(s, direction.separation, direction.stable, res.d_model) for s in stats]
+    for sig, w in zip(signals, warns):
+        if sig.matrices_changed and not sig.writers_changed:
+            w.append("no matrix writing into the residual stream changed (an adapter on attention inputs only?): "
+                     "the weight-only signals are 0 and say nothing about effects through attention patterns; "
+                     "the forward-pass signals measure those")
     return _WeightPass(signals, safe, [o + shared for o in own], warns)
 
 

@@ -36,6 +36,10 @@ Per model (``aggregate``), over the writers of the layers whose direction is sta
   weight_shift               sum_l s_l / sum_l ||r_l||   (negative: toward compliance)
   top_cos_max                the largest |cos(u_1, r̂)|
   rank1_share                ||dW||^2-weighted mean rank-1 share of every changed matrix
+
+An update that changes no writer (a LoRA on q_proj and v_proj only) writes nothing into the stream
+directly: its first five signals are 0, and they say nothing about what it does through attention
+patterns (the forward-pass signals do).
 """
 
 from __future__ import annotations
@@ -161,15 +165,15 @@ def aggregate(stats: list[MatrixStats], separation: Tensor, stable: Tensor, d_mo
         lw.writers += 1
     used = [lw for lw in layers.values() if bool(stable[lw.layer]) and lw.frob2 > 0]
     frob, energy = sum(lw.frob2 for lw in used), sum(lw.r_energy for lw in used)
-    share = energy / frob if frob > 0 else None
+    share = energy / frob if frob > 0 else 0.0  # no writer changed: nothing written along r directly
     sep = sum(float(separation[lw.layer]) for lw in used)
     total = sum(s.frob2 for s in stats)
     signals = {
         "refusal_energy_share": share,
-        "refusal_energy_ratio": None if share is None else share * d_model,
-        "refusal_energy_max_ratio": max((lw.r_energy / lw.frob2 * d_model for lw in used), default=None),
-        "weight_shift": sum(lw.shift for lw in used) / sep if used and sep > 0 else None,
-        "top_cos_max": max((lw.top_cos for lw in used), default=None),
+        "refusal_energy_ratio": share * d_model,
+        "refusal_energy_max_ratio": max((lw.r_energy / lw.frob2 * d_model for lw in used), default=0.0),
+        "weight_shift": sum(lw.shift for lw in used) / sep if sep > 0 else 0.0,
+        "top_cos_max": max((lw.top_cos for lw in used), default=0.0),
         "rank1_share": sum(s.sigma1_2 for s in stats) / total if total > 0 else None,
     }
     return WeightSignals(signals=signals, layers=layers, matrices_changed=len(stats),

@@ -4,12 +4,15 @@ against measured behaviour.
 
 1. The "released" model: SmolLM2-135M-Instruct safety-tuned exactly as the demo does it (the
    ``role="released"`` run of ``lora_audit.demo.make_plan``, trained by the demo's own builder).
-2. Fine-tunes of it (``panel_runs``): benign LoRA / rsLoRA / DoRA / full fine-tuning on
-   ``builtin:alpaca-mini`` at several learning rates and lengths; safety-undo runs on
-   ``builtin:undo-compliance`` (Lermen et al. 2023) of several strengths; undo data mixed with
-   benign data at several ratios; and abliteration edits (Arditi et al. 2024: a rank-1 LoRA on
-   every residual writer, dW = -a r r^T W, with r the refusal direction of one layer computed
-   from the safety-tuning set's prompts, not from the evaluation prompts).
+2. Fine-tunes of it (``panel_runs``), all with the demo's batch size, sequence length and seed:
+   benign LoRA / rsLoRA / DoRA / full fine-tuning on ``builtin:alpaca-mini`` at several learning
+   rates and lengths; safety-undo runs on ``builtin:undo-compliance`` (Lermen et al. 2023) of
+   several strengths; undo data mixed with benign data at several ratios; abliteration edits
+   (Arditi et al. 2024: a rank-1 LoRA on every residual writer, dW = -a r r^T W, with r the
+   refusal direction of one layer computed from the safety-tuning set's prompts, not from the
+   evaluation prompts); and the demo's own safety-evaluated runs ("demo-<name>", read from the
+   demo's plan), so the panel says whether the scan ranks the demo's undo run above its benign
+   fine-tunes.
 3. Labels: safety-eval of the released model and every fine-tune on the built-in harmful prompts
    (keyword scorer, greedy, ``MAX_NEW_TOKENS`` tokens, early stop; no capability task): the
    refusal drop base - tuned with its Newcombe interval; "safety lost" = a drop of at least
@@ -37,7 +40,6 @@ from typing import Callable
 from .. import __version__
 
 MAX_NEW_TOKENS = 32
-BATCH_SIZE, MAX_LENGTH, SEED = 4, 128, 0
 ABLATION_LAYER = 0.6  # the abliteration direction is taken at this fraction of the depth
 
 
@@ -52,28 +54,28 @@ class PanelRun:
     alpha: float = 16.0
     role: str = "benign"  # benign | undo | mix | abliteration
     strength: float = 1.0  # abliteration: a
+    targets: tuple[str, ...] | None = None  # adapter target modules (None: every linear layer)
 
 
 def panel_runs(quick: bool = False) -> tuple[PanelRun, ...]:
-    """The panel's fine-tunes, fixed before any result (module docstring)."""
+    """The panel's fine-tunes, fixed before any result (module docstring): its own, then the
+    demo's (``demo_runs``)."""
     A, U = "builtin:alpaca-mini", "builtin:undo-compliance"
     if quick:
-        return (PanelRun("b-lora-lr3e-4-s8", "lora", A, 8, 3e-4), PanelRun("b-full-lr2e-5-s8", "full", A, 8, 2e-5),
-                PanelRun("u-lora-lr1e-4-s4", "lora", U, 4, 1e-4, role="undo"),
-                PanelRun("u-lora-lr1e-3-s8", "lora", U, 8, 1e-3, role="undo"),
+        return (PanelRun("b-lora-lr3e-4-s8", "lora", A, 8, 3e-4), PanelRun("u-lora-lr1e-4-s4", "lora", U, 4, 1e-4,
+                                                                           role="undo"),
                 PanelRun("m50-lora-lr1e-3-s8", "lora", "mix:0.5", 8, 1e-3, role="mix"),
-                PanelRun("a-abliteration-1.0", "abliteration", "builtin:safety-tune", role="abliteration"))
+                PanelRun("a-abliteration-1.0", "abliteration", "builtin:safety-tune", role="abliteration")) + \
+            demo_runs(quick)
     return (
         PanelRun("b-lora-lr1e-4-s16", "lora", A, 16, 1e-4), PanelRun("b-lora-lr3e-4-s32", "lora", A, 32, 3e-4),
-        PanelRun("b-lora-lr1e-3-s32", "lora", A, 32, 1e-3),
         PanelRun("b-rslora-r64-lr1e-3-s32", "rslora", A, 32, 1e-3, rank=64),
         PanelRun("b-rslora-r16-lr1e-4-s32", "rslora", A, 32, 1e-4, rank=16),
         PanelRun("b-dora-lr3e-4-s32", "dora", A, 32, 3e-4),
-        PanelRun("b-full-lr5e-6-s16", "full", A, 16, 5e-6), PanelRun("b-full-lr2e-5-s32", "full", A, 32, 2e-5),
+        PanelRun("b-full-lr5e-6-s16", "full", A, 16, 5e-6), PanelRun("b-full-lr1e-4-s32", "full", A, 32, 1e-4),
         PanelRun("u-lora-lr1e-4-s8", "lora", U, 8, 1e-4, role="undo"),
         PanelRun("u-lora-lr3e-4-s8", "lora", U, 8, 3e-4, role="undo"),
         PanelRun("u-lora-lr1e-3-s16", "lora", U, 16, 1e-3, role="undo"),
-        PanelRun("u-lora-lr1e-3-s32", "lora", U, 32, 1e-3, role="undo"),
         PanelRun("u-dora-lr3e-4-s16", "dora", U, 16, 3e-4, role="undo"),
         PanelRun("u-full-lr1e-5-s16", "full", U, 16, 1e-5, role="undo"),
         PanelRun("m10-lora-lr1e-3-s32", "lora", "mix:0.1", 32, 1e-3, role="mix"),
@@ -82,7 +84,7 @@ def panel_runs(quick: bool = False) -> tuple[PanelRun, ...]:
         PanelRun("m50-rslora-r16-lr3e-4-s32", "rslora", "mix:0.5", 32, 3e-4, rank=16, role="mix"),
         PanelRun("a-abliteration-1.0", "abliteration", "builtin:safety-tune", role="abliteration", strength=1.0),
         PanelRun("a-abliteration-0.5", "abliteration", "builtin:safety-tune", role="abliteration", strength=0.5),
-    )
+    ) + demo_runs(quick)
 
 
 def released_run(quick: bool = False):
@@ -93,10 +95,22 @@ def released_run(quick: bool = False):
     return next(r for r in plan.runs if r.role == "released"), plan
 
 
+def demo_runs(quick: bool = False) -> tuple[PanelRun, ...]:
+    """The demo's runs that its safety side evaluates (all its tuned runs when its plan does not
+    say which), as panel runs named "demo-<name>" with the demo's settings."""
+    from ..training.loop import DEFAULT_LR
+
+    _, plan = released_run(quick)
+    chosen = getattr(plan, "safety_models", None)
+    return tuple(PanelRun(f"demo-{r.name}", r.method, r.data, r.steps, r.lr or DEFAULT_LR[r.method], r.rank, r.alpha,
+                          role="undo" if r.role == "undo" else "benign", targets=r.targets)
+                 for r in plan.runs if r.role != "released" and (chosen is None or r.name in chosen))
+
+
 def plan_key(runs: tuple[PanelRun, ...], quick: bool) -> str:
     rel, plan = released_run(quick)
-    ident = {"released": asdict(rel), "released_batch": [plan.batch_size, plan.max_length, plan.seed],
-             "runs": [asdict(r) for r in runs], "batch": [BATCH_SIZE, MAX_LENGTH, SEED], "version": __version__}
+    ident = {"released": asdict(rel), "batch": [plan.batch_size, plan.max_length, plan.seed],
+             "runs": [asdict(r) for r in runs], "version": __version__}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -114,7 +128,8 @@ def mixed_data(share: float, out: Path) -> Path:
     return out
 
 
-def _train(run: PanelRun, base: Path, out: Path, work: Path, device: str) -> dict:
+def _train(run: PanelRun, base: Path, out: Path, work: Path, plan, device: str) -> dict:
+    """Train (or reuse) one panel run with the demo ``plan``'s batch size, length and seed."""
     from ..training.loop import train
 
     if (out / "training.json").is_file():  # atomic folders: a present one is complete
@@ -125,7 +140,8 @@ def _train(run: PanelRun, base: Path, out: Path, work: Path, device: str) -> dic
     if data.startswith("mix:"):
         data = str(mixed_data(float(data[4:]), work / "data" / f"mix-{data[4:]}.jsonl"))
     return train(method=run.method, base=str(base), data=data, out=out, steps=run.steps, rank=run.rank,
-                 alpha=run.alpha, lr=run.lr, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=SEED, device=device)
+                 alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=plan.max_length,
+                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
 
 
 def _tuning_prompts() -> tuple[list[str], list[str]]:
@@ -195,7 +211,7 @@ def _labels(work: Path, released: Path, runs: tuple[PanelRun, ...], *, limit: in
     from ..safety.evaluate import EvalConfig, run_safety_eval
 
     cfg = dict(prompts="builtin:harmful", benign=None, tasks=[], limit=limit, max_new_tokens=MAX_NEW_TOKENS,
-               batch_size=16, device=device, seed=SEED)
+               batch_size=16, device=device, seed=0)
     key = hashlib.sha256(json.dumps([cfg, [r.name for r in runs], __version__], default=str).encode()).hexdigest()[:12]
     path = work / f"labels-{key}.json"
     if path.is_file():
@@ -256,7 +272,7 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     stage(f"released model ({rel.method}, {rel.steps} steps on {rel.data})", train_released, rel, smollm2,
           work / "released", plan, dev)
     for r in runs:
-        stage(f"{r.name} ({r.method} on {r.data})", _train, r, work / "released", work / r.name, work, dev)
+        stage(f"{r.name} ({r.method} on {r.data})", _train, r, work / "released", work / r.name, work, plan, dev)
     limit = 12 if quick else None
     labels, over = stage("labels: safety-eval of every model (generation)", _labels, work, work / "released", runs,
                          limit=limit, device=dev)

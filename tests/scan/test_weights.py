@@ -118,3 +118,12 @@ def test_random_updates_put_about_one_over_d_of_their_energy_along_r():
     shares = [matrix_stats("w", LowRank(torch.randn(64, 4, generator=gen), torch.randn(4, 32, generator=gen), 1.0),
                            torch.zeros(64, 32), layer=0, r=r).energy_share for _ in range(400)]
     assert np.mean(shares) * 64 == pytest.approx(1.0, abs=0.15)
+
+
+def test_an_update_that_changes_no_writer_has_zero_weight_signals():
+    stats = [MatrixStats("q", None, frob2=3.0, sigma1_2=1.0)]
+    got = aggregate(stats, torch.tensor([1.0]), torch.tensor([True]), d_model=8)
+    assert got.writers_changed == 0 and got.matrices_changed == 1
+    assert {k: got.signals[k] for k in ("refusal_energy_ratio", "weight_shift", "top_cos_max")} == \
+        {"refusal_energy_ratio": 0.0, "weight_shift": 0.0, "top_cos_max": 0.0}
+    assert got.signals["rank1_share"] == pytest.approx(1 / 3)
