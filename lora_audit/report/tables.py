@@ -358,8 +358,9 @@ def scan_table(data: ReportData) -> Table:
     fm.update({k: "f3" for k in present})
     return Table("safety_scan", "Safety risk from weights and one forward pass", df, fm,
                  "risk = P(refusal drop >= 30 points) from the signals, a logistic model fitted on the panel of "
-                 "'lora-audit zoo'; energy ratio = share of the update along the refusal direction / chance; shifts "
-                 "are in units of BASE's harmful-harmless separation (negative: toward compliance).")
+                 "'lora-audit zoo'; energy ratio = share of the update along the refusal direction / chance; weight "
+                 "shift = share of the harmful-harmless separation BASE's writers add that the update removes, to "
+                 "first order; activation shift in units of BASE's separation (negative: toward compliance).")
 
 
 def scan_layers_table(data: ReportData) -> Table:

@@ -68,7 +68,7 @@ class LayerValues:
     writers_changed: int = 0
     energy_share: float | None = None  # ||r^T dW||^2 / ||dW||_F^2 over the layer's writers
     energy_ratio: float | None = None  # energy_share x d_model (1 = chance)
-    weight_shift: float | None = None  # sum of r^T dW (x_H - x_B) / ||r_l||
+    weight_shift: float | None = None  # sum of r^T dW (x_H - x_B) / sum of |r^T W0 (x_H - x_B)|
     top_cos: float | None = None  # largest |cos(u_1, r)| of the layer's writers
     safelora_cos: float | None = None  # mean Safe LoRA score of the layer's changed matrices
     activation_shift: float | None = None  # forward pass: (x_T - x_B) . r / ||r_l||, mean over prompts

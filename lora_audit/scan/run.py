@@ -207,7 +207,7 @@ def _weight_pass(stream, profile: BaseProfile, direction: Direction, unaligned) 
                     safe[i].append((split_name(group.name)[1], c))
             own[i] += time.perf_counter() - t0
     shared = (time.perf_counter() - t_all - sum(own)) / max(n, 1)  # reading, attributed evenly
-    signals = [aggregate(s, direction.separation, direction.stable, res.d_model) for s in stats]
+    signals = [aggregate(s, direction.stable, res.d_model) for s in stats]
     for sig, w in zip(signals, warns):
         if sig.matrices_changed and not sig.writers_changed:
             w.append("no matrix writing into the residual stream changed (an adapter on attention inputs only?): "
@@ -252,7 +252,7 @@ def _layers(L: int, direction: Direction, ws: WeightSignals, safe: list[tuple[in
         out.append(LayerValues(
             layer=layer, stable=bool(direction.stable[layer]), writers_changed=lw.writers if lw else 0,
             energy_share=share, energy_ratio=None if share is None else share * d_model,
-            weight_shift=lw.shift / float(direction.separation[layer]) if lw is not None else None,
+            weight_shift=lw.shift / lw.base_shift if lw is not None and lw.base_shift > 0 else None,
             top_cos=lw.top_cos if lw is not None else None,
             safelora_cos=sum(scores) / len(scores) if scores else None,
             activation_shift=fw.layer_shift[layer] if fw is not None else None))

@@ -12,8 +12,8 @@ that stream (``direction.Direction.unit[l]``):
                  harmful and harmless prompts (``profile.BaseProfile.writer_input_shift``): to
                  first order, how much the update changes the harmful-minus-harmless separation
                  along r̂ that W writes. Its sign is the update's sign relative to that mean
-                 difference: negative pulls harmful prompts toward harmless ones (the abliteration
-                 edit gives -(r̂^T W (x̄_H - x̄_B)), minus W's own contribution to the separation).
+                 difference: negative pulls harmful prompts toward harmless ones. Measured against
+                 W's own contribution c = r̂^T W0 (x̄_H - x̄_B): the abliteration edit has s = -c.
   top cosine     |cos(u_1, r̂)|, u_1 the top left singular vector of dW.
   rank-1 share   sigma_1^2 / ||dW||_F^2 (every changed matrix, writer or not).
 
@@ -33,7 +33,9 @@ Per model (``aggregate``), over the writers of the layers whose direction is sta
   refusal_energy_share       sum ||r̂^T dW||^2 / sum ||dW||_F^2
   refusal_energy_ratio       that share x d_model (1 = chance)
   refusal_energy_max_ratio   the largest per-layer ratio
-  weight_shift               sum_l s_l / sum_l ||r_l||   (negative: toward compliance)
+  weight_shift               sum s / sum |c| over the changed writers: the share of the separation
+                             BASE's writers add that the update takes away, to first order
+                             (-1: all of it; negative: toward compliance)
   top_cos_max                the largest |cos(u_1, r̂)|
   rank1_share                ||dW||^2-weighted mean rank-1 share of every changed matrix
 
@@ -66,6 +68,7 @@ class MatrixStats:
     sigma1_2: float  # sigma_1(dW)^2
     r_energy: float | None = None  # ||r̂^T dW||^2 (writers)
     shift: float | None = None  # r̂^T dW (x̄_H - x̄_B) (writers)
+    base_shift: float | None = None  # r̂^T W0 (x̄_H - x̄_B): the writer's own contribution (writers)
     top_cos: float | None = None  # |cos(u_1, r̂)| (writers)
 
     @property
@@ -123,10 +126,12 @@ def matrix_stats(name: str, delta: Delta, W0: Tensor, *, layer: int | None = Non
     out = MatrixStats(name=name, layer=layer if r is not None else None, frob2=frob2, sigma1_2=s1)
     if r is not None:
         out.r_energy = float(rdW @ rdW)
-        out.shift = None if dx is None else float(rdW @ dx.double())
+        if dx is not None:
+            out.shift = float(rdW @ dx.double())
+            out.base_shift = float((r.to(W0.dtype) @ W0).double() @ dx.double())  # (d,) @ (d, n) @ (n,)
         norm = float(u1.norm())
         out.top_cos = abs(float(u1 @ r.double())) / norm if norm > 0 else 0.0
-    values = [frob2, s1] + [v for v in (out.r_energy, out.shift, out.top_cos) if v is not None]
+    values = [frob2, s1] + [v for v in (out.r_energy, out.shift, out.base_shift, out.top_cos) if v is not None]
     return out if all(math.isfinite(v) for v in values) else None
 
 
@@ -136,6 +141,7 @@ class LayerWeights:
     frob2: float = 0.0
     r_energy: float = 0.0
     shift: float = 0.0
+    base_shift: float = 0.0  # sum of |c| of the layer's changed writers
     top_cos: float = 0.0
     writers: int = 0
 
@@ -150,9 +156,9 @@ class WeightSignals:
     writers_changed: int = 0
 
 
-def aggregate(stats: list[MatrixStats], separation: Tensor, stable: Tensor, d_model: int) -> WeightSignals:
-    """The per-model signals from every changed matrix's stats; ``separation`` (L,) = ||r_l||,
-    ``stable`` (L,) bool: layers that count."""
+def aggregate(stats: list[MatrixStats], stable: Tensor, d_model: int) -> WeightSignals:
+    """The per-model signals from every changed matrix's stats; ``stable`` (L,) bool: the layers
+    that count."""
     layers: dict[int, LayerWeights] = {}
     for s in stats:
         if s.layer is None:
@@ -161,18 +167,19 @@ def aggregate(stats: list[MatrixStats], separation: Tensor, stable: Tensor, d_mo
         lw.frob2 += s.frob2
         lw.r_energy += s.r_energy or 0.0
         lw.shift += s.shift or 0.0
+        lw.base_shift += abs(s.base_shift or 0.0)
         lw.top_cos = max(lw.top_cos, s.top_cos or 0.0)
         lw.writers += 1
     used = [lw for lw in layers.values() if bool(stable[lw.layer]) and lw.frob2 > 0]
     frob, energy = sum(lw.frob2 for lw in used), sum(lw.r_energy for lw in used)
     share = energy / frob if frob > 0 else 0.0  # no writer changed: nothing written along r directly
-    sep = sum(float(separation[lw.layer]) for lw in used)
+    own = sum(lw.base_shift for lw in used)
     total = sum(s.frob2 for s in stats)
     signals = {
         "refusal_energy_share": share,
         "refusal_energy_ratio": share * d_model,
         "refusal_energy_max_ratio": max((lw.r_energy / lw.frob2 * d_model for lw in used), default=0.0),
-        "weight_shift": sum(lw.shift for lw in used) / sep if sep > 0 else 0.0,
+        "weight_shift": sum(lw.shift for lw in used) / own if own > 0 else 0.0,
         "top_cos_max": max((lw.top_cos for lw in used), default=0.0),
         "rank1_share": sum(s.sigma1_2 for s in stats) / total if total > 0 else None,
     }

@@ -14,18 +14,20 @@ from lora_audit.checkpoints import LowRank, open_stream
 from lora_audit.scan.weights import MatrixStats, aggregate, dense_top, lowrank_top, matrix_stats
 
 
-def _reference(dW: torch.Tensor, r: torch.Tensor, dx: torch.Tensor) -> dict:
+def _reference(dW: torch.Tensor, r: torch.Tensor, dx: torch.Tensor, W0: torch.Tensor) -> dict:
     dW, r, dx = dW.double(), r.double(), dx.double()
     U, S, _ = torch.linalg.svd(dW)
     frob2 = float((dW * dW).sum())
     return {"frob2": frob2, "share": float((r @ dW).square().sum()) / frob2, "shift": float(r @ dW @ dx),
-            "top_cos": abs(float(U[:, 0] @ r)), "rank1": float(S[0] ** 2) / frob2}
+            "base_shift": float(r @ W0.double() @ dx), "top_cos": abs(float(U[:, 0] @ r)),
+            "rank1": float(S[0] ** 2) / frob2}
 
 
 def _check(s: MatrixStats, ref: dict, rel: float = 1e-6) -> None:
     assert s.frob2 == pytest.approx(ref["frob2"], rel=rel)
     assert s.energy_share == pytest.approx(ref["share"], rel=rel, abs=1e-12)
     assert s.shift == pytest.approx(ref["shift"], rel=rel, abs=1e-9)
+    assert s.base_shift == pytest.approx(ref["base_shift"], rel=1e-5, abs=1e-6)
     assert s.top_cos == pytest.approx(ref["top_cos"], rel=1e-5, abs=1e-7)
     assert s.rank1_share == pytest.approx(ref["rank1"], rel=rel)
 
@@ -47,7 +49,7 @@ def test_lora_signals_match_the_dense_update(refusing_llama, scan_adapter):
         B, A = tensors[f"{key}.lora_B.weight"].double(), tensors[f"{key}.lora_A.weight"].double()
         dW = cfg["lora_alpha"] / cfg["r"] * (B @ A)
         r, dx = _unit(dW.shape[0], seen), torch.randn(dW.shape[1], generator=torch.Generator().manual_seed(seen))
-        _check(matrix_stats(group.name, delta, group.base, layer=0, r=r, dx=dx), _reference(dW, r, dx))
+        _check(matrix_stats(group.name, delta, group.base, layer=0, r=r, dx=dx), _reference(dW, r, dx, group.base))
         seen += 1
     assert seen == 14  # 7 linear modules x 2 layers
 
@@ -66,14 +68,15 @@ def test_dense_and_dora_signals_match_the_dense_update(refusing_llama, scan_full
         for i, group in enumerate(open_stream(str(refusing_llama), [str(folder)])):
             dW = tuned[group.name].double() - base[group.name].double()
             r, dx = _unit(dW.shape[0], i), torch.randn(dW.shape[1], generator=torch.Generator().manual_seed(i))
-            _check(matrix_stats(group.name, group.deltas[0], group.base, layer=0, r=r, dx=dx), _reference(dW, r, dx),
-                   rel=1e-5)
+            _check(matrix_stats(group.name, group.deltas[0], group.base, layer=0, r=r, dx=dx),
+                   _reference(dW, r, dx, group.base), rel=1e-5)
             checked += 1
         assert checked == (14 if folder == scan_full else 6)
 
 
 def test_abliteration_edit_has_all_its_energy_along_r():
-    """dW = -r r^T W as a rank-1 LoRA: energy share 1, top cosine 1, shift -(r^T W dx)."""
+    """dW = -r r^T W as a rank-1 LoRA: energy share 1, top cosine 1, shift -(r^T W dx): minus the
+    matrix's own contribution, so the weight shift is -1."""
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(32, 48, generator=gen, dtype=torch.float64)
     r = _unit(32, 1)
@@ -81,8 +84,10 @@ def test_abliteration_edit_has_all_its_energy_along_r():
     delta = LowRank(B=-r[:, None], A=(r @ W)[None, :], scale=1.0)
     s = matrix_stats("w", delta, W, layer=3, r=r, dx=dx)
     assert s.energy_share == pytest.approx(1.0, abs=1e-12) and s.top_cos == pytest.approx(1.0, abs=1e-12)
-    assert s.shift == pytest.approx(-float(r @ W @ dx), rel=1e-12)
+    assert s.shift == pytest.approx(-float(r @ W @ dx), rel=1e-12) and s.base_shift == pytest.approx(-s.shift)
     assert s.rank1_share == pytest.approx(1.0, abs=1e-12)
+    got = aggregate([s], torch.tensor([True] * 4), d_model=32).signals
+    assert got["weight_shift"] == pytest.approx(-1.0 if s.base_shift > 0 else 1.0)
 
 
 def test_top_pairs_of_factored_and_dense_updates_agree():
@@ -95,19 +100,18 @@ def test_top_pairs_of_factored_and_dense_updates_agree():
 
 
 def test_aggregate_weights_layers_by_energy_and_skips_unstable_ones():
-    stats = [MatrixStats("a", 0, frob2=4.0, sigma1_2=4.0, r_energy=1.0, shift=-0.5, top_cos=0.5),
-             MatrixStats("b", 0, frob2=1.0, sigma1_2=0.5, r_energy=0.0, shift=0.1, top_cos=0.1),
-             MatrixStats("c", 1, frob2=2.0, sigma1_2=1.0, r_energy=2.0, shift=-3.0, top_cos=0.9),
+    stats = [MatrixStats("a", 0, frob2=4.0, sigma1_2=4.0, r_energy=1.0, shift=-0.5, base_shift=1.0, top_cos=0.5),
+             MatrixStats("b", 0, frob2=1.0, sigma1_2=0.5, r_energy=0.0, shift=0.1, base_shift=-1.0, top_cos=0.1),
+             MatrixStats("c", 1, frob2=2.0, sigma1_2=1.0, r_energy=2.0, shift=-3.0, base_shift=2.0, top_cos=0.9),
              MatrixStats("q", None, frob2=3.0, sigma1_2=3.0)]
-    sep = torch.tensor([2.0, 4.0])
-    got = aggregate(stats, sep, torch.tensor([True, False]), d_model=8).signals
+    got = aggregate(stats, torch.tensor([True, False]), d_model=8).signals
     assert got["refusal_energy_share"] == pytest.approx(1.0 / 5.0)  # layer 1 is not stable
     assert got["refusal_energy_ratio"] == pytest.approx(8 / 5)
-    assert got["weight_shift"] == pytest.approx(-0.4 / 2.0)
+    assert got["weight_shift"] == pytest.approx(-0.4 / 2.0)  # sum of shifts / sum of |own contributions|
     assert got["top_cos_max"] == pytest.approx(0.5)
     assert got["rank1_share"] == pytest.approx((4.0 + 0.5 + 1.0 + 3.0) / 10.0)
-    both = aggregate(stats, sep, torch.tensor([True, True]), d_model=8).signals
-    assert both["refusal_energy_max_ratio"] == pytest.approx(8.0) and both["weight_shift"] == pytest.approx(-3.4 / 6.0)
+    both = aggregate(stats, torch.tensor([True, True]), d_model=8).signals
+    assert both["refusal_energy_max_ratio"] == pytest.approx(8.0) and both["weight_shift"] == pytest.approx(-3.4 / 4.0)
 
 
 def test_random_updates_put_about_one_over_d_of_their_energy_along_r():
@@ -122,7 +126,7 @@ def test_random_updates_put_about_one_over_d_of_their_energy_along_r():
 
 def test_an_update_that_changes_no_writer_has_zero_weight_signals():
     stats = [MatrixStats("q", None, frob2=3.0, sigma1_2=1.0)]
-    got = aggregate(stats, torch.tensor([1.0]), torch.tensor([True]), d_model=8)
+    got = aggregate(stats, torch.tensor([True]), d_model=8)
     assert got.writers_changed == 0 and got.matrices_changed == 1
     assert {k: got.signals[k] for k in ("refusal_energy_ratio", "weight_shift", "top_cos_max")} == \
         {"refusal_energy_ratio": 0.0, "weight_shift": 0.0, "top_cos_max": 0.0}
