@@ -25,6 +25,7 @@ from .results import fingerprint
 from .results.safety import SafetyResult
 from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
 
+AUTO_SCAN_PROMPTS = 40
 # Called after each stage with its name ("spectrum", "safety") and its result: the CLI prints summaries.
 StageHook = Callable[[str, Any], None]
 
@@ -47,8 +48,10 @@ class AuditConfig:
     safety: Any = None  # EvalConfig | None
     title: str | None = None
     # safety-scan: a lora_audit.scan.ScanConfig (errors raise), None (never), or "auto": whenever the
-    # safety side runs, with its prompts, limit, batch size and chat template; a base it cannot scan
-    # (refuses nothing, an unstable direction, an architecture it does not know) skips it with a note
+    # safety side runs, with its prompts, batch size and chat template, and at least AUTO_SCAN_PROMPTS
+    # of each set whatever its limit (a direction needs more prompts than a refusal rate; a forward
+    # pass costs little); a base it cannot scan (refuses nothing, an unstable direction, an
+    # architecture it does not know) skips it with a note
     scan: Any = "auto"
 
 
@@ -121,7 +124,8 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
 
     if cfg.scan == "auto":
         sc = cfg.safety
-        scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=sc.limit,
+        limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
+        scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=limit,
                           batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
                           allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
         try:
