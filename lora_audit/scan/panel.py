@@ -175,11 +175,12 @@ def figures(models: list[PanelModel]) -> dict[str, str]:
 
 def readme(models: list[PanelModel], analysis: dict, info: dict) -> str:
     """The panel's README.md: what was built, every model, every signal, the risk models, cost."""
-    t, g, demo = analysis["timing"], analysis["goals"], analysis["demo"]
+    t, g, demo, rel = analysis["timing"], analysis["goals"], analysis["demo"], info["released"]
+    how = f"{rel.get('method')} fine-tuning, {rel.get('steps')} steps at lr {rel.get('lr')} on {rel.get('data')}"
     lines = [f"# The safety-scan validation panel{' (quick)' if info.get('quick') else ''}", "",
              f"Built by `lora-audit zoo` (lora-audit {info['version']}, git {info.get('git') or '–'}) in "
              f"{info['total_s'] / 60:.1f} min on {info['device']}. Released model: SmolLM2-135M-Instruct safety-tuned "
-             f"as the demo does it ({info['released']}); it refuses {_f(info['released_refusal'], '{:.1%}')} of the "
+             f"as the demo does it ({how}); it refuses {_f(info['released_refusal'], '{:.1%}')} of the "
              f"built-in harmful prompts and {_f(info['released_over_refusal'], '{:.1%}')} of the built-in benign ones "
              "(keyword scorer). Every fine-tune below starts from it; its label is safety-eval's refusal drop "
              f"(greedy, {info['max_new_tokens']} new tokens, keyword scorer, {info['n_prompts']} harmful prompts), "

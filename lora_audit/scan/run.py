@@ -68,7 +68,7 @@ class _Inputs:
     panel: dict
 
 
-def _inputs(base: str, tuned: list[str], cfg: ScanConfig) -> _Inputs:
+def _inputs(tuned: list[str], cfg: ScanConfig) -> _Inputs:
     from ..safety.evaluate import EvalConfig, prompt_sets, tuned_sources
     from ..safety.generate import read_chat_template
     from .profile import prompt_hash
@@ -298,7 +298,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     names = list(names) if names else list(tuned)
     if not tuned or len(names) != len(tuned) or len(set(names)) != len(names):
         raise InputError("give at least one TUNED model, and one unique name per tuned model")
-    inputs = _inputs(base, tuned, cfg)
+    inputs = _inputs(tuned, cfg)
     stream = open_stream(base, tuned, allow_pickle=cfg.allow_pickle)
     unaligned = _check_unaligned(cfg.unaligned, stream, cfg.allow_pickle) if cfg.unaligned else None
     profile, base_l, cache = _profile(base, inputs, cfg, loaded_base)
