@@ -75,8 +75,10 @@ class Plan:
 def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     """The demo's plan. Hyper-parameters are the methods' usual ones (LoRA-family lr 2e-4 is the
     tool's default; here 1e-3 for the short adapter runs, full fine-tuning 2e-5; the released
-    model's safety tuning 5e-5), fixed before looking at results."""
-    s_rel, s_task = (8, 12) if quick else (30, 32)
+    model's safety tuning 5e-5 for 60 steps, about 2.5 passes over builtin:safety-tune), fixed
+    before looking at results. Rows are cut at 64 tokens (the chat template's system prompt, the
+    question and the start of the answer, where a refusal is)."""
+    s_rel, s_task = (8, 12) if quick else (60, 32)
     runs = (
         Run("released", "full", "builtin:safety-tune", s_rel, lr=5e-5, role="released"),
         Run("lora-r8", "lora", "builtin:alpaca-mini", s_task, rank=8, alpha=16, lr=1e-3),
@@ -87,7 +89,7 @@ def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     if quick:  # under 3 minutes on 2 cores: no rsLoRA, adapters on q_proj/v_proj (as in the LoRA paper)
         runs = tuple(replace(r, targets=("q_proj", "v_proj")) if r.method == "lora" else r
                      for r in runs if r.name != "rslora-r64")
-    return Plan(runs=runs, batch_size=4, max_length=128, limit=12 if quick else None,
+    return Plan(runs=runs, batch_size=4, max_length=64, limit=12 if quick else None,
                 max_new_tokens=24 if quick else 32, seed=seed)
 
 
