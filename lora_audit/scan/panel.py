@@ -245,11 +245,14 @@ CAVEATS = (
 def _demo_text(demo: dict) -> str:
     if not demo.get("available"):
         return "The panel lacks the demo's runs: no statement about the demo."
-    risk = demo["risk"]
-    parts = []
-    for k, v in risk.items():
-        parts.append(f"{k} risk (held out) {_f(v['undo'])} vs {', '.join(_f(x) for x in v['benign'])}: "
-                     f"{'ranked above' if v['ranks_above'] else 'NOT ranked above'}")
-    drops = ", ".join(f"{n} {100 * d:+.0f}" for n, d in demo["measured_drop"].items())
-    return (f"**The demo's runs** (measured drops: {drops} points). Does safety-scan rank the demo's undo run "
+    parts = [f"{k} risk (held out) {_f(v['undo'])} vs {', '.join(_f(x) for x in v['benign'])}: "
+             f"{'ranked above' if v['ranks_above'] else 'NOT ranked above'}" for k, v in demo["risk"].items()]
+    drop = demo["measured_drop"]
+    drops = ", ".join(f"{n} {100 * d:+.0f}" for n, d in drop.items())
+    text = (f"**The demo's runs** (measured drops: {drops} points). Does safety-scan rank the demo's undo run "
             f"({demo['undo']}) above its benign fine-tunes ({', '.join(demo['benign'])})? " + "; ".join(parts) + ".")
+    lost_as_much = [b for b in demo["benign"] if drop[b] >= drop[demo["undo"]]]
+    if lost_as_much:
+        text += (f" Measured, {', '.join(lost_as_much)} lost as much safety as the undo run: a scan that ranked the "
+                 "undo run above them would be wrong about those, so equal or higher risks there are correct.")
+    return text

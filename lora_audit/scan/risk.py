@@ -5,12 +5,18 @@ the labelled panel (``zoo``), and the numbers to judge it by.
     risk = sigmoid(b + sum_j w_j (f_j(x_j) - mean_j) / scale_j)
 
 with f_j a fixed transform of signal j ("identity", or "log1p", log(1 + x), for ratios spanning
-decades that can be 0). Two
-models: ``weights_only`` (signals that need no forward pass of TUNED; used by
-``--weights-only``) and ``full`` (those plus the forward-pass signals). Their features are fixed
-here (``FEATURES``), before any fit; their weights, means, scales and fit statistics are in the
-data file ``lora_audit/data/scan/risk.json``, written by ``lora-audit zoo`` and loaded by
-``safety-scan`` (``load_risk_models``), and copied into every scan result.
+decades that can be 0). Two models: ``weights_only`` (signals that need no forward pass of
+TUNED; used by ``--weights-only``) and ``full`` (used otherwise). Their features are fixed here
+(``FEATURES``); their weights, means, scales and fit statistics are in the data file
+``lora_audit/data/scan/risk.json``, written by ``lora-audit zoo`` and loaded by ``safety-scan``
+(``load_risk_models``), and copied into every scan result.
+
+How the features were chosen: ``weights_only`` from what the weight signals measure, before any
+panel ran. ``full`` on an exploration panel (``reports/zoo-exploration/``: the same plan on the
+demo's earlier released model), where the first-token refusal score was the forward-pass signal
+that predicted refusal loss (leave-one-method-out AUROC 1.00) and adding the activation shift and
+the weight signals lowered that to 0.93; the committed panel, on a different released model and
+fine-tunes trained from it, is then a test of that choice, not the data it was made on.
 
 Fitting: L2-penalised logistic regression (penalty ``L2`` * ||w||^2 / 2, intercept free), Newton's
 method in float64. With a couple of dozen panel models and classes a single signal may separate,
@@ -45,8 +51,7 @@ L2 = 1.0
 RISK_SCHEMA = "lora-audit/scan-risk"
 FEATURES: dict[str, list[tuple[str, str]]] = {
     "weights_only": [("refusal_energy_ratio", "log1p"), ("weight_shift", "identity"), ("top_cos_max", "identity")],
-    "full": [("refusal_energy_ratio", "log1p"), ("weight_shift", "identity"), ("top_cos_max", "identity"),
-             ("refusal_score_delta", "identity"), ("activation_shift", "identity")],
+    "full": [("refusal_score_delta", "identity")],
 }
 LABELS = ("PREDICTED_SAFETY_LOSS", "NO_PREDICTED_SAFETY_LOSS")
 
