@@ -7,7 +7,8 @@ library user) run it; the commands only parse options and print.
     outcome.spectrum.results[0].total_intruders, outcome.safety.verdict["adapter"].label
 
 The folder holds ``spectrum.json``, ``safety.json`` (unless the safety side is skipped),
-``index.html``, ``tables/*.csv`` and whatever ``extra_files`` adds; it is built in a temporary
+``scan.json`` (safety-scan: by default whenever the safety side runs), ``index.html``,
+``tables/*.csv`` and whatever ``extra_files`` adds; it is built in a temporary
 sibling and moved into place only when every stage succeeded, and it never replaces a folder
 lora-audit did not write (``lora_audit.io.atomic_dir``).
 """
@@ -25,6 +26,7 @@ from .results import fingerprint
 from .results.safety import SafetyResult
 from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
 
+AUTO_SCAN_PROMPTS = 40
 # Called after each stage with its name ("spectrum", "safety") and its result: the CLI prints summaries.
 StageHook = Callable[[str, Any], None]
 
@@ -48,6 +50,12 @@ class AuditConfig:
     safety_models: Sequence[str] | None = None  # tuned labels the safety side evaluates (None: every one)
     title: str | None = None
     gate: Any = None  # results.gate.Gate | None: evaluated before the folder is written (``gate`` blocks)
+    # safety-scan: a lora_audit.scan.ScanConfig (errors raise), None (never), or "auto": whenever the
+    # safety side runs, with its prompts, batch size and chat template, and at least AUTO_SCAN_PROMPTS
+    # of each set whatever its limit (a direction needs more prompts than a refusal rate; a forward
+    # pass costs little); a base it cannot scan (refuses nothing, an unstable direction, an
+    # architecture it does not know) skips it with a note
+    scan: Any = "auto"
 
 
 @dataclass
@@ -55,7 +63,9 @@ class AuditOutcome:
     out: Path
     spectrum: SpectrumResult
     safety: SafetyResult | None = None
+    scan: Any = None  # SafetyScanResult | None
     files: dict[str, Path] = field(default_factory=dict)  # name -> path in the final folder
+    notes: list[str] = field(default_factory=list)  # e.g. why the automatic safety-scan was skipped
 
 
 def default_title(tuned: Sequence[str]) -> str:
@@ -75,10 +85,11 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         out: the output folder; an earlier lora-audit folder there is replaced only with ``overwrite``.
         base_label, tuned_labels: names in the results (default: the paths as given; the safety
             side names tuned models after their folders unless ``tuned_labels`` is given).
-        on_stage: called with ("spectrum", SpectrumResult) and ("safety", SafetyResult) as each
-            stage ends, or ("safety-not-applicable", reason) when the inputs are not a causal LM
-            with full models or PEFT adapters (encoders, diffusion models, kohya files, LoRA expert
-            sets): then only the weight side runs, and spectrum.json says why.
+        on_stage: called with ("spectrum", SpectrumResult), ("safety", SafetyResult) and ("scan",
+            SafetyScanResult, or the reason it was skipped as a string) as each stage ends, or with
+            ("safety-not-applicable", reason) when the inputs are not a causal LM with full models or
+            PEFT adapters (encoders, diffusion models, kohya files, LoRA expert sets): then only the
+            weight side runs (no safety-eval, no safety-scan), and spectrum.json says why.
         extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
             the report (so it can time everything).
         extra_results: (spectrum, safety) -> {file name: typed result (``results.result_kinds``)},
@@ -122,11 +133,16 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
                                  names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
+    scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels)
+    if on_stage and (scan is not None or notes):
+        on_stage("scan", scan if scan is not None else notes[0])
     if cfg.gate is not None:
         apply_gate(cfg.gate, spectrum=spectrum, safety=safety)
     extra = extra_results(spectrum, safety) if extra_results else {}
+    if scan is not None:
+        extra = {"scan.json": scan, **extra}
     files = _write_folder(out, spectrum, safety, extra, cfg.title or default_title(tuned), overwrite, extra_files)
-    return AuditOutcome(out=out, spectrum=spectrum, safety=safety, files=files)
+    return AuditOutcome(out=out, spectrum=spectrum, safety=safety, scan=scan, files=files, notes=notes)
 
 
 def _safety_subset(labels: list[str], wanted: Sequence[str] | None) -> list[int]:
@@ -135,10 +151,27 @@ def _safety_subset(labels: list[str], wanted: Sequence[str] | None) -> list[int]
         return list(range(len(labels)))
     unknown = [w for w in wanted if w not in labels]
     if unknown:
-        from .errors import InputError
-
         raise InputError(f"safety_models: {', '.join(unknown)} not among the tuned models ({', '.join(labels)})")
     return [i for i, name in enumerate(labels) if name in wanted]
+
+
+def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None):
+    """(safety-scan result or None, notes) as ``cfg.scan`` asks (``AuditConfig``)."""
+    if cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None):
+        return None, []
+    from .scan import ScanConfig, run_safety_scan
+
+    if cfg.scan == "auto":
+        sc = cfg.safety
+        limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
+        scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=limit,
+                          batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
+                          allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
+        try:
+            return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None), []
+        except InputError as e:
+            return None, [f"safety-scan skipped: {e}"]
+    return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []
 
 
 def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, extra: dict[str, Any], title: str,

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "screen": ("lora_audit.commands.screen:screen", "Audit thousands of adapters of one base as one resumable job (local or Ray)."),
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
+    "safety-scan": ("lora_audit.commands.scan:safety_scan", "Safety-undo risk from weights and one forward pass, no generation."),
+    "zoo": ("lora_audit.commands.scan:zoo", "Build the labelled panel of fine-tunes safety-scan is validated on."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),
     "federated": ("lora_audit.commands.finetune:federated", "Aggregate federated client adapters and report the aggregation bias."),
     "mitigate": ("lora_audit.commands.finetune:mitigate", "Scale down intruder dimensions of an adapter and write a new one."),

@@ -105,6 +105,16 @@ def report_gate(gate, outcomes, *, json_path: str | None) -> bool:
     return any(o.tripped for o in outcomes)
 
 
+def chat_template_option(f):
+    return click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="Jinja chat template file, for models whose tokenizer has none.")(f)
+
+
+def max_prompt_chars_option(f):
+    return click.option("--max-prompt-chars", type=click.IntRange(min=1), default=None,
+                        help="Refuse prompt files with a prompt longer than this [default: 16000 characters].")(f)
+
+
 def k_option(f):
     return click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True,
                         help="How many top singular vectors of each tuned matrix to examine.")(f)

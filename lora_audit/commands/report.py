@@ -81,7 +81,8 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @sweep_option
 @click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
-@click.option("--skip-safety", is_flag=True, help="Only the spectrum audit (no generation).")
+@click.option("--skip-safety", is_flag=True, help="Only the spectrum audit (no generation, no safety-scan).")
+@click.option("--skip-scan", is_flag=True, help="No safety-scan (it runs with the safety side by default).")
 @click.option("--prompts", default="builtin:harmful", show_default=True,
               help="Harmful prompts (any format 'lora-audit safety-eval' reads).")
 @click.option("--benign", default="builtin:benign", show_default=True,
@@ -102,15 +103,17 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @fail_on_option("spectrum", "safety")
 @sarif_option
 @user_errors
-def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, prompts, benign,
-          scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet, fail_on,
+def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
+          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet, fail_on,
           sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
-    over-refusal / capability (safety-eval) and the HTML report.
+    over-refusal / capability (safety-eval), the safety-undo risk from weights (safety-scan) and
+    the HTML report.
 
     \b
-    Writes into the --out folder: spectrum.json, safety.json (unless --skip-safety),
-    index.html (open it in a browser) and tables/*.csv. Nothing is written if a step fails.
+    Writes into the --out folder: spectrum.json, safety.json and scan.json (unless --skip-safety
+    / --skip-scan), index.html (open it in a browser) and tables/*.csv. Nothing is written if a
+    step fails; a base safety-scan cannot read (it refuses nothing, say) skips the scan with a note.
     The behavioural side needs a causal language model with full models or PEFT adapters; for
     encoders, encoder-decoders, vision and diffusion models, kohya/diffusers LoRA files and LoRA
     expert sets only the weight side runs, and the output says so.
@@ -140,7 +143,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                                 allow_pickle=allow_pickle)
     cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
                       allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
-                      gate=fail_on)
+                      gate=fail_on, scan=None if skip_scan else "auto")
     outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
     gates = [r.gate for r in (outcome.spectrum, outcome.safety) if r is not None and r.gate is not None]
     tripped = any(g.tripped for g in gates)
@@ -169,3 +172,8 @@ def _print_stage(stage: str, result, quiet: bool) -> None:
         echo(summary_table(result))
     elif stage == "safety-not-applicable":
         echo(f"\nBehavioural side (safety-eval): does not apply; {result}. Only the weight audit was run.")
+    elif stage == "scan":
+        from ..results.scan import summary_table as scan_table
+
+        echo("")
+        echo(result if isinstance(result, str) else scan_table(result))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, check_paths, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
-                      report_gate, sarif_option, seed_option, user_errors, write_json_output)
+from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, exit_code, exit_status,
+                      fail_on_option, json_option, max_prompt_chars_option, report_gate, sarif_option, seed_option,
+                      user_errors, write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
@@ -42,10 +43,8 @@ from ._common import (CONTEXT, check_paths, device_option, echo, exit_code, exit
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="Generation backend; vllm is optional (GPU).")
-@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Jinja chat template file, for models whose tokenizer has none.")
-@click.option("--max-prompt-chars", type=click.IntRange(min=1), default=None,
-              help="Refuse prompt files with a prompt longer than this [default: 16000 characters].")
+@chat_template_option
+@max_prompt_chars_option
 @click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
 @click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
 @device_option

@@ -43,7 +43,10 @@ def verdict_line(m: ModelSummary) -> dict[str, Any]:
         ob, ot = m.safety_base.over_refusal_rate, m.safety.over_refusal_rate
         if ob is not None and ot is not None:
             parts.append(f"over-refusal {fmt_value(ob, 'pct')} → {fmt_value(ot, 'pct')}")
-    label = m.label or ("spectrum only" if m.safety is None else "no verdict")
+    if m.scan is not None:
+        parts.append(f"safety-scan {m.scan.verdict_line}")
+    label = m.label or (m.scan.verdict if m.scan is not None and m.safety is None else
+                        "spectrum only" if m.safety is None else "no verdict")
     flags = []
     if m.verdict is not None:
         flags += ["CAPABILITY_DEGRADED"] if m.verdict.capability_degraded else []
@@ -120,6 +123,8 @@ def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
         "sfig": sections.spectrum_figures(data) if data.has_spectrum else None,
         "safefig": sections.safety_figures(data) if data.has_safety else None,
         "samples": sections.samples(data) if data.has_safety else [],
+        "has_scan": data.has_scan, "scan_settings": [scan_settings(run) for run in data.scans],
+        "scanfig": sections.scan_figures(data) if data.has_scan else None,
         "warnings": warnings,
         "gates": gates,
     }
@@ -127,4 +132,21 @@ def html_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
 
 def md_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
     """Everything the Markdown template needs (tables only, no figures)."""
-    return _common(data, tables)
+    return {**_common(data, tables), "has_scan": data.has_scan,
+            "scan_settings": [scan_settings(run) for run in data.scans]}
+
+
+def scan_settings(run) -> dict[str, Any]:
+    """What a safety-scan result's direction and risk model were, in words for the page."""
+    d = run.direction
+    fits = [f"{m.name} risk model: AUROC {m.fit['auroc_leave_one_method_out']:.2f} leave-one-method-out, "
+            f"{m.fit['auroc_in_sample']:.2f} in sample, on {m.fit['n']} panel models"
+            for m in run.risk_models.values()
+            if isinstance(m.fit.get("auroc_leave_one_method_out"), (int, float))
+            and isinstance(m.fit.get("auroc_in_sample"), (int, float))]
+    return {"base": run.base, "layers": d.n_layers if d else None,
+            "stable": len(d.stable_layers) if d else None,
+            "harmful": d.prompts["harmful"].n if d and "harmful" in d.prompts else None,
+            "harmless": d.prompts["harmless"].n if d and "harmless" in d.prompts else None,
+            "base_refusal": d.base_first_token_refusal if d else None, "fits": fits,
+            "weights_only": bool(run.settings.get("weights_only")), "warnings": list(run.warnings)}

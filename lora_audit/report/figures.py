@@ -256,8 +256,10 @@ def singular_values(series: list[tuple[str, list[float], list[bool]]], *, title:
         return to_svg(fig, desc=f"Singular value spectra: {title}")
 
 
-def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel: str, title: str = "") -> str:
-    """One line per tuned model against the layer index (e.g. mean effective rank of dW)."""
+def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel: str, title: str = "",
+                    floor: float | None = 0) -> str:
+    """One line per tuned model against the layer index (e.g. mean effective rank of dW); the y axis
+    starts at ``floor`` (None: where the data do)."""
     with plt.rc_context(RC):
         fig = new_figure(7.0, 3.0)
         ax = fig.add_subplot()
@@ -266,7 +268,8 @@ def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel:
             ax.plot(xs, ys, label=short_label(name), linewidth=1.5, markersize=4, **style(i))
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
+        if floor is not None:
+            ax.set_ylim(bottom=floor)
         if title:
             ax.set_title(title, loc="left")
         if series:
@@ -411,22 +414,31 @@ def histogram(values: Sequence[float], *, xlabel: str, integer: bool = False, bi
         return to_svg(fig, desc=f"Distribution over the adapters of {xlabel}")
 
 
-def scatter(xs: Sequence[float], ys: Sequence[float], *, xlabel: str, ylabel: str, title: str = "",
-            log_x: bool = False) -> str:
-    """One point per adapter (points with a missing or non-finite coordinate are left out)."""
-    pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
-    if log_x:
-        pts = [(x, y) for x, y in pts if x > 0]
+def scatter(groups: Sequence[tuple[str, Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
+            title: str = "", log_x: bool = False, width: float = 5.0, height: float = 2.8, marker_size: float = 22,
+            alpha: float = 1.0, what: str = "point") -> str:
+    """Points in groups, one colour and marker per group (e.g. a fine-tuning method; one unnamed
+    group for a screen's adapters). Points with a missing or non-finite coordinate, or x <= 0 on a
+    log axis, are left out; the legend names the groups when there is more than one."""
     with plt.rc_context(RC):
-        fig = new_figure(5.0, 2.8)
+        fig = new_figure(width, height)
         ax = fig.add_subplot()
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=OKABE_ITO[1], alpha=0.6,
-                       edgecolors="none")
-        if log_x and pts:
+        shown = 0
+        for i, (name, xs, ys) in enumerate(groups):
+            pts = [(x, y) for x, y in zip(xs, ys)
+                   if x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)]
+            if not pts:
+                continue
+            st = style(i)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=short_label(name, 24) if name else None,
+                       color=st["color"], marker=st["marker"], s=marker_size, alpha=alpha, edgecolors="none")
+            shown += len(pts)
+        if log_x and shown:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:
             ax.set_title(title, loc="left")
-        return to_svg(fig, desc=f"{ylabel} against {xlabel}, one point per adapter")
+        if sum(1 for g in groups if g[0]) > 1:
+            ax.legend(loc="best", frameon=False, fontsize=6)
+        return to_svg(fig, desc=f"{ylabel} against {xlabel}, one {what} each")

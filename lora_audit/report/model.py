@@ -1,5 +1,5 @@
-"""What a report shows, gathered from results: spectrum results, safety results, and one summary
-per tuned model joining the two (the report's rows, sorted by risk).
+"""What a report shows, gathered from results: spectrum, safety and safety-scan results, and one
+summary per tuned model joining them (the report's rows, sorted by risk).
 
 Reads only the typed results of ``lora_audit.results`` (validated against their schema when
 loaded); never models or torch.
@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..io import json_text
 from ..results import load_result, read_result
 from ..results.safety import VERDICT_RANK, Comparison, ModelSafety, SafetyResult, Verdict
+from ..results.scan import ModelScan, SafetyScanResult
 from ..results.spectrum import SpectrumResult, TunedResult
 from ..results.study import StudyResult
 
@@ -26,7 +27,7 @@ class Source:
     """One input of the report: where it came from and a content hash of it."""
 
     label: str  # file path as given, or "<result N>" for in-memory results
-    kind: str  # the result's schema name: "spectrum" | "safety" | "study"
+    kind: str  # the result's schema name: "spectrum" | "safety" | "study" | "safety-scan"
     sha256: str
     provenance: dict[str, Any]
 
@@ -43,6 +44,8 @@ class ModelSummary:
     verdict: Verdict | None = None
     comparison: Comparison | None = None
     safety_run: SafetyResult | None = None
+    scan: ModelScan | None = None  # models[name] of a safety-scan result
+    scan_run: SafetyScanResult | None = None
 
     # ---- spectrum -----------------------------------------------------------------------
     @property
@@ -126,6 +129,7 @@ class ReportData:
     spectra: list[SpectrumResult] = field(default_factory=list)
     safeties: list[SafetyResult] = field(default_factory=list)
     studies: list[StudyResult] = field(default_factory=list)
+    scans: list[SafetyScanResult] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     models: list[ModelSummary] = field(default_factory=list)  # sorted by risk
 
@@ -137,13 +141,21 @@ class ReportData:
     def has_safety(self) -> bool:
         return bool(self.safeties)
 
+    @property
+    def has_scan(self) -> bool:
+        return any(s.models for s in self.scans)
+
 
 # ---- loading ----------------------------------------------------------------------------
-def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | SafetyResult | StudyResult,
+# the result kinds a report renders (a screen summary has its own report)
+REPORTED = (SpectrumResult, SafetyResult, StudyResult, SafetyScanResult)
+
+
+def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | SafetyResult | StudyResult | SafetyScanResult,
                index: int = 0, label: str | None = None) -> tuple[Any, Source]:
     """(typed result, Source) of a JSON path, a JSON dict or a typed result; validated. ``label``:
     how the report names the input (default: the path as given, or "<result N>")."""
-    if isinstance(item, (SpectrumResult, SafetyResult, StudyResult)):
+    if isinstance(item, REPORTED):
         result, raw = item, json_text(item.to_json()).encode()
     elif isinstance(item, dict):
         result, raw = load_result(item, label or f"<result {index + 1}>"), json_text(item).encode()
@@ -193,20 +205,22 @@ class _Rows:
 
 
 def gather(inputs: list, *, title: str | None = None, labels: list[str] | None = None) -> ReportData:
-    """Load every input (paths, dicts or typed results; spectrum, safety and study results in any
-    order) and join the first two per tuned model: a safety model matches a spectrum tuned model
-    when its name, its recorded source, or the base names of the two are equal. Study results are
-    kept as they are. ``labels``: how to name the inputs."""
+    """Load every input (paths, dicts or typed results; spectrum, safety, safety-scan and study
+    results in any order) and join the first three per tuned model: a safety or scan model matches
+    a spectrum tuned model when its name, its recorded source, or the base names of the two are
+    equal. Study results are kept as they are. ``labels``: how to name the inputs."""
     if not inputs:
         raise InputError("no results given: pass spectrum and/or safety-eval JSON files")
     data = ReportData(title=title or "lora-audit report")
     for i, item in enumerate(inputs):
         result, src = load_input(item, i, labels[i] if labels else None)
-        if not isinstance(result, (SpectrumResult, SafetyResult)):
+        if not isinstance(result, REPORTED):
             raise InputError(f"{src.label}: a {result.SCHEMA} result; 'lora-audit {result.WRITTEN_BY}' writes its "
-                             "own report (report.html next to it). Pass spectrum and safety-eval JSON files here")
+                             "own report (report.html next to it). Pass spectrum, safety-eval, safety-scan and "
+                             "study JSON files here")
         data.sources.append(src)
-        kinds = {SpectrumResult: data.spectra, SafetyResult: data.safeties, StudyResult: data.studies}
+        kinds = {SpectrumResult: data.spectra, SafetyResult: data.safeties, StudyResult: data.studies,
+                 SafetyScanResult: data.scans}
         kinds[type(result)].append(result)
     rows = _Rows()
     for run in data.spectra:
@@ -220,5 +234,10 @@ def gather(inputs: list, *, title: str | None = None, labels: list[str] | None =
             s = rows.row(name, *keys, filled="safety")
             s.safety, s.safety_base, s.safety_run = run.models[name], run.models["base"], run
             s.verdict, s.comparison = run.verdict.get(name), run.comparisons.get(name)
+    for run in data.scans:
+        for name, m in run.models.items():
+            keys = [k for k in (m.source, _basename(m.source), _basename(name)) if k]
+            s = rows.row(name, *keys, filled="scan")
+            s.scan, s.scan_run = m, run
     data.models = sorted(rows.by_name.values(), key=ModelSummary.risk_key)
     return data

@@ -31,7 +31,7 @@ def _is_figure(key: str) -> bool:
 def _trust_figures(ctx: dict) -> None:
     """Mark the SVG figures as markup: matplotlib wrote them from text it escaped itself
     (``figures.to_svg``), so they are inlined as they are. Figures are the string values of the
-    "sfig" and "safefig" groups and the values under "svg" / "*_svg" keys of the items in their
+    "sfig", "safefig" and "scanfig" groups and the values under "svg" / "*_svg" keys of the items in their
     lists and in "studies"; every other string (names, notes) stays escaped."""
     from markupsafe import Markup
 
@@ -42,7 +42,7 @@ def _trust_figures(ctx: dict) -> None:
                     if _is_figure(key) and isinstance(v, str):
                         item[key] = Markup(v)
 
-    for group in ("sfig", "safefig"):
+    for group in ("sfig", "safefig", "scanfig"):
         figs = ctx.get(group) or {}
         for k, v in figs.items():
             if isinstance(v, str):

@@ -49,8 +49,9 @@ def _figures(ok: list[ScreenRow], epsilon: float) -> list[dict[str, str]]:
     if drifts:
         out.append({"svg": figures.histogram(drifts, xlabel="drift: ||ΔW||_F / ||W0||_F over changed matrices"),
                     "caption": "How far each adapter moves the matrices it changes, relative to their size."})
-        out.append({"svg": figures.scatter([r.drift for r in ok], [r.total_intruders for r in ok], log_x=True,
-                                           xlabel="drift (log scale)", ylabel="intruder dimensions"),
+        out.append({"svg": figures.scatter([("", [r.drift for r in ok], [r.total_intruders for r in ok])],
+                                           log_x=True, xlabel="drift (log scale)", ylabel="intruder dimensions",
+                                           marker_size=10, alpha=0.6, what="adapter"),
                     "caption": "Intruders against drift, one point per adapter: intruders are not just a large update."})
     return out
 

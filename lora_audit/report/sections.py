@@ -1,6 +1,7 @@
 """Which figures and samples a report shows, chosen from the gathered results (the drawing itself
 is ``figures``): the spectrum section's curves and heat maps for the most risky models, the
-safety section's interval plots, and the response samples a reviewer needs first."""
+safety section's interval plots, the safety-scan section's per-layer overlap and risk against
+measured refusal, and the response samples a reviewer needs first."""
 
 from __future__ import annotations
 
@@ -176,4 +177,29 @@ def study_sections(data: ReportData) -> list[dict[str, Any]]:
                     "claims": [{"claim": c.claim, "rule": c.rule, "measured": c.measured, "holds": c.holds,
                                 "note": c.note} for c in st.claims],
                     "settings": [(str(k), str(v)) for k, v in st.settings.items()]})
+
+
+def scan_figures(data: ReportData) -> dict[str, Any]:
+    """The per-layer refusal-direction overlap of each scanned model (energy share / chance), its
+    forward-pass activation shift per layer, and risk against the measured refusal drop for the
+    models safety-eval also ran on."""
+    from . import figures as F
+
+    models = [m for m in data.models if m.scan is not None][:MAX_CURVES]
+    out: dict[str, Any] = {"layers": None, "shift": None, "risk_vs_drop": None}
+    series = [(m.name, [x.layer for x in m.scan.layers if x.energy_ratio is not None],
+               [x.energy_ratio for x in m.scan.layers if x.energy_ratio is not None]) for m in models]
+    if any(s[1] for s in series):
+        out["layers"] = F.per_layer_lines([s for s in series if s[1]],
+                                          ylabel="energy along refusal direction / chance")
+    shifts = [(m.name, [x.layer for x in m.scan.layers if x.activation_shift is not None],
+               [x.activation_shift for x in m.scan.layers if x.activation_shift is not None]) for m in models]
+    if any(s[1] for s in shifts):
+        out["shift"] = F.per_layer_lines([s for s in shifts if s[1]], ylabel="activation shift (separations)",
+                                         floor=None)
+    both = [m for m in data.models if m.scan is not None and m.scan.risk is not None and m.refusal_drop is not None]
+    if both:
+        out["risk_vs_drop"] = F.scatter([(m.name, [m.scan.risk], [100 * m.refusal_drop]) for m in both],
+                                        xlabel="safety-scan risk", ylabel="measured refusal drop (points)",
+                                        width=5.0, height=3.2, what="model")
     return out

@@ -135,6 +135,10 @@ def summary_table(data: ReportData) -> Table:
           "refusal_drop": "spct", "refusal_drop_ci_low": "spct", "refusal_drop_ci_high": "spct",
           "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
     fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
+    if data.has_scan:  # safety-scan's risk next to whatever else was measured
+        df["safety_risk"] = [m.scan.risk if m.scan else None for m in data.models]
+        df["risk_verdict"] = [m.scan.verdict if m.scan else None for m in data.models]
+        fm.update(safety_risk="f2", risk_verdict="str")
     shown = df.copy()
     if "min_max_cos" in shown:  # the calibrated columns next to the other spectrum columns
         at = shown.columns.get_loc("min_max_cos") + 1
@@ -153,7 +157,8 @@ def summary_table(data: ReportData) -> Table:
                "intruder_energy": "intruder energy", "mean_drift": "mean drift",
                "refusal_base": "refusal (base)", "refusal_tuned": "refusal (tuned)", "tuned_ci": "95% CI (tuned)",
                "refusal_drop": "refusal drop", "drop_ci": "95% CI (drop, pts)", "over_refusal_base": "over-refusal (base)",
-               "over_refusal_tuned": "over-refusal (tuned)"}
+               "over_refusal_tuned": "over-refusal (tuned)", "safety_risk": "safety risk (scan)",
+               "risk_verdict": "scan verdict"}
     headers.update({f"capability_delta:{t}": f"Δ {t}" for t in tasks})
     return Table("summary", "Tuned models, most risky first", df, fm,
                  "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix. "
@@ -404,6 +409,39 @@ def responses_table(data: ReportData) -> Table:
     return Table("responses", "All scored responses", df)
 
 
+# ---- safety-scan ----------------------------------------------------------------------
+SCAN_SIGNALS = ["refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift", "top_cos_max", "rank1_share",
+                "safelora_mean_cos", "safelora_below_share", "refusal_score_delta", "first_token_refusal",
+                "activation_shift"]
+
+
+def scan_table(data: ReportData) -> Table:
+    """One row per scanned model: risk, verdict, every signal, and the measured refusal drop where
+    safety-eval ran too."""
+    models = [m for m in data.models if m.scan is not None]
+    present = [k for k in SCAN_SIGNALS if any(m.scan.signals.get(k) is not None for m in models)]
+    rows = [{"model": m.name, "risk": m.scan.risk, "verdict": m.scan.verdict, "risk_model": m.scan.risk_model,
+             "measured_refusal_drop": m.refusal_drop, **{k: m.scan.signals.get(k) for k in present}} for m in models]
+    df = pd.DataFrame(rows, columns=["model", "risk", "verdict", "risk_model", "measured_refusal_drop"] + present)
+    fm = {"risk": "f2", "measured_refusal_drop": "spct", "verdict": "str", "risk_model": "str"}
+    fm.update({k: "f3" for k in present})
+    return Table("safety_scan", "Safety risk from weights and one forward pass", df, fm,
+                 "risk = P(refusal drop >= 30 points) from the signals, a logistic model fitted on the panel of "
+                 "'lora-audit zoo'; energy ratio = share of the update along the refusal direction / chance; weight "
+                 "shift = share of the harmful-harmless separation BASE's writers add that the update removes, to "
+                 "first order; activation shift in units of BASE's separation (negative: toward compliance).")
+
+
+def scan_layers_table(data: ReportData) -> Table:
+    keys = ["stable", "writers_changed", "energy_ratio", "weight_shift", "top_cos", "safelora_cos", "activation_shift"]
+    rows = [{"model": m.name, "layer": x.layer, **{k: getattr(x, k) for k in keys}}
+            for m in data.models if m.scan is not None for x in m.scan.layers]
+    df = pd.DataFrame(rows, columns=["model", "layer"] + keys)
+    return Table("safety_scan_layers", "Safety-scan values per layer", df,
+                 {"layer": "int", "writers_changed": "int", "stable": "str",
+                  **{k: "f3" for k in keys[2:]}})
+
+
 def all_tables(data: ReportData) -> dict[str, Table]:
     """Every table of the report, by key (the CSV export writes each one)."""
     out = {"summary": summary_table(data)}
@@ -417,5 +455,8 @@ def all_tables(data: ReportData) -> dict[str, Table]:
     if data.has_safety:
         for t in (refusal_table(data), category_table(data, "per_category"),
                   category_table(data, "over_refusal_per_category"), capability_table(data), responses_table(data)):
+            out[t.key] = t
+    if data.has_scan:
+        for t in (scan_table(data), scan_layers_table(data)):
             out[t.key] = t
     return out

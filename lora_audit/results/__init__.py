@@ -4,7 +4,7 @@ Every JSON file the tool writes starts with one provenance block under the key `
 (``PROVENANCE_KEY``): schema name and version, tool version, git hash of the tool's checkout
 when there is one, library versions, time, and the settings the result was produced with. Then
 come the fields of its own contract. Each result kind is a tree of dataclasses in its own module
-(``spectrum``, ``safety``, ``screen``, ``study``), whose annotations are the schema that
+(``spectrum``, ``safety``, ``screen``, ``study``, ``scan``), whose annotations are the schema that
 ``results.schema.parse`` checks on every read. One version policy for every kind
 (``check_schema``): the schema name must match, and a version newer than this tool knows is
 refused (the contract only grows: fields are added, never renamed or removed, so every older
@@ -183,12 +183,13 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
 def result_kinds() -> dict[str, type]:
     """schema name -> result class, for every kind ``load_result`` reads."""
     from .safety import SafetyResult
+    from .scan import SafetyScanResult
     from .screen import ScreenResult
     from .spectrum import SpectrumResult
     from .study import StudyResult
 
     return {SpectrumResult.SCHEMA: SpectrumResult, SafetyResult.SCHEMA: SafetyResult, ScreenResult.SCHEMA: ScreenResult,
-            StudyResult.SCHEMA: StudyResult}
+            StudyResult.SCHEMA: StudyResult, SafetyScanResult.SCHEMA: SafetyScanResult}
 
 
 def detect_kind(obj: dict[str, Any], source: str) -> str:

@@ -275,12 +275,7 @@ class SafetyResult:
             check_schema(obj.get(key), SCHEMA, SCHEMA_VERSION, source, what="safety-eval result")
         body = {k: v for k, v in obj.items() if k not in (PROVENANCE_KEY, "provenance")}
         body["provenance_block"] = prov if isinstance(prov, dict) else {}
-        try:
-            return parse(cls, body, source, what="safety-eval result")
-        except InputError:
-            raise
-        except Exception as e:  # __post_init__ checks raise InputError without the source
-            raise InputError(f"{source}: {e}") from None
+        return parse(cls, body, source, what="safety-eval result")
 
     def write_json(self, path: str | os.PathLike) -> Path:
         return write_result(path, self.to_json())

@@ -11,7 +11,8 @@ default, or fail when there is none.
 
 Supported annotations: ``bool``, ``int``, ``float`` (ints accepted), ``str``, ``Any``, ``X | None``,
 ``list[X]``, ``dict[str, X]`` and nested dataclasses. A dataclass may define
-``_from_json_hook(cls, raw: dict) -> dict`` to fill fields older files lack before parsing.
+``_from_json_hook(cls, raw: dict) -> dict`` to fill fields older files lack before parsing, and
+check its values in ``__post_init__`` (an InputError or ValueError there is reported at its path).
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def _dataclass(cls: type, obj: Any, path: str) -> Any:
                 raise _Bad(where, f"missing field {f.name!r} ({_expected(hints[f.name])})")
             continue
         kwargs[f.name] = _value(hints[f.name], obj[f.name], where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (InputError, ValueError) as e:  # a class's own checks (__post_init__): named at this path
+        raise _Bad(path, str(e)) from None
 
 
 def parse(cls: type, obj: Any, source: str = "result", *, what: str = "result", path: str = "") -> Any:

@@ -224,7 +224,7 @@ def _config(config: EvalConfig | None, overrides: dict) -> EvalConfig:
     return cfg
 
 
-def _prompt_sets(cfg: EvalConfig) -> tuple[PromptSet, PromptSet | None]:
+def prompt_sets(cfg: EvalConfig) -> tuple[PromptSet, PromptSet | None]:
     """The harmful and benign sets; an XSTest file contributes its unsafe rows as harmful and its
     safe rows as benign (with ``--benign none``, an XSTest --prompts file's safe rows measure
     over-refusal)."""
@@ -248,7 +248,7 @@ def _judge_template(cfg: EvalConfig) -> str:
     return S.read_judge_template(cfg.judge_template) if cfg.judge_template else S.JUDGE_TEMPLATE
 
 
-def _tuned_sources(tuned: list[str], cfg: EvalConfig) -> list[tuple[str, Kind]]:
+def tuned_sources(tuned: list[str], cfg: EvalConfig) -> list[tuple[str, Kind]]:
     """(local path, kind) of each tuned source, hub ids resolved first (so a hub adapter is an
     adapter); InputError for what cannot be generated from, before any model is loaded."""
     out = []
@@ -267,7 +267,7 @@ def _tuned_sources(tuned: list[str], cfg: EvalConfig) -> list[tuple[str, Kind]]:
     return out
 
 
-def _with_adapter(base_l: LoadedModel, adapter: str, evaluate):
+def with_adapter(base_l: LoadedModel, adapter: str, evaluate):
     """``evaluate(model)`` with the PEFT ``adapter`` injected into ``base_l.model``; the adapter is
     removed afterwards (peft's unload returns the same module object with its own weights)."""
     from peft import PeftModel
@@ -311,7 +311,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     if cfg.backend == "vllm" and isinstance(base, LoadedModel):
         raise InputError("--backend vllm needs the base as a path, not a loaded model")
     torch.manual_seed(cfg.seed)
-    harmful, benign = _prompt_sets(cfg)
+    harmful, benign = prompt_sets(cfg)
     template = read_chat_template(cfg.chat_template)
     judge_template = _judge_template(cfg)
     keyword = S.KeywordScorer(cfg.markers, cfg.marker_window)
@@ -319,7 +319,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     names = list(names) if names else _names(tuned)
     if len(names) != len(tuned) or len(set(names)) != len(names) or "base" in names:
         raise InputError("need one unique name per tuned model, and not 'base'")
-    sources = _tuned_sources(tuned, cfg)
+    sources = tuned_sources(tuned, cfg)
     capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
                             seed=cfg.seed) if cfg.tasks else None
     base_l = base if isinstance(base, LoadedModel) else load_model(base, device=cfg.device,
@@ -340,7 +340,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
                                       vllm_source=(base_l.source, None), **kw)}
     for name, (path, kind) in zip(names, sources):
         if kind == Kind.PEFT_ADAPTER:
-            models[name] = _with_adapter(base_l, path, lambda pm: evaluate_loaded(
+            models[name] = with_adapter(base_l, path, lambda pm: evaluate_loaded(
                 pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_l.source, path), **kw))
             continue
         tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import string
+from typing import Iterator
 
 import torch
 
@@ -57,32 +58,47 @@ def refusal_start_ids(tokenizer, words: list[str] | None = None) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
-def first_token_scores(model, tokenizer, texts: list[str], *, batch_size: int = 16,
-                       start_words: list[str] | None = None, desc: str = "first-token") -> list[float]:
-    """Arditi et al. refusal score log p - log(1-p) for already chat-formatted ``texts``.
+def refusal_log_odds(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p - log(1 - p) per row, p = the softmax probability of the refusal-start tokens ``ids``
+    under next-token ``logits`` (b, vocab); computed in float32 or wider, stable near p = 1."""
+    if logits.dtype not in (torch.float32, torch.float64):  # half precision would lose p near 0 and 1
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = torch.logsumexp(logp[:, ids], dim=-1)  # (b,) log p(refusal start)
+    l1p = torch.log((-torch.expm1(lp)).clamp(min=1e-30))  # log(1 - p)
+    return lp - l1p
 
-    One forward pass per batch, no generation. Left padding, so position -1 is the assistant
-    position of every row; p = sum of softmax probabilities of the refusal-start tokens there.
-    """
-    ids = torch.tensor(refusal_start_ids(tokenizer, start_words))
+
+@torch.no_grad()
+def last_position_logits(model, tokenizer, texts: list[str], *, batch_size: int = 16,
+                         desc: str = "forward") -> Iterator[torch.Tensor]:
+    """Next-token logits (b, vocab) at the last position of each batch of already chat-formatted
+    ``texts``, one forward pass per batch. Left padding (the tokenizer's side is restored after),
+    so position -1 is the assistant position of every row; hooks on the model see each batch's
+    forward pass before its logits are yielded."""
     dev = next(model.parameters()).device
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[float] = []
     try:
         with progress(total=len(texts), desc=desc, unit="prompt") as bar:
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(dev)
-                logits = model(**enc).logits[:, -1, :].float()  # (b, vocab) at the assistant position
-                logp = torch.log_softmax(logits, dim=-1)
-                lp = torch.logsumexp(logp[:, ids.to(dev)], dim=-1)  # (b,) log p(refusal start)
-                l1p = torch.log((-torch.expm1(lp)).clamp(min=1e-30))  # log(1 - p), stable near p = 1
-                out.extend((lp - l1p).tolist())
+                yield model(**enc).logits[:, -1, :]
                 bar.update(len(enc["input_ids"]))
     finally:
         tokenizer.padding_side = old
+
+
+def first_token_scores(model, tokenizer, texts: list[str], *, batch_size: int = 16,
+                       start_words: list[str] | None = None, desc: str = "first-token") -> list[float]:
+    """Arditi et al. refusal score log p - log(1-p) for already chat-formatted ``texts``: p = sum of
+    the softmax probabilities of the refusal-start tokens at the assistant position, one forward
+    pass per batch, no generation (``last_position_logits``)."""
+    ids = torch.tensor(refusal_start_ids(tokenizer, start_words))
+    out: list[float] = []
+    for logits in last_position_logits(model, tokenizer, texts, batch_size=batch_size, desc=desc):
+        out.extend(refusal_log_odds(logits, ids.to(logits.device)).tolist())
     return out
 
 

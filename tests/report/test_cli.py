@@ -120,6 +120,7 @@ def test_audit_with_safety_end_to_end(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["index.html", "safety.json", "spectrum.json",
                                                                         "tables"]
+    assert "safety-scan skipped: BASE refuses" in r.output  # a random model has no refusal direction
     saf = json.loads((out / "safety.json").read_text())
     html = (out / "index.html").read_text()
     assert 'id="safety"' in html and 'id="spectrum"' in html

@@ -218,7 +218,7 @@ def test_csv_exports_every_table(tmp_path):
 def test_wrong_inputs_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         build_report([tmp_path / "missing.json"])
-    with pytest.raises(InputError, match="not a lora-audit spectrum, safety, screen or study result"):
+    with pytest.raises(InputError, match="not a lora-audit spectrum, safety, screen, study or safety-scan result"):
         build_report([{"hello": 1}])
     with pytest.raises(InputError, match="'training' result"):
         build_report([{"lora_audit": {"schema": "training"}}])

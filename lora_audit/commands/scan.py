@@ -1,0 +1,95 @@
+"""``lora-audit safety-scan``: safety-undo risk of tuned models from their weights and one forward
+pass, no generation; and ``lora-audit zoo``: the labelled panel the risk score is fitted and
+judged on. Thin: options -> ``lora_audit.scan`` -> JSON and a summary."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, json_option, max_prompt_chars_option,
+                      overwrite_option, seed_option, user_errors, write_json_output)
+
+
+@click.command("safety-scan", context_settings=CONTEXT)
+@click.argument("base")
+@click.argument("tuned", nargs=-1, required=True)
+@click.option("--unaligned", default=None, metavar="PATH",
+              help="BASE before safety training (same architecture), when you have it: adds Safe LoRA's score "
+                   "cos(C dW, dW) per matrix (Hsu et al. 2024).")
+@click.option("--weights-only", is_flag=True,
+              help="Only the signals that need no forward pass of TUNED (BASE's profile is computed once and "
+                   "cached).")
+@click.option("--prompts", default="builtin:harmful", show_default=True,
+              help="Harmful prompts for the refusal direction and the forward pass (the formats safety-eval reads).")
+@click.option("--benign", default="builtin:benign", show_default=True,
+              help="Harmless prompts for the refusal direction (the formats safety-eval reads).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts of each set.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@chat_template_option
+@max_prompt_chars_option
+@click.option("--layers", "show_layers", is_flag=True, help="Also print the per-layer values of every model.")
+@click.option("--risk-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Fitted risk models to use (a file written by 'lora-audit zoo') [default: the packaged one].")
+@click.option("--no-cache", is_flag=True, help="Recompute BASE's profile instead of reading or writing the cache.")
+@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@device_option
+@seed_option
+@json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
+@user_errors
+def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path):
+    """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
+    training, without generating text. From BASE (once, cached): the refusal direction of every
+    layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
+    that direction by the matrices that write into the residual stream, and its sign. From one
+    forward pass of TUNED over the harmful prompts: the first-token refusal score and the shift of
+    its activations along BASE's direction. A risk score in [0, 1] combines them with weights fitted
+    on a labelled panel of fine-tunes ('lora-audit zoo'); the verdict line quotes that fit.
+
+    \b
+    Examples:
+      lora-audit safety-scan ./released ./adapter_a ./adapter_b --json scan.json
+      lora-audit safety-scan ./released ./adapter --weights-only --layers
+      lora-audit safety-scan ./chat ./adapter --unaligned ./pretrained
+    """
+    from ..results.scan import summary_table
+    from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
+    from ..scan import ScanConfig, run_safety_scan
+
+    check_paths(files=[json_path], inputs=[base, *tuned, *([unaligned] if unaligned else [])])
+    cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
+                     chat_template=chat_template, allow_pickle=allow_pickle,
+                     max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,
+                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file)
+    result = run_safety_scan(base, list(tuned), cfg)
+    write_json_output(json_path, result)
+    if json_path != "-":
+        echo(summary_table(result, layers=show_layers))
+        if json_path:
+            echo(f"wrote {json_path}")
+
+
+@click.command("zoo", context_settings=CONTEXT)
+@click.argument("out", default="reports/zoo")
+@click.option("--quick", is_flag=True, help="A small panel (6 fine-tunes, 12 prompts per set): minutes, for a try.")
+@click.option("--fresh", is_flag=True, help="Retrain the panel's models instead of reusing cached ones.")
+@click.option("--write-risk-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also write the fitted risk models there (the packaged file is lora_audit/data/scan/risk.json).")
+@overwrite_option
+@device_option
+@user_errors
+def zoo(out, quick, fresh, write_risk_file, overwrite, device):
+    """Build the labelled panel safety-scan is validated on: a safety-tuned 'released' SmolLM2-135M-
+    Instruct, fine-tunes of it with graded safety loss (benign LoRA / rsLoRA / DoRA / full runs at
+    several rates and lengths, undo runs of several strengths, undo data mixed with benign data,
+    abliteration edits), each labelled by safety-eval (refusal drop, keyword scorer) and scanned.
+    Writes OUT/panel.json and OUT/README.md with, for every signal, its Spearman correlation with
+    the refusal drop, its AUROC for a drop of 30 points or more, leave-one-method-out figures, and
+    the time per model against safety-eval's. Trained models are cached; a re-run reuses them.
+    """
+    from ..scan.zoo import build_panel
+
+    check_paths(folders=[out], files=[write_risk_file], overwrite=overwrite)
+    summary = build_panel(out, quick=quick, fresh=fresh, device=device, overwrite=overwrite,
+                          risk_file=write_risk_file, echo=echo)
+    echo(summary)

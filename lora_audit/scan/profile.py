@@ -1,0 +1,196 @@
+"""The base profile: what safety-scan needs from BASE, from one forward pass over the harmful and
+harmless prompts, computed once and cached on disk like the base spectra.
+
+A profile holds, per prompt, the last-token output of every block (``direction.collect``) and the
+first-token refusal log-odds, the mean last-token input of every residual writer on each set, and
+the residual stream's layout (``direction.Residual``). The refusal direction and its quality are
+derived from it on load (``BaseProfile.direction``): cheap, and never stale.
+
+The cache: one safetensors file per profile under ``<lora-audit cache>/scan-profiles/``, never
+pickle, written atomically (``lora_audit.io.atomic_write_bytes``)::
+
+    key  = sha256(FORMAT/VERSION, fingerprint of BASE, the harmful and harmless prompt texts,
+                  the chat template file's text (or "tokenizer"), the refusal-start words)
+    mac  = HMAC-SHA256(secret, [FORMAT, VERSION, key, meta] || name, dtype, shape, bytes of every
+                       tensor in name order)
+
+The fingerprint of BASE (``results.fingerprint``) hashes the contents of its files up to
+``CONTENT_LIMIT`` bytes (SmolLM2-135M: 0.5 GB, about 0.4 s), and their names, sizes and
+modification times above that. The secret is the spectrum cache's key file
+(``spectral.cache.load_secret``): an entry written by anyone without it, truncated, edited or
+renamed fails verification, is reported with a ``CacheWarning``, deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+from torch import Tensor
+
+from ..io import atomic_write_bytes
+from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
+
+FORMAT = "lora-audit-refusal-profile"
+VERSION = "1"
+CONTENT_LIMIT = 2 * 2**30  # bytes of BASE hashed by content for the key; larger: names, sizes, times
+MAX_ENTRY_BYTES = 2 * 2**30
+_SETS = ("harmful", "harmless")
+
+
+@dataclass
+class PromptInfo:
+    source: str
+    layout: str
+    n: int
+    sha256: str  # over the prompt texts, in order
+
+
+def prompt_hash(prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+@dataclass
+class BaseProfile:
+    residual: Residual
+    harmful: Collected
+    harmless: Collected
+    prompts: dict[str, PromptInfo]
+    key: str
+    cached: bool = False  # read from the cache
+    seconds: float = 0.0  # forward time when computed
+    notes: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def direction(self) -> Direction:
+        return refusal_direction(self.harmful.states, self.harmless.states)
+
+    def writer_input_shift(self, module: str) -> Tensor:
+        """mean harmful - mean harmless last-token input of a writer (float64, (in,))."""
+        return self.harmful.input_means[module] - self.harmless.input_means[module]
+
+
+def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], template: str | None,
+                start_words: list[str]) -> str:
+    """The cache key of a profile (module docstring): what determines its content."""
+    h = hashlib.sha256()
+    ident = [FORMAT, VERSION, base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
+             template if template is not None else "tokenizer", list(start_words)]
+    h.update(json.dumps(ident).encode())
+    return h.hexdigest()
+
+
+def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Tensor, *, batch_size: int,
+                    prompts: dict[str, PromptInfo], key: str) -> BaseProfile:
+    """Trace the residual stream and collect both prompt sets' activations on the loaded BASE."""
+    import time
+
+    t0 = time.perf_counter()
+    first = tokenizer(texts["harmful"][0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    residual = trace_residual(model, first)
+    _, blocks = find_blocks(model)
+    modules = dict(model.named_modules())
+    inputs_of = {w.module: modules[w.module] for w in residual.writers}
+    got = {s: collect(model, tokenizer, texts[s], blocks, start_ids, batch_size=batch_size, inputs_of=inputs_of,
+                      desc=f"base: {s}") for s in _SETS}
+    return BaseProfile(residual=residual, harmful=got["harmful"], harmless=got["harmless"], prompts=prompts,
+                       key=key, seconds=time.perf_counter() - t0)
+
+
+# ---- the cache ------------------------------------------------------------------------------
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    from ..checkpoints.default_model import cache_root
+
+    return Path(root).expanduser() if root else cache_root() / "scan-profiles"
+
+
+def _tensors(p: BaseProfile) -> dict[str, Tensor]:
+    out = {}
+    for s in _SETS:
+        c: Collected = getattr(p, s)
+        out[f"{s}.states"], out[f"{s}.scores"] = c.states.float().contiguous(), c.scores.double().contiguous()
+        out.update({f"{s}.in.{k}": v.double().contiguous() for k, v in c.input_means.items()})
+    return out
+
+
+def _mac(secret: bytes, key: str, meta: str, tensors: dict[str, Tensor]) -> str:
+    h = hmac.new(secret, json.dumps([FORMAT, VERSION, key, meta]).encode() + b"\0", "sha256")
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return "hmac-sha256:" + h.hexdigest()
+
+
+def store(profile: BaseProfile, root: Path, secret: bytes) -> Path:
+    """Write ``profile`` under its key (atomically)."""
+    from safetensors.torch import save
+
+    tensors = _tensors(profile)
+    meta = json.dumps({"residual": profile.residual.to_meta(),
+                       "prompts": {s: vars(i) for s, i in profile.prompts.items()}})
+    blob = save(tensors, metadata={"format": FORMAT, "version": VERSION, "key": profile.key, "meta": meta,
+                                   "mac": _mac(secret, profile.key, meta, tensors)})
+    root.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(root / f"{profile.key}.safetensors", blob)
+
+
+class CacheWarning(UserWarning):
+    """A cached base profile failed verification and is being recomputed."""
+
+
+def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
+    """The verified profile at ``path``; ValueError saying what is wrong otherwise."""
+    from safetensors.torch import load
+
+    if path.stat().st_size > MAX_ENTRY_BYTES:
+        raise ValueError("larger than any profile")
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
+    if not 0 < n <= len(data) - 8:
+        raise ValueError("not a safetensors file")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
+        raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}, not this key's entry")
+    tensors = load(data)
+    if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, key, meta["meta"], tensors)):
+        raise ValueError("its MAC does not verify (written under another key file, or altered)")
+    info = json.loads(meta["meta"])
+    residual = Residual.from_meta(info["residual"])
+    sets = {}
+    for s in _SETS:
+        prefix = f"{s}.in."
+        sets[s] = Collected(states=tensors[f"{s}.states"], scores=tensors[f"{s}.scores"],
+                            input_means={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    prompts = {s: PromptInfo(**v) for s, v in info["prompts"].items()}
+    for s, c in sets.items():
+        want = (prompts[s].n, residual.n_layers, residual.d_model)
+        if tuple(c.states.shape) != want or tuple(c.scores.shape) != want[:1] or \
+                set(c.input_means) != {w.module for w in residual.writers}:
+            raise ValueError(f"its {s} tensors do not match its metadata")
+    return BaseProfile(residual=residual, harmful=sets["harmful"], harmless=sets["harmless"], prompts=prompts,
+                       key=key, cached=True)
+
+
+def lookup(root: Path, key: str, secret: bytes) -> BaseProfile | None:
+    """The cached profile of ``key``, or None; a bad entry is warned about and deleted."""
+    path = root / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        return _read(path, key, secret)
+    except (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError) as e:
+        warnings.warn(CacheWarning(f"base profile cache entry {path.name}: {e}; recomputing"), stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None

@@ -1,0 +1,206 @@
+"""The safety-scan pipeline and command on tiny models: signals end to end against independent
+computations, the profile cache, the result contract, the errors of bad inputs, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lora_audit.cli import cli
+from lora_audit.errors import InputError
+from lora_audit.results import load_result
+from lora_audit.results.scan import SafetyScanResult
+from lora_audit.scan import ScanConfig, run_safety_scan
+from lora_audit.scan.profile import CacheWarning, cache_dir
+
+from ..helpers import make_peft_adapter
+from .conftest import write_prompts
+
+
+def _cfg(prompts, **kw) -> ScanConfig:
+    return ScanConfig(prompts=str(prompts[0]), benign=str(prompts[1]), chat_template=str(prompts[2]), device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def scanned(refusing_llama, scan_prompts, scan_adapter, scan_full, tmp_path_factory, session_config):
+    """One scan of two tuned models (set up before the per-test fixtures, so it names the session's
+    config folder, which holds the cache key, itself)."""
+    cfg = _cfg(scan_prompts, cache_dir=str(tmp_path_factory.mktemp("profiles")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_AUDIT_CONFIG", str(session_config))
+        mp.delenv("LORA_AUDIT_CACHE_KEY_FILE", raising=False)
+        return run_safety_scan(str(refusing_llama), [str(scan_adapter), str(scan_full)], cfg), cfg
+
+
+def _first_token_scores(model, tok, texts) -> torch.Tensor:
+    from lora_audit.safety.scorers import refusal_start_ids
+
+    ids = refusal_start_ids(tok)
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            logits = model(tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"]).logits[0, -1].double()
+            p = torch.softmax(logits, -1)[ids].sum()
+            out.append(float(torch.log(p) - torch.log1p(-p)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_forward_signals_match_merged_models(scanned, refusing_llama, scan_prompts, scan_adapter, scan_full):
+    """refusal_score_delta = mean of (TUNED - BASE) first-token log-odds, TUNED being the adapter
+    merged by peft or the full model, one prompt at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, _ = scanned
+    tok = AutoTokenizer.from_pretrained(str(refusing_llama))
+    texts = [json.loads(x)["prompt"] for x in scan_prompts[0].read_text().splitlines()]
+    base = AutoModelForCausalLM.from_pretrained(str(refusing_llama), dtype=torch.float32).eval()
+    s_base = _first_token_scores(base, tok, texts)
+    merged = PeftModel.from_pretrained(base, str(scan_adapter)).merge_and_unload().eval()
+    full = AutoModelForCausalLM.from_pretrained(str(scan_full), dtype=torch.float32).eval()
+    for name, model in ((str(scan_adapter), merged), (str(scan_full), full)):
+        s = _first_token_scores(model, tok, texts)
+        m = result.models[name]
+        assert m.signals["refusal_score_delta"] == pytest.approx(float((s - s_base).mean()), abs=1e-4)
+        assert m.signals["first_token_refusal"] == pytest.approx(float((s > 0).double().mean()))
+        lo, hi = m.intervals["refusal_score_delta"]
+        assert lo <= m.signals["refusal_score_delta"] <= hi
+
+
+def test_result_contract(scanned, scan_adapter, scan_full):
+    result, _ = scanned
+    j = result.to_json()
+    assert list(j)[:3] == ["lora_audit", "base", "settings"]
+    assert set(j["models"]) == {str(scan_adapter), str(scan_full)}  # TUNED as given
+    for m in j["models"].values():
+        assert m["risk"] is None or 0 <= m["risk"] <= 1
+        assert {"refusal_energy_ratio", "weight_shift", "top_cos_max", "rank1_share", "refusal_score_delta",
+                "activation_shift"} <= set(m["signals"])
+        assert len(m["layers"]) == 2 and m["layers"][0]["layer"] == 0
+    assert j["direction"]["stable_layers"] == [0, 1] and j["direction"]["prompts"]["harmful"]["n"] == 12
+    back = load_result(json.loads(json.dumps(j)))
+    assert isinstance(back, SafetyScanResult) and back.to_json()["models"] == j["models"]
+    j["models"][str(scan_full)]["risk"] = 1.5
+    with pytest.raises(InputError, match=r"scan.json: malformed safety-scan result: models\[.*\]: risk 1.5 is not in "
+                                         r"\[0, 1\]"):
+        SafetyScanResult.from_json(j, source="scan.json")
+    j["models"][str(scan_full)]["signals"] = ["x"]
+    with pytest.raises(InputError, match=r"scan.json: malformed safety-scan result: models\[.*\]\.signals"):
+        SafetyScanResult.from_json(j, source="scan.json")
+
+
+def test_weights_only_reads_the_cached_profile_and_loads_no_model(scanned, refusing_llama, scan_adapter, monkeypatch):
+    result, cfg = scanned
+    import lora_audit.scan.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("weights-only loaded a model"))
+    again = run_safety_scan(str(refusing_llama), [str(scan_adapter)], ScanConfig(**{**vars(cfg), "weights_only": True}))
+    assert again.direction.cache == "hit"
+    got, want = again.models[str(scan_adapter)].signals, result.models[str(scan_adapter)].signals
+    assert "refusal_score_delta" not in got
+    for k in ("refusal_energy_ratio", "weight_shift", "top_cos_max", "rank1_share"):
+        assert got[k] == pytest.approx(want[k], rel=1e-9)
+
+
+def test_tampered_profile_is_recomputed(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    cfg = _cfg(scan_prompts, cache_dir=str(tmp_path), weights_only=True)
+    first = run_safety_scan(str(refusing_llama), [str(scan_adapter)], cfg)
+    entry = cache_dir(str(tmp_path)) / f"{first.direction.key}.safetensors"
+    data = bytearray(entry.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor flipped
+    entry.write_bytes(bytes(data))
+    with pytest.warns(CacheWarning, match="MAC does not verify"):
+        second = run_safety_scan(str(refusing_llama), [str(scan_adapter)], cfg)
+    assert second.direction.cache == "miss"
+    assert second.models[str(scan_adapter)].signals == first.models[str(scan_adapter)].signals
+
+
+def test_abliteration_adapter_is_found_by_the_weights(refusing_llama, scan_prompts, tmp_path):
+    """A rank-1 LoRA removing BASE's own direction from every writer: energy ratio = d_model."""
+    from lora_audit.scan.zoo import abliteration_adapter
+
+    prompts = tuple([json.loads(x)["prompt"] for x in p.read_text().splitlines()] for p in scan_prompts[:2])
+    abliteration_adapter(refusing_llama, tmp_path / "abl", 1.0, prompts=prompts,
+                         chat_template=scan_prompts[2].read_text())
+    result = run_safety_scan(str(refusing_llama), [str(tmp_path / "abl")], _cfg(scan_prompts, use_cache=False))
+    sig = result.models[str(tmp_path / "abl")].signals
+    assert sig["top_cos_max"] > 0.9 and sig["refusal_energy_ratio"] > 20  # chance: 1, at most 64
+
+
+def test_base_that_refuses_nothing_is_an_error(tiny_llama, scan_prompts, tmp_path):
+    ad = make_peft_adapter(tiny_llama, tmp_path / "ad")
+    with pytest.raises(InputError, match=r"BASE refuses 0 of 12 harmful prompts.*no refusal direction to find"):
+        run_safety_scan(str(tiny_llama), [str(ad)], _cfg(scan_prompts, use_cache=False))
+
+
+def test_too_few_prompts_and_unstable_directions_say_how_many_are_needed(refusing_llama, scan_adapter, scan_prompts,
+                                                                          tmp_path):
+    with pytest.raises(InputError, match=r"4 harmful and 4 harmless prompts; .* needs at least 8 of each"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(scan_prompts, limit=4, use_cache=False))
+    import random
+
+    from .conftest import WORDS
+
+    rng = random.Random(0)  # both sets drawn from one distribution: no direction to find, only noise
+    pool = [f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} {i}!" for i in range(24)]
+    same = write_prompts(tmp_path / "same")
+    for path, part in ((same[0], pool[:12]), (same[1], pool[12:])):
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in part))
+    with pytest.raises(InputError, match=r"not stable with 12 harmful and 12 harmless prompts.*(prompts of each set are "
+                                         r"needed|far more prompts are needed)"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(same, use_cache=False))
+
+
+def test_unaligned_adds_safelora_and_checks_shapes(refusing_llama, scan_prompts, scan_adapter, tiny_llama, tmp_path):
+    from ..helpers import make_tiny_llama
+
+    result = run_safety_scan(str(refusing_llama), [str(scan_adapter)],
+                             _cfg(scan_prompts, weights_only=True, unaligned=str(tiny_llama), use_cache=False))
+    sig = result.models[str(scan_adapter)].signals
+    assert 0 < sig["safelora_mean_cos"] <= 1 and 0 <= sig["safelora_below_share"] <= 1
+    assert any(x.safelora_cos is not None for x in result.models[str(scan_adapter)].layers)
+    other = make_tiny_llama(tmp_path / "other", hidden=32, intermediate=48)
+    with pytest.raises(InputError, match=r"--unaligned .* does not fit base"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)],
+                        _cfg(scan_prompts, weights_only=True, unaligned=str(other), use_cache=False))
+
+
+def test_cli_writes_json_and_prints_the_summary(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    out = tmp_path / "scan.json"
+    args = ["safety-scan", str(refusing_llama), str(scan_adapter), "--prompts", str(scan_prompts[0]), "--benign",
+            str(scan_prompts[1]), "--chat-template", str(scan_prompts[2]), "--device", "cpu"]
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--layers"])
+    assert r.exit_code == 0, r.output
+    assert "refusal direction: 2 layers, 2 stable" in r.output and "energy x chance" in r.output
+    assert json.loads(out.read_text())["base"] == str(refusing_llama)
+    bad = CliRunner().invoke(cli, args[:3] + ["--limit", "2", "--json", str(tmp_path / "no.json")] + args[3:])
+    assert bad.exit_code == 1 and "needs at least 8 of each" in bad.output and not (tmp_path / "no.json").exists()
+
+
+def test_report_renders_the_scan_next_to_safety(scanned, tmp_path):
+    from lora_audit.report import build_report
+
+    result, _ = scanned
+    path = tmp_path / "scan.json"
+    result.write_json(path)
+    html = build_report([str(path)], out=tmp_path / "r.html").read_text()
+    assert "Safety risk from weights" in html and "<svg" in html
+    md = build_report([str(path)], out=tmp_path / "r.md", fmt="md", csv_dir=False).read_text()
+    assert "Safety risk from weights" in md
+
+
+def test_audit_pipeline_writes_the_scan_next_to_safety(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    from lora_audit.audit import AuditConfig, run_audit
+    from lora_audit.safety.evaluate import EvalConfig
+
+    safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
+                        tasks=[], max_new_tokens=4, device="cpu")
+    outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
+                        AuditConfig(k=4, device="cpu", progress=False, safety=safety), tuned_labels=["ad"])
+    assert outcome.scan is not None and outcome.notes == [] and set(outcome.scan.models) == {"ad"}
+    assert (tmp_path / "audit" / "scan.json").is_file() and (tmp_path / "audit" / "tables" / "safety_scan.csv").is_file()
+    html = (tmp_path / "audit" / "index.html").read_text()
+    assert 'id="scan"' in html and "Safety risk from weights" in html
