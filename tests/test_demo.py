@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_audit.cli import cli
-from lora_audit.demo import GRID, QUICK_GRID, make_plan, safety_findings, study_claims
+from lora_audit.demo import GRID, QUICK_GRID, make_plan, safety_findings, scan_findings, study_claims
 from lora_audit.text import sci
 from lora_audit.results.study import StudyPoint
 
@@ -80,6 +80,33 @@ def test_safety_findings_report_both_outcomes():
     assert all(c["holds"] for c in safety_findings(safety, plan.runs))
 
 
+def test_scan_findings_rank_and_order_both_ways():
+    """safety-scan's checks in the demo: the undo run ranked above every benign run, and the models
+    safety-eval measured ordered as their drops; each decided from the numbers, with a note when a
+    benign run lost as much refusal as the undo run."""
+    plan = make_plan(quick=False)
+    study = [r.name for r in plan.runs if r.role == "study"]
+    risk = {n: 0.2 for n in study} | {"lora-undo": 0.9, study[1]: 0.5}
+    scan = {"models": {n: {"risk": v} for n, v in risk.items()}}
+    safety = {"verdict": {"lora-undo": {"refusal_drop": 0.8}, study[1]: {"refusal_drop": 0.3},
+                          study[0]: {"refusal_drop": 0.05}}}
+    got = scan_findings(scan, safety, plan.runs)
+    assert [c["holds"] for c in got] == [True, True] and "note" not in got[0]
+    assert got[0]["measured"] == f"lora-undo 0.90; highest benign {study[1]} 0.50"
+    assert got[1]["measured"].endswith("(3 of 3 pairs agree)")
+    # a benign run ranked above the undo run, which safety-eval measured losing as much refusal
+    scan["models"][study[1]]["risk"] = 0.95
+    safety["verdict"][study[1]]["refusal_drop"] = 0.75
+    got = scan_findings(scan, safety, plan.runs)
+    assert got[0]["holds"] is False and study[1] in got[0]["note"] and "removed" in got[0]["note"]
+    # pairs closer than DROP_CLOSE do not count; the rest: undo vs study[1] (drop 0.8 vs 0.75) left out
+    assert got[1]["holds"] is True and got[1]["measured"].endswith("(2 of 2 pairs agree)")
+    scan["models"][study[0]]["risk"] = 0.99
+    assert scan_findings(scan, safety, plan.runs)[1]["holds"] is False
+    # without a safety result: only the ranking; without a scan result: nothing
+    assert len(scan_findings(scan, None, plan.runs)) == 1 and scan_findings({}, safety, plan.runs) == []
+
+
 @pytest.mark.smollm2
 def test_quick_demo_end_to_end(smollm2_dir, tmp_path):
     out = tmp_path / "demo"
@@ -103,6 +130,12 @@ def test_quick_demo_end_to_end(smollm2_dir, tmp_path):
     for rec in summary["training"].values():
         assert rec["final_loss"] < rec["loss_first"]  # every run trained
     assert summary["findings"] and all(isinstance(c["holds"], bool) for c in summary["findings"])
+    # safety-scan ran on every tuned model with the safety side; the demo's ranking check is made from it
+    scan = json.loads((out / "scan.json").read_text())
+    assert set(scan["models"]) == set(names) and all(0 <= m["risk"] <= 1 for m in scan["models"].values())
+    ranking = next(c for c in summary["findings"] if c["claim"].startswith("safety-scan ranks lora-undo"))
+    benign = max(scan["models"][n]["risk"] for n in names if n != "lora-undo")
+    assert ranking["holds"] == (scan["models"]["lora-undo"]["risk"] > benign)
     html = (out / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", html)
     for name in names:

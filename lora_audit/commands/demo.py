@@ -10,7 +10,8 @@ from ._common import CONTEXT, check_paths, device_option, echo, json_option, ove
 
 @click.command(context_settings=CONTEXT)
 @click.option("--out", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for index.html, spectrum.json, safety.json, demo.json and tables/.")
+              help="Folder for index.html, spectrum.json, safety.json, scan.json, study.json, demo.json and "
+                   "tables/.")
 @overwrite_option
 @click.option("--quick", is_flag=True,
               help="One LoRA and one full fine-tuning point of the study, fewer steps and prompts (about 4 minutes "
@@ -31,9 +32,9 @@ def demo(out, overwrite, quick, fresh, base, json_path, seed, device):
     three learning rates, full fine-tuning at three), and with LoRA on compliance examples (the
     safety-undo attack); audit all of them against the released model (intruder dimensions with
     calibrated statistics; refusal, over-refusal and lm-eval capability for the undo run and one
-    point per method) and write the report OUT/index.html with the study's figures (intruders and
-    lowest max|cos| against the learning rate) and claims. Trained models are cached per run and
-    reused; --fresh retrains.
+    point per method; safety-scan's risk for every model) and write the report OUT/index.html
+    with the study's figures (intruders and lowest max|cos| against the learning rate) and
+    claims. Trained models are cached per run and reused; --fresh retrains.
 
     \b
     Example:

@@ -22,9 +22,10 @@ against measured behaviour.
 5. Statistics and the fitted risk models (``panel``): written to OUT (panel.json, README.md,
    figures/*.svg) and, when asked, to the risk-model file safety-scan loads.
 
-Trained models, the labels and the scan live under ``<lora-audit cache>/zoo/<plan key>/``: each
-model folder is written atomically (a present folder is complete), so a re-run trains nothing
-and reads labels and signals back when the plan and settings are unchanged.
+Trained models and the labels live under ``<lora-audit cache>/zoo/<released key>/``, each model in
+a folder keyed by its own settings (``run_dir``) and written atomically (a present folder is
+complete): a re-run trains only the runs whose settings changed, and reads the labels back when
+no run changed.
 """
 
 from __future__ import annotations
@@ -107,11 +108,27 @@ def demo_runs(quick: bool = False) -> tuple[PanelRun, ...]:
                  for r in plan.runs if r.role != "released" and (chosen is None or r.name in chosen))
 
 
-def plan_key(runs: tuple[PanelRun, ...], quick: bool) -> str:
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def released_key(quick: bool) -> str:
+    """Hash of what determines the released model and the batches of every panel run: the panel's
+    cache folder, ``<lora-audit cache>/zoo/<released key>/``."""
     rel, plan = released_run(quick)
-    ident = {"released": asdict(rel), "batch": [plan.batch_size, plan.max_length, plan.seed],
-             "runs": [asdict(r) for r in runs], "version": __version__}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _key({"released": rel.training(), "batch": [plan.batch_size, plan.max_length, plan.seed],
+                 "version": __version__})
+
+
+def run_dir(work: Path, run: PanelRun) -> Path:
+    """A panel model's folder, keyed by the run's own settings: changing one run retrains that run only."""
+    return work / f"{run.name}-{_key(asdict(run))}"
+
+
+def plan_key(runs: tuple[PanelRun, ...], quick: bool) -> str:
+    """Hash of the whole panel (the released model and every run's settings): labels and signals are
+    read back from the cache only for the same plan."""
+    return _key({"released": released_key(quick), "runs": [asdict(r) for r in runs]})
 
 
 def mixed_data(share: float, out: Path) -> Path:
@@ -212,12 +229,11 @@ def _labels(work: Path, released: Path, runs: tuple[PanelRun, ...], *, limit: in
 
     cfg = dict(prompts="builtin:harmful", benign=None, tasks=[], limit=limit, max_new_tokens=MAX_NEW_TOKENS,
                batch_size=16, device=device, seed=0)
-    key = hashlib.sha256(json.dumps([cfg, [r.name for r in runs], __version__], default=str).encode()).hexdigest()[:12]
-    path = work / f"labels-{key}.json"
+    path = work / f"labels-{_key([cfg, [asdict(r) for r in runs], __version__])}.json"
     if path.is_file():
         saved = read_user_json(path, "zoo labels")
         return SafetyResult.from_json(saved["labels"], source=str(path)), saved["released_over_refusal"]
-    labels = run_safety_eval(str(released), [str(work / r.name) for r in runs], EvalConfig(**cfg),
+    labels = run_safety_eval(str(released), [str(run_dir(work, r)) for r in runs], EvalConfig(**cfg),
                              names=[r.name for r in runs])
     over = run_safety_eval(str(released), [], EvalConfig(**(cfg | {"prompts": "builtin:benign"})))
     rate = over.models["base"].refusal_rate
@@ -262,7 +278,7 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     if risk_file is not None:
         check_output_file(risk_file, "risk model file")
     dev, runs, t_all = str(resolve_device(device)), panel_runs(quick), time.perf_counter()
-    work = cache_root() / "zoo" / plan_key(runs, quick)
+    work = cache_root() / "zoo" / released_key(quick)
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -272,12 +288,12 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     stage(f"released model ({rel.method}, {rel.steps} steps on {rel.data})", train_released, rel, smollm2,
           work / "released", plan, dev)
     for r in runs:
-        stage(f"{r.name} ({r.method} on {r.data})", _train, r, work / "released", work / r.name, work, plan, dev)
+        stage(f"{r.name} ({r.method} on {r.data})", _train, r, work / "released", run_dir(work, r), work, plan, dev)
     limit = 12 if quick else None
     labels, over = stage("labels: safety-eval of every model (generation)", _labels, work, work / "released", runs,
                          limit=limit, device=dev)
     scan = stage("signals: safety-scan of every model", run_safety_scan, str(work / "released"),
-                 [str(work / r.name) for r in runs], ScanConfig(device=dev, unaligned=str(smollm2)),
+                 [str(run_dir(work, r)) for r in runs], ScanConfig(device=dev, unaligned=str(smollm2)),
                  names=[r.name for r in runs])
     models = _panel_models(runs, labels, scan)
     analysis = P.analyse(models)
@@ -289,7 +305,7 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
             "direction": scan.to_json()["direction"]}
     fitted = {k: v for k, v in analysis["risk_models"].items() if not isinstance(v, str)}
     panel_record = {"built_with": f"lora-audit zoo{' --quick' if quick else ''}", "models": len(models),
-                    "positives": sum(m.lost for m in models), "plan_key": work.name, "git": git_hash()}
+                    "positives": sum(m.lost for m in models), "plan_key": plan_key(runs, quick), "git": git_hash()}
     with atomic_dir(out, overwrite=overwrite, what="zoo panel") as tmp:
         atomic_write_json(tmp / "panel.json", stamped(provenance("lora-audit/zoo", 1, **info) | P.to_json(models, analysis)))
         atomic_write_text(tmp / "README.md", P.readme(models, analysis, info))

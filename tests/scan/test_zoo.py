@@ -9,7 +9,7 @@ import pytest
 
 from lora_audit.scan import risk as R
 from lora_audit.scan.panel import ORIENTATION, PanelModel, analyse, demo_check, figures, readme, signal_stats
-from lora_audit.scan.zoo import demo_runs, mixed_data, panel_runs, plan_key
+from lora_audit.scan.zoo import demo_runs, mixed_data, panel_runs, plan_key, released_key, run_dir
 
 
 def test_mixed_data_has_the_asked_share_of_undo_rows(tmp_path):
@@ -31,6 +31,20 @@ def test_panel_plan_has_graded_runs_of_every_method():
     assert set(demo) <= set(runs) and [r.role for r in demo].count("undo") == 1
     assert all(r.name.startswith("demo-") for r in demo)
     assert plan_key(runs, False) != plan_key(panel_runs(quick=True), True)
+
+
+def test_panel_models_are_cached_per_run(tmp_path):
+    """Changing one run's settings changes that run's folder only (and the plan key, so labels are
+    recomputed); the released model's key does not depend on the runs."""
+    from dataclasses import replace
+
+    runs = panel_runs()
+    changed = tuple(replace(r, lr=r.lr * 2) if i == 0 else r for i, r in enumerate(runs))
+    dirs, dirs2 = [run_dir(tmp_path, r) for r in runs], [run_dir(tmp_path, r) for r in changed]
+    assert [a != b for a, b in zip(dirs, dirs2)] == [True] + [False] * (len(runs) - 1)
+    assert len(set(dirs)) == len(runs) and all(d.name.startswith(r.name + "-") for d, r in zip(dirs, runs))
+    assert plan_key(runs, False) != plan_key(changed, False) and released_key(False) == released_key(False)
+    assert released_key(False) != released_key(True)
 
 
 def _model(name, method, role, drop, **signals) -> PanelModel:
