@@ -51,6 +51,17 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     return record
 
 
+def _adamw(params: list, lr: float):
+    """AdamW, fused (one kernel over all parameters) where torch has it for the parameters' device:
+    the same update to float32 rounding, with optimizer steps about 3x faster on CPU for a 135M
+    model, full fine-tuning steps about 1.3x (``bench/bench_training.py``); torch's default
+    implementation otherwise."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not support
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -> list[float]:
     """The loop itself; returns the loss curve."""
     from ..progress import progress
@@ -59,7 +70,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -
     model.train()
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = _adamw(params, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     if prepared.optimizer_hook is not None:
         prepared.optimizer_hook(opt)
