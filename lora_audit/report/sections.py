@@ -177,6 +177,7 @@ def study_sections(data: ReportData) -> list[dict[str, Any]]:
                     "claims": [{"claim": c.claim, "rule": c.rule, "measured": c.measured, "holds": c.holds,
                                 "note": c.note} for c in st.claims],
                     "settings": [(str(k), str(v)) for k, v in st.settings.items()]})
+    return out
 
 
 def scan_figures(data: ReportData) -> dict[str, Any]:
