@@ -202,9 +202,9 @@ def gather(inputs: list, *, title: str | None = None, labels: list[str] | None =
     data = ReportData(title=title or "lora-audit report")
     for i, item in enumerate(inputs):
         result, src = load_input(item, i, labels[i] if labels else None)
-        if not isinstance(result, (SpectrumResult, SafetyResult)):
+        if not isinstance(result, (SpectrumResult, SafetyResult, StudyResult)):
             raise InputError(f"{src.label}: a {result.SCHEMA} result; 'lora-audit {result.WRITTEN_BY}' writes its "
-                             "own report (report.html next to it). Pass spectrum and safety-eval JSON files here")
+                             "own report (report.html next to it). Pass spectrum, safety-eval and study JSON files here")
         data.sources.append(src)
         kinds = {SpectrumResult: data.spectra, SafetyResult: data.safeties, StudyResult: data.studies}
         kinds[type(result)].append(result)
