@@ -487,6 +487,8 @@ def format_findings(summary: dict) -> str:
             lines.append(f"      note: {c['note']}")
     if not summary["findings"]:
         lines.append("  (no comparable results)")
+    if summary.get("scan_note"):
+        lines.append(f"  ({summary['scan_note']})")
     low = summary.get("lowest_max_cos") or {}
     if low:
         lines.append("Lowest max|cos| per model (intruder below epsilon = "

@@ -130,12 +130,18 @@ def test_quick_demo_end_to_end(smollm2_dir, tmp_path):
     for rec in summary["training"].values():
         assert rec["final_loss"] < rec["loss_first"]  # every run trained
     assert summary["findings"] and all(isinstance(c["holds"], bool) for c in summary["findings"])
-    # safety-scan ran on every tuned model with the safety side; the demo's ranking check is made from it
-    scan = json.loads((out / "scan.json").read_text())
-    assert set(scan["models"]) == set(names) and all(0 <= m["risk"] <= 1 for m in scan["models"].values())
-    ranking = next(c for c in summary["findings"] if c["claim"].startswith("safety-scan ranks lora-undo"))
-    benign = max(scan["models"][n]["risk"] for n in names if n != "lora-undo")
-    assert ranking["holds"] == (scan["models"]["lora-undo"]["risk"] > benign)
+    # safety-scan runs on every tuned model with the safety side and the demo's ranking check is made
+    # from it; or, when it cannot read the released model (the quick demo's 8 steps of safety tuning
+    # may leave no first-token refusal to find a direction from), demo.json and the output say why
+    if (out / "scan.json").exists():
+        scan = json.loads((out / "scan.json").read_text())
+        assert set(scan["models"]) == set(names) and all(0 <= m["risk"] <= 1 for m in scan["models"].values())
+        ranking = next(c for c in summary["findings"] if c["claim"].startswith("safety-scan ranks lora-undo"))
+        benign = max(scan["models"][n]["risk"] for n in names if n != "lora-undo")
+        assert ranking["holds"] == (scan["models"]["lora-undo"]["risk"] > benign)
+    else:
+        assert summary["scan_note"].startswith("safety-scan skipped: ") and "safety-scan skipped" in r.output
+        assert not any(c["claim"].startswith("safety-scan") for c in summary["findings"])
     html = (out / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", html)
     for name in names:
