@@ -167,6 +167,14 @@ CASES = [
     ("federated with a broken client config", ["federated", GOOD, "{ws}/cfg_list"], 1, "must be a JSON object"),
     ("audit into a folder it did not write", ["audit", B, GOOD, "--skip-safety", "--out", "{ws}/busy",
                                               "--overwrite"], 1, "did not write"),
+    ("safety-scan prompts from /dev/zero", ["safety-scan", B, GOOD, "--prompts", "/dev/zero"], 1, "regular file"),
+    ("safety-scan json over an input", ["safety-scan", B, GOOD, "--json", "{ws}/base/model.safetensors"], 1, "input"),
+    ("safety-scan of a pickled base", ["safety-scan", "{ws}/pickled", GOOD], 1, "Unpickling can run"),
+    ("safety-scan of a base that refuses nothing", ["safety-scan", B, GOOD, "--device", "cpu"], 1,
+     "no refusal direction"),
+    ("zoo into a folder it did not write", ["zoo", "{ws}/busy", "--overwrite"], 1, "did not write"),
+    ("zoo risk file over a file it did not write", ["zoo", "{ws}/z", "--write-risk-file", "{ws}/busy/notes.txt"], 1,
+     "not written by lora-audit"),
 ]
 
 
