@@ -262,7 +262,25 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
                               f"at every learning rate at most {FEW_SHARE:.0%} of the examined top-k directions",
                               "; ".join(f"lr {sci(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
                               all(p.intruders <= FEW_SHARE * (p.directions or 0) for p in pts)))
-    return out
+    return _mark_diverged(out, [p for pts in of.values() for p in pts])
+
+
+def diverged(point) -> bool:
+    """A run whose training loss ended above where it started did not converge: its count is that
+    of a failed run, not of the method at that learning rate."""
+    return point.loss_first is not None and point.final_loss is not None and point.final_loss > point.loss_first
+
+
+def _mark_diverged(claims: list, points: list) -> list:
+    """Add a note to every claim that uses a point whose training diverged (the claim is still
+    decided by its rule: the grid was fixed before the run)."""
+    bad = [p for p in points if diverged(p)]
+    for c in claims:
+        hit = [p for p in bad if c.claim.startswith(p.series) or f" {p.series} " in f" {c.claim} "]
+        if hit:
+            c.note = "; ".join(f"{p.series} at lr {sci(p.lr)} did not converge (training loss {p.loss_first:.2f} -> "
+                               f"{p.final_loss:.2f}): its count is that of a diverged run" for p in hit)
+    return claims
 
 
 def make_study(spectrum, plan: Plan, records: dict[str, dict]):
@@ -361,7 +379,7 @@ def findings(study, safety: dict | None, runs: tuple[Run, ...], scan: dict | Non
     """Every check of the run: the study's claims (Shuttleworth et al.), then the undo run's
     (Lermen et al.), then safety-scan's; each says whether it held."""
     out = [{"claim": f"{c.claim} (Shuttleworth et al.)", "measured": c.measured, "holds": c.holds, "rule": c.rule}
-           for c in study.claims]
+           | ({"note": c.note} if c.note else {}) for c in study.claims]
     out += safety_findings(safety, runs) if safety else []
     return out + (scan_findings(scan, safety, runs) if scan else [])
 

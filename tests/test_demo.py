@@ -64,6 +64,14 @@ def test_study_claims_report_both_outcomes():
     assert set(got.values()) == {False} and len(got) == 5
     rule = next(c for c in study_claims(other, GRID) if "few or no" in c.claim)
     assert rule.measured == "lr 1e-5: 0 of 2100; lr 3e-5: 30 of 2100; lr 1e-4: 25 of 2100"
+    # a point whose training loss ended above where it started marks the claims that use it
+    pts = _points({names[0]: [0, 1, 13], names[1]: [0, 0, 300], names[2]: [0, 0, 2]})
+    pts[5].loss_first, pts[5].final_loss = 1.9, 5.6
+    notes = {c.claim: c.note for c in study_claims(pts, GRID)}
+    assert notes["rsLoRA r=64: intruders grow with the learning rate"] == (
+        "rsLoRA r=64 at lr 5e-3 did not converge (training loss 1.90 -> 5.60): its count is that of a diverged run")
+    assert notes["rsLoRA r=64 has fewer intruders than LoRA r=8 at the same learning rate"]
+    assert notes["LoRA r=8: intruders grow with the learning rate"] is None
     # --quick's grid makes only the claims it has points for
     quick = [StudyPoint("a", "LoRA r=8", 5e-3, 40, intruders=2, directions=2100),
              StudyPoint("b", "full fine-tuning", 1e-4, 40, intruders=0, directions=2100)]
