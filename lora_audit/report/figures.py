@@ -278,6 +278,9 @@ def per_layer_lines(series: list[tuple[str, list[int], list[float]]], *, ylabel:
 
 
 # ---- studies ----------------------------------------------------------------------------
+SYMLOG_FROM = 50  # lr_curves: counts up to this are drawn on a linear axis
+
+
 def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylabel: str, title: str = "",
               integer: bool = False, threshold: float | None = None, threshold_label: str = "",
               band: tuple[float, float] | None = None, band_label: str = "") -> str:
@@ -305,9 +308,17 @@ def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylab
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel(ylabel)
         ax.margins(x=0.08)
-        if integer:
+        top = max([y for _, _, ys in series for y in ys if y is not None] + [0])
+        if integer and top >= SYMLOG_FROM:
+            # counts from 0 to hundreds: a linear axis flattens the small ones (1 and 6 look like 0
+            # next to 325), so 0..1 linear and logarithmic above, with plain tick labels
+            ax.set_yscale("symlog", linthresh=1, linscale=0.5)
+            ticks = [0, 1] + [10 ** e for e in range(1, int(math.log10(top)) + 2)]
+            ax.set_yticks(ticks, [str(t) for t in ticks])
+            ax.set_ylim(-0.2, top * 1.6)
+            ax.set_ylabel(f"{ylabel}\n(log scale above 1)")
+        elif integer:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            top = max([y for _, _, ys in series for y in ys if y is not None] + [0])
             ax.set_ylim(-0.05 * max(1, top), max(1, top) * 1.08)
         elif threshold is not None or band is not None:  # a cosine: its whole range
             ax.set_ylim(0, 1.02)
