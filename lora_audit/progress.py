@@ -25,6 +25,7 @@ _LIBRARY_OUTPUT = {"on": True}  # switched off by quiet_libraries()
 # Modules whose tqdm bars lm-eval creates per request batch (they pass disable= themselves, so
 # the TQDM_DISABLE environment default does not reach them).
 _LM_EVAL_BAR_MODULES = ("lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.api.model")
+_GGUF_BAR_MODULES = ("transformers.modeling_gguf_pytorch_utils",)
 
 
 def progress_enabled() -> bool:
@@ -73,15 +74,16 @@ def _silent_tqdm(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def quiet_lm_eval_bars() -> Iterator[None]:
-    """Inside the block, lm-eval's per-request bars are off (when the libraries are quiet)."""
+def quiet_module_bars(modules: Iterable[str]) -> Iterator[None]:
+    """Inside the block, the progress bars these library modules draw with their own ``tqdm``
+    (which the libraries' switches do not reach) are off, when the libraries are quiet."""
     if _LIBRARY_OUTPUT["on"]:
         yield
         return
     import importlib
 
     patched = []
-    for name in _LM_EVAL_BAR_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:
@@ -94,3 +96,13 @@ def quiet_lm_eval_bars() -> Iterator[None]:
     finally:
         for mod, orig in patched:
             mod.tqdm = orig
+
+
+def quiet_lm_eval_bars():
+    """lm-eval's per-request bars (``quiet_module_bars``)."""
+    return quiet_module_bars(_LM_EVAL_BAR_MODULES)
+
+
+def quiet_gguf_bars():
+    """transformers' bar while it dequantises a GGUF file (``quiet_module_bars``)."""
+    return quiet_module_bars(_GGUF_BAR_MODULES)

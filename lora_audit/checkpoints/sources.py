@@ -389,9 +389,12 @@ def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM
 
+    from ..progress import quiet_gguf_bars
+
     gguf = gguf_file(path)
     try:
-        marked = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_gguf_bars():
+            marked = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - gguf/transformers raise many types for bad files
         raise FormatError(f"{gguf}: could not read this GGUF file ({str(e).splitlines()[0] if str(e) else e})") \
             from None

@@ -211,3 +211,18 @@ def test_gguf_source_equals_converted_folder(smollm2_dir):
     for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight",
               "model.layers.7.mlp.down_proj.weight"):
         torch.testing.assert_close(g.get(n).float(), f.get(n).float())
+
+
+def test_gguf_dequantisation_bar_is_quiet_with_the_libraries(tiny_gguf, monkeypatch, capfd):
+    """transformers draws its own tqdm bar while it dequantises a GGUF; lora-audit's quiet mode (the
+    default without --verbose) turns it off, --verbose leaves it on."""
+    from lora_audit import progress
+    from lora_audit.checkpoints.sources import load_gguf_model
+
+    path, _ = tiny_gguf
+    monkeypatch.setitem(progress._LIBRARY_OUTPUT, "on", False)
+    load_gguf_model(path)
+    assert "de-quantizing" not in capfd.readouterr().err
+    monkeypatch.setitem(progress._LIBRARY_OUTPUT, "on", True)
+    load_gguf_model(path)
+    assert "de-quantizing" in capfd.readouterr().err
