@@ -102,6 +102,9 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     cfg = config or AuditConfig()
     if cfg.gate is not None and "safety" in cfg.gate.kinds and cfg.safety is None:
         raise InputError(f"--fail-on {cfg.gate.expression!r} has safety conditions, but the safety audit is skipped")
+    if cfg.gate is not None and "scan" in cfg.gate.kinds and (cfg.scan is None or (cfg.scan == "auto"
+                                                                                   and cfg.safety is None)):
+        raise InputError(f"--fail-on {cfg.gate.expression!r} has safety-scan conditions, but safety-scan is skipped")
     tuned = [str(t) for t in tuned]
     labels = [str(t) for t in tuned_labels] if tuned_labels else tuned
     safe = _safety_subset(labels, cfg.safety_models)
@@ -137,7 +140,10 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     if on_stage and (scan is not None or notes):
         on_stage("scan", scan if scan is not None else notes[0])
     if cfg.gate is not None:
-        apply_gate(cfg.gate, spectrum=spectrum, safety=safety)
+        if "scan" in cfg.gate.kinds and scan is None:
+            raise InputError(f"--fail-on {cfg.gate.expression!r} has safety-scan conditions, but safety-scan did not "
+                             f"run: {notes[0] if notes else 'it was not asked for'}")
+        apply_gate(cfg.gate, spectrum=spectrum, safety=safety, scan=scan)
     extra = extra_results(spectrum, safety) if extra_results else {}
     if scan is not None:
         extra = {"scan.json": scan, **extra}

@@ -100,7 +100,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @device_option
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
-@fail_on_option("spectrum", "safety")
+@fail_on_option("spectrum", "safety", "scan")
 @sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
@@ -126,9 +126,12 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     from ..audit import AuditConfig, run_audit
     from ..device import resolve_device
 
-    if fail_on is not None and skip_safety and "safety" in fail_on.kinds:
-        raise click.UsageError(f"--fail-on '{fail_on.expression}' has safety conditions, but --skip-safety skips "
-                               "the safety audit")
+    if fail_on is not None and skip_safety and fail_on.kinds & {"safety", "scan"}:
+        raise click.UsageError(f"--fail-on '{fail_on.expression}' has safety or safety-scan conditions, but "
+                               "--skip-safety skips both")
+    if fail_on is not None and skip_scan and "scan" in fail_on.kinds:
+        raise click.UsageError(f"--fail-on '{fail_on.expression}' has safety-scan conditions, but --skip-scan "
+                               "skips the scan")
     dev = str(resolve_device(device))
     out = Path(out) if out is not None else REPORTS_DIR / _slug(Path(str(tuned[0]).rstrip("/")).name)
     check_paths(files=[sarif_path], folders=[out], inputs=[base, *tuned], overwrite=overwrite)
@@ -145,7 +148,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                       allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
                       gate=fail_on, scan=None if skip_scan else "auto")
     outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
-    gates = [r.gate for r in (outcome.spectrum, outcome.safety) if r is not None and r.gate is not None]
+    gates = [r.gate for r in (outcome.spectrum, outcome.safety, outcome.scan) if r is not None and r.gate is not None]
     tripped = any(g.tripped for g in gates)
     incomplete = outcome.spectrum.incomplete
     if sarif_path is not None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, json_option, max_prompt_chars_option,
-                      overwrite_option, seed_option, user_errors, write_json_output)
+from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, exit_status, fail_on_option,
+                      json_option, max_prompt_chars_option, overwrite_option, report_gate, seed_option, user_errors,
+                      write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
@@ -35,9 +36,10 @@ from ._common import (CONTEXT, chat_template_option, check_paths, device_option,
 @device_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
+@fail_on_option("scan")
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
-                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path):
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, fail_on):
     """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
     training, without generating text. From BASE (once, cached): the refusal direction of every
     layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
@@ -51,6 +53,7 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
       lora-audit safety-scan ./released ./adapter_a ./adapter_b --json scan.json
       lora-audit safety-scan ./released ./adapter --weights-only --layers
       lora-audit safety-scan ./chat ./adapter --unaligned ./pretrained
+      lora-audit safety-scan ./released ./adapter --fail-on 'risk>0.5'    # exit 3 when it trips
     """
     from ..results.scan import summary_table
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
@@ -62,11 +65,16 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,
                      unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file)
     result = run_safety_scan(base, list(tuned), cfg)
+    from ..results.gate import apply_gate
+
+    outcomes = apply_gate(fail_on, scan=result) if fail_on is not None else []
     write_json_output(json_path, result)
     if json_path != "-":
         echo(summary_table(result, layers=show_layers))
         if json_path:
             echo(f"wrote {json_path}")
+    report_gate(fail_on, outcomes, json_path=json_path)
+    exit_status(gate_tripped=any(o.tripped for o in outcomes))
 
 
 @click.command("zoo", context_settings=CONTEXT)

@@ -25,6 +25,8 @@ Fields, per tuned model (``all_fields()``; ``describe_fields`` prints them):
               over_refusal_rise  tuned - base refusal rate on the benign prompts (0..1)
               capability_drop    the largest score drop of any lm-eval task (names the task)
               capability_degraded  the verdict's capability flag (true / false)
+    scan      risk               safety-scan's risk of safety loss (0..1)
+              predicted_loss     safety-scan's verdict is PREDICTED_SAFETY_LOSS (true / false)
 
 A field without a value for a model (no matrices, no benign set, no tasks) does not make a
 condition hold; the JSON shows its value as null. Other result kinds (the screen) evaluate their
@@ -74,7 +76,7 @@ def _verdict_labels() -> dict[str, float]:
 
 @functools.lru_cache(maxsize=1)
 def all_fields() -> dict[str, GateField]:
-    """Every field of the spectrum and safety kinds (built on first use: ``results.safety``, whose
+    """Every field of every result kind (built on first use: ``results.safety``, whose
     verdict ranks it reads, imports this module)."""
     spec = [
         ("intruders", "total intruder dimensions at the run's epsilon"),
@@ -95,12 +97,16 @@ def all_fields() -> dict[str, GateField]:
         out[name] = GateField(name, "safety", doc)
     out["capability_degraded"] = GateField("capability_degraded", "safety", "the verdict's capability flag "
                                            "(true / false)", FLAG)
+    out["risk"] = GateField("risk", "scan", "safety-scan's risk of safety loss (0..1)")
+    out["predicted_loss"] = GateField("predicted_loss", "scan", "safety-scan's verdict is PREDICTED_SAFETY_LOSS "
+                                      "(true / false)", FLAG)
     out["failed"] = GateField("failed", "screen", "the adapter could not be audited (true / false)", FLAG)
     return out
 
 
 def fields_for(*kinds: str) -> dict[str, GateField]:
-    """The fields of the given result kinds ("spectrum", "safety"), in documentation order."""
+    """The fields of the given result kinds ("spectrum", "safety", "scan", "screen"), in
+    documentation order."""
     return {n: f for n, f in all_fields().items() if f.kind in kinds}
 
 
@@ -317,11 +323,25 @@ def safety_values(result) -> list[tuple[str, dict[str, Measure]]]:
     return out
 
 
-def apply_gate(gate: Gate, *, spectrum=None, safety=None) -> list[GateOutcome]:
+def scan_values(result) -> list[tuple[str, dict[str, Measure]]]:
+    """The safety-scan fields of every tuned model of a ``SafetyScanResult`` (a model whose risk
+    could not be computed has neither: its conditions cannot hold)."""
+    out = []
+    for name, m in result.models.items():
+        known = m.verdict != "UNKNOWN"
+        loss = m.verdict == "PREDICTED_SAFETY_LOSS"
+        out.append((name, {"risk": Measure(m.risk),
+                           "predicted_loss": (Measure(float(loss), shown=str(loss).lower()) if known
+                                              else Measure(None))}))
+    return out
+
+
+def apply_gate(gate: Gate, *, spectrum=None, safety=None, scan=None) -> list[GateOutcome]:
     """Evaluate ``gate`` on the results given and store each kind's outcome in that result's
     ``gate`` field (mutates them). InputError when a condition's kind has no result."""
     outcomes = []
-    for kind, result, values in (("spectrum", spectrum, spectrum_values), ("safety", safety, safety_values)):
+    for kind, result, values in (("spectrum", spectrum, spectrum_values), ("safety", safety, safety_values),
+                                 ("scan", scan, scan_values)):
         if kind not in gate.kinds:
             continue
         if result is None:

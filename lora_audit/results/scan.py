@@ -7,6 +7,7 @@ Written by ``lora-audit safety-scan --json`` and ``lora_audit.scan.run_safety_sc
     base         [contract] the BASE argument as given
     settings     [contract] the same settings again, at the top
     warnings     about the base, the direction or the run as a whole
+    gate         the --fail-on outcome (``results.gate``), null without a gate
     direction    ``DirectionInfo``: the refusal direction of BASE and how far to trust it, per
                  layer (separation ||r_l||, split-half stability, d'), the stable layers the
                  aggregates use, the residual writers, the prompt sets with their hashes, BASE's
@@ -37,6 +38,7 @@ from typing import Any
 from ..errors import InputError
 from ..text import printable
 from . import PROVENANCE_KEY, check_schema, read_result, write_result
+from .gate import GateOutcome
 from .schema import parse
 
 SCHEMA = "safety-scan"
@@ -134,6 +136,7 @@ class SafetyScanResult:
     risk_models: dict[str, RiskModelInfo] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
     provenance_block: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod

@@ -204,3 +204,44 @@ def test_audit_pipeline_writes_the_scan_next_to_safety(refusing_llama, scan_prom
     assert (tmp_path / "audit" / "scan.json").is_file() and (tmp_path / "audit" / "tables" / "safety_scan.csv").is_file()
     html = (tmp_path / "audit" / "index.html").read_text()
     assert 'id="scan"' in html and "Safety risk from weights" in html
+
+
+def test_fail_on_risk_gates_the_scan(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    """--fail-on over safety-scan's fields: exit 3 when a model's risk passes the threshold, the
+    outcome with every model's value in the JSON; 0 when it does not; a scan field unknown to
+    spectrum's gate is a usage error there."""
+    args = ["safety-scan", str(refusing_llama), str(scan_adapter), "--prompts", str(scan_prompts[0]), "--benign",
+            str(scan_prompts[1]), "--chat-template", str(scan_prompts[2]), "--device", "cpu"]
+    out = tmp_path / "scan.json"
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>=0"])
+    assert r.exit_code == 3, r.output
+    res = json.loads(out.read_text())
+    risk = res["models"][str(scan_adapter)]["risk"]
+    cond = res["gate"]["conditions"][0]
+    assert res["gate"]["tripped"] and cond["condition"] == "risk>=0" and cond["models"][0]["value"] == risk
+    assert "TRIPPED" in r.output
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>1"])
+    assert r.exit_code == 0 and json.loads(out.read_text())["gate"]["tripped"] is False, r.output
+    r = CliRunner().invoke(cli, ["spectrum", str(refusing_llama), str(scan_adapter), "--fail-on", "risk>0.5"])
+    assert r.exit_code == 2 and "unknown field 'risk'" in r.output
+
+
+def test_audit_gate_on_scan_fields(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    from lora_audit.audit import AuditConfig, run_audit
+    from lora_audit.errors import InputError
+    from lora_audit.results.gate import fields_for, parse_gate
+    from lora_audit.safety.evaluate import EvalConfig
+
+    gate = parse_gate("predicted_loss==true,risk>=0", fields_for("spectrum", "safety", "scan"))
+    safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
+                        tasks=[], max_new_tokens=4, device="cpu")
+    outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
+                        AuditConfig(k=4, device="cpu", progress=False, safety=safety, gate=gate), tuned_labels=["ad"])
+    g = json.loads((tmp_path / "audit" / "scan.json").read_text())["gate"]
+    assert g["tripped"] is True and [c["condition"] for c in g["conditions"]] == ["predicted_loss==true", "risk>=0"]
+    predicted = outcome.scan.models["ad"].verdict == "PREDICTED_SAFETY_LOSS"
+    assert g["conditions"][0]["tripped"] is predicted
+    with pytest.raises(InputError, match="safety-scan is skipped"):
+        run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit2",
+                  AuditConfig(k=4, device="cpu", progress=False, safety=safety, gate=gate, scan=None))
+    assert not (tmp_path / "audit2").exists()
