@@ -154,7 +154,7 @@ def test_audit_gate(tiny_llama, ckpts, tmp_path):
     out, sarif = tmp_path / "audit", tmp_path / "a.sarif"
     base_args = ["audit", tiny_llama, ckpts["adapter"], "--skip-safety", "--k", "4", "--no-cache", "--exact", "-q"]
     r = run(*base_args, "--out", out, "--fail-on", "verdict>=SAFETY_DEGRADED")
-    assert r.exit_code == 2 and "--skip-safety skips the safety audit" in r.output and not out.exists()
+    assert r.exit_code == 2 and "--skip-safety skips both" in r.output and not out.exists()
     r = run(*base_args, "--out", out, "--fail-on", "intruders>0", "--sarif", sarif)
     assert r.exit_code == 3, r.output
     spec = json.loads((out / "spectrum.json").read_text())
