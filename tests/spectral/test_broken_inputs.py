@@ -180,3 +180,23 @@ def test_a_nan_the_screens_did_not_foresee_is_a_finding_not_a_number(monkeypatch
     assert (s.where, s.nonfinite_values) == ("update", 1) and "NaN/Inf number" in s.reason
     assert res.incomplete and res.results[0].matrices == []
     assert_json_has_no_nan(res, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_count_nonfinite_equals_counting_the_mask(dtype):
+    """The fast path (a finite sum proves every value finite) gives the mask's count in every case:
+    NaN, +Inf, -Inf, +Inf and -Inf together, and finite values whose sum overflows the dtype."""
+    from lora_audit.spectral.findings import count_nonfinite
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.finfo(dtype).max / 4
+    cases = {"finite": torch.randn(64, 32, generator=g), "overflowing sum": torch.full((64, 32), big, dtype=dtype)}
+    for name, vals in (("nan", [float("nan")]), ("inf", [float("inf")]), ("-inf", [float("-inf")]),
+                       ("inf and -inf", [float("inf"), float("-inf")]), ("three nans", [float("nan")] * 3)):
+        t = torch.randn(64, 32, generator=g)
+        t.view(-1)[torch.randperm(t.numel(), generator=g)[: len(vals)]] = torch.tensor(vals)
+        cases[name] = t
+    for name, t in cases.items():
+        t = t.to(dtype)
+        assert count_nonfinite(t) == int((~torch.isfinite(t)).sum()), name
+    assert count_nonfinite(torch.empty(0, 3, dtype=dtype)) == 0
