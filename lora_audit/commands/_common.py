@@ -39,6 +39,11 @@ def echo(text: Any = "", *, err: bool = False) -> None:
     click.echo(printable(text, multiline=True), err=err)
 
 
+def allow_pickle_option(f):
+    return click.option("--allow-pickle", is_flag=True,
+                        help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")(f)
+
+
 def device_option(f):
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")(f)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors, \
-    write_json_output
+from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option,
+                      user_errors, write_json_output)
 
 
 @click.command(context_settings=CONTEXT)

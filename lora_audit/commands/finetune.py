@@ -6,8 +6,8 @@ import math
 
 import click
 
-from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option, user_errors,
-                      write_json_output)
+from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option,
+                      user_errors, write_json_output)
 
 
 def _positive_float(ctx, param, value):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
-                      file_path, k_option, overwrite_option, report_gate, sarif_option, seed_option, user_errors)
+from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
+                      exit_status, fail_on_option, file_path, k_option, overwrite_option, report_gate, sarif_option,
+                      seed_option, user_errors)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -96,7 +97,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@allow_pickle_option
 @device_option
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
@@ -148,7 +149,8 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                       allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
                       gate=fail_on, scan=None if skip_scan else "auto")
     outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
-    gates = [r.gate for r in (outcome.spectrum, outcome.safety, outcome.scan) if r is not None and r.gate is not None]
+    results = (outcome.spectrum, outcome.safety, outcome.scan)
+    gates = [r.gate for r in results if r is not None and r.gate is not None]
     tripped = any(g.tripped for g in gates)
     incomplete = outcome.spectrum.incomplete
     if sarif_path is not None:

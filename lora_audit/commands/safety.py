@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, exit_code, exit_status,
-                      fail_on_option, json_option, max_prompt_chars_option, report_gate, sarif_option, seed_option,
-                      user_errors, write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_code,
+                      exit_status, fail_on_option, json_option, max_prompt_chars_option, report_gate, sarif_option,
+                      seed_option, user_errors, write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
@@ -46,7 +46,7 @@ from ._common import (CONTEXT, chat_template_option, check_paths, device_option,
 @chat_template_option
 @max_prompt_chars_option
 @click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@allow_pickle_option
 @device_option
 @seed_option
 @json_option("the full result (every response, rates, verdicts, provenance)")

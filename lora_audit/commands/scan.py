@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, chat_template_option, check_paths, device_option, echo, exit_status, fail_on_option,
-                      json_option, max_prompt_chars_option, overwrite_option, report_gate, seed_option, user_errors,
-                      write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_status,
+                      fail_on_option, json_option, max_prompt_chars_option, overwrite_option, report_gate, seed_option,
+                      user_errors, write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
@@ -32,7 +32,7 @@ from ._common import (CONTEXT, chat_template_option, check_paths, device_option,
 @click.option("--risk-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Fitted risk models to use (a file written by 'lora-audit zoo') [default: the packaged one].")
 @click.option("--no-cache", is_flag=True, help="Recompute BASE's profile instead of reading or writing the cache.")
-@click.option("--allow-pickle", is_flag=True, help="Permit pytorch_model.bin (torch.load weights_only=True).")
+@allow_pickle_option
 @device_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")

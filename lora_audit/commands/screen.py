@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (CONTEXT, device_option, echo, epsilon_option, exit_status, fail_on_option, k_option, overwrite_option,
-                      user_errors)
+from ._common import (CONTEXT, device_option, echo, epsilon_option, exit_status, fail_on_option, k_option,
+                      overwrite_option, user_errors)
 from .spectrum import sweep_option
 
 SHOWN = 10

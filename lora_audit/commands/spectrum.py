@@ -12,8 +12,9 @@ import math
 import click
 
 from ..text import printable
-from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status, fail_on_option,
-                      file_path, json_option, k_option, report_gate, sarif_option, user_errors, write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
+                      exit_status, fail_on_option, file_path, json_option, k_option, report_gate, sarif_option,
+                      user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
 MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
@@ -87,8 +88,7 @@ def sweep_option(f):
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Base-spectrum cache folder [default: ~/.cache/lora-audit/spectra, or $LORA_AUDIT_CACHE/spectra].")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")
+@allow_pickle_option
 @click.option("--no-metrics", "no_metrics", is_flag=True,
               help="Skip effective/stable rank of dense and DoRA updates (each costs a full SVD of dW); "
                    "LoRA updates always get them.")
