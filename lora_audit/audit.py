@@ -141,8 +141,9 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         on_stage("scan", scan if scan is not None else notes[0])
     if cfg.gate is not None:
         if "scan" in cfg.gate.kinds and scan is None:
+            why = notes[0] if notes else f"the behavioural side does not apply ({not_applicable})"
             raise InputError(f"--fail-on {cfg.gate.expression!r} has safety-scan conditions, but safety-scan did not "
-                             f"run: {notes[0] if notes else 'it was not asked for'}")
+                             f"run: {why}")
         apply_gate(cfg.gate, spectrum=spectrum, safety=safety, scan=scan)
     extra = extra_results(spectrum, safety) if extra_results else {}
     if scan is not None:
