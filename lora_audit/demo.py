@@ -224,22 +224,24 @@ def _counts(points: list) -> str:
 
 def study_claims(points: list, series: tuple[Series, ...]) -> list:
     """The claims the grid was set up to test (Shuttleworth et al. 2024, Secs. 4-5), each decided
-    by the rule it states; a claim is made only when the grid has the points it needs."""
+    by the rule it states; a claim is made only when the grid has the points it needs. A claim
+    that uses a point whose training diverged says so in its note (it is still decided by its rule:
+    the grid was fixed before the run)."""
     from .results.study import StudyClaim
 
     of = {s.name: sorted((p for p in points if p.series == s.name and p.intruders is not None), key=lambda p: p.lr)
           for s in series}
     adapters = [s for s in series if s.method != "full"]
     full = next((s for s in series if s.method == "full"), None)
-    out = []
+    out = []  # (claim, the points it uses)
     for s in adapters:
         pts = of[s.name]
         if len(pts) >= 2:
             c = [p.intruders for p in pts]
-            out.append(StudyClaim(f"{s.name}: intruders grow with the learning rate",
-                                  "the count never falls from one learning rate to the next higher one, and is "
-                                  "higher at the highest than at the lowest", _counts(pts),
-                                  all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]))
+            out.append((StudyClaim(f"{s.name}: intruders grow with the learning rate",
+                                   "the count never falls from one learning rate to the next higher one, and is "
+                                   "higher at the highest than at the lowest", _counts(pts),
+                                   all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]), pts))
     lora, rs = (next((s for s in adapters if s.method == m), None) for m in ("lora", "rslora"))
     if lora and rs:
         pairs = [(p, q) for p in of[lora.name] for q in of[rs.name] if p.lr == q.lr]
@@ -247,40 +249,34 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
             holds = all(q.intruders <= p.intruders for p, q in pairs) and sum(q.intruders for _, q in pairs) < sum(
                 p.intruders for p, _ in pairs)
             measured = "; ".join(f"lr {sci(p.lr)}: {q.intruders} vs {p.intruders}" for p, q in pairs)
-            out.append(StudyClaim(f"{rs.name} has fewer intruders than {lora.name} at the same learning rate",
-                                  f"at every shared learning rate {rs.name} has at most as many, and fewer in total",
-                                  measured, holds))
+            out.append((StudyClaim(f"{rs.name} has fewer intruders than {lora.name} at the same learning rate",
+                                   f"at every shared learning rate {rs.name} has at most as many, and fewer in total",
+                                   measured, holds), [x for pair in pairs for x in pair]))
     if lora and full and of[lora.name] and of[full.name]:
         p, q = of[lora.name][-1], of[full.name][-1]
-        out.append(StudyClaim(f"At the top of each method's usual range {lora.name} has more intruders than "
-                              f"{full.name}",
-                              f"{lora.name} at lr {sci(p.lr)} has more than {full.name} at lr {sci(q.lr)}",
-                              f"{p.intruders} vs {q.intruders}", p.intruders > q.intruders))
+        out.append((StudyClaim(f"At the top of each method's usual range {lora.name} has more intruders than "
+                               f"{full.name}",
+                               f"{lora.name} at lr {sci(p.lr)} has more than {full.name} at lr {sci(q.lr)}",
+                               f"{p.intruders} vs {q.intruders}", p.intruders > q.intruders), [p, q]))
     if full and of[full.name]:
         pts = of[full.name]
-        out.append(StudyClaim(f"{full.name} has few or no intruders at its usual learning rates",
-                              f"at every learning rate at most {FEW_SHARE:.0%} of the examined top-k directions",
-                              "; ".join(f"lr {sci(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
-                              all(p.intruders <= FEW_SHARE * (p.directions or 0) for p in pts)))
-    return _mark_diverged(out, [p for pts in of.values() for p in pts])
+        out.append((StudyClaim(f"{full.name} has few or no intruders at its usual learning rates",
+                               f"at every learning rate at most {FEW_SHARE:.0%} of the examined top-k directions",
+                               "; ".join(f"lr {sci(p.lr)}: {p.intruders} of {p.directions}" for p in pts),
+                               all(p.intruders <= FEW_SHARE * (p.directions or 0) for p in pts)), pts))
+    for claim, used in out:
+        bad = [p for p in used if diverged(p)]
+        if bad:
+            claim.note = "; ".join(f"{p.series} at lr {sci(p.lr)} did not converge (training loss "
+                                   f"{p.loss_first:.2f} -> {p.final_loss:.2f}): its count is that of a diverged run"
+                                   for p in bad)
+    return [claim for claim, _ in out]
 
 
 def diverged(point) -> bool:
     """A run whose training loss ended above where it started did not converge: its count is that
     of a failed run, not of the method at that learning rate."""
     return point.loss_first is not None and point.final_loss is not None and point.final_loss > point.loss_first
-
-
-def _mark_diverged(claims: list, points: list) -> list:
-    """Add a note to every claim that uses a point whose training diverged (the claim is still
-    decided by its rule: the grid was fixed before the run)."""
-    bad = [p for p in points if diverged(p)]
-    for c in claims:
-        hit = [p for p in bad if c.claim.startswith(p.series) or f" {p.series} " in f" {c.claim} "]
-        if hit:
-            c.note = "; ".join(f"{p.series} at lr {sci(p.lr)} did not converge (training loss {p.loss_first:.2f} -> "
-                               f"{p.final_loss:.2f}): its count is that of a diverged run" for p in hit)
-    return claims
 
 
 def make_study(spectrum, plan: Plan, records: dict[str, dict]):
