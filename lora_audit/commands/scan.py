@@ -59,7 +59,8 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..scan import ScanConfig, run_safety_scan
 
-    check_paths(files=[json_path], inputs=[base, *tuned, *([unaligned] if unaligned else [])])
+    check_paths(files=[json_path], inputs=[base, *tuned, *([unaligned] if unaligned else []),
+                                          *([risk_file] if risk_file else [])])
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle,
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,

@@ -120,7 +120,7 @@ class DirectionInfo:
     base_first_token_refusal: float | None = None  # share of harmful prompts with log-odds > 0
     base_first_token_refusal_harmless: float | None = None
     cache: str = "off"  # "hit" | "miss" | "off"
-    key: str = ""
+    key: str = ""  # the cache key of the profile ("" with the cache off: BASE is not hashed then)
     seconds: float = 0.0
 
 

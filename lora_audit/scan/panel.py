@@ -94,8 +94,9 @@ def analyse(models: list[PanelModel]) -> dict[str, Any]:
             fitted[kind] = str(e)
     for m in models:
         m.risk = {k: f.fit["held_out_risk"].get(m.name) for k, f in fitted.items() if not isinstance(f, str)}
-    return {"signals": stats, "risk_models": fitted, "timing": timing(models),
-            "goals": goals(stats, fitted, timing(models)), "demo": demo_check(models)}
+    cost = timing(models)
+    return {"signals": stats, "risk_models": fitted, "timing": cost, "goals": goals(stats, fitted, cost),
+            "demo": demo_check(models)}
 
 
 def goals(stats: list[dict], fitted: dict, t: dict) -> dict[str, Any]:

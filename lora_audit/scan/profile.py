@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from ..io import atomic_write_bytes
+from ..spectral.cache import CacheWarning, _contiguous_bytes
 from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
 
 FORMAT = "lora-audit-refusal-profile"
@@ -129,7 +130,7 @@ def _mac(secret: bytes, key: str, meta: str, tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        h.update(_contiguous_bytes(t))
     return "hmac-sha256:" + h.hexdigest()
 
 
@@ -146,10 +147,6 @@ def store(profile: BaseProfile, root: Path, secret: bytes) -> Path:
     return atomic_write_bytes(root / f"{profile.key}.safetensors", blob)
 
 
-class CacheWarning(UserWarning):
-    """A cached base profile failed verification and is being recomputed."""
-
-
 def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
     """The verified profile at ``path``; ValueError saying what is wrong otherwise."""
     from safetensors.torch import load
@@ -160,7 +157,10 @@ def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
     (n,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
     if not 0 < n <= len(data) - 8:
         raise ValueError("not a safetensors file")
-    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("no metadata block")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
         raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}, not this key's entry")
     tensors = load(data)
@@ -190,7 +190,8 @@ def lookup(root: Path, key: str, secret: bytes) -> BaseProfile | None:
         return None
     try:
         return _read(path, key, secret)
-    except (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error,
+            SafetensorError) as e:
         warnings.warn(CacheWarning(f"base profile cache entry {path.name}: {e}; recomputing"), stacklevel=2)
         path.unlink(missing_ok=True)
         return None

@@ -208,9 +208,10 @@ def load_risk_models(path: str | os.PathLike | None = None) -> tuple[dict[str, R
     for k, m in models.items():
         n = len(m.features)
         if not (len(m.transforms) == len(m.mean) == len(m.scale) == len(m.weights) == n) or \
-                any(s <= 0 for s in m.scale) or any(t not in ("identity", "log1p") for t in m.transforms):
+                any(s <= 0 for s in m.scale) or any(t not in ("identity", "log1p") for t in m.transforms) or \
+                not 0 < m.threshold < 1:
             raise InputError(f"{p}: models[{k!r}]: features, transforms, mean, scale and weights must have one entry "
-                             "per feature, scales above 0, transforms identity or log1p")
+                             "per feature, scales above 0, transforms identity or log1p, a threshold between 0 and 1")
     return models, obj.get("panel") or {}
 
 

@@ -134,8 +134,9 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     from ..safety.scorers import DEFAULT_REFUSAL_STARTS
     from ..spectral.cache import load_secret
 
+    # the key hashes BASE's files (up to CONTENT_LIMIT): only worth it when the cache is used
     key = profile_key(fingerprint(base, content_limit=CONTENT_LIMIT), inputs.harmful, inputs.harmless,
-                      inputs.template, DEFAULT_REFUSAL_STARTS)
+                      inputs.template, DEFAULT_REFUSAL_STARTS) if cfg.use_cache else ""
     root, secret = cache_dir(cfg.cache_dir), load_secret() if cfg.use_cache else b""
     profile = lookup(root, key, secret) if cfg.use_cache else None
     if profile is not None and cfg.weights_only:

@@ -140,6 +140,14 @@ def test_risk_file_errors_name_the_file_and_field(tmp_path):
                    '"transforms": ["identity"], "mean": [0], "scale": [0], "weights": [1], "intercept": 0}}}')
     with pytest.raises(InputError, match="scales above 0"):
         R.load_risk_models(bad)
+    bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": ["a"], '
+                   '"transforms": ["identity"], "mean": [0], "scale": [1], "weights": [1], "intercept": 0, '
+                   '"threshold": 5}}}')
+    with pytest.raises(InputError, match="a threshold between 0 and 1"):
+        R.load_risk_models(bad)
+    bad.write_text('[1, 2]')
+    with pytest.raises(InputError, match="must be a JSON object"):
+        R.load_risk_models(bad)
     bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": "a"}}}')
     with pytest.raises(InputError, match=r"models\['full'\]\.features: expected a list"):
         R.load_risk_models(bad)

@@ -76,7 +76,7 @@ def test_result_contract(scanned, scan_adapter, scan_full):
     assert list(j)[:3] == ["lora_audit", "base", "settings"]
     assert set(j["models"]) == {str(scan_adapter), str(scan_full)}  # TUNED as given
     for m in j["models"].values():
-        assert m["risk"] is None or 0 <= m["risk"] <= 1
+        assert m["risk"] is not None and 0 <= m["risk"] <= 1  # the packaged risk models cover every signal
         assert {"refusal_energy_ratio", "weight_shift", "top_cos_max", "rank1_share", "refusal_score_delta",
                 "activation_shift"} <= set(m["signals"])
         assert len(m["layers"]) == 2 and m["layers"][0]["layer"] == 0
@@ -116,6 +116,12 @@ def test_tampered_profile_is_recomputed(refusing_llama, scan_prompts, scan_adapt
         second = run_safety_scan(str(refusing_llama), [str(scan_adapter)], cfg)
     assert second.direction.cache == "miss"
     assert second.models[str(scan_adapter)].signals == first.models[str(scan_adapter)].signals
+    # headers that are JSON but not a safetensors header of an entry: recomputed too, never a crash
+    for header in (b"[]", b'{"__metadata__": "x"}', b"[" * 5000 + b"]" * 5000):
+        entry.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.warns(CacheWarning, match="recomputing"):
+            third = run_safety_scan(str(refusing_llama), [str(scan_adapter)], cfg)
+        assert third.direction.cache == "miss"
 
 
 def test_abliteration_adapter_is_found_by_the_weights(refusing_llama, scan_prompts, tmp_path):
@@ -176,6 +182,11 @@ def test_cli_writes_json_and_prints_the_summary(refusing_llama, scan_prompts, sc
     assert r.exit_code == 0, r.output
     assert "refusal direction: 2 layers, 2 stable" in r.output and "energy x chance" in r.output
     assert json.loads(out.read_text())["base"] == str(refusing_llama)
+    # a risk file is an input: the result never replaces it
+    risk = tmp_path / "risk.json"
+    risk.write_text('{"lora_audit": {}, "schema": "lora-audit/scan-risk", "models": {}}')
+    clash = CliRunner().invoke(cli, args + ["--risk-file", str(risk), "--json", str(risk)])
+    assert clash.exit_code == 1 and "input" in clash.output and "scan-risk" in risk.read_text()
     bad = CliRunner().invoke(cli, args[:3] + ["--limit", "2", "--json", str(tmp_path / "no.json")] + args[3:])
     assert bad.exit_code == 1 and "needs at least 8 of each" in bad.output and not (tmp_path / "no.json").exists()
 
