@@ -35,7 +35,7 @@ import torch
 from ..errors import FormatError, InputError
 from ..text import printable
 from .adapters import (ADAPTER_SET_TYPES, AdapterFile, ModuleFactors, _index, _open, read_adapter_config,
-                       read_peft_adapter)
+                       read_peft_adapter, validate_adapter_config)
 
 _MIXLORA_KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:(?P<attn>self_attn)\.(?P<aproj>[^.]+)|"
                           r"experts\.(?P<expert>\d+)\.(?P<eproj>[^.]+)|(?P<gate>gate))\."
@@ -111,7 +111,10 @@ def _read_mixlora(folder: Path, config: dict) -> AdapterSet:
             module, into = f"model.layers.{m['layer']}.mlp.{m['eproj']}", experts.setdefault(e, {})
         f = into.setdefault(module, ModuleFactors(module))
         setattr(f, "A" if m["part"] == "lora_A" else "B", key)
-    expert_cfg = {**config, **(config.get("expert_lora") or {})}
+    expert_lora = config.get("expert_lora") or {}
+    if not isinstance(expert_lora, dict):
+        raise FormatError(f"{where}: field 'expert_lora' must be a JSON object of LoRA settings for the experts")
+    expert_cfg = validate_adapter_config({**config, **expert_lora}, where)
     members: dict[str, AdapterFile] = {}
     if shared:
         members["shared"] = _member(folder, config, shared, keys, handle)

@@ -94,6 +94,8 @@ class Matrix:
 
 def hidden_size(config: Mapping) -> int | None:
     for c in (config, config.get("text_config") or {}):
+        if not isinstance(c, Mapping):
+            continue
         for key in ("hidden_size", "d_model", "n_embd"):
             if isinstance(c.get(key), int):
                 return c[key]

@@ -142,6 +142,15 @@ def parse_bnb_state(raw: torch.Tensor, where: str) -> Bnb4bit:
     return Bnb4bit(qt, bs, _FLOAT_NAMES[dt], (shape[0], shape[1]), nested)
 
 
+def _finite(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """``t`` as float64; FormatError naming the stored quantisation tensor when it holds NaN/inf."""
+    d = t.double()
+    if not bool(torch.isfinite(d).all()):
+        raise FormatError(f"{where}: the stored {name} holds NaN or infinite values; a quantisation "
+                          "code book or scale must be finite")
+    return d
+
+
 def dequantize_bnb_4bit(packed: torch.Tensor, state: Bnb4bit, aux: dict[str, torch.Tensor],
                         where: str) -> tuple[torch.Tensor, dict]:
     """(W float32 (out, in), error record) of one bitsandbytes 4-bit weight. ``aux`` holds the
@@ -157,7 +166,7 @@ def dequantize_bnb_4bit(packed: torch.Tensor, state: Bnb4bit, aux: dict[str, tor
                           "and a quant_map of 16 codes")
     b = packed.reshape(-1).to(torch.int64)
     codes = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]  # (n,): high nibble first
-    book = aux["quant_map"].double().reshape(-1)
+    book = _finite(aux["quant_map"], "quant_map", where).reshape(-1)
     absmax, absmax_err = _bnb_absmax(state, aux, blocks, where)
     scale = absmax.repeat_interleave(state.blocksize)[:n]  # (n,)
     err_scale = absmax_err.repeat_interleave(state.blocksize)[:n]
@@ -177,7 +186,7 @@ def _bnb_absmax(state: Bnb4bit, aux: dict[str, torch.Tensor], blocks: int, where
     """(absmax per block as used for dequantising, bound on its own error) in float64; the error is
     0 without double quantisation, else the nested blockwise 8-bit cell (Dettmers et al. 2023, Sec. 3)."""
     if state.nested is None:
-        a = aux["absmax"].double().reshape(-1)
+        a = _finite(aux["absmax"], "absmax", where).reshape(-1)
         return a, torch.zeros_like(a)
     nb = state.nested["blocksize"]
     book, nested = aux.get("nested_quant_map"), aux.get("nested_absmax")
@@ -185,8 +194,8 @@ def _bnb_absmax(state: Bnb4bit, aux: dict[str, torch.Tensor], blocks: int, where
             or nested.numel() != -(-blocks // nb):
         raise FormatError(f"{where}: double quantisation needs uint8 absmax, a nested_quant_map of 256 codes and "
                           f"one nested_absmax per {nb} blocks")
-    scale = nested.double().reshape(-1).repeat_interleave(nb)[:blocks]
-    c = book.double().reshape(-1)[aux["absmax"].reshape(-1).to(torch.int64)]
+    scale = _finite(nested, "nested_absmax", where).reshape(-1).repeat_interleave(nb)[:blocks]
+    c = _finite(book, "nested_quant_map", where).reshape(-1)[aux["absmax"].reshape(-1).to(torch.int64)]
     dist, _ = cell_errors(c, book)
     return c * scale + state.nested["offset"], dist * scale
 
@@ -203,7 +212,7 @@ def dequantize_bnb_int8(weight: torch.Tensor, scb: torch.Tensor, where: str) -> 
     if weight.dtype != torch.int8 or weight.dim() != 2 or scb.numel() != weight.shape[0]:
         raise FormatError(f"{where}: int8 weight {list(weight.shape)} {weight.dtype} with {scb.numel()} row "
                           "scales (SCB); LLM.int8 stores int8 (out, in) and one scale per row")
-    step = (scb.double() / 127.0).reshape(-1, 1).expand(weight.shape)  # (out, in)
+    step = (_finite(scb, "SCB", where) / 127.0).reshape(-1, 1).expand(weight.shape)  # (out, in)
     return (weight.double() * step).float(), error_record("bitsandbytes int8", step * (0.5 + INT8_ROUNDING_SLACK),
                                                           step)
 
@@ -222,7 +231,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     if tuple(scale_inv.shape) != want:
         raise FormatError(f"{where}: weight_scale_inv has shape {list(scale_inv.shape)}; blocks of {bo}x{bi} over "
                           f"{rows}x{cols} need {list(want)}")
-    scale = scale_inv.double().repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]  # (rows, cols)
+    scale = _finite(scale_inv, "weight_scale_inv", where).repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]  # (rows, cols)
     v = weight.double()  # exact: every fp8 value is a float64
     mant = 3 if weight.dtype == torch.float8_e4m3fn else 2
     min_normal = 2.0 ** (-6 if weight.dtype == torch.float8_e4m3fn else -14)

@@ -339,7 +339,7 @@ def _quantized_pieces(src: WeightSource, method: str, names: set[str], pieces: d
                 shapes[n] = state.shape
             elif n.endswith(".weight") and n[: -len(".weight")] + ".SCB" in names:
                 scb, fmt_key = n[: -len(".weight")] + ".SCB", n + "_format"
-                if fmt_key in names and int(src.get(fmt_key).reshape(-1)[0]) != 0:
+                if fmt_key in names and _int8_format(src.get(fmt_key), f"{where}: {printable(fmt_key)}") != 0:
                     raise FormatError(f"{where}: {printable(fmt_key)} is not 0 (row-major int8); lora-audit reads "
                                       "int8 weights as transformers saves them")
                 pieces[n] = ((lambda n=n, scb=scb: q.dequantize_bnb_int8(src.get(n), src.get(scb),
@@ -361,6 +361,14 @@ def _quantized_pieces(src: WeightSource, method: str, names: set[str], pieces: d
                       "layout lora-audit dequantises; it reads bitsandbytes (4-bit nf4/fp4, 8-bit), fp8 with block "
                       "scales and GGUF. Dequantise the model first (transformers: model.dequantize(), then "
                       "save_pretrained) and audit that folder.")
+
+
+def _int8_format(t: torch.Tensor, where: str) -> int:
+    """The single stored value of an int8 ``weight_format`` tensor; FormatError unless it is one finite number."""
+    if t.numel() != 1 or not bool(torch.isfinite(t.double()).all()):
+        raise FormatError(f"{where}: must hold one finite number (0: row-major int8), got {t.numel()} value(s) "
+                          f"{list(t.shape)}")
+    return int(t.reshape(-1)[0])
 
 
 def _json_kind(v: object) -> str:

@@ -318,7 +318,8 @@ def _loaded_source(path: str, src: WeightSource) -> WeightSource | None:
     not a transformers model or its names are the same either way. Loads the whole model."""
     from .sources import StateDictSource
 
-    arch = (src.config.get("architectures") or [None])[0]
+    archs = src.config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if not isinstance(arch, str) or not arch.isidentifier() or not src.format.startswith("transformers folder"):
         return None
     import transformers

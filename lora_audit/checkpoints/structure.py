@@ -39,7 +39,7 @@ from ..io import read_user_json
 from ..results.findings import Finding
 from ..text import printable
 from .adapter_sets import is_adapter_set, read_adapter_set
-from .adapters import AdapterFile, pattern_key, read_adapter, read_adapter_config
+from .adapters import _NESTED_QUANTIFIER, AdapterFile, pattern_key, read_adapter, read_adapter_config
 from .detect import Kind, detect
 from .sources import contained_file, local_path
 from .stream import is_embedding, is_head
@@ -301,6 +301,9 @@ def _selects(spec: str | list[str], key: str) -> bool:
     """PEFT's name rule: a string is a regular expression matching the whole name; a list entry
     matches the name or its last components."""
     if isinstance(spec, str):
+        if _NESTED_QUANTIFIER.search(spec) or len(spec) > 1000:
+            raise ValueError(f"pattern {spec[:80]!r} repeats a group ('(...)*', '(...)+', '(...){{n}}') or is over "
+                             "1000 characters: matching it can take exponential time, so lora-audit does not run it")
         return re.fullmatch(spec, key) is not None
     return key in spec or any(key.endswith(f".{t}") for t in spec)
 

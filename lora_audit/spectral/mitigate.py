@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import FormatError, InputError
 from .exact import base_spectrum, examined, topk_from_svd
 from .types import BaseSpectrum
 
@@ -117,7 +117,7 @@ _NOT_AN_ADAPTER = {"hf_folder": "a full model folder", "safetensors_file": "a sa
 def _adapter_folder(adapter: str | Path) -> tuple[Path, bytes]:
     """(folder, adapter_config.json bytes) of a local PEFT LoRA adapter; InputError for anything else."""
     from ..checkpoints import Kind, detect
-    from ..io import read_user_bytes, read_user_json
+    from ..io import read_user_bytes
 
     kind = detect(adapter)
     if kind != Kind.PEFT_ADAPTER:
@@ -126,12 +126,27 @@ def _adapter_folder(adapter: str | Path) -> tuple[Path, bytes]:
                          "To measure a full model's intruders use lora-audit spectrum")
     folder = Path(adapter)
     config_file = folder / "adapter_config.json"
-    cfg = read_user_json(config_file, "adapter config")
+    raw = read_user_bytes(config_file, "adapter config")
+    cfg = _parse_config(raw, config_file)
     if cfg.get("use_dora"):
         raise InputError(f"{config_file}: a DoRA adapter (use_dora: true); mitigate handles plain LoRA adapters "
                          "(incl. rsLoRA and rank/alpha patterns): DoRA's magnitude vector rescales every row of W1, "
                          "which a rank-r refactoring of the update does not keep")
-    return folder, read_user_bytes(config_file, "adapter config")
+    return folder, raw
+
+
+def _parse_config(raw: bytes, path: Path) -> dict:
+    """adapter_config.json's bytes as a JSON object (FormatError naming ``path`` otherwise)."""
+    from ..io import json_kind, parse_json
+
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: the adapter config is not UTF-8 ({e.reason}); save it as UTF-8") from None
+    cfg = parse_json(text, path)
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: the adapter config must be a JSON object, got {json_kind(cfg)}")
+    return cfg
 
 
 def _factor_keys(keys) -> dict[str, dict[str, Any]]:

@@ -738,3 +738,22 @@ def test_readme_table_is_generated_from_the_tests():
 
 if __name__ == "__main__":
     write_readme_table()
+
+
+@pytest.mark.parametrize("expert_lora, msg", [(["r", 4], "'expert_lora' must be a JSON object"),
+                                              ({"r": "four"}, "field 'r' is")])
+def test_mixlora_expert_lora_is_checked(tmp_path, expert_lora, msg):
+    from safetensors.torch import save_file
+
+    from lora_audit.checkpoints.adapter_sets import read_adapter_set
+    from lora_audit.errors import FormatError
+
+    folder = tmp_path / "mixlora"
+    folder.mkdir()
+    save_file({f"mixlora.layers.0.experts.0.up_proj.{p}.weight": torch.zeros(2, 2) for p in ("lora_A", "lora_B")},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "MIXLORA", "r": 2, "lora_alpha": 4, "num_experts": 1, "expert_lora": expert_lora}))
+    with pytest.raises(FormatError, match=msg) as e:
+        read_adapter_set(folder)
+    assert str(folder / "adapter_config.json") in str(e.value)

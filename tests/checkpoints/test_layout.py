@@ -127,3 +127,33 @@ def test_bitsandbytes_quant_state_is_checked(tiny_llama, tmp_path):
     with pytest.raises(FormatError, match=r"quant_state.bitsandbytes__nf4: field 'dtype' is '__class__'; it must be "
                                           r"float32 or float16 or bfloat16"):
         open_weights(tmp_path / "q")
+
+
+@pytest.mark.parametrize("text_config", ["qwen", [64], 3])
+def test_hidden_size_skips_a_text_config_that_is_not_an_object(text_config):
+    from lora_audit.checkpoints.layout import hidden_size
+
+    assert hidden_size({"text_config": text_config}) is None
+    assert hidden_size({"text_config": text_config, "d_model": 8}) == 8
+
+
+def test_non_finite_quantisation_tensors_are_refused():
+    from lora_audit.checkpoints import quantized as q
+    from lora_audit.checkpoints.sources import _int8_format
+
+    nan = torch.tensor([float("nan")])
+    with pytest.raises(FormatError, match="w: the stored SCB holds NaN"):
+        q.dequantize_bnb_int8(torch.zeros(1, 2, dtype=torch.int8), nan, "w")
+    with pytest.raises(FormatError, match="w: the stored weight_scale_inv holds NaN"):
+        q.dequantize_fp8_blocks(torch.zeros(2, 2).to(torch.float8_e4m3fn), torch.tensor([[float("inf")]]), (2, 2), "w")
+    state = q.Bnb4bit("nf4", 64, torch.float32, (8, 8), None)
+    packed = torch.zeros(32, dtype=torch.uint8)
+    with pytest.raises(FormatError, match="w: the stored quant_map holds NaN"):
+        q.dequantize_bnb_4bit(packed, state, {"absmax": torch.ones(1), "quant_map": torch.full((16,), float("nan"))},
+                              "w")
+    with pytest.raises(FormatError, match="w: the stored absmax holds NaN"):
+        q.dequantize_bnb_4bit(packed, state, {"absmax": nan, "quant_map": torch.linspace(-1, 1, 16)}, "w")
+    for bad in (torch.zeros(2), nan, torch.zeros(0)):
+        with pytest.raises(FormatError, match="must hold one finite number"):
+            _int8_format(bad, "w")
+    assert _int8_format(torch.tensor([0], dtype=torch.uint8), "w") == 0

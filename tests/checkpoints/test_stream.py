@@ -226,3 +226,13 @@ def test_gguf_dequantisation_bar_is_quiet_with_the_libraries(tiny_gguf, monkeypa
     monkeypatch.setitem(progress._LIBRARY_OUTPUT, "on", True)
     load_gguf_model(path)
     assert "de-quantizing" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("architectures", [{"LlamaForCausalLM": 1}, 5, [], [3]])
+def test_loaded_source_ignores_odd_architectures(architectures):
+    from types import SimpleNamespace
+
+    from lora_audit.checkpoints.stream import _loaded_source
+
+    src = SimpleNamespace(config={"architectures": architectures}, format="transformers folder")
+    assert _loaded_source("m", src) is None

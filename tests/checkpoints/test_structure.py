@@ -245,3 +245,12 @@ def test_dtype_anomalies(tiny_llama, adapter, tmp_path):
     found = check_structure(ad, base=tiny_llama)
     assert _rules(found) == [("LA028", "note"), ("LA028", "note")]
     assert found[0].detail["dtypes"] == ["F16", "F64"] and found[1].detail["dtypes"] == ["F64"]
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_target_pattern_with_a_repeated_group_is_not_run(tiny_llama, adapter, tmp_path, field):
+    ad = _copy(adapter, tmp_path)
+    _edit_config(ad, **{field: "(.*_proj)+"})
+    found = [f for f in check_structure(ad, base=tiny_llama) if f.rule == "LA024"]
+    assert [(f.level, "not checked" in f.message and "repeats a group" in f.message) for f in found] \
+        == [("note", True)]
