@@ -129,14 +129,18 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
                                  "audit was run")
         if on_stage:
             on_stage("safety-not-applicable", not_applicable)
-    elif cfg.safety is not None:
+    base_l = None  # BASE loaded once for safety-eval and the automatic safety-scan (same device and options)
+    if not_applicable is None and cfg.safety is not None:
+        from .checkpoints import load_model
         from .safety.evaluate import run_safety_eval
 
-        safety = run_safety_eval(str(base), [tuned[i] for i in safe], cfg.safety,
+        if cfg.safety.backend == "hf":
+            base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle)
+        safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,
                                  names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
-    scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels)
+    scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels, base_l)
     if on_stage and (scan is not None or notes):
         on_stage("scan", scan if scan is not None else notes[0])
     if cfg.gate is not None:
@@ -162,8 +166,9 @@ def _safety_subset(labels: list[str], wanted: Sequence[str] | None) -> list[int]
     return [i for i, name in enumerate(labels) if name in wanted]
 
 
-def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None):
-    """(safety-scan result or None, notes) as ``cfg.scan`` asks (``AuditConfig``)."""
+def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None, base_l=None):
+    """(safety-scan result or None, notes) as ``cfg.scan`` asks (``AuditConfig``); the automatic
+    scan reuses ``base_l``, BASE as the safety side loaded it."""
     if cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None):
         return None, []
     from .scan import ScanConfig, run_safety_scan
@@ -175,7 +180,8 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
                           batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
                           allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
         try:
-            return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None), []
+            return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None,
+                                   loaded_base=base_l if sc.device == cfg.device else None), []
         except InputError as e:
             return None, [f"safety-scan skipped: {e}"]
     return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []
