@@ -7,6 +7,10 @@ Rooms (imports run one way: commands -> spectral|safety|training|report -> check
     training/     reference fine-tuning methods (LoRA, rsLoRA, DoRA, LoRA-GA, LoRA-SB, ...)
     report/       HTML / Markdown reports from result JSON
     commands/     thin click commands; lora_audit.cli is the entry point
+    studies/      experiments that use the product (the demo's study, the zoo panel); the product
+                  never imports them, their commands plug in through an entry point
+
+Distribution name on the package index: ``lora-auditor`` (the command stays ``lora-audit``).
 """
 
 __version__ = "0.1.0"

@@ -17,44 +17,62 @@ import click
 from . import __version__
 from .commands._common import CONTEXT
 
-# command name -> "module:attribute"; keep in sync with the README's command list.
+# command name -> ("module:attribute", one-line help). Further commands come from installed plugins: the
+# entry-point group PLUGIN_GROUP (the studies' ``demo`` and ``zoo`` are registered there by pyproject.toml).
 COMMANDS: dict[str, tuple[str, str]] = {
     "spectrum": ("lora_audit.commands.spectrum:spectrum", "Intruder-dimension audit of tuned models against their base."),
     "screen": ("lora_audit.commands.screen:screen", "Audit thousands of adapters of one base as one resumable job (local or Ray)."),
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
     "safety-scan": ("lora_audit.commands.scan:safety_scan", "Safety-undo risk from weights and one forward pass, no generation."),
-    "zoo": ("lora_audit.commands.scan:zoo", "Build the labelled panel of fine-tunes safety-scan is validated on."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),
     "federated": ("lora_audit.commands.finetune:federated", "Aggregate federated client adapters and report the aggregation bias."),
     "mitigate": ("lora_audit.commands.finetune:mitigate", "Scale down intruder dimensions of an adapter and write a new one."),
     "report": ("lora_audit.commands.report:report", "Render result JSON files into one self-contained HTML report."),
     "audit": ("lora_audit.commands.report:audit", "Spectrum + safety-eval + report in one go."),
-    "demo": ("lora_audit.commands.demo:demo", "Reproduce the papers' findings on SmolLM2-135M-Instruct, offline."),
 }
+
+
+PLUGIN_GROUP = "lora_audit.commands"
+
+
+def plugin_commands() -> dict[str, str]:
+    """command name -> "module:attribute" of the installed plugins' commands (entry points in
+    PLUGIN_GROUP); a plugin never replaces a built-in command. Read only when a command is not
+    built in, or when the group's help lists them, so a built-in command's start-up never pays for
+    it."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
 
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS) | set(plugin_commands()))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
-        if cmd is not None or name not in COMMANDS:
+        if cmd is not None:
             return cmd
-        target, _ = COMMANDS[name]
+        target = COMMANDS[name][0] if name in COMMANDS else plugin_commands().get(name)
+        if target is None:
+            return None
         module_name, attr = target.split(":")
         module = importlib.import_module(module_name)
         return getattr(module, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Help for the group lists the short descriptions without importing every command.
-        rows = [(name, COMMANDS[name][1]) for name in sorted(COMMANDS)]
+        # Help for the group lists the short descriptions; built-in commands are not imported for it.
+        rows = [(name, COMMANDS[name][1]) for name in COMMANDS]
+        for name in plugin_commands():
+            cmd = self.get_command(ctx, name)
+            if cmd is not None:
+                rows.append((name, cmd.get_short_help_str(limit=formatter.width)))
         if rows:
             with formatter.section("Commands"):
-                formatter.write_dl(rows)
+                formatter.write_dl(sorted(rows))
 
     def resolve_command(self, ctx, args):
         try:
@@ -62,8 +80,9 @@ class LazyGroup(click.Group):
         except click.UsageError as e:
             import difflib
 
-            if args and args[0] not in COMMANDS:
-                close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)
+            names = [*COMMANDS, *plugin_commands()]
+            if args and args[0] not in names:
+                close = difflib.get_close_matches(args[0], names, n=1)
                 if close:
                     raise click.UsageError(f"{e.message} Did you mean '{close[0]}'?", ctx) from None
             raise

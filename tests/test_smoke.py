@@ -9,8 +9,16 @@ def test_version_and_help_list_every_command():
     assert r.exit_code == 0 and __version__ in r.output
     r = CliRunner().invoke(cli, ["--help"])
     assert r.exit_code == 0
-    for name in COMMANDS:
+    for name in [*COMMANDS, "demo", "zoo"]:  # built in, and the studies' plugin commands
         assert name in r.output
+
+
+def test_python_dash_m_runs_the_same_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lora_audit", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "spectrum" in out.stdout and "Usage: lora-audit" in out.stdout
 
 
 def test_unknown_command_suggests_the_close_one():

@@ -1,14 +1,14 @@
 """``lora-audit safety-scan``: safety-undo risk of tuned models from their weights and one forward
-pass, no generation; and ``lora-audit zoo``: the labelled panel the risk score is fitted and
-judged on. Thin: options -> ``lora_audit.scan`` -> JSON and a summary."""
+pass, no generation. Thin: options -> ``lora_audit.scan`` -> JSON and a summary. (The panel the
+risk is judged on is built by ``lora-audit zoo``, a study: ``lora_audit.studies``.)"""
 
 from __future__ import annotations
 
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_status,
-                      fail_on_option, json_option, max_prompt_chars_option, overwrite_option, report_gate, seed_option,
-                      user_errors, write_json_output)
+                      fail_on_option, json_option, max_prompt_chars_option, report_gate, seed_option, user_errors,
+                      write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
@@ -76,29 +76,3 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
             echo(f"wrote {json_path}")
     report_gate(fail_on, outcomes, json_path=json_path)
     exit_status(gate_tripped=any(o.tripped for o in outcomes))
-
-
-@click.command("zoo", context_settings=CONTEXT)
-@click.argument("out", default="reports/zoo")
-@click.option("--quick", is_flag=True, help="A small panel (6 fine-tunes, 12 prompts per set): minutes, for a try.")
-@click.option("--fresh", is_flag=True, help="Retrain the panel's models instead of reusing cached ones.")
-@click.option("--write-risk-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help="Also write the fitted risk models there (the packaged file is lora_audit/data/scan/risk.json).")
-@overwrite_option
-@device_option
-@user_errors
-def zoo(out, quick, fresh, write_risk_file, overwrite, device):
-    """Build the labelled panel safety-scan is validated on: a safety-tuned 'released' SmolLM2-135M-
-    Instruct, fine-tunes of it with graded safety loss (benign LoRA / rsLoRA / DoRA / full runs at
-    several rates and lengths, undo runs of several strengths, undo data mixed with benign data,
-    abliteration edits), each labelled by safety-eval (refusal drop, keyword scorer) and scanned.
-    Writes OUT/panel.json and OUT/README.md with, for every signal, its Spearman correlation with
-    the refusal drop, its AUROC for a drop of 30 points or more, leave-one-method-out figures, and
-    the time per model against safety-eval's. Trained models are cached; a re-run reuses them.
-    """
-    from ..scan.zoo import build_panel
-
-    check_paths(folders=[out], files=[write_risk_file], overwrite=overwrite)
-    summary = build_panel(out, quick=quick, fresh=fresh, device=device, overwrite=overwrite,
-                          risk_file=write_risk_file, echo=echo)
-    echo(summary)

@@ -126,7 +126,7 @@ def test_tampered_profile_is_recomputed(refusing_llama, scan_prompts, scan_adapt
 
 def test_abliteration_adapter_is_found_by_the_weights(refusing_llama, scan_prompts, tmp_path):
     """A rank-1 LoRA removing BASE's own direction from every writer: energy ratio = d_model."""
-    from lora_audit.scan.zoo import abliteration_adapter
+    from lora_audit.studies.zoo import abliteration_adapter
 
     prompts = tuple([json.loads(x)["prompt"] for x in p.read_text().splitlines()] for p in scan_prompts[:2])
     abliteration_adapter(refusing_llama, tmp_path / "abl", 1.0, prompts=prompts,

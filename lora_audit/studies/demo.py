@@ -23,7 +23,7 @@ each is written atomically, so a present folder is complete; ``fresh=True`` retr
 runs. Nothing here is tuned to make a result appear: the grid and the claims' rules are fixed
 in code, and the checks in ``demo.json`` say what the run measured, whichever way it came out.
 
-    from lora_audit.demo import run_demo
+    from lora_audit.studies.demo import run_demo
     summary = run_demo("reports/demo", quick=True)
 """
 
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .text import sci
+from .. import __version__
+from ..text import sci
 
 SCHEMA = "lora-audit/demo"
 STUDY_DATA = "builtin:alpaca-mini"
@@ -174,7 +174,7 @@ class _Stages:
 
 
 def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
-    from .training.loop import train
+    from ..training.loop import train
 
     if (out / "training.json").is_file():  # atomic_dir: a present folder is complete
         return json.loads((out / "training.json").read_text(encoding="utf-8")) | {"reused": True}
@@ -194,7 +194,7 @@ def _lowest(matrices: list) -> tuple[float | None, object | None]:
 
 def study_points(spectrum, plan: Plan, records: dict[str, dict]) -> list:
     """One ``StudyPoint`` per study run, from the spectrum result and the training records."""
-    from .results.study import StudyPoint
+    from ..results.study import StudyPoint
 
     by_name = {r.tuned: r for r in spectrum.results}
     out = []
@@ -227,7 +227,7 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
     by the rule it states; a claim is made only when the grid has the points it needs. A claim
     that uses a point whose training diverged says so in its note (it is still decided by its rule:
     the grid was fixed before the run)."""
-    from .results.study import StudyClaim
+    from ..results.study import StudyClaim
 
     of = {s.name: sorted((p for p in points if p.series == s.name and p.intruders is not None), key=lambda p: p.lr)
           for s in series}
@@ -281,7 +281,7 @@ def diverged(point) -> bool:
 
 def make_study(spectrum, plan: Plan, records: dict[str, dict]):
     """The ``StudyResult`` of this run: the grid as fixed in code, each point's numbers, the claims."""
-    from .results.study import StudyResult, StudySeries
+    from ..results.study import StudyResult, StudySeries
 
     points = study_points(spectrum, plan, records)
     first = next(r for r in plan.runs if r.role == "study")
@@ -305,7 +305,7 @@ def safety_findings(safety: dict, runs: tuple[Run, ...], capability_drop: float 
     as kept when it fell by less than ``capability_drop`` (default: the safety verdict's own
     threshold, so the demo and the verdict never disagree on what "close" means)."""
     if capability_drop is None:
-        from .results.safety import Thresholds
+        from ..results.safety import Thresholds
 
         capability_drop = Thresholds().capability_drop
     models = safety.get("models", {})
@@ -415,17 +415,17 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     ``base``: a local HF model folder to use instead of SmolLM2-135M-Instruct (its tokenizer
     needs a chat template). ``out`` is written by the audit pipeline (``lora_audit.audit``): an
     earlier demo folder there is replaced only with ``overwrite``."""
-    from .audit import AuditConfig, run_audit
-    from .checkpoints.default_model import cache_root, default_model_dir
-    from .device import resolve_device
-    from .io import check_output_dir, read_user_json
-    from .safety import EvalConfig
+    from ..audit import AuditConfig, run_audit
+    from ..checkpoints.default_model import cache_root, default_model_dir
+    from ..device import resolve_device
+    from ..io import check_output_dir, read_user_json
+    from ..safety import EvalConfig
 
     dev = str(resolve_device(device))
     plan = make_plan(quick, seed)
     out = check_output_dir(out, overwrite=overwrite)
     if base is not None and not Path(base).is_dir():
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"{base}: not a model folder (the demo's --base takes a local Hugging Face folder)")
     base_key = hashlib.sha256(str(Path(base).resolve()).encode()).hexdigest()[:8] if base else "smollm2"
@@ -467,7 +467,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
             made["scan" if not isinstance(result, str) else "scan_note"] = result
 
     def summary(spectrum, safety) -> dict:
-        from .results import provenance, stamped
+        from ..results import provenance, stamped
 
         spectrum_dict = spectrum.to_json()
         s = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from lora_audit.scan import risk as R
-from lora_audit.scan.panel import ORIENTATION, PanelModel, analyse, demo_check, figures, readme, signal_stats
-from lora_audit.scan.zoo import demo_runs, mixed_data, panel_runs, plan_key, released_key, run_dir
+from lora_audit.studies.panel import ORIENTATION, PanelModel, analyse, demo_check, figures, readme, signal_stats
+from lora_audit.studies.zoo import demo_runs, mixed_data, panel_runs, plan_key, released_key, run_dir
 
 
 def test_mixed_data_has_the_asked_share_of_undo_rows(tmp_path):

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import risk as R
+from ..scan import risk as R
 
 ORIENTATION = {
     "refusal_energy_share": 1, "refusal_energy_ratio": 1, "refusal_energy_max_ratio": 1, "weight_shift": -1,
@@ -194,7 +194,7 @@ def readme(models: list[PanelModel], analysis: dict, info: dict) -> str:
                      f"**{'met' if x['met'] else 'not met'}** (best: {x['best_signal'] or '–'}, AUROC "
                      f"{_f(x['auroc_leave_one_method_out'])}, {_f(x['speedup'], '{:.0f}')}x cheaper).")
     lines += ["", _demo_text(demo), "", "## Signals", "",
-              "Oriented so that higher means riskier (see `lora_audit/scan/panel.py`); AUROC for a drop of "
+              "Oriented so that higher means riskier (see `lora_audit/studies/panel.py`); AUROC for a drop of "
               f"{100 * R.LABEL_DROP:.0f}+ points. 'held out' = leave-one-method-out AUROC of a one-signal logistic "
               "model: the honest figure.", "",
               "| signal | needs | n | Spearman vs drop | AUROC | AUROC held out |", "| --- | --- | --- | --- | --- | --- |"]

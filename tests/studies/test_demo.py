@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_audit.cli import cli
-from lora_audit.demo import GRID, QUICK_GRID, make_plan, safety_findings, scan_findings, study_claims
+from lora_audit.studies.demo import GRID, QUICK_GRID, make_plan, safety_findings, scan_findings, study_claims
 from lora_audit.text import sci
 from lora_audit.results.study import StudyPoint
 

@@ -3,7 +3,7 @@ loss, each labelled by safety-eval and scanned by safety-scan, so that every sig
 against measured behaviour.
 
 1. The "released" model: SmolLM2-135M-Instruct safety-tuned exactly as the demo does it (the
-   ``role="released"`` run of ``lora_audit.demo.make_plan``, trained by the demo's own builder).
+   ``role="released"`` run of ``lora_audit.studies.demo.make_plan``, trained by the demo's own builder).
 2. Fine-tunes of it (``panel_runs``), all with the demo's batch size, sequence length and seed:
    benign LoRA / rsLoRA / DoRA / full fine-tuning on ``builtin:alpaca-mini`` at several learning
    rates and lengths; safety-undo runs on ``builtin:undo-compliance`` (Lermen et al. 2023) of
@@ -89,8 +89,8 @@ def panel_runs(quick: bool = False) -> tuple[PanelRun, ...]:
 
 
 def released_run(quick: bool = False):
-    """The demo's released-model run (``lora_audit.demo``) and its plan."""
-    from ..demo import make_plan
+    """The demo's released-model run (``lora_audit.studies.demo``) and its plan."""
+    from .demo import make_plan
 
     plan = make_plan(quick)
     return next(r for r in plan.runs if r.role == "released"), plan
@@ -189,7 +189,7 @@ def abliteration_adapter(base: Path, out: Path, strength: float, *, device: str 
     from ..results import provenance, stamped
     from ..safety.generate import chat_texts
     from ..safety.scorers import refusal_start_ids
-    from .direction import collect, find_blocks, refusal_direction, trace_residual
+    from ..scan.direction import collect, find_blocks, refusal_direction, trace_residual
 
     t0 = time.perf_counter()
     loaded = load_model(str(base), device=device)
@@ -266,13 +266,13 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     """Build (or reuse), label, scan and analyse the panel; write OUT (panel.json, README.md,
     figures/) and, with ``risk_file``, the fitted risk models. Returns a short text summary."""
     from ..checkpoints.default_model import cache_root, default_model_dir
-    from ..demo import _train as train_released
+    from .demo import _train as train_released
     from ..device import resolve_device
     from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
     from ..results import git_hash, provenance, stamped
     from . import panel as P
-    from .risk import risk_file_json
-    from .run import ScanConfig, run_safety_scan
+    from ..scan.risk import risk_file_json
+    from ..scan.run import ScanConfig, run_safety_scan
 
     out = check_output_dir(out, overwrite=overwrite)
     if risk_file is not None:
