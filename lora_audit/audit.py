@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import InputError
-from .io import atomic_dir, atomic_write_json, check_output_dir, check_outputs
-from .results import fingerprint
+from .io import atomic_dir, check_output_dir, check_outputs
+from .results import fingerprint, write_result
 from .results.safety import SafetyResult
 from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
 
@@ -90,8 +90,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
             ("safety-not-applicable", reason) when the inputs are not a causal LM with full models or
             PEFT adapters (encoders, diffusion models, kohya files, LoRA expert sets): then only the
             weight side runs (no safety-eval, no safety-scan), and spectrum.json says why.
-        extra_files: (spectrum, safety) -> {file name: JSON object} written into the folder too, after
-            the report (so it can time everything).
+        extra_files: (spectrum, safety) -> {file name: result (``results.Result``)} written into the
+            folder too, after the report (so it can time everything).
         extra_results: (spectrum, safety) -> {file name: typed result (``results.result_kinds``)},
             written into the folder and rendered in the report with the others (e.g. a study).
     Raises ``lora_audit.errors`` exceptions for bad inputs and outputs before any work.
@@ -201,6 +201,6 @@ def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | No
         (tmp / "index.html").write_text(render(data, "html", tables), encoding="utf-8")
         write_csvs(tables, tmp / "tables")
         for name, obj in (extra_files(spectrum, safety) if extra_files else {}).items():
-            atomic_write_json(tmp / name, obj)
+            write_result(tmp / name, obj)
         written = sorted(p.name for p in tmp.iterdir())
     return {name: out / name for name in written}

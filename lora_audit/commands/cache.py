@@ -61,14 +61,13 @@ def _ignored(n: int) -> str:
     return f"{n} other file{'' if n == 1 else 's'} ignored (not cache entries)"
 
 
-def _listing(c, scan) -> dict:
-    """The JSON of ``cache ls``: provenance, then the folder, its entries and what was ignored."""
-    from ..results import provenance
+def _listing(c, scan):
+    """The result of ``cache ls --json``: the folder, its entries and what was ignored."""
+    from ..results.cache import CacheListing
 
-    return {"lora_audit": provenance("cache-listing", 1), "root": str(c.root),
-            "entries": [e.as_dict() for e in scan.entries], "count": len(scan.entries),
-            "total_bytes": sum(e.size for e in scan.entries), "temporary_files": len(scan.temporary),
-            "ignored_files": scan.ignored}
+    return CacheListing(root=str(c.root), entries=[e.as_dict() for e in scan.entries], count=len(scan.entries),
+                        total_bytes=sum(e.size for e in scan.entries), temporary_files=len(scan.temporary),
+                        ignored_files=scan.ignored)
 
 
 def _table(entries) -> list[str]:
@@ -89,17 +88,17 @@ def _table(entries) -> list[str]:
 @user_errors
 def ls(cache_dir, json_path):
     """List cached base spectra (shape, dtype, size) and the total size."""
-    from ..io import atomic_write_json, check_output_file, json_text
+    from ..io import check_output_file, json_text
 
     c = _open(cache_dir)
     if json_path not in (None, "-"):
         check_output_file(json_path, "cache listing")
     scan = c.scan()
     if json_path == "-":
-        click.echo(json_text(_listing(c, scan)), nl=False)
+        click.echo(json_text(_listing(c, scan).to_json()), nl=False)
         return
     if json_path is not None:
-        atomic_write_json(json_path, _listing(c, scan))
+        _listing(c, scan).write_json(json_path)
     root = printable(c.root)
     if scan.entries:
         click.echo("\n".join(_table(scan.entries)))

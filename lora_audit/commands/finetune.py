@@ -58,8 +58,8 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
                 overwrite=overwrite, max_row_chars=max_row_chars)
     write_json_output(json_path, rec)
     if json_path != "-":
-        echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
-             f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
+        echo(f"{rec.method}: loss {rec.loss[0]:.4f} -> {rec.final_loss:.4f} in {steps} steps "
+             f"({rec.wall_time_s:.1f} s, {rec.trainable_parameters:,} trainable parameters); wrote {out}")
 
 
 @click.command(context_settings=CONTEXT)
@@ -73,21 +73,19 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
 def federated(adapters, agg, out, overwrite, json_path):
     """Aggregate client ADAPTERS and report the FedAvg aggregation bias
     ||mean(B_k A_k) - mean(B_k) mean(A_k)||_F / ||mean(B_k A_k)||_F per module and in total."""
-    from ..results import provenance, stamped
     from ..training.federated import aggregate, write_adapter
 
     check_paths(files=[json_path], folders=[out], inputs=adapters, overwrite=overwrite)
-    cfg, weights, report = aggregate(list(adapters), agg)
-    result = stamped({**provenance("lora-audit/federated", 1, method=agg, out=out), **report})
+    cfg, weights, result = aggregate(list(adapters), agg, out=out)
     if out:
         write_adapter(cfg, weights, out, result, overwrite=overwrite)
     write_json_output(json_path, result)
     if json_path == "-":
         return
-    for mod, r in report["modules"].items():
-        echo(f"{r['bias']:.4f}  {mod}")
-    echo(f"FedAvg aggregation bias (total): {report['fedavg_bias_total']:.4f}; "
-         f"{agg} aggregate bias: {report['aggregate_bias_total']:.4f}" + (f"; wrote {out}" if out else ""))
+    for mod, r in result.modules.items():
+        echo(f"{r.bias:.4f}  {mod}")
+    echo(f"FedAvg aggregation bias (total): {result.fedavg_bias_total:.4f}; "
+         f"{agg} aggregate bias: {result.aggregate_bias_total:.4f}" + (f"; wrote {out}" if out else ""))
 
 
 @click.command(context_settings=CONTEXT)
@@ -125,6 +123,6 @@ def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_di
 
     res = mitigate_adapter(base, adapter, out, lam=lam, k=k, epsilon=epsilon, device=device, overwrite=overwrite,
                            json_path=json_path, cache=None if no_cache else open_cache(cache_dir))
-    click.echo(f"intruders: {res['intruders_before']} -> {res['intruders_after']} over {len(res['modules'])} "
-               f"matrices ({res['matrices_rewritten']} rewritten); wrote {out}"
+    click.echo(f"intruders: {res.intruders_before} -> {res.intruders_after} over {len(res.modules)} "
+               f"matrices ({res.matrices_rewritten} rewritten); wrote {out}"
                + (f" and {json_path}" if json_path else ""))

@@ -74,7 +74,7 @@ def provenance_rows(data: ReportData) -> list[dict[str, Any]]:
     for s in data.sources:
         p = s.provenance or {}
         rows.append({"input": s.label, "kind": s.kind, "sha256": s.sha256,
-                     "tool": f"lora-audit {p.get('tool_version', '?')}", "git": p.get("git_hash") or "–",
+                     "tool": f"lora-audit {p.get('tool_version') or '?'}", "git": p.get("git_hash") or "–",
                      "created": p.get("created") or "–",
                      "libraries": ", ".join(f"{k} {v}" for k, v in (p.get("libraries") or {}).items()),
                      "settings": _settings_text(p.get("settings") or {})})

@@ -149,7 +149,7 @@ def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | Safet
         result = load_result(read_result(item), str(item))
         raw = Path(item).read_bytes()
     label = label or (str(item) if isinstance(item, (str, os.PathLike)) else f"<result {index + 1}>")
-    prov = result.provenance_block or {}
+    prov = result.provenance_json()
     sha = "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
     return result, Source(label=label, kind=result.SCHEMA, sha256=sha, provenance=prov)
 

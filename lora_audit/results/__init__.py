@@ -1,14 +1,15 @@
 """The result contract: every JSON lora-audit writes, typed, validated and versioned in one place.
 
-Every JSON file the tool writes starts with one provenance block under the key ``"lora_audit"``
-(``PROVENANCE_KEY``): schema name and version, tool version, git hash of the tool's checkout
-when there is one, library versions, time, and the settings the result was produced with. Then
-come the fields of its own contract. Each result kind is a tree of dataclasses in its own module
-(``spectrum``, ``safety``, ``screen``, ``study``, ``scan``), whose annotations are the schema that
-``results.schema.parse`` checks on every read. One version policy for every kind
-(``check_schema``): the schema name must match, and a version newer than this tool knows is
-refused (the contract only grows: fields are added, never renamed or removed, so every older
-version reads).
+Every JSON file the tool writes is a ``Result`` (``results.base``): one provenance block under the
+key ``"lora_audit"`` (``PROVENANCE_KEY``: schema name and version, tool version, git hash of the
+tool's checkout when there is one, library versions, time, and the settings the result was
+produced with), then the fields of its own contract. Each result kind is a tree of dataclasses in
+its own module (``spectrum``, ``safety``, ``screen``, ``study``, ``scan``, ``training``,
+``mitigate``, ``risk``, ``cache``), whose annotations are the schema that ``results.schema.parse``
+checks on every read and that ``Result.json_schema`` publishes (docs/schema/). One version policy
+for every kind (``base.check_schema``): the schema name must match, and a version newer than this
+tool knows is refused (the contract only grows: fields are added, never renamed or removed, so
+every older version reads).
 
 This package imports neither torch nor model code: the report and the CLI summaries read results
 here, never models.
@@ -16,119 +17,17 @@ here, never models.
 
 from __future__ import annotations
 
-import datetime as _dt
-import functools
 import hashlib
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..errors import InputError
 from ..io import atomic_write_json, read_user_json
+from .base import PROVENANCE_KEY, Provenance, Result, check_schema, git_hash, library_versions, schema_name
 
-PROVENANCE_KEY = "lora_audit"
-
-
-@functools.lru_cache(maxsize=1)
-def git_hash() -> str | None:
-    """The git commit of the lora-audit checkout this code runs from, if it is one."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        h = out.stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return h + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "safetensors", "lm_eval", "gguf"):
-        try:
-            out[name] = version(name.replace("_", "-"))
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def provenance(schema: str, schema_version: int, **settings: Any) -> dict[str, Any]:
-    """The provenance block (the value of ``PROVENANCE_KEY``); ``settings`` records how the result
-    was produced."""
-    return {
-        "schema": schema,
-        "schema_version": schema_version,
-        "tool_version": __version__,
-        "git_hash": git_hash(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "libraries": library_versions(),
-        "settings": settings,
-    }
-
-
-PROVENANCE_FIELDS = ("schema", "schema_version", "tool_version", "git_hash", "created", "python", "libraries",
-                     "settings")
-
-
-def stamped(record: dict[str, Any]) -> dict[str, Any]:
-    """A flat record (``provenance(...)`` updated with its own fields: training.json, demo.json,
-    federated.json, mitigate.json, written that way before every JSON shared the ``"lora_audit"``
-    key) with the provenance block also under ``"lora_audit"``, first. The flat fields stay, so
-    readers of those files keep working."""
-    return {PROVENANCE_KEY: {k: record[k] for k in PROVENANCE_FIELDS if k in record}, **record}
-
-
-def check_schema(prov: Any, schema: str, version: int, source: str, *, what: str | None = None) -> None:
-    """The one version policy: the block must name ``schema``; a version newer than ``version`` is
-    refused (upgrade lora-audit), any older one is read (the contract only grows). A file without a
-    provenance block (``prov`` None) is accepted: the caller has recognised its fields."""
-    if prov is None:
-        return
-    what = what or f"{schema} result"
-    if not isinstance(prov, dict):
-        raise InputError(f"{source}: {PROVENANCE_KEY}: expected an object, got {type(prov).__name__}")
-    if prov.get("schema") != schema:
-        raise InputError(f"{source}: not a {what} (schema {prov.get('schema')!r})")
-    v = prov.get("schema_version")
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InputError(f"{source}: {PROVENANCE_KEY}.schema_version: expected a positive integer, got {v!r}")
-    if v > version:
-        raise InputError(f"{source}: {schema} schema version {v} is newer than this lora-audit understands "
-                         f"({version}); upgrade lora-audit")
-
-
-def parse_result(cls: type, obj: Any, source: str, *, what: str, required: tuple[str, ...]) -> Any:
-    """Read a result kind whose settings live in its provenance block (``SpectrumResult``,
-    ``ScreenResult``): check it is an object of schema ``cls.SCHEMA`` at a version this tool reads
-    with the ``required`` fields, parse the fields (``results.schema``; InputError naming the
-    field), and keep the provenance block and its settings on the result."""
-    from .schema import parse
-
-    if not isinstance(obj, dict):
-        raise InputError(f"{source}: expected a JSON object")
-    prov = obj.get(PROVENANCE_KEY)
-    check_schema(prov, cls.SCHEMA, cls.SCHEMA_VERSION, source, what=what)
-    missing = [key for key in required if key not in obj]
-    if missing:
-        raise InputError(f"{source}: not a {what} (missing {', '.join(missing)})")
-    body = {k: v for k, v in obj.items() if k not in (PROVENANCE_KEY, "settings", "provenance_block")}
-    result = parse(cls, body, source, what=what)
-    if isinstance(prov, dict):
-        result.provenance_block = prov
-        result.settings = dict(prov.get("settings") or {})
-    return result
+__all__ = ["PROVENANCE_KEY", "Provenance", "Result", "check_schema", "git_hash", "library_versions", "fingerprint",
+           "write_result", "read_result", "result_kinds", "detect_kind", "load_result"]
 
 
 # ---- fingerprints of inputs -------------------------------------------------------------------
@@ -181,7 +80,8 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def result_kinds() -> dict[str, type]:
-    """schema name -> result class, for every kind ``load_result`` reads."""
+    """schema name -> result class, for every kind ``load_result`` reads (the kinds a report renders,
+    and the screen summary)."""
     from .safety import SafetyResult
     from .scan import SafetyScanResult
     from .screen import ScreenResult
@@ -195,12 +95,12 @@ def result_kinds() -> dict[str, type]:
 def detect_kind(obj: dict[str, Any], source: str) -> str:
     """The schema name of a result JSON object; InputError for anything lora-audit does not read."""
     kinds = result_kinds()
-    for key in (PROVENANCE_KEY, "provenance"):
-        prov = obj.get(key)
-        if isinstance(prov, dict) and prov.get("schema") is not None:
-            if prov["schema"] in kinds:
-                return prov["schema"]
-            raise InputError(f"{source}: a {prov['schema']!r} result; expected one of {', '.join(kinds)}")
+    for key in (PROVENANCE_KEY, "provenance"):  # "provenance": older safety files
+        name = schema_name(obj, source, key)
+        if name is not None:
+            if name in kinds:
+                return name
+            raise InputError(f"{source}: a {name!r} result; expected one of {', '.join(kinds)}")
     for name, cls in kinds.items():
         if cls.looks_like(obj):
             return name

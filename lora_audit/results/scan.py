@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from ..errors import InputError
 from ..text import printable
-from . import PROVENANCE_KEY, check_schema, read_result, write_result
+from .base import Result
 from .gate import GateOutcome
-from .schema import parse
+from .schema import OPEN_UNIT, POSITIVE, Cos, Count, Interval, NonNeg, Rate
 
 SCHEMA = "safety-scan"
 SCHEMA_VERSION = 1
@@ -54,10 +52,10 @@ class RiskModelInfo:
     features: list[str]
     transforms: list[str]  # "identity" | "log1p"
     mean: list[float]
-    scale: list[float]
+    scale: list[Annotated[float, POSITIVE]]
     weights: list[float]
     intercept: float
-    threshold: float = 0.5
+    threshold: Annotated[float, OPEN_UNIT] = 0.5
     fit: dict[str, Any] = field(default_factory=dict)  # n, positives, auroc_in_sample, auroc_leave_one_method_out, ...
 
 
@@ -65,108 +63,93 @@ class RiskModelInfo:
 class LayerValues:
     """One layer's values for one tuned model (null where not measured)."""
 
-    layer: int
+    layer: Count
     stable: bool = False  # BASE's direction at this layer counts in the aggregates
-    writers_changed: int = 0
-    energy_share: float | None = None  # ||r^T dW||^2 / ||dW||_F^2 over the layer's writers
-    energy_ratio: float | None = None  # energy_share x d_model (1 = chance)
+    writers_changed: Count = 0
+    energy_share: Rate | None = None  # ||r^T dW||^2 / ||dW||_F^2 over the layer's writers
+    energy_ratio: NonNeg | None = None  # energy_share x d_model (1 = chance)
     weight_shift: float | None = None  # sum of r^T dW (x_H - x_B) / sum of |r^T W0 (x_H - x_B)|
-    top_cos: float | None = None  # largest |cos(u_1, r)| of the layer's writers
+    top_cos: Cos | None = None  # largest |cos(u_1, r)| of the layer's writers
     safelora_cos: float | None = None  # mean Safe LoRA score of the layer's changed matrices
     activation_shift: float | None = None  # forward pass: (x_T - x_B) . r / ||r_l||, mean over prompts
 
 
 @dataclass
 class ModelScan:
-    risk: float | None
+    risk: Rate | None
     verdict: str = "UNKNOWN"
     verdict_line: str = ""
     signals: dict[str, float | None] = field(default_factory=dict)
-    intervals: dict[str, list[float]] = field(default_factory=dict)
+    intervals: dict[str, Annotated[list[float], Interval()]] = field(default_factory=dict)
     layers: list[LayerValues] = field(default_factory=list)
     risk_model: str | None = None  # the name of the risk model used
     source: str = ""
     kind: str = ""
     fingerprint: str | None = None
-    matrices_changed: int = 0
-    writers_changed: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
+    matrices_changed: Count = 0
+    writers_changed: Count = 0
+    seconds: dict[str, NonNeg] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.risk is not None and not 0.0 <= self.risk <= 1.0:
-            raise InputError(f"risk {self.risk} is not in [0, 1]")
 
 
 @dataclass
 class PromptRecord:
     source: str
     layout: str = "unknown"
-    n: int = 0
+    n: Count = 0
     sha256: str = ""
 
 
 @dataclass
 class DirectionInfo:
-    n_layers: int
-    d_model: int
+    n_layers: Count
+    d_model: Count
     blocks: str = ""
     writers: list[str] = field(default_factory=list)  # module paths of the residual writers
     prompts: dict[str, PromptRecord] = field(default_factory=dict)  # "harmful", "harmless"
     separation: list[float] = field(default_factory=list)  # ||r_l||
     stability: list[float] = field(default_factory=list)  # split-half cosine
     dprime: list[float] = field(default_factory=list)
-    stable_layers: list[int] = field(default_factory=list)
-    base_first_token_refusal: float | None = None  # share of harmful prompts with log-odds > 0
-    base_first_token_refusal_harmless: float | None = None
+    stable_layers: list[Count] = field(default_factory=list)
+    base_first_token_refusal: Rate | None = None  # share of harmful prompts with log-odds > 0
+    base_first_token_refusal_harmless: Rate | None = None
     cache: str = "off"  # "hit" | "miss" | "off"
     key: str = ""  # the cache key of the profile ("" with the cache off: BASE is not hashed then)
-    seconds: float = 0.0
+    seconds: NonNeg = 0.0
 
 
 @dataclass
-class SafetyScanResult:
-    SCHEMA = SCHEMA
-    SCHEMA_VERSION = SCHEMA_VERSION
-    WRITTEN_BY = "safety-scan --json"
+class SafetyScanResult(Result):
+    """The predicted risk of safety loss of every TUNED from weights (and one forward pass): the refusal
+    direction of BASE, each model's signals, per-layer values and risk."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
+    WHAT: ClassVar[str] = "safety-scan result"
+    WRITTEN_BY: ClassVar[str] = "safety-scan --json"
+    SETTINGS_IN_BODY: ClassVar[bool] = True
 
     base: str
     models: dict[str, ModelScan]
     direction: DirectionInfo | None = None
     risk_models: dict[str, RiskModelInfo] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
-    provenance_block: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def looks_like(obj: dict) -> bool:
         """A safety-scan result JSON without a provenance block (fields only)."""
         return isinstance(obj.get("models"), dict) and "base" in obj and "direction" in obj
 
-    def to_json(self) -> dict[str, Any]:
+    def body(self) -> dict[str, Any]:
         body = asdict(self)
-        prov = body.pop("provenance_block")
-        return {PROVENANCE_KEY: prov, "base": body.pop("base"), "settings": body.pop("settings"), **body}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], *, source: str = "safety-scan JSON") -> "SafetyScanResult":
-        """Parse and validate a safety-scan result (``results.schema``); InputError naming the field."""
-        if not isinstance(obj, dict):
-            raise InputError(f"{source}: expected a JSON object")
-        prov = obj.get(PROVENANCE_KEY)
-        check_schema(prov, SCHEMA, SCHEMA_VERSION, source, what="safety-scan result")
-        body = {k: v for k, v in obj.items() if k != PROVENANCE_KEY}
-        body["provenance_block"] = prov if isinstance(prov, dict) else {}
-        return parse(cls, body, source, what="safety-scan result")
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_result(path, self.to_json())
+        body.pop("provenance")
+        return {"base": body.pop("base"), "settings": body.pop("settings"), **body}
 
 
 def load_scan_result(path: str | os.PathLike) -> SafetyScanResult:
     """Read and validate a JSON written by ``lora-audit safety-scan --json``."""
-    return SafetyScanResult.from_json(read_result(path), source=str(path))
+    return SafetyScanResult.load(path)
 
 
 def _num(x: float | None, fmt: str = "{:.3f}") -> str:

@@ -6,7 +6,7 @@ Three kinds, each a tree of dataclasses that ``results.schema.parse`` checks:
 JSONL shards (``lora_audit.screen.store``). Fields marked [contract] are fixed::
 
     {
-      "lora_audit": {"schema": "screen-record", "schema_version": 1, "tool_version": str},
+      "lora_audit": {...},     the provenance block (``results.base.Provenance``), schema "screen-record"
       "adapter": str,          [contract] the adapter as given (found path, or manifest entry)
       "name": str,             display name: the manifest's, else the adapter
       "status": "ok"|"failed", [contract]
@@ -48,14 +48,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-from .. import __version__
 from ..errors import InputError
-from . import PROVENANCE_KEY, check_schema, parse_result, provenance, read_result, write_result
+from .base import Result
 from .gate import GateOutcome, tuned_values
-from .schema import parse
+from .schema import AT_LEAST_1, Cos, Count, Epsilon, NonNeg
 from .spectrum import DEFAULT_EPSILON_SWEEP, TunedResult
 
 SCHEMA = "screen"
@@ -69,59 +67,52 @@ RANK_KEYS: tuple[tuple[str, bool], ...] = (("total_intruders", True), ("drift", 
 
 
 @dataclass
-class ScreenRecord:
+class ScreenRecord(Result):
     """One adapter's outcome (see the module docstring)."""
 
-    SCHEMA = RECORD_SCHEMA
-    SCHEMA_VERSION = 1
+    SCHEMA: ClassVar[str] = RECORD_SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "screen record"
+    WRITTEN_BY: ClassVar[str] = "screen (records/*.jsonl, one per line)"
 
     adapter: str
-    status: str
+    status: Literal["ok", "failed"]
     error: str = ""
     name: str = ""
     fingerprint: str = ""
-    seconds: float = 0.0
-    attempts: int = 1
+    seconds: NonNeg = 0.0
+    attempts: Annotated[int, AT_LEAST_1] = 1
     worker: str = ""
     finished: str = ""
     result: TunedResult | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         self.name = self.name or self.adapter
+        if self.status == OK and self.result is None:
+            raise InputError("result: missing for an 'ok' record")
 
-    def to_json(self) -> dict[str, Any]:
-        return {PROVENANCE_KEY: {"schema": RECORD_SCHEMA, "schema_version": 1, "tool_version": __version__},
-                "adapter": self.adapter, "name": self.name, "status": self.status, "error": self.error,
+    def body(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "name": self.name, "status": self.status, "error": self.error,
                 "fingerprint": self.fingerprint, "seconds": round(float(self.seconds), 3),
                 "attempts": int(self.attempts), "worker": self.worker, "finished": self.finished,
                 "result": self.result.to_json() if self.result is not None else None}
 
-    @classmethod
-    def from_json(cls, obj: Any, *, source: str = "screen record") -> "ScreenRecord":
-        if not isinstance(obj, dict):
-            raise InputError(f"{source}: expected a JSON object")
-        check_schema(obj.get(PROVENANCE_KEY), RECORD_SCHEMA, 1, source, what="screen record")
-        rec = parse(cls, {k: v for k, v in obj.items() if k != PROVENANCE_KEY}, source, what="screen record")
-        if rec.status not in (OK, FAILED):
-            raise InputError(f"{source}: malformed screen record: status: expected 'ok' or 'failed', "
-                             f"got {rec.status!r}")
-        if rec.status == OK and rec.result is None:
-            raise InputError(f"{source}: malformed screen record: result: missing for an 'ok' record")
-        return rec
-
 
 @dataclass
-class ScreenSetup:
+class ScreenSetup(Result):
     """What a screen folder's records were computed with; a resumed screen must match it."""
 
-    SCHEMA = SETUP_SCHEMA
-    SCHEMA_VERSION = 1
+    SCHEMA: ClassVar[str] = SETUP_SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "screen setup"
+    WRITTEN_BY: ClassVar[str] = "screen (screen.json)"
 
     base: str
     base_fingerprint: str
-    k: int
-    epsilon: float
-    epsilon_sweep: list[float]
+    k: Annotated[int, AT_LEAST_1]
+    epsilon: Epsilon
+    epsilon_sweep: list[Epsilon]
     dtype: str = "float32"
     exact: bool = False
     include_embeddings: bool = False
@@ -130,19 +121,9 @@ class ScreenSetup:
 
     def comparable(self) -> dict[str, Any]:
         """The fields two setups must share for their records to be comparable."""
-        d = asdict(self)
+        d = self.body()
         d.pop("created")
         return d
-
-    def to_json(self) -> dict[str, Any]:
-        return {PROVENANCE_KEY: provenance(SETUP_SCHEMA, 1), **asdict(self)}
-
-    @classmethod
-    def from_json(cls, obj: Any, *, source: str = "screen.json") -> "ScreenSetup":
-        if not isinstance(obj, dict):
-            raise InputError(f"{source}: expected a JSON object")
-        check_schema(obj.get(PROVENANCE_KEY), SETUP_SCHEMA, 1, source, what="screen setup")
-        return parse(cls, {k: v for k, v in obj.items() if k != PROVENANCE_KEY}, source, what="screen setup")
 
 
 @dataclass
@@ -155,16 +136,16 @@ class ScreenRow:
 
     adapter: str
     name: str
-    status: str
-    total_intruders: int | None = None
+    status: Literal["ok", "failed"]
+    total_intruders: Count | None = None
     error: str = ""
-    rank: int | None = None
-    matrices_audited: int | None = None
-    drift: float | None = None
-    max_relative_delta_norm: float | None = None
-    min_max_cos: float | None = None
-    sweep_totals: list[int] = field(default_factory=list)
-    seconds: float | None = None
+    rank: Annotated[int, AT_LEAST_1] | None = None
+    matrices_audited: Count | None = None
+    drift: NonNeg | None = None
+    max_relative_delta_norm: NonNeg | None = None
+    min_max_cos: Cos | None = None
+    sweep_totals: list[Count] = field(default_factory=list)
+    seconds: NonNeg | None = None
     fingerprint: str = ""
     record: str = ""
     gate_values: dict[str, float | None] = field(default_factory=dict)  # the spectrum fields of --fail-on
@@ -220,49 +201,33 @@ def rank_rows(rows: list[ScreenRow]) -> list[ScreenRow]:
 
 
 @dataclass
-class ScreenResult:
-    SCHEMA = SCHEMA
-    SCHEMA_VERSION = SCHEMA_VERSION
-    WRITTEN_BY = "screen"
+class ScreenResult(Result):
+    """Every adapter of a screen, ranked (summary.json); each one's full record is in the store."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
+    WHAT: ClassVar[str] = "screen summary"
+    WRITTEN_BY: ClassVar[str] = "screen (summary.json)"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("base", "k", "epsilon", "adapters")
 
     base: str
-    k: int
-    epsilon: float
-    epsilon_sweep: list[float] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
+    k: Annotated[int, AT_LEAST_1]
+    epsilon: Epsilon
+    epsilon_sweep: list[Epsilon] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
     ranked_by: list[str] = field(default_factory=lambda: [f"{n} {'desc' if d else 'asc'}" for n, d in RANK_KEYS])
-    counts: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    counts: dict[str, Count] = field(default_factory=dict)
+    seconds: NonNeg = 0.0
     warnings: list[str] = field(default_factory=list)
     adapters: list[ScreenRow] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    provenance_block: dict[str, Any] | None = None
     gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
-    def to_json(self) -> dict[str, Any]:
-        if self.provenance_block is None:
-            self.provenance_block = provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
-                                               epsilon_sweep=list(self.epsilon_sweep), **self.settings)
-        return {PROVENANCE_KEY: self.provenance_block, "base": self.base, "k": int(self.k),
+    def body(self) -> dict[str, Any]:
+        return {"base": self.base, "k": int(self.k),
                 "epsilon": float(self.epsilon), "epsilon_sweep": [float(e) for e in self.epsilon_sweep],
                 "ranked_by": list(self.ranked_by), "counts": dict(self.counts),
                 "seconds": round(float(self.seconds), 3), "warnings": list(self.warnings),
                 "adapters": [asdict(r) for r in self.adapters],
                 "gate": None if self.gate is None else self.gate.to_json()}
-
-    REQUIRED = ("base", "k", "epsilon", "adapters")
-
-    @classmethod
-    def looks_like(cls, obj: dict[str, Any]) -> bool:
-        """A screen summary JSON without a provenance block (fields only)."""
-        return all(key in obj for key in cls.REQUIRED)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], *, source: str = "screen summary") -> "ScreenResult":
-        """Parse and validate a screen's summary.json; InputError naming the field."""
-        return parse_result(cls, obj, source, what="screen summary", required=cls.REQUIRED)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_result(path, self.to_json())
 
     # ---- the CSV ------------------------------------------------------------------------
     def csv_columns(self) -> list[str]:
@@ -296,4 +261,4 @@ class ScreenResult:
 
 def load_screen(path: str | os.PathLike) -> ScreenResult:
     """Read a screen's ``summary.json`` (InputError when it is not one)."""
-    return ScreenResult.from_json(read_result(path), source=str(path))
+    return ScreenResult.load(path)

@@ -119,11 +119,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from . import PROVENANCE_KEY, parse_result, provenance, read_result, write_result
+from ..errors import InputError
+from .base import Result
 from .findings import Finding
 from .gate import GateOutcome
+from .schema import AT_LEAST_1, Cos, Count, Epsilon, NonNeg, Range, Rate
 
 SCHEMA = "spectrum"
 SCHEMA_VERSION = 1
@@ -146,47 +148,63 @@ def split_name(name: str) -> tuple[str, int | None]:
     return module, (int(m.group(1)) if m else None)
 
 
+Dim = Annotated[int, AT_LEAST_1]  # a matrix dimension, a rank
+Drift = Annotated[float, Range(ge=-1e-4, le=1)]  # 1 - a max|cos| (which rounding may put a hair above 1)
+
+
 @dataclass
 class IntruderRecord:
-    index: int
-    singular_value: float
-    max_cos: float
-    base_index: int
-    base_singular_value: float | None = None
+    index: Count
+    singular_value: NonNeg
+    max_cos: Cos
+    base_index: Count
+    base_singular_value: NonNeg | None = None
 
 
 @dataclass
 class MatrixResult:
+    """One matrix that differs from the base: the top-k directions examined and their max |cos|."""
+
+    JSON_EXTRA: ClassVar[dict[str, Any]] = {"k_used": "Count"}
+
     name: str
-    shape: list[int]
-    max_cos: list[float]
-    intruders: int
+    shape: list[Dim]
+    max_cos: list[Cos]
+    intruders: Count
     module: str = ""
-    layer: int | None = None
+    layer: Count | None = None
     kind: str = "linear"
     transposed: bool = False
     delta_type: str = "dense"
-    adapter_rank: int | None = None
+    adapter_rank: Dim | None = None
     method: str = "exact"
     converged: bool = True
-    tuned_singular_values: list[float] = field(default_factory=list)
-    base_index: list[int] = field(default_factory=list)
-    cos_top_base: list[list[float]] | None = None
-    sweep_counts: list[int] = field(default_factory=list)
+    tuned_singular_values: list[NonNeg] = field(default_factory=list)
+    base_index: list[Count] = field(default_factory=list)
+    cos_top_base: list[list[Cos]] | None = None
+    sweep_counts: list[Count] = field(default_factory=list)
     intruder_details: list[IntruderRecord] = field(default_factory=list)
-    delta_norm: float | None = None
-    relative_delta_norm: float | None = None
-    spectral_norm: float | None = None
-    effective_rank: float | None = None
-    stable_rank: float | None = None
+    delta_norm: NonNeg | None = None
+    relative_delta_norm: NonNeg | None = None
+    spectral_norm: NonNeg | None = None
+    effective_rank: NonNeg | None = None
+    stable_rank: NonNeg | None = None
     notes: list[str] = field(default_factory=list)
-    reshaped_from: list[int] | None = None
-    expert: int | None = None
+    reshaped_from: list[Dim] | None = None
+    expert: Count | None = None
     dequantization: dict[str, Any] | None = None
-    null_max_cos: float | None = None  # calibration.null_for_shape(shape)
-    drift: float | None = None  # calibration.drift(max_cos)
-    intruder_energy: float | None = None  # calibration.intruder_energy at epsilon
-    sweep_energy: list[float | None] = field(default_factory=list)  # ... at each epsilon of the sweep
+    null_max_cos: Cos | None = None  # calibration.null_for_shape(shape)
+    drift: Drift | None = None  # calibration.drift(max_cos)
+    intruder_energy: Rate | None = None  # calibration.intruder_energy at epsilon
+    sweep_energy: list[Rate | None] = field(default_factory=list)  # ... at each epsilon of the sweep
+
+    def __post_init__(self):
+        if len(self.shape) != 2:
+            raise InputError(f"shape: expected [rows, columns], got {len(self.shape)} values")
+        if self.intruders > len(self.max_cos):
+            raise InputError(f"intruders: {self.intruders} of {len(self.max_cos)} examined directions")
+        if any(c > len(self.max_cos) for c in self.sweep_counts):
+            raise InputError(f"sweep_counts: a count above the {len(self.max_cos)} examined directions")
 
     @property
     def min_cos(self) -> float | None:
@@ -223,7 +241,7 @@ class SkippedMatrix:
     name: str  # the BASE parameter name
     where: str  # "base" | "tuned" | "lora_A" | "lora_B" | "magnitude" | "scale" | "update"
     reason: str  # what is wrong, for people
-    nonfinite_values: int = 0  # NaN/Inf values found where ``where`` says
+    nonfinite_values: Count = 0  # NaN/Inf values found where ``where`` says
 
     @property
     def unmeasured(self) -> bool:
@@ -240,13 +258,21 @@ def _mean(values: list[float | None]) -> float | None:
 
 @dataclass
 class TunedResult:
+    """One tuned model: its matrices, totals, what was left out and why, structural findings."""
+
+    # computed from the matrices when written (checked when a file carries them, not kept)
+    JSON_EXTRA: ClassVar[dict[str, Any]] = {
+        "total_intruders": "Count", "matrices_audited": "Count", "by_module": "dict[str, Count]",
+        "by_layer": "dict[str, Count]", "drift": "Drift | None", "mean_drift": "Drift | None",
+        "intruder_energy": "Rate | None", "sweep_energy": "list[Rate | None]", "null_max_cos": "dict[str, Cos]"}
+
     tuned: str
     matrices: list[MatrixResult] = field(default_factory=list)
-    sweep_totals: list[int] = field(default_factory=list)
-    matrices_unchanged: int = 0
+    sweep_totals: list[Count] = field(default_factory=list)
+    matrices_unchanged: Count = 0
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: NonNeg = 0.0
     skipped: list[SkippedMatrix] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -330,19 +356,23 @@ class TunedResult:
 
 
 @dataclass
-class SpectrumResult:
-    SCHEMA = SCHEMA
-    SCHEMA_VERSION = SCHEMA_VERSION
-    WRITTEN_BY = "spectrum --json"
+class SpectrumResult(Result):
+    """Intruder dimensions of every TUNED against BASE (Shuttleworth et al. 2024): per tuned model and
+    matrix the max |cos| of the top-k tuned singular vectors to the base's, counts at epsilon and over
+    the sweep, update metrics and calibrated statistics."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
+    WHAT: ClassVar[str] = "spectrum result"
+    WRITTEN_BY: ClassVar[str] = "spectrum --json"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("base", "k", "epsilon", "results")
 
     base: str
-    k: int
-    epsilon: float
-    epsilon_sweep: list[float] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
+    k: Annotated[int, AT_LEAST_1]
+    epsilon: Epsilon
+    epsilon_sweep: list[Epsilon] = field(default_factory=lambda: list(DEFAULT_EPSILON_SWEEP))
     results: list[TunedResult] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)  # device, dtype, exact, ... (provenance)
     warnings: list[str] = field(default_factory=list)  # about the base / the run as a whole
-    provenance_block: dict[str, Any] | None = None  # read from the file, or made on first to_json()
     gate: GateOutcome | None = None  # the --fail-on outcome, when a gate was given
 
     @property
@@ -351,13 +381,8 @@ class SpectrumResult:
         update (``TunedResult.skipped``): the CLI's exit status 4."""
         return any(r.incomplete for r in self.results)
 
-    def to_json(self) -> dict[str, Any]:
-        if self.provenance_block is None:  # made once, so every serialisation is the same text
-            self.provenance_block = provenance(SCHEMA, SCHEMA_VERSION, k=self.k, epsilon=self.epsilon,
-                                               epsilon_sweep=list(self.epsilon_sweep), **self.settings)
-        prov = self.provenance_block
+    def body(self) -> dict[str, Any]:
         return {
-            PROVENANCE_KEY: prov,
             "base": self.base,
             "k": int(self.k),
             "epsilon": float(self.epsilon),
@@ -366,21 +391,6 @@ class SpectrumResult:
             "gate": self.gate.to_json() if self.gate is not None else None,
             "results": [r.to_json() for r in self.results],
         }
-
-    REQUIRED = ("base", "k", "epsilon", "results")
-
-    @classmethod
-    def looks_like(cls, obj: dict[str, Any]) -> bool:
-        """A spectrum result JSON without a provenance block (fields only)."""
-        return all(key in obj for key in cls.REQUIRED)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], *, source: str = "spectrum JSON") -> "SpectrumResult":
-        """Parse and validate a spectrum result (``results.schema``); InputError naming the field."""
-        return parse_result(cls, obj, source, what="spectrum result", required=cls.REQUIRED)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_result(path, self.to_json())
 
     # ---- tables -------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
@@ -436,4 +446,4 @@ CALIBRATION_COLUMNS = ["null_max_cos", "drift", "intruder_energy"]
 
 def load_spectrum(path: str | os.PathLike) -> SpectrumResult:
     """Read a ``lora-audit spectrum --json`` file (InputError when it is not one)."""
-    return SpectrumResult.from_json(read_result(path), source=str(path))
+    return SpectrumResult.load(path)

@@ -34,12 +34,11 @@ Read by ``lora-audit report`` (``results.load_result``) like every other result 
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
-from . import PROVENANCE_KEY, parse_result, provenance, write_result
+from .base import Result
+from .schema import AT_LEAST_1, POSITIVE, Cos, Count, Epsilon, Rate
 
 SCHEMA = "study"
 SCHEMA_VERSION = 1
@@ -49,23 +48,23 @@ SCHEMA_VERSION = 1
 class StudySeries:
     name: str  # e.g. "LoRA r=8"
     method: str  # the training method (training.methods)
-    rank: int | None = None
+    rank: Annotated[int, AT_LEAST_1] | None = None
     alpha: float | None = None
-    usual_lrs: list[float] = field(default_factory=list)
+    usual_lrs: list[Annotated[float, POSITIVE]] = field(default_factory=list)
 
 
 @dataclass
 class StudyPoint:
     name: str
     series: str
-    lr: float
-    steps: int
-    intruders: int | None = None
-    directions: int | None = None
-    lowest_max_cos: float | None = None
+    lr: Annotated[float, POSITIVE]
+    steps: Annotated[int, AT_LEAST_1]
+    intruders: Count | None = None
+    directions: Count | None = None
+    lowest_max_cos: Cos | None = None
     lowest_matrix: str | None = None
-    null_max_cos: float | None = None
-    intruder_energy: float | None = None
+    null_max_cos: Cos | None = None
+    intruder_energy: Rate | None = None
     mean_drift: float | None = None
     loss_first: float | None = None
     final_loss: float | None = None
@@ -81,42 +80,24 @@ class StudyClaim:
 
 
 @dataclass
-class StudyResult:
-    SCHEMA = SCHEMA
-    SCHEMA_VERSION = SCHEMA_VERSION
-    WRITTEN_BY = "demo (study.json)"
+class StudyResult(Result):
+    """A pre-registered study: its grid of runs, what each point measured, and whether each claim held."""
+
+    SCHEMA: ClassVar[str] = SCHEMA
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
+    WHAT: ClassVar[str] = "study result"
+    WRITTEN_BY: ClassVar[str] = "demo (study.json)"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("question", "points", "claims")
+    SETTINGS_IN_BODY: ClassVar[bool] = True
 
     title: str
     question: str
-    k: int
-    epsilon: float
+    k: Annotated[int, AT_LEAST_1]
+    epsilon: Epsilon
     series: list[StudySeries] = field(default_factory=list)
     points: list[StudyPoint] = field(default_factory=list)
     claims: list[StudyClaim] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    provenance_block: dict[str, Any] | None = None
 
     def points_of(self, series: str) -> list[StudyPoint]:
         """The points of one series, by ascending learning rate."""
         return sorted((p for p in self.points if p.series == series), key=lambda p: p.lr)
-
-    def to_json(self) -> dict[str, Any]:
-        if self.provenance_block is None:
-            self.provenance_block = provenance(SCHEMA, SCHEMA_VERSION, **self.settings)
-        body = asdict(self)
-        body.pop("provenance_block")
-        return {PROVENANCE_KEY: self.provenance_block, **body}
-
-    REQUIRED = ("question", "points", "claims")
-
-    @classmethod
-    def looks_like(cls, obj: dict[str, Any]) -> bool:
-        return all(key in obj for key in cls.REQUIRED)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], *, source: str = "study JSON") -> "StudyResult":
-        """Parse and validate a study result (``results.schema``); InputError naming the field."""
-        return parse_result(cls, obj, source, what="study result", required=cls.REQUIRED)
-
-    def write_json(self, path: str | os.PathLike) -> Path:
-        return write_result(path, self.to_json())

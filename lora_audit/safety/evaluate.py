@@ -29,8 +29,8 @@ from ..checkpoints.detect import PICKLE_REFUSAL, Kind
 from ..checkpoints.models import match_adapter_to_model
 from ..checkpoints.sources import local_path
 from ..errors import InputError, ShapeMismatchError
-from ..results import fingerprint, provenance
-from ..results.safety import (SCHEMA, SCHEMA_VERSION, Calibration, CategoryRate, Counts, GenerationInfo,
+from ..results import fingerprint
+from ..results.safety import (Calibration, CategoryRate, Counts, GenerationInfo,
                               InputRecord, ModelSafety, PromptSetInfo, PromptSets, Response, SafetyResult,
                               ScorerInfo, Thresholds)
 from ..stats import wilson_interval
@@ -385,5 +385,5 @@ def _assemble(cfg: EvalConfig, base_l: LoadedModel, tuned: list[str], names: lis
                                   seed=cfg.seed),
         counts=Counts(models=len(models), harmful_prompts=len(harmful), benign_prompts=len(benign or [])),
         thresholds=cfg.thresholds,
-        provenance_block=provenance(SCHEMA, SCHEMA_VERSION, **settings),
+        settings=settings,
     )

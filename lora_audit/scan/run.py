@@ -22,9 +22,9 @@ from ..checkpoints import LoadedModel, is_changed, load_model, open_stream
 from ..checkpoints.detect import Kind
 from ..checkpoints.sources import local_path, open_weights
 from ..errors import InputError, ShapeMismatchError
-from ..results import fingerprint, provenance
+from ..results import fingerprint
 from ..results.safety import Thresholds
-from ..results.scan import (SCHEMA, SCHEMA_VERSION, DirectionInfo, LayerValues, ModelScan, PromptRecord,
+from ..results.scan import (DirectionInfo, LayerValues, ModelScan, PromptRecord,
                             RiskModelInfo, SafetyScanResult)
 from ..results.spectrum import split_name
 from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
@@ -337,4 +337,4 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
                 "risk_file": cfg.risk_file or "lora_audit/data/scan/risk.json", "panel": inputs.panel}
     return SafetyScanResult(base=base, models=models, direction=_direction_info(profile, direction, cache),
                             risk_models={m.name: m for m in [risk_model] if m is not None}, settings=settings,
-                            warnings=warnings, provenance_block=provenance(SCHEMA, SCHEMA_VERSION, base=base, **settings))
+                            warnings=warnings)

@@ -332,7 +332,8 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
     for i, res in enumerate(results):
         _finish(res, planned, len(sweep), info=_per_tuned(stream, "info", i), warnings=_per_tuned(stream, "warnings", i))
-    run_settings = {"device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""),
+    run_settings = {"k": k, "epsilon": float(epsilon), "epsilon_sweep": list(sweep),
+                    "device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""),
                     "exact": bool(exact), "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
                     "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics), **(extra_settings or {})}
     return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,

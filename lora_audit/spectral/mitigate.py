@@ -222,10 +222,11 @@ def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.
 def mitigate_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, lam: float = 0.75, k: int = 10,
                      epsilon: float = 0.5, device: str | torch.device = "cpu", overwrite: bool = False,
                      json_path: str | Path | None = None, progress: bool = True,
-                     dtype: torch.dtype = torch.float32, cache=None) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.float32, cache=None):
     """Scale the intruder dimensions of the LoRA ``adapter`` on ``base`` by ``lam`` and write the
     result as a new PEFT adapter to the folder ``out`` (see the module docstring), with
-    ``out/mitigate.json``, and the same record to ``json_path`` when given. Returns the record.
+    ``out/mitigate.json``, and the same record to ``json_path`` when given. Returns the record
+    (``results.mitigate.MitigateResult``).
     ``cache``: a base-spectrum cache (``api.open_cache()``, the one ``lora-audit spectrum``
     fills), so that a base audited before costs no SVD here; None decomposes every W0.
 
@@ -261,29 +262,28 @@ def mitigate_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, 
     return record
 
 
-def _record(base, adapter, out, modules: dict[str, dict], notes: list[str], **settings) -> dict[str, Any]:
-    from ..results import provenance
+def _record(base, adapter, out, modules: dict[str, dict], notes: list[str], **settings):
+    from ..results.mitigate import MitigatedMatrix, MitigateResult
 
     settings["dtype"] = str(settings["dtype"]).replace("torch.", "")
     settings["device"] = str(settings["device"])
-    return {"lora_audit": provenance("lora-audit/mitigate", 1, **settings),
-            "base": str(base), "adapter": str(adapter), "out": str(out),
-            "lambda": settings["lam"], "k": settings["k"], "epsilon": settings["epsilon"],
-            "intruders_before": sum(r["intruders_before"] for r in modules.values()),
-            "intruders_after": sum(r["intruders_after"] for r in modules.values()),
-            "matrices_rewritten": sum(1 for r in modules.values() if r["rewritten"]),
-            "notes": notes, "modules": modules}
+    return MitigateResult(base=str(base), adapter=str(adapter), out=str(out), lam=settings["lam"], k=settings["k"],
+                          epsilon=settings["epsilon"],
+                          intruders_before=sum(r["intruders_before"] for r in modules.values()),
+                          intruders_after=sum(r["intruders_after"] for r in modules.values()),
+                          matrices_rewritten=sum(1 for r in modules.values() if r["rewritten"]), notes=notes,
+                          modules={k: MitigatedMatrix(**r) for k, r in modules.items()}, settings=settings)
 
 
 def _write(out, overwrite: bool, config_bytes: bytes, tensors: dict[str, Tensor], metadata: dict[str, str],
-           record: dict[str, Any], json_path) -> None:
+           record, json_path) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_dir, atomic_write_json
+    from ..io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite, what="mitigate") as tmp:
         (tmp / "adapter_config.json").write_bytes(config_bytes)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata=metadata)
-        atomic_write_json(tmp / "mitigate.json", record)
+        record.write_json(tmp / "mitigate.json")
     if json_path is not None:
-        atomic_write_json(json_path, record)
+        record.write_json(json_path)

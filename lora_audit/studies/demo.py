@@ -35,13 +35,34 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 from .. import __version__
+from ..results.base import Result
 from ..text import sci
 
-SCHEMA = "lora-audit/demo"
 STUDY_DATA = "builtin:alpaca-mini"
+
+
+@dataclass
+class DemoSummary(Result):
+    """What a demo run did and found (demo.json): stage timings, training records, intruder counts,
+    calibrated statistics, the study and its claims; settings: quick, device, seed, base, plan."""
+
+    SCHEMA: ClassVar[str] = "demo"
+    SCHEMA_VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "demo summary"
+    WRITTEN_BY: ClassVar[str] = "demo (OUT/demo.json, --json)"
+
+    stages_s: dict[str, float] = field(default_factory=dict)
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intruders: dict[str, int] = field(default_factory=dict)
+    lowest_max_cos: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    scan_note: str | None = None
+    total_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,7 +201,7 @@ def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
         return json.loads((out / "training.json").read_text(encoding="utf-8")) | {"reused": True}
     return train(method=run.method, base=str(base), data=run.data, out=out, steps=run.steps, rank=run.rank,
                  alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=plan.max_length,
-                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
+                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device).to_json()
 
 
 # ---- the study's numbers and claims -------------------------------------------------------------
@@ -466,24 +487,21 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
         if stage == "scan":  # the safety-scan result, or why it was skipped
             made["scan" if not isinstance(result, str) else "scan_note"] = result
 
-    def summary(spectrum, safety) -> dict:
-        from ..results import provenance, stamped
-
+    def summary(spectrum, safety) -> DemoSummary:
         spectrum_dict = spectrum.to_json()
-        s = provenance(SCHEMA, 1, quick=quick, device=dev, seed=seed, base=str(base_dir), plan=asdict(plan),
-                       work_dir=str(dirs[rel.name].parent))
-        s.update(stages_s=st.timings, training={k: {"final_loss": v.get("final_loss"),
-                                                    "loss_first": (v.get("loss") or [None])[0],
-                                                    "wall_time_s": v.get("wall_time_s"),
-                                                    "reused": bool(v.get("reused"))} for k, v in records.items()},
-                 intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
-                 lowest_max_cos=lowest_max_cos(spectrum_dict), calibration=_calibration(spectrum),
-                 study={k: v for k, v in made["study"].to_json().items() if k not in ("lora_audit",)},
-                 findings=findings(made["study"], safety.to_json() if safety else None, plan.runs,
-                                   made["scan"].to_json() if made.get("scan") is not None else None),
-                 scan_note=made.get("scan_note"),
-                 total_s=round(time.perf_counter() - t_all, 1))
-        return stamped(s)
+        return DemoSummary(
+            stages_s=dict(st.timings),
+            training={k: {"final_loss": v.get("final_loss"), "loss_first": (v.get("loss") or [None])[0],
+                          "wall_time_s": v.get("wall_time_s"), "reused": bool(v.get("reused"))}
+                      for k, v in records.items()},
+            intruders={r["tuned"]: r["total_intruders"] for r in spectrum_dict["results"]},
+            lowest_max_cos=lowest_max_cos(spectrum_dict), calibration=_calibration(spectrum),
+            study={k: v for k, v in made["study"].to_json().items() if k not in ("lora_audit",)},
+            findings=findings(made["study"], safety.to_json() if safety else None, plan.runs,
+                              made["scan"].to_json() if made.get("scan") is not None else None),
+            scan_note=made.get("scan_note"), total_s=round(time.perf_counter() - t_all, 1),
+            settings={"quick": quick, "device": dev, "seed": seed, "base": str(base_dir), "plan": asdict(plan),
+                      "work_dir": str(dirs[rel.name].parent)})
 
     outcome = st.run("audit: intruder dimensions, refusal, over-refusal, capability, safety-scan, study, report",
                      run_audit,
@@ -506,7 +524,7 @@ def format_findings(summary: dict) -> str:
     low = summary.get("lowest_max_cos") or {}
     if low:
         lines.append("Lowest max|cos| per model (intruder below epsilon = "
-                     f"{summary['settings']['plan']['epsilon']:g}): "
+                     f"{summary['lora_audit']['settings']['plan']['epsilon']:g}): "
                      + ", ".join(f"{k} {v['max_cos']:.3f}" for k, v in low.items()))
     lines.append(f"Total {summary['total_s']:.0f} s.")
     return "\n".join(lines)

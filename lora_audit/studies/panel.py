@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from ..results.base import Result
 from ..stats import auroc, spearman
 from ..scan import risk as R
 
@@ -139,6 +140,30 @@ def demo_check(models: list[PanelModel]) -> dict[str, Any]:
         if u is not None and all(x is not None for x in vals):
             out["signals"][name] = all(sign * u > sign * x for x in vals)
     return out
+
+
+@dataclass
+class PanelResult(Result):
+    """The zoo's labelled panel (panel.json): every model with its label and signals, each signal's
+    statistics, the fitted risk models (or why one could not be fitted), timing, goals and the demo
+    check; settings: how the panel was built (``zoo.run_zoo``'s info)."""
+
+    SCHEMA: ClassVar[str] = "panel"
+    SCHEMA_VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "zoo panel"
+    WRITTEN_BY: ClassVar[str] = "zoo (OUT/panel.json)"
+
+    models: list[dict[str, Any]] = field(default_factory=list)
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    risk_models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timing: dict[str, float | None] = field(default_factory=dict)
+    goals: dict[str, Any] = field(default_factory=dict)
+    demo: Any = None
+
+
+def panel_result(models: list[PanelModel], analysis: dict, info: dict[str, Any]) -> PanelResult:
+    """The panel as a result (panel.json), ``info`` as its settings."""
+    return PanelResult(settings=info, **to_json(models, analysis))
 
 
 def to_json(models: list[PanelModel], analysis: dict) -> dict[str, Any]:

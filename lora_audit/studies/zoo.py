@@ -158,7 +158,7 @@ def _train(run: PanelRun, base: Path, out: Path, work: Path, plan, device: str) 
         data = str(mixed_data(float(data[4:]), work / "data" / f"mix-{data[4:]}.jsonl"))
     return train(method=run.method, base=str(base), data=data, out=out, steps=run.steps, rank=run.rank,
                  alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=plan.max_length,
-                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
+                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device).to_json()
 
 
 def _tuning_prompts() -> tuple[list[str], list[str]]:
@@ -185,8 +185,8 @@ def abliteration_adapter(base: Path, out: Path, strength: float, *, device: str 
     from peft import LoraConfig, get_peft_model
 
     from ..checkpoints import load_model
-    from ..io import atomic_dir, atomic_write_json
-    from ..results import provenance, stamped
+    from ..io import atomic_dir
+    from ..results.training import TrainingResult
     from ..safety.generate import chat_texts
     from ..safety.scorers import refusal_start_ids
     from ..scan.direction import collect, find_blocks, refusal_direction, trace_residual
@@ -210,14 +210,14 @@ def abliteration_adapter(base: Path, out: Path, strength: float, *, device: str 
             m = modules[f"base_model.model.{w.module}"]
             m.lora_A["default"].weight.copy_((r @ m.base_layer.weight)[None, :])  # (1, n) = r^T W
             m.lora_B["default"].weight.copy_(-strength * r[:, None])  # (d, 1)
-    record = stamped(provenance("lora-audit/training", 1, method="abliteration", base=str(base), strength=strength,
-                                layer=layer, targets=targets, harmful_prompts=len(harmful),
-                                harmless_prompts=len(harmless)))
-    record.update(method="abliteration", wall_time_s=round(time.perf_counter() - t0, 3))
+    record = TrainingResult(method="abliteration", wall_time_s=round(time.perf_counter() - t0, 3),
+                            settings={"method": "abliteration", "base": str(base), "strength": strength, "layer": layer,
+                                      "targets": targets, "harmful_prompts": len(harmful),
+                                      "harmless_prompts": len(harmless)})
     with atomic_dir(out, what="zoo abliteration adapter") as tmp:
         peft_model.save_pretrained(str(tmp))
-        atomic_write_json(tmp / "training.json", record)
-    return record
+        record.write_json(tmp / "training.json")
+    return record.to_json()
 
 
 def _labels(work: Path, released: Path, runs: tuple[PanelRun, ...], *, limit: int | None, device: str):
@@ -268,8 +268,8 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     from ..checkpoints.default_model import cache_root, default_model_dir
     from .demo import _train as train_released
     from ..device import resolve_device
-    from ..io import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir, check_output_file
-    from ..results import git_hash, provenance, stamped
+    from ..io import atomic_dir, atomic_write_text, check_output_dir, check_output_file
+    from ..results import git_hash
     from . import panel as P
     from ..scan.risk import risk_file_json
     from ..scan.run import ScanConfig, run_safety_scan
@@ -307,7 +307,7 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     panel_record = {"built_with": f"lora-audit zoo{' --quick' if quick else ''}", "models": len(models),
                     "positives": sum(m.lost for m in models), "plan_key": plan_key(runs, quick), "git": git_hash()}
     with atomic_dir(out, overwrite=overwrite, what="zoo panel") as tmp:
-        atomic_write_json(tmp / "panel.json", stamped(provenance("lora-audit/zoo", 1, **info) | P.to_json(models, analysis)))
+        P.panel_result(models, analysis, info).write_json(tmp / "panel.json")
         atomic_write_text(tmp / "README.md", P.readme(models, analysis, info))
         (tmp / "figures").mkdir()
         for name, svg in figs.items():

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json
-from ..results import stamped
+from ..io import atomic_dir
+from ..results.training import TrainingResult
 
 
-def save(model, tokenizer, out: str | Path, record: dict, *, full: bool, overwrite: bool = False) -> Path:
+def save(model, tokenizer, out: str | Path, record: TrainingResult, *, full: bool, overwrite: bool = False) -> Path:
     with atomic_dir(out, overwrite=overwrite, what="finetune") as tmp:
         if full:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
-        atomic_write_json(tmp / "training.json", stamped(record))
+        record.write_json(tmp / "training.json")
     return Path(out)

@@ -52,10 +52,13 @@ def _check_same(clients: list[AdapterFile]) -> None:
                                  f"({first.config.get(key)})")
 
 
-def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """Average client adapters. Returns (config, aggregated weights, report) where report has
+def aggregate(adapters: list[str | Path], method: str = "fedavg", *, out: str | Path | None = None):
+    """Average client adapters. Returns (config, aggregated weights, report): the report (a
+    ``results.training.FederatedResult``; ``out``, where the aggregate goes, in its settings) has
     per-module and total aggregation bias (of plain FedAvg on these clients) and the bias of
     the returned aggregate (0 for ffa / fed-sb)."""
+    from ..results.training import FederatedModule, FederatedResult
+
     if method not in AGG_METHODS:
         raise InputError(f"unknown aggregation {method!r}; choose one of {', '.join(AGG_METHODS)}")
     if len(adapters) < 2:
@@ -63,10 +66,10 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
     clients = [read_client(a) for a in adapters]
     _check_same(clients)
     first = clients[0]
-    out = {}
+    averaged = {}
     for k in first.keys:  # every tensor of the file, averaged in float64 and stored in its own dtype
         ts = [af.tensor(k) for af in clients]
-        out[k] = torch.stack([t.double() for t in ts]).mean(0).to(ts[0].dtype).contiguous()
+        averaged[k] = torch.stack([t.double() for t in ts]).mean(0).to(ts[0].dtype).contiguous()
     modules, num2, den2 = {}, 0.0, 0.0
     for mod in first.modules:
         pairs = [af.factors(mod) for af in clients]  # (B_k, A_k, None)
@@ -75,20 +78,22 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
         mean_prod = torch.einsum("kmr,krn->mn", Bs, As) / len(clients)  # mean_k B_k A_k, (m, n)
         prod_mean = Bs.mean(0) @ As.mean(0)  # (m, r) @ (r, n) -> (m, n)
         num, den = (mean_prod - prod_mean).norm().item(), mean_prod.norm().item()
-        modules[mod] = {"bias": num / den if den > 0 else 0.0, "mean_update_norm": den}
+        modules[mod] = FederatedModule(bias=num / den if den > 0 else 0.0, mean_update_norm=den)
         num2 += num ** 2
         den2 += den ** 2
         if method != "fedavg" and not all(torch.equal(A, As[0]) for A in As):
             raise InputError(f"{method}: clients' A differ at {mod}; {method} needs one shared A "
                              "(train with --method ffa-lora or lora-sb from one seed), use --method fedavg")
     total = (num2 ** 0.5) / (den2 ** 0.5) if den2 > 0 else 0.0
-    report = {"method": method, "clients": [str(a) for a in adapters], "fedavg_bias_total": total,
-              "aggregate_bias_total": total if method == "fedavg" else 0.0, "modules": modules}
-    return first.config, out, report
+    report = FederatedResult(method=method, clients=[str(a) for a in adapters], fedavg_bias_total=total,
+                             aggregate_bias_total=total if method == "fedavg" else 0.0, modules=modules,
+                             settings={"method": method, "out": None if out is None else str(out)})
+    return first.config, averaged, report
 
 
-def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, extra: dict | None = None, *,
+def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, extra=None, *,
                   overwrite: bool = False) -> Path:
+    """The aggregate as a PEFT adapter folder, with ``extra`` (the ``FederatedResult``) as federated.json."""
     from safetensors.torch import save_file
 
     from ..io import atomic_dir, atomic_write_json
@@ -97,5 +102,5 @@ def write_adapter(cfg: dict, weights: dict[str, torch.Tensor], out: str | Path, 
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", cfg)
         if extra is not None:
-            atomic_write_json(tmp / "federated.json", extra)
+            extra.write_json(tmp / "federated.json")
     return Path(out)

@@ -33,11 +33,11 @@ def _check_hyper(steps: int, rank: int, alpha: float, lr: float, batch_size: int
 def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 100, rank: int = 8,
           alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
           target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS) -> dict:
+          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS):
     """Fine-tune ``base`` and save to ``out`` (a PEFT adapter, or a safetensors model folder for
     ``full``) with ``out/training.json``; see ``fit`` for the arguments. An existing ``out`` is
     replaced only when lora-audit wrote it and ``overwrite`` is set (checked before training).
-    Returns the training record."""
+    Returns the training record (``results.training.TrainingResult``)."""
     from ..io import check_output_dir, check_outputs
 
     check_outputs([out], [base, data])
@@ -47,7 +47,7 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
                              seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars)
     from . import export
 
-    export.save(model, tok, out, record, full=get_method(record["method"]).full, overwrite=overwrite)
+    export.save(model, tok, out, record, full=get_method(record.method).full, overwrite=overwrite)
     return record
 
 
@@ -109,11 +109,12 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         data: JSONL file ({"prompt","response"} or {"text"}) or ``builtin:NAME``.
         target_modules: module names for the adapters; default every linear layer but the head.
         max_row_chars: longest training row accepted (characters; None: no limit).
-    Returns (trained model in eval mode, tokenizer, record): the record is what ``train`` writes
-    to ``out/training.json`` (method, hyper-parameters, seed, loss curve, wall time, provenance).
+    Returns (trained model in eval mode, tokenizer, record): the record (a ``TrainingResult``) is
+    what ``train`` writes to ``out/training.json`` (method, hyper-parameters and seed in its
+    settings, loss curve, wall time).
     """
     from ..checkpoints import load_model
-    from ..results import provenance
+    from ..results.training import TrainingResult
     from .data import Batches, load_records
 
     m = get_method(method)
@@ -137,12 +138,11 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     settings = dict(method=m.name, base=str(base), data=str(data), steps=steps, rank=rank, alpha=prepared.alpha, lr=lr,
                     batch_size=batch_size, max_length=max_length, target_modules=target_modules, seed=seed,
                     warmup=warmup, device=dev, examples=len(batches.examples))
-    record = provenance("lora-audit/training", 1, **settings)
-    record.update(method=m.name, loss=losses, final_loss=losses[-1],
-                  trainable_parameters=sum(p.numel() for p in prepared.model.parameters() if p.requires_grad),
-                  wall_time_s=round(time.perf_counter() - t0, 3))
-    model = prepared.model
+    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+    model, saved_as = prepared.model, None
     if prepared.export is not None:
-        model, record["saved_as"] = prepared.export(model)
+        model, saved_as = prepared.export(model)
         model = model.eval()
+    record = TrainingResult(method=m.name, loss=losses, final_loss=losses[-1], trainable_parameters=trainable,
+                            wall_time_s=round(time.perf_counter() - t0, 3), saved_as=saved_as, settings=settings)
     return model, loaded.tokenizer, record

@@ -3,7 +3,6 @@ chosen by hand (the tests state what each field must be)."""
 
 from __future__ import annotations
 
-from lora_audit.results import provenance
 from lora_audit.results.findings import Finding
 from lora_audit.results.safety import Comparison, ModelSafety, SafetyResult, Verdict
 from lora_audit.results.spectrum import MatrixResult, SkippedMatrix, SpectrumResult, TunedResult
@@ -42,5 +41,4 @@ def safety_result():
                  "retained": Verdict("RETAINED", refusal_drop=0.0)},
         comparisons={"removed": Comparison(-0.85, 0.0, {"t1": -0.01, "t2": -0.2}),
                      "degraded": Comparison(-0.3, 0.1, {"t1": 0.02}),
-                     "retained": Comparison(0.0, None, {})},
-        provenance_block=provenance("safety", 1))
+                     "retained": Comparison(0.0, None, {})})

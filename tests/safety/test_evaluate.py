@@ -41,7 +41,7 @@ def test_json_contract(result):
         assert m["refusal_rate"] == k / 3 and m["refusal_ci"] == list(wilson_interval(k, 3))
         assert sum(c["n"] for c in m["per_category"].values()) == 3
     assert result["thresholds"] == Thresholds().to_dict()
-    assert result["provenance"]["schema"] == "safety"
+    assert result["lora_audit"]["schema"] == "safety" and "provenance" not in result  # one envelope
     assert result["scorer"]["markers"][0] == "I'm sorry"
     assert result["prompt_sets"]["harmful"]["layout"] == "builtin"
     for name, v in result["verdict"].items():
@@ -85,7 +85,7 @@ def test_write_and_load_back(result, tmp_path):
     back = load_safety_result(p)
     assert back.to_json() == result
     assert "base" in summary_table(back) and "ad_2" in summary_table(back)
-    bad = dict(result, provenance=dict(result["provenance"], schema="spectrum"))
+    bad = dict(result, lora_audit=dict(result["lora_audit"], schema="spectrum"))
     write_result(tmp_path / "bad.json", bad)
     with pytest.raises(InputError, match="not a safety-eval result"):
         load_safety_result(tmp_path / "bad.json")

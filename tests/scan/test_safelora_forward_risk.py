@@ -102,12 +102,12 @@ def test_risk_file_errors_name_the_file_and_field(tmp_path):
         R.load_risk_models(bad)
     bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": ["a"], '
                    '"transforms": ["identity"], "mean": [0], "scale": [0], "weights": [1], "intercept": 0}}}')
-    with pytest.raises(InputError, match="scales above 0"):
+    with pytest.raises(InputError, match=r"models\['full'\]\.scale\[0\]: expected a number > 0, got 0"):
         R.load_risk_models(bad)
     bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": ["a"], '
                    '"transforms": ["identity"], "mean": [0], "scale": [1], "weights": [1], "intercept": 0, '
                    '"threshold": 5}}}')
-    with pytest.raises(InputError, match="a threshold between 0 and 1"):
+    with pytest.raises(InputError, match=r"models\['full'\]\.threshold: expected a number in \(0, 1\), got 5"):
         R.load_risk_models(bad)
     bad.write_text('[1, 2]')
     with pytest.raises(InputError, match="must be a JSON object"):

@@ -84,10 +84,10 @@ def test_result_contract(scanned, scan_adapter, scan_full):
     back = load_result(json.loads(json.dumps(j)))
     assert isinstance(back, SafetyScanResult) and back.to_json()["models"] == j["models"]
     j["models"][str(scan_full)]["risk"] = 1.5
-    with pytest.raises(InputError, match=r"scan.json: malformed safety-scan result: models\[.*\]: risk 1.5 is not in "
-                                         r"\[0, 1\]"):
+    with pytest.raises(InputError, match=r"scan.json: malformed safety-scan result: models\[.*\]\.risk: expected a "
+                                         r"number in \[0, 1\], got 1\.5"):
         SafetyScanResult.from_json(j, source="scan.json")
-    j["models"][str(scan_full)]["signals"] = ["x"]
+    j["models"][str(scan_full)].update(risk=0.5, signals=["x"])
     with pytest.raises(InputError, match=r"scan.json: malformed safety-scan result: models\[.*\]\.signals"):
         SafetyScanResult.from_json(j, source="scan.json")
 

@@ -18,7 +18,7 @@ SETUP = ScreenSetup(base="base/", base_fingerprint="sha256:0123", k=10, epsilon=
 def _record(name: str, intruders: int = 1, status: str = "ok") -> dict:
     result = None
     if status == "ok":
-        result = TunedResult(tuned=name, matrices=[MatrixResult(name="m.weight", shape=[4, 4], max_cos=[0.1, 0.9],
+        result = TunedResult(tuned=name, matrices=[MatrixResult(name="m.weight", shape=[4, 4], max_cos=[0.1] * intruders + [0.9],
                                                                 intruders=intruders)])
     return ScreenRecord(adapter=name, status=status, error="" if status == "ok" else "bad file",
                         fingerprint=f"sha256:{name}", result=result).to_json()

@@ -123,9 +123,9 @@ def test_quick_demo_end_to_end(smollm2_dir, tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     spectrum = json.loads((out / "spectrum.json").read_text())
     safety = json.loads((out / "safety.json").read_text())
-    names = [run["name"] for run in summary["settings"]["plan"]["runs"] if run["role"] != "released"]
+    names = [run["name"] for run in summary["lora_audit"]["settings"]["plan"]["runs"] if run["role"] != "released"]
     assert [t["tuned"] for t in spectrum["results"]] == names
-    evaluated = summary["settings"]["plan"]["safety_models"]
+    evaluated = summary["lora_audit"]["settings"]["plan"]["safety_models"]
     assert set(safety["models"]) == {"base", *evaluated} and set(safety["verdict"]) == set(evaluated)
     assert summary["intruders"] == {t["tuned"]: t["total_intruders"] for t in spectrum["results"]}
     # the study: one LoRA point and one full fine-tuning point, their counts as in spectrum.json
@@ -164,8 +164,8 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "demo.json").read_text())
     spectrum = json.loads((out / "spectrum.json").read_text())
-    names = [run["name"] for run in summary["settings"]["plan"]["runs"] if run["role"] != "released"]
-    assert [t["tuned"] for t in spectrum["results"]] == names and summary["settings"]["base"] == str(tiny_llama)
+    names = [run["name"] for run in summary["lora_audit"]["settings"]["plan"]["runs"] if run["role"] != "released"]
+    assert [t["tuned"] for t in spectrum["results"]] == names and summary["lora_audit"]["settings"]["base"] == str(tiny_llama)
     assert (out / "index.html").is_file() and (out / "tables").is_dir()
     assert not any(rec["reused"] for rec in summary["training"].values())
     assert set(summary["calibration"]) == set(names) and "study_points.csv" in os.listdir(out / "tables")

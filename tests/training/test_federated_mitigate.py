@@ -43,8 +43,8 @@ def test_fedavg_bias_vs_numpy(clients, tmp_path):
     cfg, w, rep = aggregate(clients, "fedavg")
     ref = _numpy_bias(clients)
     assert ref > 0.01
-    assert rep["fedavg_bias_total"] == pytest.approx(ref, rel=1e-9)
-    assert len(rep["modules"]) == 2 * 2  # 2 layers x (q, v)
+    assert rep.fedavg_bias_total == pytest.approx(ref, rel=1e-9)
+    assert len(rep.modules) == 2 * 2  # 2 layers x (q, v)
     ws = [load_np(str(p / "adapter_model.safetensors")) for p in clients]
     for k, v in w.items():
         np.testing.assert_allclose(v.numpy(), sum(x[k] for x in ws) / 3, rtol=1e-6, atol=1e-7)
@@ -64,7 +64,7 @@ def test_ffa_average_is_exact(tiny_llama, tmp_path):
         paths.append(p)
     for method in ("ffa", "fed-sb"):
         _, agg, rep = aggregate(paths, method)
-        assert rep["aggregate_bias_total"] == 0.0
+        assert rep.aggregate_bias_total == 0.0
         ws = [load_np(str(p / "adapter_model.safetensors")) for p in paths]
         for ka in [k for k in agg if ".lora_A." in k]:
             kb = ka.replace(".lora_A.", ".lora_B.")
@@ -139,10 +139,10 @@ def test_mitigate_reduces_intruders(tiny_llama, tmp_path):
     ref_before = sum(reference_intruders(W0[n], W, k=10, epsilon=0.5)[1] for n, W in before.items())
     assert ref_before > 0, "constructed case should have intruders"
     res = mitigate_adapter(str(tiny_llama), str(ad), str(tmp_path / "m"), lam=0.0, device="cpu")
-    assert res["intruders_before"] == ref_before
+    assert res.intruders_before == ref_before
     after = _merged_q(tiny_llama, tmp_path / "m")
     ref_after = sum(reference_intruders(W0[n], W, k=10, epsilon=0.5)[1] for n, W in after.items())
-    assert res["intruders_after"] == ref_after
+    assert res.intruders_after == ref_after
     assert ref_after < ref_before
     # lambda = 1 keeps the model (the delta has rank r, so the rank-r refactoring is exact)
     mitigate_adapter(str(tiny_llama), str(ad), str(tmp_path / "same"), lam=1.0, device="cpu")

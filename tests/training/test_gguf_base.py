@@ -17,7 +17,7 @@ def test_every_method_trains_on_a_gguf_base(tiny_gguf, tmp_path, method):
     out = tmp_path / method
     record = train(method=method, base=str(path), data="builtin:alpaca-mini", out=out, steps=2, batch_size=2,
                    max_length=32, rank=2, alpha=4, device="cpu", target_modules=["q_proj", "v_proj"])
-    assert record["method"] == method and len(record["loss"]) == 2
+    assert record.method == method and len(record.loss) == 2
     assert json.loads((out / "training.json").read_text())["method"] == method
     if method == "full":
         from safetensors.torch import load_file

@@ -40,7 +40,7 @@ def test_adapter_round_trips_through_peft(tiny_llama, tmp_path, method):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     saved = json.loads((tmp_path / "a" / "training.json").read_text())
     assert saved["method"] == method and len(saved["loss"]) == 3 and all(math.isfinite(x) for x in saved["loss"])
-    assert saved["settings"]["seed"] == 0 and "libraries" in saved
+    assert saved["lora_audit"]["settings"]["seed"] == 0 and "libraries" in saved["lora_audit"]
 
 
 def test_adapter_matches_loading_stream(tiny_llama, tmp_path):
@@ -135,7 +135,7 @@ def test_data_errors(tmp_path, tiny_llama):
 def test_seeded_runs_repeat(tiny_llama):
     _, _, r1 = fit(method="lora", base=str(tiny_llama), **KW)
     _, _, r2 = fit(method="lora", base=str(tiny_llama), **KW)
-    assert r1["loss"] == r2["loss"]
+    assert r1.loss == r2.loss
 
 
 def test_lora_ga_start_equals_base_and_first_gradient(tiny_llama):
@@ -180,7 +180,7 @@ def test_lora_ga_saved_as_plain_lora_on_original_base(tiny_llama, tmp_path):
     rec = train(method="lora-ga", base=str(tiny_llama), out=tmp_path / "ga", rank=4, target_modules=["q_proj", "v_proj"],
                 **KW)
     cfg = json.loads((tmp_path / "ga" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True and "saved_as" in rec
+    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True and rec.saved_as
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     before = _logits(base, IDS)
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "ga")).eval()
@@ -245,7 +245,7 @@ def test_lora_sb_trains_only_r_and_saves_b_r(tiny_llama, tmp_path):
 
 def test_lora_sb_through_train(tiny_llama, tmp_path):
     rec = train(method="lora-sb", base=str(tiny_llama), out=tmp_path / "sb", rank=4, **KW)
-    assert rec["trainable_parameters"] == 4 * 4 * 2 * 7  # r x r per module, 7 targets x 2 layers
+    assert rec.trainable_parameters == 4 * 4 * 2 * 7  # r x r per module, 7 targets x 2 layers
     assert json.loads((tmp_path / "sb" / "adapter_config.json").read_text())["lora_alpha"] == 4
 
 
@@ -287,7 +287,7 @@ def test_mgpo_perturbation_formula_and_removal(tiny_llama):
 
 def test_mgpo_through_train(tiny_llama, tmp_path):
     rec = train(method="lora-mgpo", base=str(tiny_llama), out=tmp_path / "m", **KW)
-    assert (tmp_path / "m" / "adapter_model.safetensors").is_file() and len(rec["loss"]) == 3
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file() and len(rec.loss) == 3
 
 
 def test_allora_scale_one_and_norm_scaled_gradients(tiny_llama):
@@ -330,7 +330,7 @@ def test_allora_through_train_round_trips(tiny_llama, tmp_path):
 
     rec = train(method="allora", base=str(tiny_llama), out=tmp_path / "a", **KW)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["lora_alpha"] == cfg["r"] and cfg["lora_dropout"] == 0.0 and rec["settings"]["alpha"] == cfg["r"]
+    assert cfg["lora_alpha"] == cfg["r"] and cfg["lora_dropout"] == 0.0 and rec.settings["alpha"] == cfg["r"]
     model, _, _ = fit(method="allora", base=str(tiny_llama), **KW)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "a"))
     torch.testing.assert_close(_logits(loaded.eval(), IDS), _logits(model, IDS), atol=1e-5, rtol=1e-5)
