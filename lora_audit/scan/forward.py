@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from ..stats import bootstrap_mean_interval, wilson_interval
 from .direction import Collected, Direction

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from lora_audit.scan import risk as R
 from lora_audit.studies.panel import ORIENTATION, PanelModel, analyse, demo_check, figures, readme, signal_stats
 from lora_audit.studies.zoo import demo_runs, mixed_data, panel_runs, plan_key, released_key, run_dir
 
