@@ -3,7 +3,9 @@ into one output folder, all or nothing. ``lora-audit audit`` and ``lora-audit de
 library user) run it; the commands only parse options and print.
 
     from lora_audit.audit import AuditConfig, run_audit
-    outcome = run_audit("base/", ["adapter/"], "reports/adapter", AuditConfig(safety=EvalConfig(limit=20)))
+    from lora_audit.settings import SpectrumSettings
+    outcome = run_audit("base/", ["adapter/"], "reports/adapter",
+                        AuditConfig(spectrum=SpectrumSettings(k=10), safety=EvalConfig(limit=20)))
     outcome.spectrum.results[0].total_intruders, outcome.safety.verdict["adapter"].label
 
 The folder holds ``spectrum.json``, ``safety.json`` (unless the safety side is skipped),
@@ -24,7 +26,8 @@ from .errors import InputError
 from .io import atomic_dir, check_output_dir, check_outputs
 from .results import fingerprint, write_result
 from .results.safety import SafetyResult
-from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
+from .results.spectrum import SpectrumResult
+from .settings import SpectrumSettings
 
 AUTO_SCAN_PROMPTS = 40
 # Called after each stage with its name ("spectrum", "safety") and its result: the CLI prints summaries.
@@ -33,18 +36,11 @@ StageHook = Callable[[str, Any], None]
 
 @dataclass
 class AuditConfig:
-    """Settings of the weight side (as ``spectral.api.run_spectrum``) and of the behavioural side
-    (``safety``: a ``lora_audit.safety.EvalConfig``, or None to skip it)."""
+    """Settings of the weight side (``spectrum``: the ``lora_audit.settings.SpectrumSettings`` that
+    ``spectral.api.run_spectrum`` gets as it is; its device and allow_pickle also serve the safety-scan)
+    and of the behavioural side (``safety``: a ``lora_audit.safety.EvalConfig``, or None to skip it)."""
 
-    k: int = 10
-    epsilon: float = 0.5
-    epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP
-    exact: bool = False
-    use_cache: bool = True
-    cache_dir: str | None = None
-    dense_metrics: bool = True
-    allow_pickle: bool = False
-    device: str = "auto"
+    spectrum: SpectrumSettings = field(default_factory=SpectrumSettings)
     progress: bool = True
     safety: Any = None  # EvalConfig | None
     safety_models: Sequence[str] | None = None  # tuned labels the safety side evaluates (None: every one)
@@ -112,10 +108,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     check_outputs([out], [base, *tuned])
     inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
     inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})
-    spectrum = run_spectrum(base, tuned, k=cfg.k, epsilon=cfg.epsilon, epsilon_sweep=cfg.epsilon_sweep,
-                            device=cfg.device, exact=cfg.exact, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
-                            allow_pickle=cfg.allow_pickle, dense_metrics=cfg.dense_metrics, progress=cfg.progress,
-                            base_label=base_label, tuned_labels=tuned_labels, extra_settings={"inputs": inputs})
+    spectrum = run_spectrum(base, tuned, cfg.spectrum, progress=cfg.progress, base_label=base_label,
+                            tuned_labels=tuned_labels, extra_settings={"inputs": inputs})
     if on_stage:
         on_stage("spectrum", spectrum)
     safety = None
@@ -177,11 +171,12 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
         sc = cfg.safety
         limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
         scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=limit,
-                          batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
-                          allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
+                          batch_size=sc.batch_size, device=cfg.spectrum.device, seed=sc.seed,
+                          chat_template=sc.chat_template, allow_pickle=cfg.spectrum.allow_pickle,
+                          max_prompt_chars=sc.max_prompt_chars)
         try:
             return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None,
-                                   loaded_base=base_l if sc.device == cfg.device else None), []
+                                   loaded_base=base_l if sc.device == cfg.spectrum.device else None), []
         except InputError as e:
             return None, [f"safety-scan skipped: {e}"]
     return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []

@@ -126,6 +126,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     """
     from ..audit import AuditConfig, run_audit
     from ..device import resolve_device
+    from ..settings import SpectrumSettings
 
     if fail_on is not None and skip_safety and fail_on.kinds & {"safety", "scan"}:
         raise click.UsageError(f"--fail-on '{fail_on.expression}' has safety or safety-scan conditions, but "
@@ -145,9 +146,10 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                                 scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
                                 allow_pickle=allow_pickle)
-    cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
-                      allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
-                      gate=fail_on, scan=None if skip_scan else "auto")
+    settings = SpectrumSettings(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
+                                allow_pickle=allow_pickle, device=dev)
+    cfg = AuditConfig(spectrum=settings, progress=not quiet, safety=safety_cfg, title=title, gate=fail_on,
+                      scan=None if skip_scan else "auto")
     outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
     results = (outcome.spectrum, outcome.safety, outcome.scan)
     gates = [r.gate for r in results if r is not None and r.gate is not None]

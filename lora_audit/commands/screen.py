@@ -81,6 +81,7 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
     """
     from ..errors import InputError
     from ..screen import ScreenConfig, discover, read_manifest, run_screen
+    from ..settings import SpectrumSettings
 
     if not adapters and manifest is None:
         raise click.UsageError("give ADAPTER_DIR... or --manifest FILE")
@@ -95,9 +96,10 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
         entries += read_manifest(manifest)
     if not entries:
         raise InputError("no adapters found: " + "; ".join(notes) if notes else "the manifest lists no adapter")
-    cfg = ScreenConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, float64=float64,
-                       include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
-                       cache_dir=cache_dir, engine=engine, address=address, workers=workers, spectra=spectra,
+    settings = SpectrumSettings(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, float64=float64,
+                                include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
+                                cache_dir=cache_dir)
+    cfg = ScreenConfig(spectrum=settings, engine=engine, address=address, workers=workers, spectra=spectra,
                        resume=resume, retry_failed=retry_failed, overwrite=overwrite, detail=detail, title=title,
                        progress=not quiet, gate=fail_on)
     outcome = run_screen(base, entries, out, cfg, warnings=notes)

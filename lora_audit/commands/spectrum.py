@@ -11,13 +11,13 @@ import math
 
 import click
 
+from ..settings import MAX_SWEEP
 from ..text import printable
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
                       exit_status, fail_on_option, file_path, json_option, k_option, report_gate, sarif_option,
                       user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
-MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
 
 
 def _number(tok: str) -> float:
@@ -116,13 +116,14 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
       lora-audit spectrum ./base ./adapter --fail-on 'intruders>0,structural>0' --sarif audit.sarif
     """
     from ..results.gate import apply_gate
+    from ..settings import SpectrumSettings
     from ..spectral.api import run_spectrum
 
+    settings = SpectrumSettings(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, float64=float64,
+                                include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
+                                use_cache=not no_cache, cache_dir=cache_dir, allow_pickle=allow_pickle)
     check_paths(files=[json_path, csv_path, sarif_path], inputs=[base, *tuned])
-    result = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=device,
-                          exact=exact, float64=float64, include_embeddings=include_embeddings, cache_dir=cache_dir,
-                          use_cache=not no_cache, allow_pickle=allow_pickle, dense_metrics=not no_metrics,
-                          progress=not quiet)
+    result = run_spectrum(base, list(tuned), settings, progress=not quiet)
     outcomes = apply_gate(fail_on, spectrum=result) if fail_on is not None else []
     tripped = any(o.tripped for o in outcomes)
     write_json_output(json_path, result)

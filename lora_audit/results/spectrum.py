@@ -122,6 +122,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from ..errors import InputError
+from ..settings import DEFAULT_EPSILON_SWEEP
 from .base import Result
 from .findings import Finding
 from .gate import GateOutcome
@@ -129,7 +130,6 @@ from .schema import AT_LEAST_1, Cos, Count, Epsilon, NonNeg, Range, Rate
 
 SCHEMA = "spectrum"
 SCHEMA_VERSION = 1
-DEFAULT_EPSILON_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|encoder\.layer|decoder\.layer)\.(\d+)(?:\.|$)")
 _ANY_INDEX_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")

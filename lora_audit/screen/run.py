@@ -1,8 +1,9 @@
 """``run_screen``: audit many adapters of one base as one resumable job (``lora-audit screen``).
 
     from lora_audit.screen import ScreenConfig, discover, run_screen
+    from lora_audit.settings import SpectrumSettings
     entries, _ = discover(["hub-mirror/adapters/"])
-    outcome = run_screen("base/", entries, "screens/base", ScreenConfig(workers=2))
+    outcome = run_screen("base/", entries, "screens/base", ScreenConfig(SpectrumSettings(k=10), workers=2))
     outcome.summary.adapters[0].adapter, outcome.summary.adapters[0].total_intruders
 
 The steps, in order: check every setting and the base (errors before anything is written);
@@ -22,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..errors import InputError
 from ..results import fingerprint
 from ..results.screen import FAILED, OK, ScreenResult, ScreenSetup
-from ..results.spectrum import DEFAULT_EPSILON_SWEEP
+from ..settings import SpectrumSettings
 from .discovery import Entry, unique
 from .store import ScreenStore
 from .worker import Job, WorkerSpec, input_fingerprint
@@ -38,8 +37,9 @@ SPECTRA = ("object-store", "cache")
 
 @dataclass
 class ScreenConfig:
-    """Settings of a screen. The audit's (k ... dense_metrics) are those of ``lora-audit spectrum``
-    and are fixed for a screen folder; the rest say how to run it.
+    """Settings of a screen. ``spectrum``: the audit's settings (``lora_audit.settings``), those of
+    ``lora-audit spectrum``, sent unchanged to every worker (its device the worker's own); the
+    measuring ones are fixed for a screen folder. The rest say how to run it.
 
     engine: "local" (worker processes on this machine) or "ray". workers: "local": processes (0:
     audit in this process; default one per GPU, else one per CPU core); "ray": adapters at once
@@ -47,15 +47,7 @@ class ScreenConfig:
     (``spectra`` explains both). resume: continue the folder's screen; retry_failed: audit again
     the adapters stored as failed. detail: detail pages for the top this many adapters."""
 
-    k: int = 10
-    epsilon: float = 0.5
-    epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP
-    exact: bool = False
-    float64: bool = False
-    include_embeddings: bool = False
-    dense_metrics: bool = True
-    device: str = "auto"
-    cache_dir: str | None = None
+    spectrum: SpectrumSettings = field(default_factory=SpectrumSettings)
     engine: str = "local"
     address: str | None = None
     workers: int | None = None
@@ -81,12 +73,10 @@ class ScreenOutcome:
         return self.summary.counts.get("failed", 0)
 
 
-def _check(cfg: ScreenConfig) -> tuple[torch.dtype, tuple[float, ...]]:
-    from ..spectral.engine import validate_settings
-
-    dtype = torch.float64 if cfg.float64 else torch.float32
-    sweep = tuple(sorted({float(e) for e in cfg.epsilon_sweep}))
-    validate_settings(cfg.k, cfg.epsilon, sweep, dtype)
+def _check(cfg: ScreenConfig) -> None:
+    """How the screen runs (the audit's settings checked themselves when they were made)."""
+    if not isinstance(cfg.spectrum, SpectrumSettings):
+        raise InputError(f"ScreenConfig.spectrum must be a SpectrumSettings, got {type(cfg.spectrum).__name__}")
     if cfg.engine not in ENGINES:
         raise InputError(f"unknown engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
     if cfg.spectra is not None and cfg.spectra not in SPECTRA:
@@ -98,7 +88,6 @@ def _check(cfg: ScreenConfig) -> tuple[torch.dtype, tuple[float, ...]]:
         raise InputError("--address is the Ray cluster to use; it needs --engine ray")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError(f"workers must be 0 or more, got {cfg.workers}")
-    return dtype, sweep
 
 
 def _base_path(base: str) -> str:
@@ -122,10 +111,10 @@ def make_engine(cfg: ScreenConfig):
     if cfg.engine == "ray":
         from .ray_engine import RayEngine
 
-        return RayEngine(address=cfg.address, workers=cfg.workers, device=cfg.device)
+        return RayEngine(address=cfg.address, workers=cfg.workers, device=cfg.spectrum.device)
     if cfg.workers == 0:
-        return InProcessEngine(cfg.device)
-    devices = [str(d) for d in all_devices(cfg.device)]
+        return InProcessEngine(cfg.spectrum.device)
+    devices = [str(d) for d in all_devices(cfg.spectrum.device)]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = cfg.workers or (len(devices) if devices[0].startswith("cuda") else cpus)
     threads = 1 if devices[0].startswith("cuda") else max(1, cpus // n)
@@ -182,7 +171,8 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
     from .summary import summarize, write_outputs
 
     cfg = config or ScreenConfig()
-    dtype, sweep = _check(cfg)
+    _check(cfg)
+    s = cfg.spectrum
     entries, notes = unique(list(entries))
     if not entries:
         raise InputError("no adapters to screen: give adapter folders or files, or a --manifest with entries")
@@ -190,10 +180,10 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
     check_outputs([out], [str(base)] + [e.path for e in entries])
     base_local = _base_path(str(base))
     engine = make_engine(cfg)
-    cache = open_cache(cfg.cache_dir)
-    setup = ScreenSetup(base=str(base), base_fingerprint=fingerprint(base_local), k=cfg.k, epsilon=float(cfg.epsilon),
-                        epsilon_sweep=list(sweep), dtype=str(dtype).replace("torch.", ""), exact=cfg.exact,
-                        include_embeddings=cfg.include_embeddings, dense_metrics=cfg.dense_metrics,
+    cache = open_cache(s.cache_dir)  # always: local workers share the base spectra through it
+    setup = ScreenSetup(base=str(base), base_fingerprint=fingerprint(base_local), k=s.k, epsilon=s.epsilon,
+                        epsilon_sweep=list(s.epsilon_sweep), dtype=s.dtype_name, exact=s.exact,
+                        include_embeddings=s.include_embeddings, dense_metrics=s.dense_metrics,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     t0 = time.perf_counter()
     with ScreenStore.open(out, setup, resume=cfg.resume, overwrite=cfg.overwrite) as store:
@@ -201,22 +191,18 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
         todo = pending(store, entries, retry_failed=cfg.retry_failed)
         if todo:
             with engine:
-                stream, names = touched_matrices(base_local, todo, include_embeddings=cfg.include_embeddings,
-                                                 dtype=dtype, progress=cfg.progress)
+                stream, names = touched_matrices(base_local, todo, include_embeddings=s.include_embeddings,
+                                                 dtype=s.torch_dtype, progress=cfg.progress)
                 notes += list(getattr(stream, "base_warnings", None) or [])
                 put = engine.put if _sharing(cfg) == "object-store" else None
-                refs, more = (share_spectra(stream, names, cache, device=resolve_device(cfg.device), put=put,
+                refs, more = (share_spectra(stream, names, cache, device=resolve_device(s.device), put=put,
                                             progress=cfg.progress) if stream is not None else ({}, []))
                 del stream
-                spec = WorkerSpec(token=uuid.uuid4().hex, base=base_local, base_label=str(base),
-                                  options={"k": cfg.k, "epsilon": float(cfg.epsilon), "epsilon_sweep": sweep,
-                                           "exact": cfg.exact, "float64": cfg.float64,
-                                           "include_embeddings": cfg.include_embeddings,
-                                           "dense_metrics": cfg.dense_metrics},
+                spec = WorkerSpec(token=uuid.uuid4().hex, base=base_local, base_label=str(base), settings=s,
                                   cache_dir=str(cache.root), spectra=refs)
                 _drive(engine, spec, todo, store, total=len(entries), progress=cfg.progress)
                 notes += more
-        settings = {"engine": cfg.engine, "workers": cfg.workers, "device": cfg.device, "cache": str(cache.root),
+        settings = {**s.to_json(), "engine": cfg.engine, "workers": cfg.workers, "cache": str(cache.root),
                     "spectra": _sharing(cfg), "address": cfg.address}
         summary = summarize(store, entries, settings=settings, seconds=time.perf_counter() - t0, audited=len(todo),
                             warnings=notes)

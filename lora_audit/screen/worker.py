@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ..errors import LoraAuditError
 from ..results import fingerprint
 from ..results.screen import FAILED, OK, ScreenRecord
+from ..settings import SpectrumSettings
 from .spectra import SpectrumRef, held_for
 
 ATTEMPTS = 2  # tries per adapter for failures that are not the input's fault
@@ -43,14 +44,15 @@ class WorkerSpec:
     """Everything a worker needs for every adapter of one screen (picklable; sent once per worker).
 
     ``token`` names the screen run (a worker keeps one screen's spectra); ``base`` is the local path
-    of the base and ``base_label`` the BASE as given; ``options`` go to ``run_spectrum`` (k, epsilon,
-    epsilon_sweep, exact, float64, include_embeddings, dense_metrics); ``spectra`` are the shared
-    base spectra (``spectra.share_spectra``)."""
+    of the base and ``base_label`` the BASE as given; ``settings`` (``lora_audit.settings``) go to
+    ``run_spectrum`` as they are, with the worker's own device and the screen's cache folder
+    (``cache_dir``, where the spectra the driver decomposed are); ``spectra`` are the shared base
+    spectra (``spectra.share_spectra``)."""
 
     token: str
     base: str
     base_label: str
-    options: dict[str, Any]
+    settings: SpectrumSettings
     cache_dir: str | None = None
     spectra: dict[str, SpectrumRef] = field(default_factory=dict)
 
@@ -105,9 +107,9 @@ def audit_adapter(spec: WorkerSpec, job: Job, *, device: Any = "auto", attempt: 
     held = held_for(spec.token, spec.spectra, spec.cache_dir, fetch)
     where = worker_name(device)
     try:
-        result = run_spectrum(spec.base, [job.path], device=device, cache_dir=spec.cache_dir, use_cache=True,
-                              progress=False, base_label=spec.base_label, tuned_labels=[job.adapter],
-                              base_spectra=held, **spec.options)
+        here = SpectrumSettings.of(spec.settings, device=str(device), use_cache=True, cache_dir=spec.cache_dir)
+        result = run_spectrum(spec.base, [job.path], here, progress=False, base_label=spec.base_label,
+                              tuned_labels=[job.adapter], base_spectra=held)
     except LoraAuditError as e:
         return failed_record(job, error_text(e), attempts=attempt, worker=where,
                              seconds=time.perf_counter() - t0, fingerprint_=fp)

@@ -43,40 +43,14 @@ from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_ch
 from ..device import resolve_device
 from ..errors import InputError
 from ..progress import progress as progress_bar
-from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, MatrixResult, SkippedMatrix, SpectrumResult, TunedResult,
-                                split_name)
+from ..results.spectrum import MatrixResult, SkippedMatrix, SpectrumResult, TunedResult, split_name
+from ..settings import SpectrumSettings
 from . import calibration, schedule
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
 from .findings import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_delta
 from .types import BaseSpectrum, TopK
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    k: int = 10
-    epsilon: float = 0.5
-    epsilon_sweep: tuple[float, ...] = DEFAULT_EPSILON_SWEEP
-    exact: bool = False
-    dtype: torch.dtype = torch.float32
-    dense_metrics: bool = True  # full spectrum of a dense/DoRA dW (effective and stable rank)
-
-    def __post_init__(self):
-        validate_settings(self.k, self.epsilon, self.epsilon_sweep, self.dtype)
-
-
-def validate_settings(k: int, epsilon: float, epsilon_sweep: Sequence[float], dtype: torch.dtype) -> None:
-    """InputError naming the bad value (the CLI checks the same before loading anything)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be an integer >= 1, got {k!r}")
-    if not 0.0 < float(epsilon) < 1.0:
-        raise InputError(f"epsilon must lie strictly between 0 and 1 (a cosine threshold), got {epsilon!r}")
-    bad = [e for e in epsilon_sweep if not 0.0 < float(e) < 1.0]
-    if bad:
-        raise InputError(f"epsilon sweep values must lie strictly between 0 and 1, got {bad}")
-    if dtype not in (torch.float32, torch.float64):
-        raise InputError(f"the audit computes in float32 or float64 (SVD in half precision is noise), got {dtype}")
 
 
 def delta_type(delta: Delta) -> str:
@@ -142,7 +116,7 @@ class Outcome:
 
 
 def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta: Delta,
-                 settings: AuditSettings, *, base_norm: float) -> Outcome:
+                 settings: SpectrumSettings, *, base_norm: float) -> Outcome:
     """Audit one tuned model's (screened, changed) delta against one base matrix.
 
     An all-zero W1 (no direction above the numerical-rank tolerance) and any NaN/Inf number in
@@ -157,14 +131,14 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
     bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [
         rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])
     if bad:
-        dtype = str(settings.dtype).replace("torch.", "")
+        dtype = settings.dtype_name
         return Outcome(skipped=finding(group.name, "update", f"the audit in {dtype} gave {bad} NaN/Inf number(s) "
                                                              "(an overflow)", bad))
     return Outcome(matrix=rec)
 
 
 def _matrix_result(group: MatrixGroup, base: BaseSpectrum, delta: Delta, top: TopK, metrics: UpdateMetrics,
-                   settings: AuditSettings, notes: list[str]) -> MatrixResult:
+                   settings: SpectrumSettings, notes: list[str]) -> MatrixResult:
     max_cos = [float(c) for c in top.max_cos.detach().cpu().double().tolist()]
     sv = [float(s) for s in top.singular_values.detach().cpu().double().tolist()]
     module, layer = split_name(group.name)
@@ -208,12 +182,12 @@ def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:
     return [[round(float(x), 4) for x in row] for row in block.detach().cpu().double().tolist()]
 
 
-def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.device,
+def audit_group(group: MatrixGroup, settings: SpectrumSettings, device: torch.device,
                 spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum]) -> list[Outcome]:
     """Screen W0, then every tuned model's delta; decompose W0 once (the first time a delta
     needs it) and audit every delta that passes against it. One Outcome per tuned model, in order.
     A base with NaN/Inf values is a finding for every tuned model that has a delta there."""
-    W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
+    W0 = group.base.to(device=device, dtype=settings.torch_dtype)  # (m, n)
     bad_base = screen_base(group.name, W0)
     if bad_base is not None:
         return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
@@ -228,10 +202,10 @@ def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.devic
     return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of) for d in group.deltas]
 
 
-def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: AuditSettings,
+def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: SpectrumSettings,
                  base_of: Callable[[], tuple[BaseSpectrum, float]]) -> Outcome:
     """Screen one delta (``findings.screen_delta``) and audit it when it passes."""
-    delta = delta.to(device=W0.device, dtype=settings.dtype)
+    delta = delta.to(device=W0.device, dtype=settings.torch_dtype)
     changed, found = screen_delta(group.name, W0, delta)
     if not changed:
         return Outcome()
@@ -250,7 +224,7 @@ def _spectrum_function(cache) -> Callable[[torch.Tensor, torch.device], BaseSpec
     return lambda W0, device: cache.base_spectrum(W0, device)
 
 
-def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None
+def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None
              ) -> tuple[Callable | None, Callable]:
     """(prepare, work) for ``schedule.run``: ``prepare`` (in the reader thread) takes a base
     spectrum held in memory (``base_spectra``), or with a SpectrumCache hashes W0 and reads its
@@ -264,7 +238,7 @@ def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpec
             return _HELD, held
         if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
             return None
-        W0 = group.base.to(dtype=settings.dtype)
+        W0 = group.base.to(dtype=settings.torch_dtype)
         return lookup(W0) if bool(torch.isfinite(W0).all()) else None  # (key, spectrum or None), on the CPU
 
     def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list[Outcome]]:
@@ -279,48 +253,42 @@ def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpec
 
 
 # ---- the whole stream ---------------------------------------------------------------------------
-def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
-          epsilon_sweep: Sequence[float] = DEFAULT_EPSILON_SWEEP, device: str | torch.device = "auto",
-          exact: bool = False, cache=None, dtype: torch.dtype = torch.float32, progress: bool = True,
-          base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
-          dense_metrics: bool = True, extra_settings: dict[str, Any] | None = None,
-          devices: Sequence[str | torch.device] | None = None, prefetch: int = 1,
-          base_spectra: Mapping[str, BaseSpectrum] | None = None) -> SpectrumResult:
+def audit(stream: Iterable[MatrixGroup], settings: SpectrumSettings | None = None, *, cache=None,
+          progress: bool = True, base_label: str | None = None, tuned_labels: Sequence[str] | None = None,
+          extra_settings: dict[str, Any] | None = None, devices: Sequence[str | torch.device] | None = None,
+          prefetch: int = 1, base_spectra: Mapping[str, BaseSpectrum] | None = None, **changes) -> SpectrumResult:
     """Audit every tuned model of ``stream`` against its base; see the module docstring.
 
     Args:
         stream: ``lora_audit.checkpoints.open_stream(...)`` (MatrixGroups plus ``.info[i]`` and
             ``.warnings[i]`` per tuned model), or any iterable of MatrixGroups.
-        k: top-k tuned singular vectors examined per matrix (the paper: 10).
-        epsilon: intruder threshold on max |cos| (the paper: 0.5).
-        epsilon_sweep: further thresholds whose counts are reported alongside.
-        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:N".
-        exact: always use the paper's two-SVD algorithm.
+        settings: the ``lora_audit.settings.SpectrumSettings`` of the audit (k, epsilon, sweep,
+            exact, float64, dense_metrics, device; ``changes`` are field names that replace some of
+            them, for library calls: ``audit(stream, k=4, device="cpu")``). Its ``use_cache`` and
+            ``cache_dir`` are the caller's business: the engine uses ``cache``.
         cache: a ``SpectrumCache`` (``.base_spectrum(W0, device)``), or None to decompose afresh.
-        dtype: torch.float32 (default) or torch.float64 for the SVDs.
         base_label / tuned_labels: what to record as "base" and "tuned" (default: the stream's
             ``base`` / ``tuned`` attributes when it has them).
-        dense_metrics: compute the effective/stable rank of dense and DoRA updates (a full
-            singular value decomposition of dW each; LoRA updates always get them cheaply).
+        extra_settings: recorded in the result's provenance settings after the audit's own.
         devices: spread the matrices over these devices, one worker thread each (default: every
-            CUDA device when ``device`` resolves to plain "cuda" on a multi-GPU machine, else
-            ``device`` alone). Results are the same and in stream order either way.
+            CUDA device when ``settings.device`` resolves to plain "cuda" on a multi-GPU machine,
+            else that device alone). Results are the same and in stream order either way.
         prefetch: how many matrix groups to read ahead in a background thread (reading, hashing
             and cache reads overlap the SVDs); 0 reads in the calling thread.
         base_spectra: spectra already in memory, by base parameter name (``.get(name)``, on the
-            CPU, in ``dtype``): a screen decomposes its base once and audits thousands of adapters
-            against it. They must be the spectra of this stream's base matrices as the stream
-            yields them; a name it lacks goes through ``cache`` (or a fresh SVD).
+            CPU, in the settings' dtype): a screen decomposes its base once and audits thousands of
+            adapters against it. They must be the spectra of this stream's base matrices as the
+            stream yields them; a name it lacks goes through ``cache`` (or a fresh SVD).
     Returns:
         A SpectrumResult; matrices with NaN/Inf weights or an overflowing update are in each
-        model's ``skipped`` list, and ``result.incomplete`` is True when there is one.
+        model's ``skipped`` list, and ``result.incomplete`` is True when there is one. Its
+        provenance settings are ``settings.to_json()``, with ``device`` the device(s) the audit ran
+        on, ``dtype``, ``cache`` (the folder used, or null) and ``matrices_in_stream``.
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
-    sweep = tuple(sorted({float(e) for e in epsilon_sweep}))
-    settings = AuditSettings(k=k, epsilon=float(epsilon), epsilon_sweep=sweep, exact=exact, dtype=dtype,
-                             dense_metrics=dense_metrics)
-    run_on = devices_for(resolve_device(device), devices)
+    settings = SpectrumSettings.of(settings, **changes)
+    run_on = devices_for(resolve_device(settings.device), devices)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
     labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
@@ -331,13 +299,14 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
         raise InputError(f"{base_label}: the base and the tuned model(s) have no 2-D weight matrix in common")
     planned = max(n_groups, total or 0)  # the stream may skip matrices no tuned model changes
     for i, res in enumerate(results):
-        _finish(res, planned, len(sweep), info=_per_tuned(stream, "info", i), warnings=_per_tuned(stream, "warnings", i))
-    run_settings = {"k": k, "epsilon": float(epsilon), "epsilon_sweep": list(sweep),
-                    "device": ",".join(str(d) for d in run_on), "dtype": str(dtype).replace("torch.", ""),
-                    "exact": bool(exact), "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
-                    "matrices_in_stream": planned, "dense_metrics": bool(dense_metrics), **(extra_settings or {})}
-    return SpectrumResult(base=base_label, k=k, epsilon=float(epsilon), epsilon_sweep=list(sweep), results=results,
-                          settings=run_settings, warnings=list(getattr(stream, "base_warnings", None) or []))
+        _finish(res, planned, len(settings.epsilon_sweep), info=_per_tuned(stream, "info", i),
+                warnings=_per_tuned(stream, "warnings", i))
+    run_settings = {**settings.to_json(), "device": ",".join(str(d) for d in run_on), "dtype": settings.dtype_name,
+                    "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
+                    "matrices_in_stream": planned, **(extra_settings or {})}
+    return SpectrumResult(base=base_label, k=settings.k, epsilon=settings.epsilon,
+                          epsilon_sweep=list(settings.epsilon_sweep), results=results, settings=run_settings,
+                          warnings=list(getattr(stream, "base_warnings", None) or []))
 
 
 def _collect(stream, work, prepare, run_on, prefetch: int, labels: list[str] | None, *, total: int | None,

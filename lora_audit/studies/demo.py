@@ -441,6 +441,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     from ..device import resolve_device
     from ..io import check_output_dir, read_user_json
     from ..safety import EvalConfig
+    from ..settings import SpectrumSettings
 
     dev = str(resolve_device(device))
     plan = make_plan(quick, seed)
@@ -470,8 +471,9 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
         what = f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
         records[r.name] = st.run(what, _train, r, dirs[rel.name], dirs[r.name], plan, dev)
     names = [r.name for r in plan.tuned]
-    cfg = AuditConfig(k=plan.k, epsilon=plan.epsilon, device=dev, progress=True,
-                      dense_metrics=not quick,  # --quick skips the full SVD of each dense dW (effective rank)
+    # --quick skips the full SVD of each dense dW (effective rank)
+    cfg = AuditConfig(spectrum=SpectrumSettings(k=plan.k, epsilon=plan.epsilon, device=dev, dense_metrics=not quick),
+                      progress=True,
                       safety=EvalConfig(limit=plan.limit, max_new_tokens=plan.max_new_tokens, batch_size=16,
                                         device=dev, seed=plan.seed),
                       safety_models=plan.safety_models,

@@ -15,6 +15,7 @@ from lora_audit.results import load_result
 from lora_audit.results.scan import SafetyScanResult
 from lora_audit.scan import ScanConfig, run_safety_scan
 from lora_audit.scan.profile import CacheWarning, cache_dir
+from lora_audit.settings import SpectrumSettings
 
 from ..helpers import make_peft_adapter
 from .conftest import write_prompts
@@ -210,7 +211,7 @@ def test_audit_pipeline_writes_the_scan_next_to_safety(refusing_llama, scan_prom
     safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
                         tasks=[], max_new_tokens=4, device="cpu")
     outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
-                        AuditConfig(k=4, device="cpu", progress=False, safety=safety), tuned_labels=["ad"])
+                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety), tuned_labels=["ad"])
     assert outcome.scan is not None and outcome.notes == [] and set(outcome.scan.models) == {"ad"}
     assert (tmp_path / "audit" / "scan.json").is_file() and (tmp_path / "audit" / "tables" / "safety_scan.csv").is_file()
     html = (tmp_path / "audit" / "index.html").read_text()
@@ -247,12 +248,12 @@ def test_audit_gate_on_scan_fields(refusing_llama, scan_prompts, scan_adapter, t
     safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
                         tasks=[], max_new_tokens=4, device="cpu")
     outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
-                        AuditConfig(k=4, device="cpu", progress=False, safety=safety, gate=gate), tuned_labels=["ad"])
+                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate), tuned_labels=["ad"])
     g = json.loads((tmp_path / "audit" / "scan.json").read_text())["gate"]
     assert g["tripped"] is True and [c["condition"] for c in g["conditions"]] == ["predicted_loss==true", "risk>=0"]
     predicted = outcome.scan.models["ad"].verdict == "PREDICTED_SAFETY_LOSS"
     assert g["conditions"][0]["tripped"] is predicted
     with pytest.raises(InputError, match="safety-scan is skipped"):
         run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit2",
-                  AuditConfig(k=4, device="cpu", progress=False, safety=safety, gate=gate, scan=None))
+                  AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate, scan=None))
     assert not (tmp_path / "audit2").exists()

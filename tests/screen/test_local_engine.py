@@ -9,6 +9,7 @@ from lora_audit.screen import ScreenConfig, run_screen
 from lora_audit.screen import run as run_mod
 from lora_audit.screen.discovery import Entry
 from lora_audit.screen.engines import LocalEngine, _serve
+from lora_audit.settings import SpectrumSettings
 
 from . import crashy
 from .conftest import spectrum_of, stored_results
@@ -40,8 +41,8 @@ def test_local_engine_needs_a_device():
 
 def test_default_workers(monkeypatch):
     monkeypatch.setattr(run_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    engine = run_mod.make_engine(ScreenConfig(device="cpu"))
+    engine = run_mod.make_engine(ScreenConfig(SpectrumSettings(device="cpu")))
     assert engine.devices == ["cpu"] * 4 and engine.threads == 1
-    engine = run_mod.make_engine(ScreenConfig(device="cpu", workers=2))
+    engine = run_mod.make_engine(ScreenConfig(SpectrumSettings(device="cpu"), workers=2))
     assert engine.devices == ["cpu"] * 2 and engine.threads == 2
     assert type(run_mod.make_engine(ScreenConfig(workers=0))).__name__ == "InProcessEngine"

@@ -17,6 +17,7 @@ from lora_audit.results.screen import ScreenResult, ScreenRow, rank_rows
 from lora_audit.screen import ScreenConfig, discover, read_manifest, run_screen
 from lora_audit.screen import engines as engines_mod
 from lora_audit.screen.discovery import Entry
+from lora_audit.settings import SpectrumSettings
 
 from .conftest import isolated, spectrum_of, stop_driver_after, stored_results
 
@@ -216,7 +217,7 @@ def test_bad_settings_and_bases_fail_before_anything_is_written(screen_set, tmp_
     entries = [Entry(str(ads["tiny1"]), str(ads["tiny1"]))]
     out = tmp_path / "s"
     with pytest.raises(InputError, match="k must be an integer >= 1"):
-        run_screen(str(base), entries, out, ScreenConfig(k=0, **FAST))
+        run_screen(str(base), entries, out, ScreenConfig(SpectrumSettings(k=0), **FAST))
     with pytest.raises(InputError, match="not a full model"):
         run_screen(str(ads["tiny1"]), entries, out, ScreenConfig(**FAST))
     with pytest.raises(InputError, match="--spectra object-store needs --engine ray"):

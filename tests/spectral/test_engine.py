@@ -67,7 +67,7 @@ def test_audit_matches_reference(exact):
 
 def test_float64_and_k_clipping():
     W0 = torch.randn(6, 5, dtype=torch.float64)
-    res = audit([MatrixGroup("w", W0, [Dense(W0 + 1.0)])], k=10, dtype=torch.float64, device="cpu", progress=False)
+    res = audit([MatrixGroup("w", W0, [Dense(W0 + 1.0)])], k=10, float64=True, device="cpu", progress=False)
     m = res.results[0].matrices[0]
     assert len(m.max_cos) == 5 and res.settings["dtype"] == "float64"
     assert m.max_cos == pytest.approx(reference_intruders(W0, W0 + 1.0)[0], abs=1e-10)
@@ -93,7 +93,7 @@ def test_bad_settings_and_empty_stream():
         audit([], progress=False, device="cpu")
     W = [MatrixGroup("a", torch.eye(3), [Dense(torch.ones(3, 3))])]
     for kw, msg in [({"k": 0}, "k must be"), ({"epsilon": 1.5}, "epsilon"), ({"epsilon_sweep": [0.0]}, "sweep"),
-                    ({"dtype": torch.float16}, "float32 or float64")]:
+                    ({"float64": "yes"}, "float64 must be true or false")]:
         with pytest.raises(InputError, match=msg):
             audit(W, progress=False, device="cpu", **kw)
 
@@ -139,7 +139,7 @@ def test_cos_top_base_heat_map_rows_are_tuned_vectors():
     g = torch.Generator().manual_seed(4)
     W0 = torch.randn(20, 12, generator=g, dtype=torch.float64)
     W1 = W0 + 0.3 * torch.randn(20, 12, generator=g, dtype=torch.float64)
-    m = audit([MatrixGroup("w", W0, [Dense(W1)])], k=5, dtype=torch.float64, exact=True, device="cpu",
+    m = audit([MatrixGroup("w", W0, [Dense(W1)])], k=5, float64=True, exact=True, device="cpu",
               progress=False).results[0].matrices[0]
     U0 = torch.linalg.svd(W0, full_matrices=False)[0]
     U1 = torch.linalg.svd(W1, full_matrices=False)[0]

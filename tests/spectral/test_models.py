@@ -18,8 +18,8 @@ from tests.spectral.reference import reference_audit
 def run(base, tuned: list, *, exact=False, dtype=torch.float32, k=10, epsilon=0.5, include_embeddings=False):
     stream = open_stream(str(base), [str(t) for t in tuned], include_embeddings=include_embeddings, dtype=dtype,
                          allow_pickle=False)
-    return audit(stream, k=k, epsilon=epsilon, exact=exact, dtype=dtype, device="cpu", progress=False,
-                 base_label=str(base), tuned_labels=[str(t) for t in tuned])
+    return audit(stream, k=k, epsilon=epsilon, exact=exact, float64=dtype == torch.float64, device="cpu",
+                 progress=False, base_label=str(base), tuned_labels=[str(t) for t in tuned])
 
 
 def assert_matches_reference(tuned_result, ref: dict, *, tol=1e-4):
