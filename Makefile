@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test readme browser-deps clean
+.PHONY: setup demo test readme schemas browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: setup
 # Regenerate the README's usage blocks from the commands' --help (tests/test_readme.py checks them).
 readme: setup
 	$(BIN)/python -m tests.readme_usage
+
+# Regenerate docs/schema/*.schema.json from the result classes (tests/results/test_json_schemas.py checks them).
+schemas: setup
+	$(BIN)/python -m tests.json_schemas
 
 # Headless Chromium for the report's browser test (Debian/Ubuntu, as root).
 browser-deps:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +14,8 @@ from click.testing import CliRunner
 from lora_audit.cli import cli
 from lora_audit.studies.demo import GRID, QUICK_GRID, make_plan, safety_findings, scan_findings, study_claims
 from lora_audit.text import sci
+
+from ..json_schemas import check
 from lora_audit.results.study import StudyPoint
 
 
@@ -171,6 +174,16 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
     assert set(summary["calibration"]) == set(names) and "study_points.csv" in os.listdir(out / "tables")
     html = (out / "index.html").read_text()
     assert 'id="study"' in html and "versus learning rate" in html
+    # every JSON the demo wrote validates against its shipped schema (docs/schema/)
+    for name, kind in (("demo.json", "demo"), ("study.json", "study"), ("spectrum.json", "spectrum"),
+                       ("safety.json", "safety"), ("scan.json", "safety-scan")):
+        if (out / name).exists():
+            check(json.loads((out / name).read_text()), kind)
+    work = Path(summary["lora_audit"]["settings"]["work_dir"])
+    trained = sorted(work.glob("*/training.json"))
+    assert trained
+    for f in trained:
+        check(json.loads(f.read_text()), "training")
     # a second run finds the trained models in the run-keyed cache and reuses them
     r = CliRunner().invoke(cli, ["demo", "--quick", "--base", str(tiny_llama), "--out", str(out), "--device", "cpu",
                                  "--overwrite"])

@@ -8,8 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from lora_audit.studies.panel import ORIENTATION, PanelModel, analyse, demo_check, figures, readme, signal_stats
+from lora_audit.studies.panel import (ORIENTATION, PanelModel, PanelResult, analyse, demo_check, figures, panel_result,
+                                     readme, signal_stats)
 from lora_audit.studies.zoo import demo_runs, mixed_data, panel_runs, plan_key, released_key, run_dir
+
+from ..json_schemas import check
 
 
 def test_mixed_data_has_the_asked_share_of_undo_rows(tmp_path):
@@ -91,6 +94,9 @@ def test_analysis_fits_both_risk_models_and_times_them():
                               "released_over_refusal": 0.1, "max_new_tokens": 32, "n_prompts": 40,
                               "total_s": 60.0, "figures": sorted(figures(models))})
     assert "leave-one-method-out" in text and "| m9 |" in text and "![refusal_energy_ratio]" in text
+    panel = panel_result(models, a, {"quick": True, "device": "cpu"}).to_json()  # panel.json, as zoo writes it
+    check(json.loads(json.dumps(panel)), "panel")
+    assert PanelResult.from_json(panel).settings == {"quick": True, "device": "cpu"}
 
 
 def test_demo_check_compares_the_undo_run_with_each_benign_run():
