@@ -5,7 +5,7 @@ written by ``lora-audit zoo --risk-file`` and read by ``safety-scan --risk-file`
     panel        what the models were fitted on: built_with, models, positives, plan_key, git
     models       {name: ``RiskModelInfo``} ("weights_only", "full")
 
-Files written before 0.2 had no provenance block but ``"schema": "lora-audit/scan-risk"`` and
+Files written by lora-audit 0.1.0 had no provenance block but ``"schema": "lora-audit/scan-risk"`` and
 ``"version": 1`` at the top; they read as before (``from_json``).
 """
 
@@ -18,7 +18,7 @@ from ..errors import InputError
 from .base import Provenance, Result
 from .scan import RiskModelInfo
 
-LEGACY_SCHEMA = "lora-audit/scan-risk"  # the top-level "schema" of files written before 0.2
+LEGACY_SCHEMA = "lora-audit/scan-risk"  # the top-level "schema" of files written by 0.1.0
 
 
 @dataclass

@@ -15,7 +15,7 @@
 ``federated --json`` and ``OUT/federated.json``: the aggregation and its FedAvg bias
 (``training.federated`` defines it), per module and in total.
 
-Files written before 0.2 were flat (the provenance fields at the top level next to a copy under
+Files written by lora-audit 0.1.0 were flat (the provenance fields at the top level next to a copy under
 ``"lora_audit"``): their fields kept their names, so readers of those fields keep working.
 """
 
