@@ -135,7 +135,7 @@ SAFETY_FAST = ["--limit", "2", "--max-new-tokens", "3", "--tasks", "none", "--ba
 
 def test_safety_eval_gate_and_sarif(tiny_llama, ckpts, tmp_path):
     js, sarif = tmp_path / "f.json", tmp_path / "f.sarif"
-    args = ["safety-eval", "--base", tiny_llama, "--tuned", ckpts["adapter"], *SAFETY_FAST, "--json", js, "--sarif", sarif]
+    args = ["safety-eval", tiny_llama, ckpts["adapter"], *SAFETY_FAST, "--json", js, "--sarif", sarif]
     r = run(*args, "--fail-on", "verdict>=RETAINED")  # every label is at least RETAINED
     assert r.exit_code == 3, r.output
     res = json.loads(js.read_text())
@@ -147,7 +147,7 @@ def test_safety_eval_gate_and_sarif(tiny_llama, ckpts, tmp_path):
         [] if res["verdict"]["adapter"]["label"] == "RETAINED" else ["LA010"])
     r = run(*args, "--fail-on", "refusal_rate>1")
     assert r.exit_code == 0, r.output
-    assert run("safety-eval", "--base", tiny_llama, "--fail-on", "intruders>0").exit_code == 2
+    assert run("safety-eval", tiny_llama, "--fail-on", "intruders>0").exit_code == 2
 
 
 def test_audit_gate(tiny_llama, ckpts, tmp_path):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_status,
-                      fail_on_option, json_option, max_prompt_chars_option, report_gate, seed_option, user_errors,
-                      write_json_output)
+                      fail_on_option, json_option, max_prompt_chars_option, out_files, out_option, report_gate,
+                      seed_option, user_errors, verbosity_options, write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
@@ -36,10 +36,13 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @device_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
-@fail_on_option("scan")
+@out_option("Write scan.json into FOLDER (created if needed); --json given explicitly wins.")
+@fail_on_option("scan", example="risk>0.5")
+@verbosity_options
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
-                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, fail_on):
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, out,
+                fail_on):
     """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
     training, without generating text. From BASE (once, cached): the refusal direction of every
     layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
@@ -59,6 +62,7 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..scan import ScanConfig, run_safety_scan
 
+    json_path = out_files(out, {"json": "scan.json"}, {"json": json_path})["json"]
     check_paths(files=[json_path], inputs=[base, *tuned, *([unaligned] if unaligned else []),
                                           *([risk_file] if risk_file else [])])
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
@@ -70,9 +74,8 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
 
     outcomes = apply_gate(fail_on, scan=result) if fail_on is not None else []
     write_json_output(json_path, result)
-    if json_path != "-":
-        echo(summary_table(result, layers=show_layers))
-        if json_path:
-            echo(f"wrote {json_path}")
+    echo(summary_table(result, layers=show_layers))
+    if json_path and json_path != "-":
+        echo(f"wrote {json_path}")
     report_gate(fail_on, outcomes, json_path=json_path)
     exit_status(gate_tripped=any(o.tripped for o in outcomes))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (CONTEXT, device_option, echo, epsilon_option, exit_status, fail_on_option, k_option,
-                      overwrite_option, user_errors)
+from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_status, fail_on_option,
+                      json_option, k_option, out_option, overwrite_option, quiet, user_errors, verbosity_options,
+                      write_json_output)
 from .spectrum import sweep_option
 
 SHOWN = 10
@@ -23,8 +24,9 @@ SHOWN = 10
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="A text file with one adapter per line (a path relative to the file, or a hub id), "
                    "optionally followed by a TAB and a name; instead of or besides ADAPTER_DIR.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="The screen folder: records as they finish, then summary.csv, summary.json, report.html.")
+@out_option("The screen folder: records as they finish, then summary.csv, summary.json, report.html.",
+            required=True)
+@json_option("the summary (as FOLDER/summary.json)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: Ray tasks (pip install 'lora-audit[ray]').")
 @click.option("--address", default=None,
@@ -56,12 +58,12 @@ SHOWN = 10
 @click.option("--detail", type=click.IntRange(min=0), default=10, show_default=True,
               help="Write a detail page (the per-matrix report) for the top this many adapters.")
 @click.option("--title", default=None, help="Title of report.html.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the counts and where the results are.")
-@fail_on_option("spectrum", "screen")
+@verbosity_options
+@fail_on_option("spectrum", "screen", example="intruders>0")
 @user_errors
-def screen(base, adapters, manifest, out, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
+def screen(base, adapters, manifest, out, json_path, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
            epsilon, epsilon_sweep, device, exact, float64, include_embeddings, no_metrics, cache_dir, detail, title,
-           quiet, fail_on):
+           fail_on):
     """Audit many adapters of BASE, each as 'lora-audit spectrum BASE ADAPTER' would, as one job.
 
     \b
@@ -90,6 +92,7 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
         raise click.UsageError("--retry-failed needs --resume")
     if (address or spectra) and engine != "ray":
         raise click.UsageError("--address and --spectra are for --engine ray")
+    check_paths(files=[json_path], inputs=[base, *adapters, manifest, out])
     entries, notes = discover(adapters, exclude=[base, out]) if adapters else ([], [])
     if manifest is not None:
         entries += read_manifest(manifest)
@@ -99,9 +102,10 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
                        include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
                        cache_dir=cache_dir, engine=engine, address=address, workers=workers, spectra=spectra,
                        resume=resume, retry_failed=retry_failed, overwrite=overwrite, detail=detail, title=title,
-                       progress=not quiet, gate=fail_on)
+                       progress=not quiet(), gate=fail_on)
     outcome = run_screen(base, entries, out, cfg, warnings=notes)
-    echo(format_summary(outcome, quiet=quiet))
+    write_json_output(json_path, outcome.summary)
+    echo(format_summary(outcome, quiet=quiet()))
     tripped = False
     if fail_on is not None:
         from ..results.gate import format_gate
