@@ -58,6 +58,24 @@ def test_spectrum_gate_trips_and_passes(tiny_llama, ckpts, tmp_path):
     assert json.loads(sarif.read_text())["runs"][0]["invocations"][0]["exitCode"] == 0
 
 
+def test_a_second_fail_on_adds_conditions(tiny_llama, ckpts, tmp_path):
+    """Issue 24 case 5: two --fail-on combine (any condition holds -> status 3); the second one used to
+    replace the first, and the run passed with intruders."""
+    js = tmp_path / "s.json"
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "intruders>0", "--fail-on", "structural>0",
+            "--json", js)
+    assert r.exit_code == 3, r.output
+    gate = json.loads(js.read_text())["gate"]
+    assert gate["expression"] == "intruders>0,structural>0"
+    assert [(c["condition"], c["tripped"]) for c in gate["conditions"]] == [("intruders>0", True),
+                                                                            ("structural>0", False)]
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "structural>0", "--fail-on",
+            f"intruders>{ckpts['total']}")
+    assert r.exit_code == 0, r.output
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "intruders>0", "--fail-on", "bad")
+    assert r.exit_code == 2 and "'bad' is not a condition" in r.output
+
+
 @pytest.mark.parametrize("expr,message", [
     ("intruders", "'intruders' is not a condition; expected FIELD OP VALUE[,FIELD OP VALUE...] with OP one of"),
     ("verdict>=SAFETY_DEGRADED", "this command's fields are: intruders (total intruder dimensions"),
