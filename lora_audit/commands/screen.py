@@ -10,9 +10,9 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_status, fail_on_option,
-                      json_option, k_option, out_option, overwrite_option, quiet, user_errors, verbosity_options,
-                      write_json_output)
+from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status,
+                      fail_on_option, json_option, k_option, out_option, overwrite_option, quiet, sarif_option,
+                      user_errors, verbosity_options, write_json_output)
 from .spectrum import sweep_option
 
 SHOWN = 10
@@ -60,10 +60,11 @@ SHOWN = 10
 @click.option("--title", default=None, help="Title of report.html.")
 @verbosity_options
 @fail_on_option("spectrum", "screen", example="intruders>0")
+@sarif_option
 @user_errors
 def screen(base, adapters, manifest, out, json_path, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
            epsilon, epsilon_sweep, device, exact, float64, include_embeddings, no_metrics, cache_dir, detail, title,
-           fail_on):
+           fail_on, sarif_path):
     """Audit many adapters of BASE, each as 'lora-audit spectrum BASE ADAPTER' would, as one job.
 
     \b
@@ -80,6 +81,7 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
       lora-audit screen ./base ./adapters --out screens/base
       lora-audit screen ./base --manifest adapters.txt --out screens/base --resume
       lora-audit screen ./base ./adapters --out screens/base --engine ray --address auto
+      lora-audit screen ./base ./adapters --out screens/base --fail-on 'failed==true' --sarif screen.sarif
     """
     from ..errors import InputError
     from ..screen import ScreenConfig, discover, read_manifest, run_screen
@@ -92,7 +94,7 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
         raise click.UsageError("--retry-failed needs --resume")
     if (address or spectra) and engine != "ray":
         raise click.UsageError("--address and --spectra are for --engine ray")
-    check_paths(files=[json_path], inputs=[base, *adapters, manifest, out])
+    check_paths(files=[json_path, sarif_path], inputs=[base, *adapters, manifest, out])
     entries, notes = discover(adapters, exclude=[base, out]) if adapters else ([], [])
     if manifest is not None:
         entries += read_manifest(manifest)
@@ -105,13 +107,19 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
                        progress=not quiet(), gate=fail_on)
     outcome = run_screen(base, entries, out, cfg, warnings=notes)
     write_json_output(json_path, outcome.summary)
+    tripped = fail_on is not None and outcome.summary.gate.tripped
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, screen_findings, write_sarif
+
+        write_sarif(sarif_path, sarif_log(screen=outcome.summary, extra=screen_findings(outcome.summary, outcome.findings),
+                                          exit_code=exit_code(incomplete=outcome.failed > 0, gate_tripped=tripped)))
     echo(format_summary(outcome, quiet=quiet()))
-    tripped = False
+    if sarif_path is not None and not quiet():
+        echo(f"SARIF written to {sarif_path}")
     if fail_on is not None:
         from ..results.gate import format_gate
 
         echo(format_gate(fail_on, [outcome.summary.gate]))
-        tripped = outcome.summary.gate.tripped
     exit_status(incomplete=outcome.failed > 0, gate_tripped=tripped)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_text
+from ..results.findings import Finding
 from ..results.screen import FAILED, OK, ScreenResult, ScreenRow, ScreenSetup, rank_rows
 from ..results.spectrum import SpectrumResult
 from .discovery import Entry
@@ -22,9 +23,14 @@ from .store import ScreenStore
 SUMMARY_JSON, SUMMARY_CSV, REPORT, DETAIL = "summary.json", "summary.csv", "report.html", "detail"
 
 
-def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow]:
+def summary_rows(store: ScreenStore, entries: Iterable[Entry], *,
+                 findings: dict[str, list[Finding]] | None = None) -> list[ScreenRow]:
     """One row per entry from its latest stored record, ranked (``results.screen.rank_rows``). An entry
-    without a record (the run stopped before it) or with a damaged one is a failed row saying so."""
+    without a record (the run stopped before it) or with a damaged one is a failed row saying so.
+    ``findings``, when given, receives each audited adapter's findings for the SARIF export
+    (``report.sarif.tuned_findings``, one LA002 per adapter), read on the same pass over the store."""
+    from ..report.sarif import tuned_findings
+
     rows = []
     for e in entries:
         stored = store.latest.get(e.adapter)
@@ -33,7 +39,11 @@ def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow
                                   error="not screened: the run stopped before this adapter; resume it"))
             continue
         try:
-            row = ScreenRow.from_record(store.read(stored), stored.location)
+            record = store.read(stored)
+            row = ScreenRow.from_record(record, stored.location)
+            if findings is not None and record.result is not None:
+                findings[e.adapter] = tuned_findings(record.result, epsilon=store.setup.epsilon, k=store.setup.k,
+                                                     per_matrix=False, path=e.path)
         except InputError as err:
             row = ScreenRow(adapter=e.adapter, name=e.label, status=FAILED, error=str(err), record=stored.location)
         row.name = e.label
@@ -42,10 +52,11 @@ def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow
 
 
 def summarize(store: ScreenStore, entries: list[Entry], *, settings: dict[str, Any], seconds: float,
-              audited: int, warnings: list[str]) -> ScreenResult:
-    """The ``ScreenResult`` of the screen's current entries (``summary.json``)."""
+              audited: int, warnings: list[str], findings: dict[str, list[Finding]] | None = None) -> ScreenResult:
+    """The ``ScreenResult`` of the screen's current entries (``summary.json``); ``findings`` as
+    ``summary_rows``."""
     setup = store.setup
-    rows = summary_rows(store, entries)
+    rows = summary_rows(store, entries, findings=findings)
     ok = sum(1 for r in rows if r.status == OK)
     counts = {"adapters": len(rows), "ok": ok, "failed": len(rows) - ok, "audited_now": audited,
               "skipped_stored": len(rows) - audited}

@@ -50,9 +50,9 @@ def test_every_command_accepts_quiet_and_verbose_after_its_name():
 # command -> the output options it must have (the shared group; a command has those that fit it)
 OUTPUTS = {
     "spectrum": {"--json", "--sarif", "-o", "--out"},
-    "screen": {"--json", "-o", "--out"},
+    "screen": {"--json", "--sarif", "-o", "--out"},
     "safety-eval": {"--json", "--sarif", "-o", "--out"},
-    "safety-scan": {"--json", "-o", "--out"},
+    "safety-scan": {"--json", "--sarif", "-o", "--out"},
     "audit": {"--sarif", "-o", "--out"},
     "report": {"-o", "--out"},
     "finetune": {"--json", "-o", "--out"},
@@ -76,7 +76,7 @@ def test_the_shared_output_options(name):
 def test_gating_commands_write_sarif():
     gating = [name for name, cmd in all_commands().items() if "--fail-on" in opts(cmd)]
     assert sorted(gating) == ["audit", "safety-eval", "safety-scan", "screen", "spectrum"]
-    assert all("--sarif" in opts(all_commands()[n]) for n in gating if n not in ("screen", "safety-scan"))
+    assert all("--sarif" in opts(all_commands()[n]) for n in gating)
 
 
 # Every command with --json, run with --json - in the workspace: (arguments, exit status)
