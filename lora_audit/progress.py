@@ -12,7 +12,8 @@ Our bars are drawn when stderr is a terminal, or when forced (``LORA_AUDIT_PROGR
 stderr is not a terminal (CI, a log file), each ``progress()`` prints a stage line as it starts
 ("-- generate base: 400 prompts") and a heartbeat line every ``heartbeat_seconds()`` (30 s;
 ``LORA_AUDIT_HEARTBEAT_SECONDS``) while it runs ("... generate base: 120/400 prompts, 1m30s"), so
-a long run is never silent for minutes; ``stage()`` prints the line of a step without a bar.
+a long run is never silent for minutes; ``stage()`` prints the line of a stage without a bar and
+``step()`` adds time-only heartbeats to a stage whose progress cannot be counted (lm-eval).
 ``LORA_AUDIT_NO_PROGRESS=1`` turns bars and lines off (tests, logs that must stay clean).
 ``quiet_libraries()`` turns off transformers' and huggingface_hub's bars and logs (loading weights,
 GGUF de-quantising), datasets' bars, lm-eval's per-request bars and the FutureWarning /
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Iterable, Iterator, TypeVar
@@ -109,9 +111,36 @@ def duration(seconds: float) -> str:
 
 
 def stage(text: str) -> None:
-    """The line of a step that has no bar (loading a model, running lm-eval), when lines are on."""
+    """The line of a stage that has no bar (loading a model), when lines are on."""
     if lines_enabled():
         _say(f"-- {text}")
+
+
+def _wait(event: threading.Event, seconds: float) -> bool:
+    return event.wait(seconds)  # tests put a fake here (with a fake ``_clock``): no sleeping
+
+
+@contextlib.contextmanager
+def step(text: str) -> Iterator[None]:
+    """A long stage whose progress cannot be counted (lm-eval's tasks): its stage line, then a
+    heartbeat line with the time so far every ``heartbeat_seconds()`` until it ends, when lines are on."""
+    if not lines_enabled():
+        yield
+        return
+    _say(f"-- {text}")
+    start, done = _clock(), threading.Event()
+
+    def beat() -> None:
+        while not _wait(done, heartbeat_seconds()):
+            _say(f"... {text}: {duration(_clock() - start)}")
+
+    ticker = threading.Thread(target=beat, name="lora-audit-heartbeat", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 class Heartbeat:
@@ -134,7 +163,9 @@ class Heartbeat:
         _say(f"-- {self.desc}" + (f": {of}" if of else "") + (f" ({initial} done before)" if initial else ""))
 
     def _units(self, n: int | None) -> str:
-        return self.unit if n == 1 or self.unit.endswith("s") else self.unit + "s"
+        if n == 1 or self.unit.endswith("s"):
+            return self.unit
+        return "matrices" if self.unit == "matrix" else self.unit + "s"
 
     def _line(self, now: float) -> str:
         count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
