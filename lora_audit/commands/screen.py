@@ -73,8 +73,8 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
     Each adapter's result is stored in --out the moment it is done; a killed screen loses only
     the adapters in flight, and --resume continues it. An adapter that cannot be read is
     recorded as failed with the reason, and the screen goes on (exit code 4 at the end).
-    The ranking (most intruders, then largest drift) is in summary.csv, summary.json and
-    report.html.
+    The ranking (most intruders, then largest relative update |dW|/|W0|) is in summary.csv,
+    summary.json and report.html.
 
     \b
     Examples:
@@ -134,11 +134,11 @@ def format_summary(outcome, *, quiet: bool = False) -> str:
         ok = [r for r in s.adapters if r.status == "ok"][:SHOWN]
         if ok:
             width = max(len(printable(r.name)[:50]) for r in ok)
-            lines += ["", f"{'rank':>4}  {'adapter':<{width}}  {'intruders':>9}  {'drift':>7}  min max|cos|"]
+            lines += ["", f"{'#':>4}  {'adapter':<{width}}  {'intruders':>9}  {'|dW|/|W0|':>9}  min max|cos|"]
             for r in ok:
-                drift = f"{r.drift:.3g}" if r.drift is not None else "-"
+                rel = f"{r.relative_delta_norm:.3g}" if r.relative_delta_norm is not None else "-"
                 cos = f"{r.min_max_cos:.3f}" if r.min_max_cos is not None else "-"
-                lines.append(f"{r.rank:>4}  {printable(r.name)[:50]:<{width}}  {r.total_intruders:>9}  {drift:>7}  "
+                lines.append(f"{r.position:>4}  {printable(r.name)[:50]:<{width}}  {r.total_intruders:>9}  {rel:>9}  "
                              f"{cos:>12}")
         failed = [r for r in s.adapters if r.status != "ok"]
         if failed:

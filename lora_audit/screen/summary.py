@@ -3,7 +3,7 @@
 
 Only the rows (a few numbers per adapter) are held, never the records: a screen of any size
 summarises in flat memory. ``report.html`` links each of the top ``detail`` adapters to
-``detail/<rank>.html``, the same page ``lora-audit report`` draws for a spectrum result of that
+``detail/<position>.html``, the same page ``lora-audit report`` draws for a spectrum result of that
 adapter alone; every row gives its record's place in the store (``records/<shard>:<line>``).
 """
 
@@ -73,7 +73,7 @@ def _detail_page(store: ScreenStore, setup: ScreenSetup, row: ScreenRow, title: 
     record = store.read(store.latest[row.adapter])
     spectrum = SpectrumResult(base=setup.base, k=setup.k, epsilon=setup.epsilon, epsilon_sweep=list(setup.epsilon_sweep),
                               results=[record.result], settings={"dtype": setup.dtype, "exact": setup.exact})
-    return render(gather([spectrum], title=f"{title}: #{row.rank} {row.name}", labels=[row.record]), "html")
+    return render(gather([spectrum], title=f"{title}: #{row.position} {row.name}", labels=[row.record]), "html")
 
 
 def write_outputs(folder: Path, store: ScreenStore, result: ScreenResult, *, detail: int = 10,
@@ -87,7 +87,7 @@ def write_outputs(folder: Path, store: ScreenStore, result: ScreenResult, *, det
     links = {}
     with atomic_dir(folder / DETAIL, overwrite=True, what="screen detail pages") as tmp:
         for row in top:
-            name = f"{row.rank:05d}.html"
+            name = f"{row.position:05d}.html"
             (tmp / name).write_text(_detail_page(store, store.setup, row, title), encoding="utf-8")
             links[row.adapter] = f"{DETAIL}/{name}"
     result.write_json(folder / SUMMARY_JSON)
