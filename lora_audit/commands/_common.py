@@ -175,6 +175,14 @@ def quiet() -> bool:
     return is_quiet()
 
 
+class GateOption(click.Option):
+    """The ``--fail-on`` option; ``gate_fields``: the fields this command's gate accepts."""
+
+    def __init__(self, *args, gate_fields=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_fields = dict(gate_fields or {})
+
+
 def fail_on_option(*kinds: str, example: str | None = None):
     """``--fail-on EXPR`` over the fields of the given result kinds ("spectrum", "safety", "scan",
     "screen"), repeatable; the callback returns one ``results.gate.Gate`` combining every
@@ -192,7 +200,8 @@ def fail_on_option(*kinds: str, example: str | None = None):
         except ValueError as e:
             raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
-    return click.option("--fail-on", "fail_on", multiple=True, metavar="EXPR", callback=parse,
+    return click.option("--fail-on", "fail_on", cls=GateOption, gate_fields=fields, multiple=True, metavar="EXPR",
+                        callback=parse,
                         help=f"Release gate: after writing the results, exit with status 3 when a condition holds "
                              f"for a tuned model. EXPR: {GRAMMAR}; repeatable (the gate trips when any condition "
                              f"of any --fail-on holds). Fields: {', '.join(fields)} (docs/cli.md). "
