@@ -90,12 +90,13 @@ JSON_RUNS = {
     "federated": (["federated", "adapter_a", "adapter_b", "--out", "agg"], 0),
     "mitigate": (["mitigate", "base", "adapter", "--out", "mitigated", "--k", "4", "--device", "cpu"], 0),
     "cache ls": (["cache", "ls"], 0),
+    "demo": (["demo", "--quick", "--base", "base", "--out", "demo", "--device", "cpu"], 0),
 }
 
 
 def test_json_runs_cover_every_command_with_json():
     with_json = {name for name, cmd in all_commands().items() if "--json" in opts(cmd)}
-    assert with_json - {"demo"} == set(JSON_RUNS)  # demo: tests/studies/test_demo.py (it trains a grid)
+    assert with_json == set(JSON_RUNS)
 
 
 @pytest.mark.parametrize("name", sorted(JSON_RUNS))
@@ -142,6 +143,7 @@ def test_quiet_and_verbose_before_or_after_the_command(workspace, where, monkeyp
         r = run(*args)
         assert r.exit_code == 0, r.output
         assert seen[-1] == level and progress.verbosity() == level
+        assert progress._LIBRARY_OUTPUT["on"] is (level == progress.VERBOSE)  # the libraries' own output
     progress.set_verbosity(progress.NORMAL)
 
 
