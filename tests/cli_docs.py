@@ -67,9 +67,10 @@ def help_text(command: str) -> str:
     return r.output.rstrip() + "\n"
 
 
-def commands() -> list[str]:
+def commands(*, groups: bool = True) -> list[str]:
     """Every command by its full name ("cache ls"), in the order of ``lora-audit --help``: built-in
-    commands and the installed plugins' (the studies' demo and zoo)."""
+    commands and the installed plugins' (the studies' demo and zoo); a group ("cache") before its
+    commands unless ``groups`` is False."""
     from lora_audit.cli import cli
 
     ctx = click.Context(cli)
@@ -77,7 +78,7 @@ def commands() -> list[str]:
     for name in cli.list_commands(ctx):
         cmd = cli.get_command(ctx, name)
         if isinstance(cmd, click.Group):
-            out += [f"{name} {sub}" for sub in cmd.list_commands(ctx)]
+            out += ([name] if groups else []) + [f"{name} {sub}" for sub in cmd.list_commands(ctx)]
         else:
             out.append(name)
     return out
@@ -94,7 +95,7 @@ def gate_section() -> str:
 
     ctx = click.Context(cli)
     kinds: dict[str, list[str]] = {}
-    for name in commands():
+    for name in commands(groups=False):
         cmd = cli.get_command(ctx, name.split()[0])
         for param in (p for p in cmd.params if isinstance(p, GateOption)):
             for field in param.gate_fields:
