@@ -22,6 +22,7 @@ Written by ``lora-audit safety-scan --json`` and ``lora_audit.scan.run_safety_sc
                            define each: weights.py, safelora.py, forward.py)
                  intervals {signal name: [low, high]} 95 % intervals of forward-pass signals
                  layers    [contract] one ``LayerValues`` per layer of BASE
+                 findings  ``results.findings.Finding``s about this model (rule ids of ``RULES``)
                  seconds   {"weights": s, "forward": s}
 
 Read one back with ``load_scan_result(path)`` or ``lora_audit.results.load_result``. This module
@@ -36,6 +37,7 @@ from typing import Annotated, Any, ClassVar
 
 from ..text import printable
 from .base import Result
+from .findings import Finding
 from .gate import GateOutcome
 from .schema import OPEN_UNIT, POSITIVE, Cos, Count, Interval, NonNeg, Rate
 
@@ -90,6 +92,7 @@ class ModelScan:
     writers_changed: Count = 0
     seconds: dict[str, NonNeg] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # what the SARIF export shows besides the verdict
 
 
 @dataclass
