@@ -42,7 +42,7 @@ def examples() -> list[Result]:
                          settings={"prompts": "builtin:harmful"}),
         StudyResult(title="t", question="q", k=10, epsilon=0.5, points=[StudyPoint("p", "s", 1e-4, 10, intruders=2)],
                     claims=[StudyClaim("c", "r", "m", True)], settings={"steps": 10}),
-        ScreenResult(base="b", k=10, epsilon=0.5, adapters=[ScreenRow("a", "a", "ok", total_intruders=1, rank=1)],
+        ScreenResult(base="b", k=10, epsilon=0.5, adapters=[ScreenRow("a", "a", "ok", total_intruders=1, position=1)],
                      counts={"adapters": 1}, settings={"engine": "local"}),
         ScreenRecord(adapter="a", status="ok", result=synth.spectrum_result().results[1]),
         ScreenSetup(base="b", base_fingerprint="sha256:0", k=10, epsilon=0.5, epsilon_sweep=[0.3, 0.5]),

@@ -55,13 +55,13 @@ def outputs(tmp_path_factory, tiny_llama):
 
     ok(["spectrum", base, ad, ad2, "--k", "4", "--device", "cpu", *cache, "--json", tmp / "spectrum.json",
         "--fail-on", "intruders>0,structural>0"])
-    ok(["safety-eval", "--base", base, "--tuned", ad, "--limit", "2", "--max-new-tokens", "3", "--tasks", "none",
+    ok(["safety-eval", base, ad, "--limit", "2", "--max-new-tokens", "3", "--tasks", "none",
         "--batch-size", "2", "--device", "cpu", "--json", tmp / "safety.json", "--fail-on", "refusal_drop>0.9"])
     ok(["safety-scan", base, ad, "--prompts", prompts[0], "--benign", prompts[1], "--chat-template", prompts[2],
         "--device", "cpu", "--json", tmp / "scan.json"])
     ok(["screen", base, tmp / "adapters", "--out", tmp / "screen", "--workers", "0", "--k", "4", "--device", "cpu",
         *cache, "--detail", "0", "-q", "--fail-on", "intruders>1000"])
-    ok(["finetune", "--method", "lora", "--base", tiny_llama, "--data", "builtin:alpaca-mini", "--out", tmp / "ft",
+    ok(["finetune", tiny_llama, "--method", "lora", "--data", "builtin:alpaca-mini", "--out", tmp / "ft",
         "--steps", "2", "--batch-size", "2", "--max-length", "32", "--device", "cpu", "--json", tmp / "training.json"])
     ok(["federated", ad, ad2, "--out", tmp / "agg", "--json", tmp / "federated.json"])
     ok(["mitigate", base, ad, "--lambda", "0.5", "--k", "4", "--out", tmp / "mitigated", "--device", "cpu", *cache,
