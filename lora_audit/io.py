@@ -147,12 +147,41 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return dict(pairs)
 
 
+# Nesting of objects and lists in any JSON lora-audit reads from a user (configs, metadata strings,
+# quant states, results): real files nest under 10 levels; a hostile one nested 100k deep would
+# otherwise end in RecursionError (or, under a raised recursion limit, crash the interpreter).
+MAX_JSON_DEPTH = 100
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> str:
+    """``text``, after a ValueError when this JSON nests objects/lists deeper than ``limit`` (brackets
+    inside strings do not count). Linear in the text, and free when it holds fewer brackets than ``limit``."""
+    if text.count("[") + text.count("{") <= limit:
+        return text
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                raise ValueError(f"nested deeper than {limit} levels")
+        elif c in "]}":
+            depth -= 1
+    return text
+
+
 def parse_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
     """``text`` parsed as JSON; FormatError naming ``path`` (and ``line`` for one JSONL line).
+    The one JSON parser of untrusted text (files, safetensors metadata strings, quant states):
     NaN/Infinity are refused (they are not JSON), and so are duplicate keys (``json`` would keep
-    the last one silently)."""
+    the last one silently), text over ``max_input_bytes()`` and nesting over ``MAX_JSON_DEPTH``."""
     where = f"{path}: line {line} is" if line is not None else f"{path}:"
+    if len(text) > max_input_bytes():
+        raise FormatError(f"{where} over the limit of {max_input_bytes() / 2**20:.0f} MiB of JSON "
+                          "(set LORA_AUDIT_MAX_INPUT_MB to raise it)")
     try:
+        check_json_depth(text)
         return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         at = f"column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"

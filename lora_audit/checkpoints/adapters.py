@@ -164,15 +164,18 @@ def _check_pattern(pattern: str, what: str) -> None:
                           "time, so lora-audit does not run it; use plain module names or simple patterns")
 
 
-def peft_match(pattern: str, name: str, *, full: bool = False, where: str = "adapter_config.json"):
+def peft_match(pattern: str, name: str, *, full: bool = False, where: str = "adapter_config.json",
+               shown: str | None = None):
     """``re.match`` (``full``: ``re.fullmatch``) of a config's pattern, as PEFT runs it, under a time
     limit (``PATTERN_SECONDS``, through the ``regex`` module, which follows ``re``'s syntax):
-    FormatError naming the pattern and the module name when it takes longer."""
+    FormatError naming the pattern (``shown``: the config's own, when PEFT wraps it) and the module
+    name when it takes longer."""
     import regex
 
     try:
         return (regex.fullmatch if full else regex.match)(pattern, name, timeout=PATTERN_SECONDS)
     except TimeoutError:
+        pattern = shown or pattern
         raise FormatError(f"{where}: the pattern {printable(pattern)[:80]!r} takes over {PATTERN_SECONDS:g} s to "
                           f"match the module name {printable(name)[:80]!r} (catastrophic backtracking); lora-audit "
                           "does not run it: use plain module names or simple patterns") from None
@@ -185,7 +188,7 @@ def pattern_key(keys: list[str], module: str, where: str = "adapter_config.json"
     """PEFT's matching rule for rank_pattern / alpha_pattern (``peft.utils.other.get_pattern_key``):
     the first key that matches the end of the module name (a whole dotted suffix), or None. Keys
     were checked by ``validate_adapter_config`` (valid, no quantified groups)."""
-    return next((k for k in keys if peft_match(rf"(.*\.)?({k})$", module, where=where)), None)
+    return next((k for k in keys if peft_match(rf"(.*\.)?({k})$", module, where=where, shown=k)), None)
 
 
 # ---- which modules PEFT loads ------------------------------------------------------------------
@@ -225,8 +228,9 @@ def _layer_selected(config: dict, key: str, where: str = "adapter_config.json") 
     if layers is None or layers == []:
         return True
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
-    found = (next((m for p in patterns if (m := peft_match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key, where=where))),
-                  None) if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key))
+    found = (next((m for p in patterns if (m := peft_match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key, where=where,
+                                                           shown=p))), None)
+             if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key))
     if found is None:
         return False
     return int(found["idx"]) == layers if isinstance(layers, int) else int(found["idx"]) in layers
@@ -237,7 +241,7 @@ def _targeted(config: dict, key: str, where: str = "adapter_config.json") -> boo
     peft.tuners.tuners_utils.check_target_module_exists, plus target_parameters)."""
     if config.get("exclude_modules") and _selects(config["exclude_modules"], key, where):
         return False
-    if any(peft_match(rf"(^|.*\.){m}($|\..*)", key, where=where) for m in config.get("modules_to_save") or []):
+    if any(peft_match(rf"(^|.*\.){m}($|\..*)", key, where=where, shown=m) for m in config.get("modules_to_save") or []):
         return False
     params = config.get("target_parameters") or []
     if any(_selects([p], f"{key}.{p.rsplit('.', 1)[-1]}") for p in params):
@@ -280,7 +284,7 @@ def ignored_modules(af: AdapterFile, model_type: str | None) -> dict[str, str]:
         if targets is None and not cfg.get("target_parameters"):
             continue  # PEFT refuses the adapter (no target_modules, no default): nothing to compare with
         rule = {**cfg, "target_modules": targets}
-        if not _targeted(rule, local, af.path):
+        if not _targeted(rule, local, _config_file(af)):
             how = ("target_modules" if cfg.get("target_modules") is not None else
                    f"PEFT's default target_modules for {printable(str(model_type))} ({_shown(targets)}), the "
                    "config having none," if targets is not None else "the config (no target_modules)")
@@ -703,6 +707,11 @@ def _dora_as_loaded(af: AdapterFile) -> None:
                            + f": {', '.join(map(printable, from_base[:4]))}{_more(from_base, 4)}")
 
 
+def _config_file(af: AdapterFile) -> str:
+    """Where an adapter's config is, for messages."""
+    return str(Path(af.path) / "adapter_config.json") if af.format == "peft_lora" else af.path
+
+
 def _config_of(af: AdapterFile, module: str) -> tuple[dict, str]:
     """(the LoRA config that governs ``module``, the module name its patterns are matched against):
     a diffusers file's per-component config, else the adapter's."""
@@ -718,9 +727,9 @@ PEFT_DEFAULT_R = 8
 PEFT_DEFAULT_ALPHA = 8
 
 
-def _pattern_rank(cfg: dict, module: str, default: int) -> tuple[int, str]:
+def _pattern_rank(cfg: dict, module: str, default: int, where: str) -> tuple[int, str]:
     rp = cfg.get("rank_pattern") or {}
-    if (key := pattern_key(list(rp), module)) is not None:
+    if (key := pattern_key(list(rp), module, where)) is not None:
         return rp[key], f"rank_pattern[{key!r}]"
     if "r" not in cfg:
         return default, "r (absent: PEFT's default)"
@@ -737,7 +746,7 @@ def _peft_config(af: AdapterFile, cfg: dict) -> bool:
 
 def _config_rank(af: AdapterFile, module: str, default: int) -> int:
     cfg, name = _config_of(af, module)
-    return _pattern_rank(cfg, name, PEFT_DEFAULT_R if _peft_config(af, cfg) else default)[0]
+    return _pattern_rank(cfg, name, PEFT_DEFAULT_R if _peft_config(af, cfg) else default, _config_file(af))[0]
 
 
 def _scale(af: AdapterFile, module: str, rank: int) -> float:
@@ -750,10 +759,10 @@ def _scale(af: AdapterFile, module: str, rank: int) -> float:
         return f.alpha / rank
     cfg, name = _config_of(af, module)
     peft = _peft_config(af, cfg)
-    r, origin = _pattern_rank(cfg, name, PEFT_DEFAULT_R if peft else rank)
+    r, origin = _pattern_rank(cfg, name, PEFT_DEFAULT_R if peft else rank, _config_file(af))
     alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA if peft else r)
     ap = cfg.get("alpha_pattern") or {}
-    if (key := pattern_key(list(ap), name)) is not None:
+    if (key := pattern_key(list(ap), name, _config_file(af))) is not None:
         alpha = ap[key]
     if r != rank:
         af.rank_mismatches.append(f"{printable(module)} has rank {rank} in the tensors but {printable(origin)} = {r}")

@@ -230,7 +230,7 @@ def _rank_findings(af: AdapterFile, where: str) -> list[Finding]:
                            + (f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else ""), where,
                            {"mismatches": bad}))
     patterns = list(af.config.get("rank_pattern") or {})
-    used = {pattern_key(patterns, m) for m in af.modules}
+    used = {pattern_key(patterns, m, where) for m in af.modules}
     unused = [k for k in patterns if k not in used]
     if af.modules and unused:
         out.append(Finding("LA023", "note", f"rank_pattern keys that match no module of the adapter: "

@@ -36,7 +36,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import Tensor
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, check_json_depth
 from ..spectral.cache import CacheWarning, _contiguous_bytes
 from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
 
@@ -157,7 +157,7 @@ def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
     (n,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
     if not 0 < n <= len(data) - 8:
         raise ValueError("not a safetensors file")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(check_json_depth(data[8:8 + n].decode("utf-8")))
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("no metadata block")
@@ -166,7 +166,7 @@ def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
     tensors = load(data)
     if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, key, meta["meta"], tensors)):
         raise ValueError("its MAC does not verify (written under another key file, or altered)")
-    info = json.loads(meta["meta"])
+    info = json.loads(check_json_depth(str(meta["meta"])))
     residual = Residual.from_meta(info["residual"])
     sets = {}
     for s in _SETS:
