@@ -116,20 +116,10 @@ def test_quantisation_lora_audit_cannot_read_is_named(tiny_llama, tmp_path, qc, 
 
 def test_bitsandbytes_quant_state_is_checked(tiny_llama, tmp_path):
     """A quant state whose JSON names a dtype outside the accepted set is refused before any getattr."""
-    shutil.copytree(tiny_llama, tmp_path / "q")
-    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
-    w = "model.layers.0.self_attn.q_proj.weight"
     state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "__class__", "shape": [64, 64]}).encode()
-    sd.update({w: torch.zeros(2048, 1, dtype=torch.uint8), f"{w}.absmax": torch.ones(64),
-               f"{w}.quant_map": torch.linspace(-1, 1, 16),
-               f"{w}.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)})
-    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
-    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=r"quant_state.bitsandbytes__nf4: field 'dtype' is '__class__'; it must be "
                                           r"float32 or float16 or bfloat16"):
-        open_weights(tmp_path / "q")
+        open_weights(_bnb_folder(tiny_llama, tmp_path, state))
 
 
 @pytest.mark.parametrize("text_config", ["qwen", [64], 3])
