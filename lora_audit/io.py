@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -237,9 +238,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def json_text(obj: Any) -> str:
-    """Stable JSON: field order kept (it is part of the contract), 2-space indent, NaN/inf
-    refused (they are not JSON)."""
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n"
+    """Stable JSON: field order kept (it is part of the contract), 2-space indent. JSON has no NaN
+    or inf: each result says "not measured" with null itself (a matrix with NaN/Inf weights is left
+    out and listed as non-finite; a similarity or score that cannot be computed is null), and any
+    non-finite float that still reaches here is written as null too, so every command's JSON stays
+    valid whatever its inputs held."""
+    try:
+        return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n"
+    except ValueError:  # a NaN/inf somewhere: the same document with null in its place
+        return json.dumps(_finite_or_null(obj), indent=2, ensure_ascii=False, allow_nan=False,
+                          default=_json_default) + "\n"
+
+
+def _finite_or_null(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_null(v) for v in o]
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    try:
+        return _finite_or_null(_json_default(o))
+    except TypeError:
+        return o
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -33,7 +33,7 @@ import torch
 from ..errors import FormatError, InputError
 from ..io import read_user_json
 from ..text import printable
-from .detect import PICKLE_REFUSAL, Kind, detect
+from .detect import PICKLE_REFUSAL, Kind, detect, pickle_refused
 
 
 class WeightSource:
@@ -473,9 +473,14 @@ def _pickle_source(path: Path) -> StateDictSource:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001
-            raise FormatError(f"{f}: torch.load(weights_only=True) refused or failed ({e})") from None
+            try:
+                obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(str(f), map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+        except Exception as e:  # noqa: BLE001 - refused (UnpicklingError) or unreadable
+            raise pickle_refused(f, e) from None
         if not isinstance(obj, dict):
             raise FormatError(f"{f}: expected a state dict, got {type(obj).__name__}")
         state.update(obj)
