@@ -165,3 +165,37 @@ def test_legacy_and_corrupt_pickles(tiny_llama, tmp_path):
     with pytest.raises(FormatError, match=r"pytorch_model.bin: not a readable pickle of tensors, truncated or "
                                           r"corrupted .*nothing in it was run"):
         open_weights(legacy, allow_pickle=True)
+
+
+# ---- 16: a rank above the matrices' smaller side ------------------------------------------------------------
+@pytest.mark.parametrize("method, rank, msg", [
+    ("lora", 100000, r"--rank 100000: lora needs --rank 100000 <= the smaller side of every matrix it trains, but "
+                     r"model.layers.0.self_attn.k_proj is 32x64 \(at most --rank 32\)"),
+    ("lora-ga", 20, r"--rank 20: lora-ga needs 2 x --rank = 40 <= .* \(at most --rank 16\)"),
+    ("dora", 65, r"--rank 65: dora .* model.layers.0.self_attn.q_proj is 64x64 \(at most --rank 64\)"),
+])
+def test_finetune_refuses_a_rank_above_the_matrix_side_before_loading(tiny_llama, tmp_path, monkeypatch, method,
+                                                                      rank, msg):
+    import re
+
+    from lora_audit.checkpoints import models
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr("lora_audit.checkpoints.load_model", no_loading)
+    targets = ["--target-modules", "q_proj"] if method == "dora" else []
+    r = _cli("finetune", "--method", method, "--base", tiny_llama, "--data", "builtin:alpaca-mini", "--out",
+             tmp_path / "out", "--rank", rank, "--steps", 1, "--device", "cpu", *targets)
+    _clean(r, 1)
+    assert re.search(msg, r.output), r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_rank_is_checked_on_a_gguf_base_after_loading(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    r = _cli("finetune", "--method", "lora", "--base", path, "--data", "builtin:alpaca-mini", "--out", tmp_path / "o",
+             "--rank", 100000, "--steps", 1, "--device", "cpu")
+    _clean(r, 1)
+    assert "--rank 100000: lora needs --rank 100000 <= the smaller side" in r.output and not (tmp_path / "o").exists()
