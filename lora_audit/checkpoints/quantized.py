@@ -136,13 +136,13 @@ def parse_bnb_state(raw: torch.Tensor, where: str) -> Bnb4bit:
 
     qt = need("quant_type", lambda v: v in ("nf4", "fp4"), '"nf4" or "fp4"')
     bs = need("blocksize", is_int, "a positive integer")
-    dt = need("dtype", lambda v: v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES))
+    dt = need("dtype", lambda v: isinstance(v, str) and v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES))
     shape = need("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v),
                  "[rows, cols] (positive integers)")
     nested = None
     if "nested_blocksize" in obj:
         nested = {"blocksize": need("nested_blocksize", is_int, "a positive integer"),
-                  "dtype": need("nested_dtype", lambda v: v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES)),
+                  "dtype": need("nested_dtype", lambda v: isinstance(v, str) and v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES)),
                   "offset": float(need("nested_offset", lambda v: isinstance(v, (int, float)) and not
                                        isinstance(v, bool) and math.isfinite(v), "a finite number"))}
     return Bnb4bit(qt, bs, _FLOAT_NAMES[dt], (shape[0], shape[1]), nested)
