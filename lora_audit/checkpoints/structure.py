@@ -64,11 +64,13 @@ COMPARE_CONTENT_BYTES = 2 * 2**30  # base models up to this size are compared by
 SHOWN = 5  # names listed in a message
 
 
-def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None = None) -> list[Finding]:
+def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                    base_config: dict | None = None) -> list[Finding]:
     """The structural findings of one TUNED input (an adapter folder or file, or a full model),
-    optionally against the BASE it is audited with. Reads headers and configs only (and, when the
-    adapter names another base that is on this machine, the files of both bases to compare them);
-    raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
+    optionally against the BASE it is audited with (``base_config``: its config as the loader reads
+    it, e.g. a GGUF's; default: a BASE folder's config.json). Reads headers and configs only (and,
+    when the adapter names another base that is on this machine, the files of both bases to compare
+    them); raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
     path, kind = local_path(tuned)
     findings = _folder_findings(path) if path.is_dir() else []
     if kind == Kind.PEFT_ADAPTER and is_adapter_set(path):  # MixLoRA / X-LoRA: each member's factors
@@ -80,18 +82,17 @@ def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None 
         if base is not None:
             findings += _base_mismatch(path, config, base)
     if kind in (Kind.PEFT_ADAPTER, Kind.KOHYA_LORA, Kind.DIFFUSERS_LORA):
-        findings += adapter_findings(read_adapter(path), base_config=_base_config(base))
+        findings += adapter_findings(read_adapter(path), base_config=base_config or _base_config(base))
     return findings
 
 
 def _base_config(base: str | os.PathLike | None) -> dict | None:
     """The config.json of a local BASE folder (for PEFT's default target modules), else None."""
-    if base is None:
+    folder = Path(str(base)).expanduser() if base is not None else None
+    if folder is None or not (folder / "config.json").is_file():
         return None
-    p = Path(str(base)).expanduser()
-    folder = p if p.is_dir() else p.parent
     try:
-        return read_user_json(folder / "config.json", "model config") if (folder / "config.json").is_file() else None
+        return read_user_json(folder / "config.json", "model config")
     except InputError:
         return None
 
