@@ -49,7 +49,7 @@ from . import calibration, schedule
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
-from .findings import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_delta
+from .findings import ZERO_TUNED, count_nonfinite, finding, nonfinite_numbers, screen_base, screen_delta
 from .types import BaseSpectrum, TopK
 
 
@@ -265,7 +265,7 @@ def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpec
         if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
             return None
         W0 = group.base.to(dtype=settings.dtype)
-        return lookup(W0) if bool(torch.isfinite(W0).all()) else None  # (key, spectrum or None), on the CPU
+        return lookup(W0) if not count_nonfinite(W0) else None  # (key, spectrum or None), on the CPU
 
     def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list[Outcome]]:
         of = spectrum_of
