@@ -16,9 +16,47 @@ consumes in the fast orientation again. Same numbers as ``A @ X`` up to rounding
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 from torch import Tensor
 
 
 def mm(A: Tensor, X: Tensor) -> Tensor:
     """A @ X for a skinny X (or skinny result), in the orientation MKL runs fastest."""
     return (X.T @ A.T).T
+
+
+_threads_lock = threading.Lock()
+_holders = 0
+_saved = 1
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread inside this block (process-wide: torch's thread count is
+    global), restoring the count when the last holder leaves.
+
+    The LoRA path's kernels are small (QR and eigh of 2048 x 50 blocks, products with 16 columns):
+    a second thread gains nothing on an idle machine, and on a busy one OpenMP's threads wait for
+    each other at every barrier: measured here under a load average of 20 on 2 cores, one search
+    took 0.1 s on one thread and 0.8-4.7 s on two, and a whole screen spent 330 s of 490 in QR. One
+    thread also makes the results the same bits whatever torch's thread count (BLAS sums in
+    another order on more threads), so ``spectrum`` and a screen's one-thread workers agree
+    exactly. Reentrant and safe to use from several threads at once."""
+    global _holders, _saved
+    with _threads_lock:
+        if _holders == 0:
+            _saved = torch.get_num_threads()
+            if _saved != 1:
+                torch.set_num_threads(1)
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _holders -= 1
+            if _holders == 0 and _saved != 1:
+                torch.set_num_threads(_saved)
