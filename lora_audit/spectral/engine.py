@@ -227,7 +227,8 @@ def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.devic
     A base with NaN/Inf values is a finding for every tuned model that has a delta there.
     ``projections``: {delta index: ``lowrank.project``} computed by the reader thread."""
     W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
-    bad_base = screen_base(group.name, W0)
+    with one_thread():  # reductions over W0 (the screens): blas.one_thread says why
+        bad_base = screen_base(group.name, W0)
     if bad_base is not None:
         return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
     decomposed: list[tuple[BaseSpectrum, float]] = []
@@ -247,7 +248,8 @@ def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: A
                  base_of: Callable[[], tuple[BaseSpectrum, float]], projection=None) -> Outcome:
     """Screen one delta (``findings.screen_delta``) and audit it when it passes."""
     delta = delta.to(device=W0.device, dtype=settings.dtype)
-    changed, found = screen_delta(group.name, W0, delta)
+    with one_thread():
+        changed, found = screen_delta(group.name, W0, delta)
     if not changed:
         return Outcome()
     if found is not None:
@@ -289,8 +291,7 @@ def _projections(group: MatrixGroup, base: BaseSpectrum, settings: AuditSettings
         if type(d) is not LowRank or screen_values(group.name, d) is not None or not is_changed(d, group.base):
             continue
         try:
-            with one_thread():
-                out[i] = project(base, d)
+            out[i] = project(base, d)
         except RuntimeError:  # e.g. an SVD that does not converge: the main thread redoes it and says so
             pass
     return out
@@ -306,6 +307,10 @@ def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpec
     lookup = getattr(cache, "lookup", None)
 
     def prepare(group: MatrixGroup) -> _Prepared | None:
+        with one_thread():  # the reader's reductions and projections are small: blas.one_thread says why
+            return _prepare(group)
+
+    def _prepare(group: MatrixGroup) -> _Prepared | None:
         held = base_spectra.get(group.name) if base_spectra is not None else None
         if held is not None:
             found = _Prepared(None, held, held=True)
