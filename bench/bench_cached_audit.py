@@ -205,7 +205,7 @@ def main() -> int:
     if args._staged:
         staged_child(args._staged[0], args._staged[1:])
         return 0
-    run = record.start("bench_cached_audit")
+    run = record.start(f"bench_cached_audit-{args.layers}x{args.width}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-cached-"))
     try:
         return _bench(tmp, args, run)

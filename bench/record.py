@@ -21,7 +21,9 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,3 +110,34 @@ def write(run: dict, figures: dict, rows: list[tuple[str, ...]] | None = None, *
         lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return path
+
+
+class _Tee:
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def printed(bench: str, figures: Callable[[], dict] | None = None) -> Iterator[dict]:
+    """For benches that print their figures: run the block with stdout also captured, then write
+    the run's context and what it printed (and ``figures()``, when given) under bench/results/.
+    Nothing is written when the block raises."""
+    run = start(bench)
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        yield run
+    finally:
+        sys.stdout = tee.stream
+    text = "".join(tee.parts)
+    path = write(run, {"printed": text.splitlines(), **(figures() if figures else {})})
+    md = path.with_suffix(".md")
+    md.write_text(md.read_text() + "\n```\n" + text.rstrip() + "\n```\n")
+    print(f"results: {path}")
