@@ -41,7 +41,7 @@ created on first use with mode 0600; a key file that other users can access, or 
 regular file of 32 bytes, is refused (``InputError``). Teams that share one cache folder across
 machines give every machine the same key file; entries written under another key fail
 verification and are recomputed. The trust model (what this protects against and what not) is
-in ``spectral.cache``'s docstring and docs/security.md.
+in ``spectral.cache``'s docstring.
 
 Housekeeping (``scan`` / ``clear``) touches only files that are provably the cache's own:
 regular files named ``<64 hex digits>.safetensors`` whose header names this cache's format (any
