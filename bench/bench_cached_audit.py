@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
-from bench_spectrum import decaying, write_adapter  # noqa: E402
+import record
+from bench_spectrum import decaying, write_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 K, EPS = 10, 0.5
@@ -138,11 +138,11 @@ def staged_child(out: str, argv: list[str]) -> None:
 
         setattr(owner, attr, g)
 
-    import lora_audit.cli as cli  # noqa: F401
+    import lora_audit.cli as cli
     import lora_audit.commands.spectrum as command
     from lora_audit import cache as store
     from lora_audit.checkpoints import stream
-    from lora_audit.spectral import cache, engine, findings, lowrank, metrics
+    from lora_audit.spectral import cache, engine, lowrank
     t_imported = time.perf_counter()
     # reader thread (schedule's prefetch): the stream's next group, W0's screen, its key, its entry
     timed(stream.AuditStream, "_group", "read W0 and the adapter factors", "reader")
@@ -153,7 +153,7 @@ def staged_child(out: str, argv: list[str]) -> None:
     timed(engine, "screen_base", "screen W0", "main")
     timed(engine, "screen_delta", "screen the update (norm bounds)", "main")
     timed(engine, "update_metrics", "metrics of dW (QR of B, A; r x r SVD)", "main")
-    timed(lowrank, "_split", "projections U0^T B, V0^T A^T", "main")
+    timed(lowrank, "project", "project the LoRA factors (U0^T B, V0^T A^T)", "reader")
     timed(lowrank, "topk_svd", "top-k search (Davidson, float64)", "main")
     timed(lowrank, "count_above", "certificate (inertia count)", "main")
     timed(engine, "_matrix_result", "record (cosines, sweep, calibration)", "main")

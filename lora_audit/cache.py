@@ -61,7 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import blake3
 import torch
@@ -197,7 +197,7 @@ def raw_bytes(t: Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def _hasher(secret: bytes | None, largest: int) -> "blake3.blake3":
+def _hasher(secret: bytes | None, largest: int) -> blake3.blake3:
     """A BLAKE3 hasher (keyed when ``secret`` is given) that hashes on the pool of one thread per
     core when the largest buffer it will see has ``_THREADED_FROM`` bytes or more (a threaded hasher
     is up to 8x slower on buffers of ~100 KB: measured here), else on the calling thread."""

@@ -17,7 +17,7 @@ consumes in the fast orientation again. Same numbers as ``A @ X`` up to rounding
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
