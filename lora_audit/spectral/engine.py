@@ -26,9 +26,11 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
 
-Matrices are read (and, with a cache, hashed and looked up) one group ahead in a background
-thread while the current one is decomposed, and spread over several devices when there are
-several GPUs (``schedule``); results come back in stream order either way.
+Matrices are read (and, with a cache, hashed and looked up, and on the CPU a cached spectrum's
+LoRA factors projected onto it: ``lowrank.project``) one group ahead in a background thread while
+the current one is audited, and spread over several devices when there are several GPUs
+(``schedule``); results come back in stream order either way. The LoRA path's small kernels and
+the screens run on one thread in each (``blas.one_thread`` says why).
 """
 
 from __future__ import annotations
