@@ -120,8 +120,8 @@ def main() -> int:
             secs, rec = run_lora_audit(base, adapter, root / "ours", args.lam, None)
             cold_s.append(secs)
             warm_s.append(run_lora_audit(base, adapter, root / "warm", args.lam, root / "spectra")[0])
-        print(f"intruders: {rec['intruders_before']} -> {rec['intruders_after']} "
-              f"({rec['matrices_rewritten']} matrices rewritten)")
+        print(f"intruders: {rec.intruders_before} -> {rec.intruders_after} "
+              f"({rec.matrices_rewritten} matrices rewritten)")
         theirs = merged_deltas(base, root / "peft" / "intruder_reduced", "intruder_reduced")
         ours = merged_deltas(base, root / "ours", "default")
         worst = max(float((ours[k] - theirs[k]).norm() / theirs[k].norm()) for k in theirs)
