@@ -31,7 +31,8 @@ screen must have the same setup, so every stored record stays comparable with th
       "lora_audit": {...},     provenance; settings: engine, workers, spectra sharing, device, ...
       "base": str, "k": int, "epsilon": float, "epsilon_sweep": [float],
       "ranked_by": [str],      the sort keys, most important first (``RANK_KEYS``)
-      "counts": {"adapters", "ok", "failed", "audited_now", "skipped_stored"},
+      "counts": {"adapters", "ok", "failed", "incomplete", "audited_now", "skipped_stored"},
+                               incomplete: ok adapters with matrices the audit could not measure
       "seconds": float,        wall time of this run
       "warnings": [str],
       "adapters": [ScreenRow]  [contract] in rank order: ok adapters by ``RANK_KEYS``, then the
@@ -150,8 +151,10 @@ class ScreenRow:
     """One adapter in the summary. ``drift``: the relative size of its whole update,
     sqrt(sum ||dW||_F^2) / sqrt(sum ||W0||_F^2) over the matrices it changes (a single matrix's
     relative norm is ``max_relative_delta_norm``); ``min_max_cos``: the lowest similarity of any
-    of its top singular vectors to the base (lower = further from the base); ``record``: where
-    its full record lies in the store (``records/<shard>:<line>``)."""
+    of its top singular vectors to the base (lower = further from the base); ``unmeasured``: the
+    matrices its audit could not measure (NaN/Inf values: the row is incomplete, as ``lora-audit
+    spectrum`` says with exit code 4); ``record``: where its full record lies in the store
+    (``records/<shard>:<line>``)."""
 
     adapter: str
     name: str
@@ -160,6 +163,7 @@ class ScreenRow:
     error: str = ""
     rank: int | None = None
     matrices_audited: int | None = None
+    unmeasured: int | None = None  # matrices left out for NaN/Inf values or an overflowing update
     drift: float | None = None
     max_relative_delta_norm: float | None = None
     min_max_cos: float | None = None
@@ -178,6 +182,7 @@ class ScreenRow:
             return row
         row.total_intruders = r.total_intruders
         row.matrices_audited = len(r.matrices)
+        row.unmeasured = sum(1 for sk in r.skipped if sk.unmeasured)
         row.sweep_totals = list(r.sweep_totals)
         cos = [m.min_cos for m in r.matrices if m.min_cos is not None]
         row.min_max_cos = min(cos) if cos else None
@@ -279,19 +284,11 @@ class ScreenResult:
         return out
 
     def to_csv(self) -> str:
-        """One row per adapter in rank order; text cells a spreadsheet would run as a formula are
-        neutralised (``text.csv_cell``); empty cells for values a failed adapter lacks."""
-        import csv
-        import io
+        """One row per adapter in rank order, written by ``io.csv_text`` (no cell a spreadsheet would
+        run as a formula, no control character); empty cells for values a failed adapter lacks."""
+        from ..io import csv_text
 
-        from ..text import csv_cell
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.csv_columns(), lineterminator="\n")
-        w.writeheader()
-        for row in self.csv_rows():
-            w.writerow({k: ("" if v is None else csv_cell(v)) for k, v in row.items()})
-        return buf.getvalue()
+        return csv_text(self.csv_rows(), self.csv_columns())
 
 
 def load_screen(path: str | os.PathLike) -> ScreenResult:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraAuditError
+from ..io import user_path
 from ..results import fingerprint
 from ..results.screen import FAILED, OK, ScreenRecord
 from .spectra import SpectrumRef, held_for
@@ -59,7 +60,7 @@ def input_fingerprint(path: str) -> str:
     """The content hash of an adapter's files (``results.fingerprint``); for a hub id, of its local
     snapshot (downloaded when needed), or of the id itself when it cannot be fetched; "unreadable"
     when its files cannot be read (the audit then fails and says why)."""
-    if not Path(path).expanduser().exists():
+    if not os.path.exists(user_path(path)):
         from ..checkpoints.sources import local_path
 
         try:
