@@ -193,6 +193,8 @@ def _uses_in(cfg: Any, yaml_path: Path) -> list[str]:
                             "a metric script)")
         if isinstance(kwargs, dict):
             _check_data_files(kwargs.get("data_files"), yaml_path)
+        if isinstance(node.get("dataset_path"), str):
+            _check_data_files(node["dataset_path"], yaml_path)
     return uses
 
 
@@ -215,9 +217,15 @@ def _check_data_files(files: Any, yaml_path: Path) -> None:
             try:
                 mode = os.stat(f).st_mode
             except (OSError, ValueError):
-                continue  # absent, a glob pattern or a URL: datasets says what it cannot find
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise InputError(f"{yaml_path}: dataset file {printable(f)} is a {file_kind(mode)}, not a file to read")
+                continue  # absent, a hub id, a glob pattern or a URL: datasets says what it cannot find
+            special = [f] if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else []
+            if stat.S_ISDIR(mode):  # datasets reads the files under a folder
+                special = [str(p) for p, _ in zip(Path(f).rglob("*"), range(10_000))
+                           if not (p.is_file() or p.is_dir()) and p.exists()][:1]
+            if special:
+                mode = os.stat(special[0]).st_mode
+                raise InputError(f"{yaml_path}: dataset file {printable(special[0])} is a {file_kind(mode)}, not a "
+                                 "file to read")
 
 
 def _includes(cfg: dict, path: Path) -> list[Path]:
@@ -251,6 +259,8 @@ def inspect_task_dir(task_dir: str | os.PathLike, *, trust: bool = False) -> Tas
     done: set[Path] = set()
     while pending:
         given = pending.pop(0)
+        if given.is_dir():
+            continue  # a folder named *.yaml: lm-eval skips it too
         check_regular_file(given, "task YAML file")
         path = given.resolve()
         if path in done:

@@ -152,15 +152,19 @@ def test_other_ways_a_folder_runs_code(folder, tmp_path, case, phrase):
     assert inspect_task_dir(d, trust=True).runs_code
 
 
-@pytest.mark.parametrize("where", ["yaml", "include", "data file"])
+@pytest.mark.parametrize("where", ["yaml", "include", "data file", "dataset folder"])
 def test_fifos_in_a_task_folder_are_refused_not_waited_on(folder, no_hang, where):
     d, data, _ = folder
-    fifo = d / "x.yaml" if where == "yaml" else d / "pipe"
+    fifo = d / "x.yaml" if where == "yaml" else d / "data" / "pipe" if where == "dataset folder" else d / "pipe"
+    fifo.parent.mkdir(exist_ok=True)
     os.mkfifo(fifo)
+    (d / "not_a_file.yaml").mkdir()  # a folder named *.yaml is skipped, as lm-eval skips it
     if where == "include":
         (d / "t.yaml").write_text(task_yaml("t", data, extra="include: pipe\n"))
     elif where == "data file":
         (d / "t.yaml").write_text(task_yaml("t", fifo))
+    elif where == "dataset folder":
+        (d / "t.yaml").write_text(task_yaml("t", data).replace("dataset_path: json", f"dataset_path: {d / 'data'}"))
     for trust in (False, True):
         with pytest.raises(InputError, match=r"named pipe \(FIFO\)"):
             inspect_task_dir(d, trust=trust)

@@ -105,6 +105,7 @@ def test_a_nan_matrix_makes_the_screen_incomplete(two, tmp_path, capsys):
     assert summary["counts"]["incomplete"] == 1
     rows = {r["adapter"]: r for r in summary["adapters"]}
     assert rows[str(bad)]["unmeasured"] == 1 and rows[str(tmp_path / "up" / "fine")]["unmeasured"] == 0
+    assert "1 incomplete (matrices not measured" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_one_adapter_written_four_ways_is_screened_once(two, tmp_path, capsys, monkeypatch):
