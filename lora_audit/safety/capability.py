@@ -132,7 +132,7 @@ class Capability:
         except (ConnectionError, OSError) as e:
             raise InputError(f"lm-eval could not fetch the data for {self.tasks} (standard tasks need the Hugging "
                              f"Face hub; offline use a local task with --task-dir): {e}") from None
-        except Exception as e:  # noqa: BLE001 - only Jinja's errors are turned into an InputError
+        except Exception as e:  # only Jinja's errors are turned into an InputError; the rest re-raised
             err = template_error(e)
             if err is None:
                 raise

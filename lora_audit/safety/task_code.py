@@ -32,12 +32,14 @@ lm-eval's own tasks (named without --task-dir) are installed code and are loaded
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import FormatError, InputError
 from ..io import check_regular_file, file_kind, read_user_bytes, user_path
@@ -97,7 +99,7 @@ def _load(path: Path) -> Any:
 
     data = read_user_bytes(path, "task YAML file")
     try:
-        return yaml.load(data, Loader=_loader_class())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(data, Loader=_loader_class())  # a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -220,7 +222,7 @@ def _check_data_files(files: Any, yaml_path: Path) -> None:
                 continue  # absent, a hub id, a glob pattern or a URL: datasets says what it cannot find
             special = [f] if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else []
             if stat.S_ISDIR(mode):  # datasets reads the files under a folder
-                special = [str(p) for p, _ in zip(Path(f).rglob("*"), range(10_000))
+                special = [str(p) for p in itertools.islice(Path(f).rglob("*"), 10_000)
                            if not (p.is_file() or p.is_dir()) and p.exists()][:1]
             if special:
                 mode = os.stat(special[0]).st_mode

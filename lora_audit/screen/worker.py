@@ -16,7 +16,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraAuditError
