@@ -192,7 +192,7 @@ def test_safety_eval_and_audit_refuse_before_loading_a_model(tiny_llama, folder,
 
     monkeypatch.setattr("lora_audit.safety.evaluate.load_model", no_model)
     monkeypatch.setattr("lora_audit.spectral.api.run_spectrum", no_model)
-    for argv in (["safety-eval", "--base", tiny_llama, "--tasks", "evil", "--task-dir", d],
+    for argv in (["safety-eval", tiny_llama, "--tasks", "evil", "--task-dir", d],
                  ["audit", tiny_llama, tiny_llama, "--tasks", "evil", "--task-dir", d, "--out", folder[0].parent / "r"]):
         code, output = run_main(argv, capsys)
         assert code == 1 and "--trust-task-code" in output and "evil_utils" in output, output

@@ -187,7 +187,7 @@ def test_a_fifo_or_device_base_is_a_clean_error(two, tmp_path, capsys, base_kind
         os.mkfifo(bad / "config.json")
     for argv in (["screen", bad, ads / "a0", "--out", tmp_path / "s", "--workers", "0"],
                  ["spectrum", bad, ads / "a0", "--no-cache"], ["spectrum", base, bad, "--no-cache"],
-                 ["safety-eval", "--base", bad, "--tasks", "none", "--limit", "1"]):
+                 ["safety-eval", bad, "--tasks", "none", "--limit", "1"]):
         code, output = run_main(argv, capsys)
         assert code == 1 and ("named pipe (FIFO)" in output or "character device" in output), (argv, output)
         assert "This is a bug" not in output and not (tmp_path / "s").exists()
