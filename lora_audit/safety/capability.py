@@ -87,6 +87,8 @@ class Capability:
     """Resolves the task names once (indexing lm-eval's own ~10k tasks takes seconds, so that is
     done only when a requested name is not local), then scores any number of loaded models."""
 
+    trust_task_code = False  # templates sandboxed, !function refused (``task_code``) unless set
+
     def __init__(self, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
                  batch_size: int = 8, seed: int = 0, trust_task_code: bool = False):
         from lm_eval.tasks import TaskManager
