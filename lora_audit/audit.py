@@ -106,7 +106,11 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     labels = [str(t) for t in tuned_labels] if tuned_labels else tuned
     safe = _safety_subset(labels, cfg.safety_models)
     out = check_output_dir(out, overwrite=overwrite)
-    check_outputs([out], [base, *tuned])
+    check_outputs([], [base, *tuned], folders=[out])
+    if cfg.safety is not None and cfg.safety.tasks and cfg.safety.task_dir:  # before any model is read
+        from .safety.task_code import inspect_task_dir
+
+        inspect_task_dir(cfg.safety.task_dir, trust=cfg.safety.trust_task_code)
     inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
     inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})
     stage("audit: spectrum (intruder dimensions)")

@@ -39,6 +39,12 @@ from .errors import FormatError, InputError, OutputError
 MARKER = ".lora-audit-output"
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded; an unknown ``~user`` stays as written (``Path.expanduser``
+    raises RuntimeError for it, which a user's typo must not become)."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -71,10 +77,12 @@ def max_input_bytes() -> int:
     return int(mb * 1024 * 1024)
 
 
-def _kind_of(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe (FIFO)"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket")):
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, for messages: "regular file", "folder", "symbolic link", "named pipe
+    (FIFO)", "character device", ..."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"),
+                       (stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
         if test(mode):
             return name
     return "special file"
@@ -89,7 +97,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
     except OSError as e:
         raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: the {what} must be a regular file, not a {_kind_of(st.st_mode)}")
+        raise InputError(f"{path}: the {what} must be a regular file, not a {file_kind(st.st_mode)}")
     return st
 
 
@@ -101,7 +109,13 @@ def read_user_bytes(path: str | os.PathLike, what: str = "file", *, max_bytes: i
         raise InputError(f"{path}: the {what} is {st.st_size / 2**20:.1f} MiB, over the limit of "
                          f"{limit / 2**20:.0f} MiB (set LORA_AUDIT_MAX_INPUT_MB to raise it)")
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK and fstat: a FIFO swapped in after the stat is refused, not waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{path}: the {what} must be a regular file, not a {file_kind(mode)}")
+            os.set_blocking(fd, True)
             data = fh.read(limit + 1)
     except OSError as e:
         raise InputError(f"{path}: cannot read this {what} ({e.strerror})") from None
@@ -233,8 +247,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, a lone surrogate (a file name that is not UTF-8, as Python decodes it) written
+    as its escape ``\\udcff``: inside a JSON string that is JSON's own escape, so the name reads back
+    unchanged; elsewhere it is visible text (``text.printable`` escapes names the same way)."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, utf8(text))
 
 
 def json_text(obj: Any) -> str:
@@ -269,19 +290,36 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json_text(obj))
 
 
-def csv_text(df) -> str:
-    """A pandas DataFrame as CSV text whose text cells a spreadsheet shows as text, never runs as a
-    formula (``lora_audit.text.csv_cell``); numbers are written as they are."""
-    import pandas as pd
+def csv_text(table, columns: Iterable[str] | None = None) -> str:
+    """The one CSV writer of lora-audit: ``table`` (a pandas DataFrame, or rows as dicts keyed by
+    ``columns``) as CSV text in which no cell can act: every cell goes through
+    ``lora_audit.text.csv_cell`` (formula triggers at the start of the cell or of any line inside
+    it neutralised, control and bidi characters escaped; numbers as they are; missing values
+    empty), and cells holding a line break, a comma or a quote are quoted."""
+    import csv
+    import io
 
     from .text import csv_cell
 
-    df = df.copy()
-    for col in df.columns:  # text columns are object or (pandas >= 3) string dtype
-        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col].dtype):
-            # a new object Series: Series.map would turn [8, None] into floats
-            df[col] = pd.Series([csv_cell(v) for v in df[col]], index=df.index, dtype=object)
-    return df.to_csv(index=False)
+    if columns is None:  # a DataFrame
+        columns = [str(c) for c in table.columns]
+        rows: Iterable[Iterable[Any]] = table.itertuples(index=False, name=None)
+    else:
+        columns = list(columns)
+        rows = ([row.get(c) for c in columns] for row in table)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([csv_cell(c) for c in columns])
+    for row in rows:
+        w.writerow([csv_cell(_missing_as_none(v)) for v in row])
+    return buf.getvalue()
+
+
+def _missing_as_none(v: Any) -> Any:
+    """None for pandas' missing-value markers (NA, NaT), which are neither None nor NaN."""
+    if v is not None and type(v).__name__ in ("NAType", "NaTType"):
+        return None
+    return v
 
 
 def _json_default(o: Any) -> Any:
@@ -362,7 +400,7 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 
     OutputError when it is a folder, an existing file lora-audit did not write, or in a place
     that cannot be written."""
-    p = Path(path).expanduser()
+    p = user_path(path)
     if p.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name for the {what}")
     if p.exists() or p.is_symlink():
@@ -375,7 +413,7 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output folder") -> Path:
     """Check, before any work, that ``path`` can be (re)placed as a folder (see the module docstring)."""
-    p = Path(path).expanduser()
+    p = user_path(path)
     if p.is_symlink() or (p.exists() and not p.is_dir()):
         raise OutputError(f"{path}: exists and is not a folder; give a new folder for the {what}")
     if p.is_dir() and any(p.iterdir()):
@@ -390,17 +428,22 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, what: 
 
 
 def _resolved(p: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(Path(p).expanduser())).resolve()
+    return Path(os.path.abspath(user_path(p))).resolve()
 
 
-def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None]) -> None:
+def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None], *,
+                  folders: Iterable[str | os.PathLike | None] = ()) -> None:
     """OutputError when an output would replace or delete an input, or two outputs collide.
 
     An output may not be an input, contain one (replacing a folder would delete it), or be an
-    existing file inside an input folder; a new file inside an input folder is allowed. Inputs
-    that are not local paths (hub ids) are ignored."""
-    outs = [(o, _resolved(o)) for o in outputs if o is not None]
-    ins = [(i, _resolved(i)) for i in inputs if i is not None and Path(str(i)).expanduser().exists()]
+    existing file inside an input folder; a new file inside an input folder is allowed. Output
+    ``folders`` (a screen, an audit report, an adapter being written) may not lie inside an input
+    folder at all, new or not: they change that input (its content hash, what is found in it),
+    and the next run would find its own earlier output among the inputs. Inputs that are not local
+    paths (hub ids) are ignored."""
+    dirs = [(d, _resolved(d)) for d in folders if d is not None]
+    outs = [(o, _resolved(o)) for o in outputs if o is not None] + dirs
+    ins = [(i, _resolved(i)) for i in inputs if i is not None and os.path.exists(user_path(str(i)))]
     seen: dict[Path, Any] = {}
     for o, ro in outs:
         if ro in seen:
@@ -415,6 +458,9 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[
             if ri.is_dir() and ro.is_relative_to(ri) and (ro.exists() or ro.is_symlink()):
                 raise OutputError(f"{o}: is a file of the input {i}; writing it would change that input. "
                                   "Choose another path")
+            if ri.is_dir() and ro.is_relative_to(ri) and (o, ro) in dirs:
+                raise OutputError(f"{o}: lies inside the input {i}; writing a folder there would change that input "
+                                  "(and a later run would find it among the inputs). Choose a folder outside it")
 
 
 def write_marker(folder: str | os.PathLike, what: str) -> None:

@@ -15,8 +15,9 @@ import re
 from typing import Any
 
 # C0 controls but tab/newline, DEL, C1 controls; bidi embeddings/overrides/isolates and marks;
-# zero-width and BOM characters that hide text; line/paragraph separators.
-_ALWAYS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+# zero-width and BOM characters that hide text; line/paragraph separators; lone surrogates (a file
+# name that is not UTF-8, as Python decodes it: "\udcff" for the byte 0xff), which cannot be encoded.
+_ALWAYS = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff"
 _ONE_LINE = re.compile(f"[\n{_ALWAYS}]")
 _MULTI_LINE = re.compile(f"[{_ALWAYS}]")
 
@@ -39,14 +40,26 @@ def printable(text: Any, *, multiline: bool = False) -> str:
 
 # Spreadsheet programs run a cell that starts with one of these as a formula (CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# A formula trigger at the start of the cell or of any line inside it: a reader that splits lines
+# itself (or a spreadsheet importing a multi-line cell) would otherwise see a new cell start there.
+_TRIGGER_AT_LINE_START = re.compile("(?:^|(?<=\n))(?=[=+\\-@\t\r])")
 
 
 def csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, tab or CR
-    gets a leading apostrophe (OWASP's advice); numbers and other values pass unchanged."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
+    """A CSV cell a spreadsheet shows as text and a terminal prints inertly.
+
+    Numbers and booleans pass unchanged; None and NaN become empty cells; anything else is made
+    text: control, bidi and invisible characters are shown as escapes (``printable``; line breaks
+    are kept, CR is escaped), and a formula trigger (``= + - @``, tab) at the start of the cell or
+    of any line inside it gets a leading apostrophe (OWASP's advice)."""
+    import math
+    import numbers
+
+    if value is None:
+        return ""
+    if isinstance(value, numbers.Real):  # bool, int, float and numpy's numbers
+        return "" if math.isnan(value) else value
+    return _TRIGGER_AT_LINE_START.sub("'", printable(value, multiline=True))
 
 
 def sci(x: float) -> str:

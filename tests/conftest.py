@@ -17,6 +17,22 @@ torch.set_num_threads(1)
 os.environ.setdefault("LORA_AUDIT_NO_PROGRESS", "1")
 
 
+@pytest.fixture
+def no_hang():
+    """Fail the test (instead of waiting forever) when it runs over 300 s: what opening a FIFO for
+    reading would do."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("hung: was a FIFO or a device opened for reading?")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("lora_audit_cache")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import enum
 import os
 import re
+import stat
 from pathlib import Path
 
 from ..errors import FormatError, InputError
+from ..io import file_kind, user_path
+from ..text import printable
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -37,11 +40,19 @@ def is_hub_id(text: str) -> bool:
 def detect(path: str | os.PathLike) -> Kind:
     """Classify a checkpoint path; raise InputError with a helpful message when it is none."""
     s = str(path)
-    p = Path(s).expanduser()
-    if not p.exists():
+    p = user_path(s)
+    if not os.path.exists(p):  # os.path: False, not an OSError, for a name too long
         if is_hub_id(s):
             return Kind.HUB_ID
         raise InputError(f"{s}: no such file or folder")
+    try:
+        str(p.resolve()).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8, decoded with surrogates
+        raise InputError(f"{printable(s)}: its path is not UTF-8 text, and the libraries that read weights "
+                         "(safetensors) open only UTF-8 paths; rename it") from None
+    mode = p.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO would wait forever
+        raise InputError(f"{printable(s)}: is a {file_kind(mode)}, not a checkpoint file or folder")
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".gguf":
@@ -52,7 +63,7 @@ def detect(path: str | os.PathLike) -> Kind:
             return Kind.PICKLE
         raise InputError(f"{s}: unsupported file type {suffix or '(no extension)'}; expected a .safetensors, "
                          ".gguf, a Hugging Face model folder or a PEFT adapter folder")
-    names = {x.name for x in p.iterdir()}
+    names = _entries(p, s)
     if "adapter_config.json" in names:
         return Kind.PEFT_ADAPTER
     if "model_index.json" in names:
@@ -71,6 +82,23 @@ def detect(path: str | os.PathLike) -> Kind:
         return Kind.PICKLE
     raise InputError(f"{s}: not a model folder (no config.json with *.safetensors), not a PEFT adapter "
                      f"(no adapter_config.json) and no .gguf file inside; lora-audit reads {ACCEPTED}")
+
+
+def _entries(folder: Path, shown: str) -> set[str]:
+    """The names in a checkpoint folder; InputError when one is a FIFO, a device or a socket:
+    the libraries that load a folder (transformers reads every tokenizer and config file in it)
+    would wait forever on a FIFO or read a device without end."""
+    names = set()
+    for entry in os.scandir(folder):
+        names.add(entry.name)
+        try:
+            mode = entry.stat().st_mode  # through a link: the HF cache's files are links to its blobs
+        except OSError:
+            continue  # a dangling link: missing, as the loaders will say if they need it
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"{printable(shown)}: holds {printable(entry.name)}, a {file_kind(mode)}; a checkpoint "
+                             "folder holds only regular files and folders")
+    return names
 
 
 # The file a diffusers pipeline's save_lora_weights writes, and the weight files of a model folder.
@@ -119,8 +147,6 @@ def _safetensors_kind(p: Path) -> Kind:
 
 
 def _first(keys: list[str], part: str) -> str:
-    from ..text import printable
-
     return printable(next((k for k in keys if part in k), "?"))
 
 

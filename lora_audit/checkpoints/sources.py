@@ -25,13 +25,14 @@ when the machine is online.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable
 
 import torch
 
 from ..errors import FormatError, InputError
-from ..io import read_user_json
+from ..io import file_kind, read_user_json, user_path
 from ..text import printable
 from .detect import PICKLE_REFUSAL, Kind, detect, pickle_refused
 
@@ -173,6 +174,12 @@ def contained_file(folder: Path, name: str, what: str, named_by: Path | None = N
         raise InputError(f"{where}: names {what} {printable(repr(name))}, which is not a plain file name inside "
                          f"{folder} (absolute paths, '..', backslashes and drive letters are refused)")
     path = folder / name
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None  # absent: the caller says what is missing
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # opening a FIFO would wait forever
+        raise InputError(f"{where}: {what} {printable(name)} is a {file_kind(mode)}, not a file lora-audit can read")
     root, real = folder.resolve(), path.resolve()
     if real.is_relative_to(root):
         return path
@@ -510,7 +517,7 @@ def local_path(path: str | os.PathLike) -> tuple[Path, Kind]:
     an adapter and a hub model with only pickle weights is refused like a local one."""
     kind = detect(path)
     if kind != Kind.HUB_ID:
-        return Path(str(path)).expanduser(), kind
+        return user_path(str(path)), kind
     local = resolve_hub_id(str(path))
     try:
         return local, detect(local)

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import read_user_json
+from ..io import read_user_json, user_path
 from ..results.findings import Finding
 from ..text import printable
 from .adapter_sets import is_adapter_set, read_adapter_set
@@ -172,7 +172,7 @@ def _strings(value) -> list[str]:
 def _local_model(name: str) -> Path | None:
     """A model named by path or hub id, as a resolved local folder or file: the path when it exists,
     else the hub id's snapshot in the local Hugging Face cache (never downloaded here)."""
-    p = Path(name).expanduser()
+    p = user_path(name)
     if p.exists():
         return p.resolve()
     try:

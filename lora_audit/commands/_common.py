@@ -61,6 +61,16 @@ def allow_pickle_option(f):
                         help="Permit pytorch_model.bin checkpoints, read with torch.load(weights_only=True).")(f)
 
 
+def task_dir_options(f):
+    """--task-dir and --trust-task-code: a local lm-eval task folder, and the permission to run its
+    code (``lora_audit.safety.task_code``)."""
+    f = click.option("--trust-task-code", is_flag=True,
+                     help="Let the --task-dir tasks run their code: !function imports, metric scripts, templates "
+                          "rendered without the Jinja sandbox. Without it such a folder is refused.")(f)
+    return click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                        help="Folder of local lm-eval task YAML files (templates rendered in a Jinja sandbox).")(f)
+
+
 def device_option(f):
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")(f)
@@ -79,7 +89,7 @@ def overwrite_option(f):
 def file_path(ctx, param, value):
     """Click callback for an output file option: refuse a folder (usage error); the rest of the
     checks (writable, not replacing what the user owns) run in the command (``check_paths``)."""
-    if value is not None and value != "-" and Path(value).expanduser().is_dir():
+    if value is not None and value != "-" and os.path.isdir(os.path.expanduser(value)):
         raise click.BadParameter(f"{value} is a folder; give a file name", ctx=ctx, param=param)
     return value
 
@@ -270,7 +280,7 @@ def check_paths(*, files: Iterable[str | os.PathLike | None] = (), folders: Iter
 
     files = [f for f in files if f is not None and str(f) != "-"]
     folders = [d for d in folders if d is not None]
-    check_outputs(files + folders, inputs)
+    check_outputs(files, inputs, folders=folders)
     for f in files:
         check_output_file(f)
     for d in folders:

@@ -13,7 +13,7 @@ import click
 
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
                       exit_status, fail_on_option, k_option, out_option, overwrite_option, quiet, report_gate,
-                      sarif_option, seed_option, user_errors, verbosity_options)
+                      sarif_option, seed_option, task_dir_options, user_errors, verbosity_options)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -91,8 +91,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
               help="How a response is classified as a refusal (the judge scorer: use safety-eval).")
 @click.option("--tasks", default=None,
               help="Comma-separated lm-eval tasks [default: the built-in offline task]; 'none' to skip.")
-@click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of local lm-eval task YAML files.")
+@task_dir_options
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -104,8 +103,8 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
-          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, fail_on,
-          sarif_path):
+          benign, scorer, tasks, task_dir, trust_task_code, limit, max_new_tokens, batch_size, allow_pickle, device, seed,
+          fail_on, sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval), the safety-undo risk from weights (safety-scan) and
     the HTML report.
@@ -142,7 +141,8 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
         from ..safety.evaluate import EvalConfig
 
         safety_cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
-                                scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
+                                scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir,
+                                trust_task_code=trust_task_code, limit=limit,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
                                 allow_pickle=allow_pickle)
     settings = SpectrumSettings(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,

@@ -8,7 +8,7 @@ import click
 from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_template_option, check_paths,
                       deprecated_alias, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
                       max_prompt_chars_option, out_files, out_option, report_gate, sarif_option, seed_option,
-                      user_errors, verbosity_options, write_json_output)
+                      task_dir_options, user_errors, verbosity_options, write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
@@ -41,8 +41,7 @@ from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_templat
               help="Greedy generation length (refusals show in the first tokens; 32-64 is usual).")
 @click.option("--tasks", default=None,
               help="Comma-separated lm-eval tasks [default: the built-in offline task]; 'none' to skip.")
-@click.option("--task-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of local lm-eval task YAML files.")
+@task_dir_options
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
@@ -61,8 +60,8 @@ from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_templat
 @verbosity_options
 @user_errors
 def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
-                max_new_tokens, tasks, task_dir, limit, batch_size, backend, chat_template, max_prompt_chars,
-                no_early_stop, allow_pickle, device, seed, json_path, out, fail_on, sarif_path):
+                max_new_tokens, tasks, task_dir, trust_task_code, limit, batch_size, backend, chat_template,
+                max_prompt_chars, no_early_stop, allow_pickle, device, seed, json_path, out, fail_on, sarif_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
@@ -94,9 +93,10 @@ def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, marke
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                      scorer=scorer, markers=None if markers is None else load_markers(markers),
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, first_token_threshold=first_token_threshold, judge=judge,
-                     judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, seed=seed,
-                     chat_template=chat_template, allow_pickle=allow_pickle, backend=backend,
+                     judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir,
+                     trust_task_code=trust_task_code, limit=limit, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, device=device, seed=seed, chat_template=chat_template,
+                     allow_pickle=allow_pickle, backend=backend,
                      early_stop=not no_early_stop)
     result = run_safety_eval(base, list(tuned), cfg)
     outcomes = apply_gate(fail_on, safety=result) if fail_on is not None else []

@@ -72,7 +72,8 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
     fine-tuned model folders: anything 'spectrum' takes as TUNED), or adapters themselves.
     Each adapter's result is stored in --out the moment it is done; a killed screen loses only
     the adapters in flight, and --resume continues it. An adapter that cannot be read is
-    recorded as failed with the reason, and the screen goes on (exit code 4 at the end).
+    recorded as failed with the reason, and the screen goes on (exit code 4 at the end, as for
+    an adapter with matrices that could not be measured: NaN/Inf values).
     The ranking (most intruders, then largest relative update |dW|/|W0|) is in summary.csv,
     summary.json and report.html.
 
@@ -122,7 +123,8 @@ def screen(base, adapters, manifest, out, json_path, engine, address, workers, s
         from ..results.gate import format_gate
 
         echo(format_gate(fail_on, [outcome.summary.gate]))
-    exit_status(incomplete=outcome.failed > 0, gate_tripped=tripped)
+        tripped = outcome.summary.gate.tripped
+    exit_status(incomplete=outcome.failed > 0 or outcome.incomplete > 0, gate_tripped=tripped)
 
 
 def format_summary(outcome, *, quiet: bool = False) -> str:
@@ -148,6 +150,13 @@ def format_summary(outcome, *, quiet: bool = False) -> str:
             lines += [f"  {printable(r.name)}: {printable(r.error)}" for r in failed[:SHOWN]]
             if len(failed) > SHOWN:
                 lines.append(f"  ... and {len(failed) - SHOWN} more (summary.csv)")
+        partial = [r for r in s.adapters if r.status == "ok" and r.unmeasured]
+        if partial:
+            lines += ["", f"Incomplete ({len(partial)}): matrices not measured (NaN/Inf values), see each record"]
+            lines += [f"  {printable(r.name)}: {r.unmeasured} of {r.unmeasured + (r.matrices_audited or 0)} "
+                      "matrices" for r in partial[:SHOWN]]
+            if len(partial) > SHOWN:
+                lines.append(f"  ... and {len(partial) - SHOWN} more (summary.csv, column unmeasured)")
         if s.warnings:
             lines += ["", "Warnings:"] + [f"  {printable(w)}" for w in s.warnings[:SHOWN]]
     lines += ["", f"Summary: {outcome.out / 'summary.csv'}, {outcome.out / 'summary.json'}; "

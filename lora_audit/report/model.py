@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import json_text
+from ..io import json_text, read_user_bytes
 from ..results import load_result, read_result
 from ..results.safety import VERDICT_RANK, Comparison, ModelSafety, SafetyResult, Verdict
 from ..results.scan import ModelScan, SafetyScanResult
@@ -147,7 +147,7 @@ def load_input(item: str | os.PathLike | dict[str, Any] | SpectrumResult | Safet
         result, raw = load_result(item, label or f"<result {index + 1}>"), json_text(item).encode()
     else:
         result = load_result(read_result(item), str(item))
-        raw = Path(item).read_bytes()
+        raw = read_user_bytes(item, "result JSON")
     label = label or (str(item) if isinstance(item, (str, os.PathLike)) else f"<result {index + 1}>")
     prov = result.provenance_json()
     sha = "sha256:" + hashlib.sha256(raw).hexdigest()[:16]

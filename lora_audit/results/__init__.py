@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import atomic_write_json, read_user_json
+from ..io import atomic_write_json, read_user_json, user_path
 from .base import PROVENANCE_KEY, Provenance, Result, check_schema, git_hash, library_versions, schema_name
 
 __all__ = ["PROVENANCE_KEY", "Provenance", "Result", "check_schema", "git_hash", "library_versions", "fingerprint",
@@ -48,10 +48,10 @@ def fingerprint(path: str | os.PathLike, *, max_files: int = 256, content_limit:
     names, sizes and modification times only, for bigger inputs (a content hash of a 140 GB model
     would take minutes); ``id:<16 hex>``: a hash of the string, for inputs that are not local paths
     (hub ids)."""
-    p = Path(path).expanduser()
+    p = user_path(path)
     h = hashlib.sha256()
-    if not p.exists():
-        h.update(str(path).encode())
+    if not os.path.exists(p):
+        h.update(os.fsencode(str(path)))
         return "id:" + h.hexdigest()[:16]
     files = _files(p, max_files)
     sizes = [f.stat().st_size for f in files]
@@ -59,12 +59,12 @@ def fingerprint(path: str | os.PathLike, *, max_files: int = 256, content_limit:
     for f, size in zip(files, sizes):
         rel = f.relative_to(p) if p.is_dir() else f.name
         if by_content:
-            h.update(f"{rel}\0{size}\0".encode())
+            h.update(os.fsencode(f"{rel}\0{size}\0"))
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
         else:
-            h.update(f"{rel}\0{size}\0{int(f.stat().st_mtime)}\n".encode())
+            h.update(os.fsencode(f"{rel}\0{size}\0{int(f.stat().st_mtime)}\n"))
     return ("sha256:" if by_content else "stat:") + h.hexdigest()[:16]
 
 

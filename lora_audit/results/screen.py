@@ -31,7 +31,8 @@ screen must have the same setup, so every stored record stays comparable with th
       "lora_audit": {...},     provenance; settings: engine, workers, spectra sharing, device, ...
       "base": str, "k": int, "epsilon": float, "epsilon_sweep": [float],
       "ranked_by": [str],      the sort keys, most important first (``RANK_KEYS``)
-      "counts": {"adapters", "ok", "failed", "audited_now", "skipped_stored"},
+      "counts": {"adapters", "ok", "failed", "incomplete", "audited_now", "skipped_stored"},
+                               incomplete: ok adapters with matrices the audit could not measure
       "seconds": float,        wall time of this run
       "warnings": [str],
       "adapters": [ScreenRow]  [contract] in rank order: ok adapters by ``RANK_KEYS``, then the
@@ -134,7 +135,9 @@ class ScreenRow:
     ``relative_delta_norm`` in the spectrum JSON, taken over the whole adapter; the largest single
     matrix's is ``max_relative_delta_norm``); ``min_max_cos``: the lowest similarity of any of its
     top singular vectors to the base (lower = further from the base); ``record``: where its full
-    record lies in the store (``records/<shard>:<line>``); ``position``: its place in the ranking.
+    record lies in the store (``records/<shard>:<line>``); ``position``: its place in the ranking;
+    ``unmeasured``: the matrices its audit could not measure (NaN/Inf values: the row is incomplete,
+    as ``lora-audit spectrum`` says with exit code 4).
     Older files called ``relative_delta_norm`` "drift" (the spectrum JSON's name for 1 - lowest
     max|cos|) and ``position`` "rank" (a LoRA rank elsewhere); they are read."""
 
@@ -145,6 +148,7 @@ class ScreenRow:
     error: str = ""
     position: Annotated[int, AT_LEAST_1] | None = None  # in the ranking, 1 = first (not a LoRA rank: "rank" was its old name)
     matrices_audited: Count | None = None
+    unmeasured: Count | None = None  # matrices left out for NaN/Inf values or an overflowing update
     relative_delta_norm: NonNeg | None = None
     max_relative_delta_norm: NonNeg | None = None
     min_max_cos: Cos | None = None
@@ -170,6 +174,7 @@ class ScreenRow:
             return row
         row.total_intruders = r.total_intruders
         row.matrices_audited = len(r.matrices)
+        row.unmeasured = sum(1 for sk in r.skipped if sk.unmeasured)
         row.sweep_totals = list(r.sweep_totals)
         cos = [m.min_cos for m in r.matrices if m.min_cos is not None]
         row.min_max_cos = min(cos) if cos else None
@@ -255,19 +260,11 @@ class ScreenResult(Result):
         return out
 
     def to_csv(self) -> str:
-        """One row per adapter in rank order; text cells a spreadsheet would run as a formula are
-        neutralised (``text.csv_cell``); empty cells for values a failed adapter lacks."""
-        import csv
-        import io
+        """One row per adapter in rank order, written by ``io.csv_text`` (no cell a spreadsheet would
+        run as a formula, no control character); empty cells for values a failed adapter lacks."""
+        from ..io import csv_text
 
-        from ..text import csv_cell
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.csv_columns(), lineterminator="\n")
-        w.writeheader()
-        for row in self.csv_rows():
-            w.writerow({k: ("" if v is None else csv_cell(v)) for k, v in row.items()})
-        return buf.getvalue()
+        return csv_text(self.csv_rows(), self.csv_columns())
 
 
 def load_screen(path: str | os.PathLike) -> ScreenResult:

@@ -2,7 +2,8 @@
 
 ``lm_eval.simple_evaluate`` with ``HFLM(pretrained=<loaded model>)``: no second load; a PEFT
 adapter stays applied (not merged). Any lm-eval task name works (mmlu, hellaswag, ... need the
-Hugging Face hub), plus local task folders (``--task-dir``) and the project's own offline
+Hugging Face hub), plus local task folders (``--task-dir``: code, checked and sandboxed by
+``task_code`` unless ``--trust-task-code``) and the project's own offline
 multiple-choice task ``lora_audit_general_mc`` (48 general-knowledge questions written for
 lora-audit), so the default run measures something without network.
 """
@@ -86,15 +87,19 @@ class Capability:
     """Resolves the task names once (indexing lm-eval's own ~10k tasks takes seconds, so that is
     done only when a requested name is not local), then scores any number of loaded models."""
 
+    trust_task_code = False  # templates sandboxed, !function refused (``task_code``) unless set
+
     def __init__(self, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
-                 batch_size: int = 8, seed: int = 0):
+                 batch_size: int = 8, seed: int = 0, trust_task_code: bool = False):
         from lm_eval.tasks import TaskManager
 
+        from .task_code import inspect_task_dir
+
         self.tasks, self.limit, self.batch_size, self.seed = list(tasks), limit, batch_size, seed
+        self.trust_task_code = trust_task_code
         include = [str(_materialise_builtin())]
-        if task_dir:
-            if not Path(task_dir).is_dir():
-                raise InputError(f"{task_dir}: --task-dir must be a folder of lm-eval task YAML files")
+        if task_dir:  # a task folder is code: refused when it runs any, unless trusted (``task_code``)
+            inspect_task_dir(task_dir, trust=trust_task_code)
             include.append(str(Path(task_dir).resolve()))
         tm = TaskManager(include_path=include, include_defaults=False)
         if not set(self.tasks) <= set(tm.all_tasks):
@@ -116,10 +121,12 @@ class Capability:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
+        from .task_code import task_code_guard, template_error
+
         dev = next(model.parameters()).device
         side = tokenizer.padding_side
         try:
-            with _quiet_lm_eval(), quiet_lm_eval_bars():
+            with _quiet_lm_eval(), quiet_lm_eval_bars(), task_code_guard(self.trust_task_code):
                 lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
                 res = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
                                               limit=self.limit, random_seed=self.seed, numpy_random_seed=self.seed,
@@ -128,6 +135,11 @@ class Capability:
         except (ConnectionError, OSError) as e:
             raise InputError(f"lm-eval could not fetch the data for {self.tasks} (standard tasks need the Hugging "
                              f"Face hub; offline use a local task with --task-dir): {e}") from None
+        except Exception as e:  # only Jinja's errors are turned into an InputError; the rest re-raised
+            err = template_error(e)
+            if err is None:
+                raise
+            raise err from None
         finally:
             tokenizer.padding_side = side
         scores, metrics = {}, {}
@@ -144,9 +156,10 @@ class Capability:
 
 
 def run_capability(model, tokenizer, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
-                   batch_size: int = 8, seed: int = 0) -> dict[str, float | None]:
+                   batch_size: int = 8, seed: int = 0, trust_task_code: bool = False) -> dict[str, float | None]:
     """{task: score} for one loaded model (see ``Capability`` to score several models)."""
-    return Capability(tasks, task_dir=task_dir, limit=limit, batch_size=batch_size, seed=seed).run(model, tokenizer)[0]
+    return Capability(tasks, task_dir=task_dir, limit=limit, batch_size=batch_size, seed=seed,
+                      trust_task_code=trust_task_code).run(model, tokenizer)[0]
 
 
 def parse_tasks(text: str | None) -> list[str]:

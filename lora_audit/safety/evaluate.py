@@ -59,6 +59,7 @@ class EvalConfig:
     judge_template: str | None = None  # path to a text file with {behavior} and {generation}
     tasks: list[str] = field(default_factory=lambda: [BUILTIN_TASK])  # lm-eval tasks; [] to skip
     task_dir: str | None = None  # folder of local lm-eval task YAML files
+    trust_task_code: bool = False  # let the task folder run its code (``safety.task_code``)
     limit: int | None = None  # first N prompts of each set and N items of each task
     batch_size: int = 16
     max_new_tokens: int = 64
@@ -184,7 +185,7 @@ def evaluate_loaded(model, tokenizer, harmful: PromptSet, benign: PromptSet | No
     t0 = time.perf_counter()
     if capability is None and cfg.tasks:
         capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
-                                seed=cfg.seed)
+                                seed=cfg.seed, trust_task_code=cfg.trust_task_code)
     if capability is not None:
         with step(f"{name}: capability (lm-eval {', '.join(capability.tasks)})"):
             rec.capability, rec.capability_metric = capability.run(model, tokenizer)
@@ -323,7 +324,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
         raise InputError("need one unique name per tuned model, and not 'base'")
     sources = tuned_sources(tuned, cfg)
     capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
-                            seed=cfg.seed) if cfg.tasks else None
+                            seed=cfg.seed, trust_task_code=cfg.trust_task_code) if cfg.tasks else None
     if not isinstance(base, LoadedModel):
         stage(f"safety-eval: loading {base}")
     base_l = base if isinstance(base, LoadedModel) else load_model(base, device=cfg.device,

@@ -26,7 +26,7 @@ from typing import Iterable
 
 from ..checkpoints.detect import is_hub_id
 from ..errors import FormatError, InputError
-from ..io import read_user_text
+from ..io import read_user_text, user_path
 from ..text import printable
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -59,23 +59,36 @@ def _names(folder: Path) -> set[str]:
         return set()
 
 
-def _walk(folder: Path, shown: str, excluded: set[Path], out: list[Entry]) -> None:
-    """Append the items under ``folder`` (named ``shown`` as the user wrote it) to ``out``."""
+def _walk(folder: Path, shown: str, excluded: set[str], out: list[Entry]) -> None:
+    """Append the items under ``folder`` (named ``shown`` as the user wrote it) to ``out``, depth first
+    in name order. Iterative: an upload can nest folders deeper than Python's recursion limit. A
+    folder inside that cannot be listed is an entry (recorded as failed, with the reason)."""
     try:
-        children = sorted(os.scandir(folder), key=lambda d: d.name)
+        stack = [(iter(sorted(os.scandir(folder), key=lambda d: d.name)), shown)]
     except OSError as e:
         raise InputError(f"{shown}: cannot list this folder ({e.strerror or e})") from None
-    for child in children:
+    while stack:
+        child = next(stack[-1][0], None)
+        if child is None:
+            stack.pop()
+            continue
         if child.name.startswith("."):
             continue
-        path, name = Path(child.path), os.path.join(shown, child.name)
-        if path.resolve() in excluded:
+        path, name = Path(child.path), os.path.join(stack[-1][1], child.name)
+        if os.path.realpath(path) in excluded:  # not Path.resolve: that raises on a link loop
             continue
-        if child.is_dir(follow_symlinks=True):
+        try:
+            is_dir = child.is_dir(follow_symlinks=True)
+        except OSError:  # a link loop: not a folder to search
+            is_dir = False
+        if is_dir:
             if _is_item_folder(path, _names(path)):
                 out.append(Entry(name, name))
             elif not child.is_symlink():
-                _walk(path, name, excluded, out)
+                try:
+                    stack.append((iter(sorted(os.scandir(path), key=lambda d: d.name)), name))
+                except OSError:
+                    out.append(Entry(name, name))
         elif child.name.endswith(WEIGHT_SUFFIXES):
             out.append(Entry(name, name))
 
@@ -84,14 +97,14 @@ def discover(paths: Iterable[str], *, exclude: Iterable[str | os.PathLike] = ())
     """The adapters at or under ``paths`` (see the module docstring), and warnings (a folder with
     none). ``exclude``: paths never taken (the base, the screen's own folder). InputError for a
     path that does not exist."""
-    excluded = {Path(p).expanduser().resolve() for p in exclude}
+    excluded = {os.path.realpath(user_path(p)) for p in exclude}
     entries: list[Entry] = []
     warnings: list[str] = []
     for given in paths:
-        p = Path(given).expanduser()
-        if not p.exists():
+        p = user_path(given)
+        if not os.path.exists(p):  # os.path: False, not an OSError, for a name too long
             raise InputError(f"{given}: no such file or folder (give adapter folders or files, or --manifest)")
-        if p.is_file() or _is_item_folder(p, _names(p)):
+        if not p.is_dir() or _is_item_folder(p, _names(p)):  # a file (or a FIFO, a device: recorded as failed)
             entries.append(Entry(str(given), str(given)))
             continue
         before = len(entries)
@@ -106,7 +119,7 @@ def read_manifest(path: str | os.PathLike) -> list[Entry]:
     """The entries of a manifest file (see the module docstring); FormatError naming the line for
     a line with more than one TAB or an empty adapter."""
     text = read_user_text(path, "screen manifest")
-    folder = Path(path).expanduser().parent
+    folder = user_path(path).parent
     entries = []
     for i, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip("\r\n")
@@ -126,23 +139,39 @@ def _manifest_path(adapter: str, folder: Path) -> str:
     """What a manifest entry opens: an absolute path as is; a relative one inside the manifest's
     folder when it exists there; else a hub id when it looks like one; else the (missing) path
     relative to the manifest, which the screen records as failed."""
-    p = Path(adapter).expanduser()
+    p = user_path(adapter)
     if p.is_absolute():
         return str(p)
     local = folder / p
-    if local.exists() or not is_hub_id(adapter):
+    if os.path.exists(local) or not is_hub_id(adapter):
         return str(local)
     return adapter
 
 
+def _identity(e: Entry) -> str:
+    """What makes two entries the same adapter: the resolved path of a local one (``a0``, ``./a0``,
+    ``a0/``, its absolute path and a link to it are one adapter), the id of a hub one."""
+    p = user_path(e.path)
+    if os.path.lexists(p) or not is_hub_id(e.path):
+        return os.path.realpath(p)  # not Path.resolve: that raises on a link loop
+    return e.path
+
+
 def unique(entries: list[Entry]) -> tuple[list[Entry], list[str]]:
-    """``entries`` without repeats of the same adapter (the first is kept), and a warning per repeat."""
-    seen: set[str] = set()
-    out, warnings = [], []
+    """``entries`` without repeats of the same adapter (the first is kept, see ``_identity``), and one
+    warning naming the repeats."""
+    seen: dict[str, Entry] = {}
+    out, repeats = [], []
     for e in entries:
-        if e.adapter in seen:
-            warnings.append(f"{printable(e.adapter)}: listed more than once; screened once")
+        key = _identity(e)
+        if key in seen:
+            first = seen[key]
+            repeats.append(printable(e.adapter) + ("" if e.adapter == first.adapter else f" (= {printable(first.adapter)})"))
             continue
-        seen.add(e.adapter)
+        seen[key] = e
         out.append(e)
-    return out, warnings
+    if not repeats:
+        return out, []
+    shown = ", ".join(repeats[:5]) + (f" and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+    verb = "names an adapter" if len(repeats) == 1 else "name adapters"
+    return out, [f"{shown}: {verb} listed before (the same path, however written); screened once"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError
+from ..io import user_path
 from ..results import fingerprint
 from ..results.screen import FAILED, OK, ScreenResult, ScreenSetup
 from ..settings import SpectrumSettings
@@ -72,6 +73,11 @@ class ScreenOutcome:
     @property
     def failed(self) -> int:
         return self.summary.counts.get("failed", 0)
+
+    @property
+    def incomplete(self) -> int:
+        """Adapters audited with matrices left unmeasured (NaN/Inf): the screen is incomplete."""
+        return self.summary.counts.get("incomplete", 0)
 
 
 def _check(cfg: ScreenConfig) -> None:
@@ -177,8 +183,8 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
     entries, notes = unique(list(entries))
     if not entries:
         raise InputError("no adapters to screen: give adapter folders or files, or a --manifest with entries")
-    out = Path(out).expanduser()
-    check_outputs([out], [str(base)] + [e.path for e in entries])
+    out = user_path(out)
+    check_outputs([], [str(base)] + [e.path for e in entries], folders=[out])
     base_local = _base_path(str(base))
     engine = make_engine(cfg)
     cache = open_cache(s.cache_dir)  # always: local workers share the base spectra through it

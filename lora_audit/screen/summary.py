@@ -18,9 +18,7 @@ from ..results.findings import Finding
 from ..results.screen import FAILED, OK, ScreenResult, ScreenRow, ScreenSetup, rank_rows
 from ..results.spectrum import SpectrumResult
 from .discovery import Entry
-from .store import ScreenStore
-
-SUMMARY_JSON, SUMMARY_CSV, REPORT, DETAIL = "summary.json", "summary.csv", "report.html", "detail"
+from .store import DETAIL, REPORT, SUMMARY_CSV, SUMMARY_JSON, ScreenStore
 
 
 def summary_rows(store: ScreenStore, entries: Iterable[Entry], *,
@@ -58,7 +56,8 @@ def summarize(store: ScreenStore, entries: list[Entry], *, settings: dict[str, A
     setup = store.setup
     rows = summary_rows(store, entries, findings=findings)
     ok = sum(1 for r in rows if r.status == OK)
-    counts = {"adapters": len(rows), "ok": ok, "failed": len(rows) - ok, "audited_now": audited,
+    incomplete = sum(1 for r in rows if r.status == OK and r.unmeasured)
+    counts = {"adapters": len(rows), "ok": ok, "failed": len(rows) - ok, "incomplete": incomplete, "audited_now": audited,
               "skipped_stored": len(rows) - audited}
     return ScreenResult(base=setup.base, k=setup.k, epsilon=setup.epsilon, epsilon_sweep=list(setup.epsilon_sweep),
                         counts=counts, seconds=seconds, warnings=list(warnings), adapters=rows,

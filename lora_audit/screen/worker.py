@@ -16,10 +16,10 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LoraAuditError
+from ..io import user_path
 from ..results import fingerprint
 from ..results.screen import FAILED, OK, ScreenRecord
 from ..settings import SpectrumSettings
@@ -61,7 +61,7 @@ def input_fingerprint(path: str) -> str:
     """The content hash of an adapter's files (``results.fingerprint``); for a hub id, of its local
     snapshot (downloaded when needed), or of the id itself when it cannot be fetched; "unreadable"
     when its files cannot be read (the audit then fails and says why)."""
-    if not Path(path).expanduser().exists():
+    if not os.path.exists(user_path(path)):
         from ..checkpoints.sources import local_path
 
         try:

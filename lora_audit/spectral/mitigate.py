@@ -242,7 +242,7 @@ def mitigate_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, 
 
     check_settings(lam, k, epsilon)
     folder, config_bytes = _adapter_folder(adapter)
-    check_outputs([out, json_path], [base, adapter])
+    check_outputs([json_path], [base, adapter], folders=[out])
     check_output_dir(out, overwrite=overwrite, what="mitigated adapter")
     if json_path is not None:
         check_output_file(json_path, "mitigate record")

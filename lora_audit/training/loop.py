@@ -41,7 +41,7 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     Returns the training record (``results.training.TrainingResult``)."""
     from ..io import check_output_dir, check_outputs
 
-    check_outputs([out], [base, data])
+    check_outputs([], [base, data], folders=[out])
     check_output_dir(out, overwrite=overwrite)
     model, tok, record = fit(method=method, base=base, data=data, steps=steps, rank=rank, alpha=alpha, lr=lr,
                              batch_size=batch_size, max_length=max_length, target_modules=target_modules,

@@ -95,4 +95,4 @@ def test_manifest_must_be_a_text_file(tmp_path):
 def test_unique_keeps_the_first_of_repeats():
     entries, warnings = unique([Entry("a", "a", "first"), Entry("b", "b"), Entry("a", "a", "second")])
     assert entries == [Entry("a", "a", "first"), Entry("b", "b")]
-    assert warnings == ["a: listed more than once; screened once"]
+    assert warnings == ["a: names an adapter listed before (the same path, however written); screened once"]

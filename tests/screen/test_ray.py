@@ -83,7 +83,8 @@ def test_ray_screen_interrupted_midway_resumes(ray_runtime, wide_set, tmp_path, 
     index = (out / "index.jsonl").read_text().splitlines()
     assert index[:2] == first and len(index) == 5
     assert sorted(json.loads(x)["adapter"] for x in index) == sorted(e.adapter for e in entries)
-    assert outcome.summary.counts == {"adapters": 5, "ok": 5, "failed": 0, "audited_now": 3, "skipped_stored": 2}
+    assert outcome.summary.counts == {"adapters": 5, "ok": 5, "failed": 0, "incomplete": 0, "audited_now": 3,
+                                      "skipped_stored": 2}
     assert outcome.summary.settings["spectra"] == "cache"
     for e in entries:
         got = dict(stored_results(out)[e.adapter]["result"])

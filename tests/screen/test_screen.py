@@ -74,8 +74,8 @@ def test_a_corrupt_adapter_is_recorded_and_the_rest_complete(screened):
     bad = records[str(ads["corrupt"])]
     assert bad["status"] == "failed" and bad["result"] is None and bad["attempts"] == 1  # the input's fault: not retried
     assert "adapter_model.safetensors: not a readable safetensors file" in bad["error"]
-    assert outcome.failed == 1 and outcome.summary.counts == {"adapters": 6, "ok": 5, "failed": 1, "audited_now": 6,
-                                                              "skipped_stored": 0}
+    assert outcome.failed == 1 and outcome.summary.counts == {"adapters": 6, "ok": 5, "failed": 1, "incomplete": 0,
+                                                               "audited_now": 6, "skipped_stored": 0}
 
 
 def test_the_summary_ranks_by_intruders_then_relative_update(screened):
