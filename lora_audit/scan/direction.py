@@ -69,15 +69,28 @@ class Residual:
     n_layers: int
     d_model: int
     writers: list[Writer] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)  # embedding tables added into the stream (token, position)
 
     def to_meta(self) -> dict:
         return {"blocks": self.blocks, "n_layers": self.n_layers, "d_model": self.d_model,
-                "writers": [[w.module, w.layer, w.sublayer, w.in_features] for w in self.writers]}
+                "writers": [[w.module, w.layer, w.sublayer, w.in_features] for w in self.writers],
+                "embeddings": list(self.embeddings)}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Residual":
         return cls(blocks=str(meta["blocks"]), n_layers=int(meta["n_layers"]), d_model=int(meta["d_model"]),
-                   writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]])
+                   writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]],
+                   embeddings=[str(e) for e in meta.get("embeddings", [])])
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether the checkpoint parameter ``name`` is one of the stream's embedding tables (with or
+        without a wrapper prefix)."""
+        known = set()
+        for e in self.embeddings:
+            parts = f"{e}.weight".split(".")
+            known.update(".".join(parts[i:]) for i in range(len(parts) - 1))
+        parts = name.split(".")
+        return any(".".join(parts[i:]) in known for i in range(len(parts) - 1))
 
     def writer_index(self) -> dict[str, Writer]:
         """Writer by parameter name (``<module>.weight``) and by every dotted suffix of it, so that
@@ -184,7 +197,10 @@ def trace_residual(model: nn.Module, input_ids: Tensor) -> Residual:
                for (layer, child), (module, in_w) in sorted(last.items(), key=lambda kv: kv[0][0])]
     if not writers:
         raise InputError(f"the model ({arch}): no linear module in {path} writes into the stream: {UNSUPPORTED}")
-    return Residual(blocks=path, n_layers=len(blocks), d_model=width, writers=writers)
+    inside = {id(m) for m in blocks.modules()}
+    embeddings = [name for name, m in model.named_modules()  # token and position tables feeding the first block
+                  if isinstance(m, nn.Embedding) and m.embedding_dim == width and id(m) not in inside]
+    return Residual(blocks=path, n_layers=len(blocks), d_model=width, writers=writers, embeddings=embeddings)
 
 
 @dataclass

@@ -2,15 +2,18 @@
 harmless prompts, computed once and cached on disk like the base spectra.
 
 A profile holds, per prompt, the last-token output of every block (``direction.collect``) and the
-first-token refusal log-odds, the mean last-token input of every residual writer on each set, and
-the residual stream's layout (``direction.Residual``). The refusal direction and its quality are
-derived from it on load (``BaseProfile.direction``): cheap, and never stale.
+first-token refusal log-odds, the mean last-token input of every residual writer on each set, the
+residual stream's layout (``direction.Residual``), the split of each set into a direction half and
+a validation half (``prompts.split_halves``) and the causal test of every candidate direction on
+the validation halves (``causal.validate_directions``, a ``results.scan.CausalTest``). The refusal directions and their quality are
+derived from the direction halves on load (``BaseProfile.direction``): cheap, and never stale.
 
 The cache: one safetensors file per profile under ``<lora-audit cache>/scan-profiles/``, never
 pickle, written atomically (``lora_audit.io.atomic_write_bytes``)::
 
-    key  = sha256(FORMAT/VERSION, fingerprint of BASE, the harmful and harmless prompt texts,
-                  the chat template file's text (or "tokenizer"), the refusal-start words)
+    key  = sha256(FORMAT/VERSION, fingerprint of BASE, the harmful and harmless prompt texts and
+                  their halves, the chat template file's text (or "tokenizer"), the refusal-start
+                  words, the causal test's thresholds)
     mac  = HMAC-SHA256(secret, [FORMAT, VERSION, key, meta] || name, dtype, shape, bytes of every
                        tensor in name order)
 
@@ -30,18 +33,22 @@ import json
 import os
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
 from torch import Tensor
 
+from ..errors import InputError
 from ..io import atomic_write_bytes
+from ..results.schema import parse
 from ..spectral.cache import CacheWarning, _contiguous_bytes
+from ..results.scan import CausalTest
+from .causal import validate_directions
 from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
 
 FORMAT = "lora-audit-refusal-profile"
-VERSION = "1"
+VERSION = "2"
 CONTENT_LIMIT = 2 * 2**30  # bytes of BASE hashed by content for the key; larger: names, sizes, times
 MAX_ENTRY_BYTES = 2 * 2**30
 _SETS = ("harmful", "harmless")
@@ -69,32 +76,57 @@ class BaseProfile:
     harmless: Collected
     prompts: dict[str, PromptInfo]
     key: str
+    halves: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # set -> (direction, validation)
+    causal: CausalTest | None = None
     cached: bool = False  # read from the cache
-    seconds: float = 0.0  # forward time when computed
+    seconds: float = 0.0  # forward time when computed (activations and the causal test)
     notes: list[str] = field(default_factory=list)
 
     @functools.cached_property
     def direction(self) -> Direction:
-        return refusal_direction(self.harmful.states, self.harmless.states)
+        """Every layer's direction from the direction halves of the two sets."""
+        h, b = self.halves["harmful"][0], self.halves["harmless"][0]
+        return refusal_direction(self.harmful.states[h], self.harmless.states[b])
+
+    @property
+    def refusal_unit(self) -> Tensor | None:
+        """The unit direction the causal test chose (float64, (d,)), or None when none is causal."""
+        if self.causal is None or self.causal.layer is None:
+            return None
+        return self.direction.unit[self.causal.layer]
 
     def writer_input_shift(self, module: str) -> Tensor:
         """mean harmful - mean harmless last-token input of a writer (float64, (in,))."""
         return self.harmful.input_means[module] - self.harmless.input_means[module]
 
 
+def base_fingerprint(path: str) -> str:
+    """BASE's identity for the profile's key and for matching a risk file's panel: a content hash
+    (``results.fingerprint``) for models up to ``CONTENT_LIMIT`` bytes."""
+    from ..results import fingerprint
+
+    return fingerprint(path, content_limit=CONTENT_LIMIT)
+
+
 def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], template: str | None,
-                start_words: list[str]) -> str:
+                start_words: list[str], halves: dict[str, tuple[list[int], list[int]]] | None = None) -> str:
     """The cache key of a profile (module docstring): what determines its content."""
+    from . import causal as C
+
     h = hashlib.sha256()
     ident = [FORMAT, VERSION, base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
-             template if template is not None else "tokenizer", list(start_words)]
+             template if template is not None else "tokenizer", list(start_words),
+             {k: [list(d), list(v)] for k, (d, v) in sorted((halves or {}).items())},
+             [C.ABLATION_MIN_DROP, C.ACTADD_MIN_RISE, C.KL_MAX, C.PRUNE_LAST, C.MAX_CANDIDATES]]
     h.update(json.dumps(ident).encode())
     return h.hexdigest()
 
 
 def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Tensor, *, batch_size: int,
-                    prompts: dict[str, PromptInfo], key: str) -> BaseProfile:
-    """Trace the residual stream and collect both prompt sets' activations on the loaded BASE."""
+                    prompts: dict[str, PromptInfo], key: str,
+                    halves: dict[str, tuple[list[int], list[int]]]) -> BaseProfile:
+    """Trace the residual stream, collect both prompt sets' activations on the loaded BASE, and test
+    every candidate direction (from the direction halves) on the validation halves."""
     import time
 
     t0 = time.perf_counter()
@@ -105,8 +137,13 @@ def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Te
     inputs_of = {w.module: modules[w.module] for w in residual.writers}
     got = {s: collect(model, tokenizer, texts[s], blocks, start_ids, batch_size=batch_size, inputs_of=inputs_of,
                       desc=f"base: {s}") for s in _SETS}
-    return BaseProfile(residual=residual, harmful=got["harmful"], harmless=got["harmless"], prompts=prompts,
-                       key=key, seconds=time.perf_counter() - t0)
+    profile = BaseProfile(residual=residual, harmful=got["harmful"], harmless=got["harmless"], prompts=prompts,
+                          key=key, halves=halves)
+    val = {s: [texts[s][i] for i in halves[s][1]] for s in _SETS}
+    profile.causal = validate_directions(model, tokenizer, val["harmful"], val["harmless"], residual, blocks,
+                                         profile.direction.r, start_ids, batch_size=batch_size)
+    profile.seconds = time.perf_counter() - t0
+    return profile
 
 
 # ---- the cache ------------------------------------------------------------------------------
@@ -140,7 +177,9 @@ def store(profile: BaseProfile, root: Path, secret: bytes) -> Path:
 
     tensors = _tensors(profile)
     meta = json.dumps({"residual": profile.residual.to_meta(),
-                       "prompts": {s: vars(i) for s, i in profile.prompts.items()}})
+                       "prompts": {s: vars(i) for s, i in profile.prompts.items()},
+                       "halves": {s: [list(d), list(v)] for s, (d, v) in profile.halves.items()},
+                       "causal": asdict(profile.causal) if profile.causal is not None else None})
     blob = save(tensors, metadata={"format": FORMAT, "version": VERSION, "key": profile.key, "meta": meta,
                                    "mac": _mac(secret, profile.key, meta, tensors)})
     root.mkdir(parents=True, exist_ok=True)
@@ -174,13 +213,17 @@ def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
         sets[s] = Collected(states=tensors[f"{s}.states"], scores=tensors[f"{s}.scores"],
                             input_means={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     prompts = {s: PromptInfo(**v) for s, v in info["prompts"].items()}
+    halves = {s: ([int(i) for i in d], [int(i) for i in v]) for s, (d, v) in info["halves"].items()}
+    causal = parse(CausalTest, info["causal"], str(path), what="profile") if info.get("causal") is not None else None
     for s, c in sets.items():
         want = (prompts[s].n, residual.n_layers, residual.d_model)
         if tuple(c.states.shape) != want or tuple(c.scores.shape) != want[:1] or \
                 set(c.input_means) != {w.module for w in residual.writers}:
             raise ValueError(f"its {s} tensors do not match its metadata")
+        if set(halves) != set(_SETS) or sorted(halves[s][0] + halves[s][1]) != list(range(want[0])):
+            raise ValueError(f"its {s} halves do not match its prompts")
     return BaseProfile(residual=residual, harmful=sets["harmful"], harmless=sets["harmless"], prompts=prompts,
-                       key=key, cached=True)
+                       key=key, halves=halves, causal=causal, cached=True)
 
 
 def lookup(root: Path, key: str, secret: bytes) -> BaseProfile | None:
@@ -191,7 +234,7 @@ def lookup(root: Path, key: str, secret: bytes) -> BaseProfile | None:
     try:
         return _read(path, key, secret)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error,
-            SafetensorError) as e:
+            SafetensorError, InputError) as e:
         warnings.warn(CacheWarning(f"base profile cache entry {path.name}: {e}; recomputing"), stacklevel=2)
         path.unlink(missing_ok=True)
         return None
