@@ -156,7 +156,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     if sarif_path is not None:
         from ..report.sarif import sarif_log, write_sarif
 
-        write_sarif(sarif_path, sarif_log(spectrum=outcome.spectrum, safety=outcome.safety,
+        write_sarif(sarif_path, sarif_log(spectrum=outcome.spectrum, safety=outcome.safety, scan=outcome.scan,
                                           exit_code=exit_code(incomplete=incomplete, gate_tripped=tripped)))
     echo(f"\nReport written to {outcome.out / 'index.html'} (results and tables/ in {outcome.out})")
     if sarif_path is not None:

@@ -13,7 +13,10 @@ folder's model.safetensors, or the file given) and the matrices or modules as lo
 - LA010 per tuned model whose verdict is not RETAINED (SAFETY_REMOVED error, SAFETY_DEGRADED
   warning, INCONCLUSIVE note), LA011 / LA012 for the capability and over-refusal flags;
 - LA020-LA028 the structural findings of each tuned model, as found;
-- LA030 per matrix left out of the audit for NaN/Inf values or an overflowing update.
+- LA030 per matrix left out of the audit for NaN/Inf values or an overflowing update;
+- LA040 per scanned model with refusal edits (safety-scan): error when an edit removes BASE's
+  refusal direction (abliteration), warning when edits only add to it; the flagged matrices as
+  logical locations.
 
 File locations are relative URIs when the path is relative or inside the current folder (what
 code scanning expects: paths from the repository root), ``file://`` URIs otherwise. The run's
@@ -103,6 +106,23 @@ def safety_findings(result) -> list[tuple[str, Finding]]:
     return out
 
 
+def scan_findings(result) -> list[tuple[str, Finding]]:
+    """(tuned model, finding) for every scanned model with refusal edits (LA040)."""
+    out = []
+    for name, m in result.models.items():
+        if not m.refusal_edits:
+            continue
+        level = "error" if m.refusal_edits_removing else "warning"
+        what = "removing it (abliteration-like)" if m.refusal_edits_removing else "adding to it (toward over-refusal)"
+        out.append((name, Finding(
+            "LA040", level, f"{m.refusal_edits} of {m.stream_matrices_changed} changed matrices writing into the "
+            f"residual stream are edited along the base's refusal direction, {what}", weights_file(m.source or name),
+            {"modules": [e["name"] for e in m.refusal_edit_matrices], "refusal_edits": m.refusal_edits,
+             "removing": m.refusal_edits_removing, "adding": m.refusal_edits_adding,
+             "matrices": m.refusal_edit_matrices})))
+    return out
+
+
 def _result(model: str, f: Finding, rule_index: dict[str, int]) -> dict[str, Any]:
     location: dict[str, Any] = {}
     if f.file:
@@ -127,15 +147,16 @@ def _rules() -> list[dict[str, Any]]:
              "help": {"text": r.help}, "defaultConfiguration": {"level": r.level}} for r in RULES.values()]
 
 
-def sarif_log(*, spectrum=None, safety=None, exit_code: int | None = None,
+def sarif_log(*, spectrum=None, safety=None, scan=None, exit_code: int | None = None,
               extra: Iterable[tuple[str, Finding]] = ()) -> dict[str, Any]:
-    """The SARIF log (a JSON object) of a spectrum and/or safety result, plus ``extra`` findings
-    (other result kinds, e.g. the screen's); ``exit_code`` goes into the run's invocation."""
+    """The SARIF log (a JSON object) of a spectrum, safety and/or safety-scan result, plus ``extra``
+    findings (other result kinds, e.g. the screen's); ``exit_code`` goes into the run's invocation."""
     findings = list(spectrum_findings(spectrum) if spectrum is not None else [])
     findings += safety_findings(safety) if safety is not None else []
+    findings += scan_findings(scan) if scan is not None else []
     findings += list(extra)
     rule_index = {rid: i for i, rid in enumerate(RULES)}
-    gates = [r.gate.to_json() for r in (spectrum, safety) if r is not None and r.gate is not None]
+    gates = [r.gate.to_json() for r in (spectrum, safety, scan) if r is not None and r.gate is not None]
     run: dict[str, Any] = {
         "tool": {"driver": {"name": "lora-audit", "version": __version__, "semanticVersion": __version__,
                             "rules": _rules()}},

@@ -23,6 +23,7 @@ findings under the rules below. Rule ids are part of the contract: never renumbe
     LA027  scale-anomaly             alpha / r far outside the usual range, or not positive
     LA028  dtype-anomaly             unusual or mixed factor dtypes
     LA030  non-finite-matrix         a matrix left out of the audit for NaN/Inf values
+    LA040  refusal-direction-edit    matrices edited along BASE's causal refusal direction (safety-scan)
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ _RULES = [
     Rule("LA030", "non-finite-matrix", "A matrix was left out of the audit.",
          "NaN/Inf values in the base, the tuned weights or the adapter factors, or an update that overflows: "
          "the matrix was not audited and the result is incomplete (exit status 4).", "warning"),
+    Rule("LA040", "refusal-direction-edit", "Matrices were edited along the base model's refusal direction.",
+         "safety-scan found updates of matrices writing into the residual stream whose energy lies along the "
+         "base's refusal direction (shown causal by ablation and activation addition on held-out prompts) far "
+         "beyond what a direction-blind update of the same spectrum gives (familywise 1 %, at least 2 % of the "
+         "update's energy). Removing the direction is what abliteration does (Arditi et al. 2024): refusal is "
+         "taken out of the weights (error). Adding to it pushes toward over-refusal (warning). Ordinary "
+         "fine-tuning does not write along one direction; check where the model came from.", "error"),
 ]
 RULES: dict[str, Rule] = {r.id: r for r in _RULES}
 

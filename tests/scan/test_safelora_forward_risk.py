@@ -136,14 +136,13 @@ def test_risk_file_errors_name_the_file_and_field(tmp_path):
     bad.write_text('{"schema": "other"}')
     with pytest.raises(InputError, match="not a lora-audit risk model file"):
         R.load_risk_models(bad)
-    bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": ["a"], '
-                   '"transforms": ["identity"], "mean": [0], "scale": [0], "weights": [1], "intercept": 0}}}')
-    with pytest.raises(InputError, match="scales above 0"):
+    model = ('{"name": "full", "features": ["refusal_score_delta"], "transforms": ["identity"], "mean": [0], '
+             '"scale": [%s], "weights": [1], "intercept": 0%s}')
+    bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": %s}}' % (model % ("0", "")))
+    with pytest.raises(InputError, match=r"bad.json: models\['full'\]\.scale\[0\]: 0.0 must be above 0"):
         R.load_risk_models(bad)
-    bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": {"name": "full", "features": ["a"], '
-                   '"transforms": ["identity"], "mean": [0], "scale": [1], "weights": [1], "intercept": 0, '
-                   '"threshold": 5}}}')
-    with pytest.raises(InputError, match="a threshold between 0 and 1"):
+    bad.write_text('{"schema": "lora-audit/scan-risk", "models": {"full": %s}}' % (model % ("1", ', "threshold": 5')))
+    with pytest.raises(InputError, match=r"models\['full'\]\.threshold: 5.0 must lie between 0 and 1"):
         R.load_risk_models(bad)
     bad.write_text('[1, 2]')
     with pytest.raises(InputError, match="must be a JSON object"):
