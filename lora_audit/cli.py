@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .commands._common import CONTEXT
+from .commands._common import CONTEXT, has_verbosity_options, verbosity_options, verbosity_params
 
 # command name -> ("module:attribute", one-line help). Further commands come from installed plugins: the
 # entry-point group PLUGIN_GROUP (the studies' ``demo`` and ``zoo`` are registered there by pyproject.toml).
@@ -23,8 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spectrum": ("lora_audit.commands.spectrum:spectrum", "Intruder-dimension audit of tuned models against their base."),
     "screen": ("lora_audit.commands.screen:screen", "Audit thousands of adapters of one base as one resumable job (local or Ray)."),
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
+    "model": ("lora_audit.commands.model:model", "Fetch the embedded default model (SmolLM2-135M-Instruct) or print its path."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
-    "safety-scan": ("lora_audit.commands.scan:safety_scan", "Safety-undo risk from weights and one forward pass, no generation."),
+    "safety-scan": ("lora_audit.commands.scan:safety_scan", "Edits along the refusal direction and a first-token refusal proxy, no generation."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),
     "federated": ("lora_audit.commands.finetune:federated", "Aggregate federated client adapters and report the aggregation bias."),
     "mitigate": ("lora_audit.commands.finetune:mitigate", "Scale down intruder dimensions of an adapter and write a new one."),
@@ -61,7 +62,10 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        cmd = getattr(module, attr)
+        if not isinstance(cmd, click.Group) and not has_verbosity_options(cmd):
+            cmd.params.extend(verbosity_params())  # -q / -v after every command's name, plugins' included
+        return cmd
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help for the group lists the short descriptions; built-in commands are not imported for it.
@@ -90,9 +94,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="lora-audit")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Also show the libraries' own progress bars, logs and warnings (transformers, lm-eval, ...).")
-def cli(verbose: bool) -> None:
+@verbosity_options
+def cli() -> None:
     """Audit fine-tuned language models against their base.
 
     \b
@@ -103,12 +106,9 @@ def cli(verbose: bool) -> None:
     \b
     Exit codes: 0 ok, 1 error (nothing written), 2 usage, 3 --fail-on gate tripped,
     4 incomplete (results written; some matrices could not be audited).
+    -q/--quiet and -v/--verbose may also follow the command's name.
     Set LORA_AUDIT_RAISE_ERRORS=1 to see Python tracebacks of unexpected errors.
     """
-    if not verbose:
-        from .progress import quiet_libraries
-
-        quiet_libraries()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

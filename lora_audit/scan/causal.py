@@ -34,7 +34,7 @@ with it (``profile``).
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -47,7 +47,6 @@ from ..safety.scorers import last_position_logits, refusal_log_odds
 UNSUPPORTED = ("it has no residual stream lora-audit understands (a decoder-only transformer whose blocks "
                "are one list of config.num_hidden_layers modules, each adding attention and MLP outputs to "
                "the stream)")
-MIN_PROMPTS = 8  # per set: fewer cannot even be split in halves of 4 for the stability check
 STABLE_COS = 0.8  # a layer's direction counts as stable when its split-half cosine reaches this
 
 
@@ -292,11 +291,3 @@ def prompts_needed(n: int, stability: float, target: float = STABLE_COS) -> int 
     rho_half = stability / (1 - stability) if stability < 1 else math.inf
     want = target / (1 - target)
     return n if rho_half >= want else int(math.ceil(n * want / rho_half - 1e-9))
-
-
-def check_prompt_counts(n_harmful: int, n_harmless: int, where: str) -> None:
-    """InputError unless both prompt sets have at least ``MIN_PROMPTS``."""
-    if min(n_harmful, n_harmless) < MIN_PROMPTS:
-        raise InputError(f"{where}: {n_harmful} harmful and {n_harmless} harmless prompts; the refusal direction "
-                         f"needs at least {MIN_PROMPTS} of each (its stability is checked on two halves), and is "
-                         "steadier with 32 or more (the built-in sets have 40)")

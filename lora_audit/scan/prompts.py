@@ -18,7 +18,7 @@ same halves, and ``--limit N`` splits the first N prompts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import InputError
 

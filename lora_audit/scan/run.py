@@ -28,6 +28,7 @@ from ..checkpoints.detect import Kind
 from ..checkpoints.layout import is_head
 from ..checkpoints.sources import local_path, open_weights
 from ..errors import InputError, ShapeMismatchError
+from ..progress import step
 from ..results import fingerprint, provenance
 from ..results.safety import Thresholds
 from ..results.scan import (FORWARD_ONLY_FIELDS, SCHEMA, SCHEMA_VERSION, DirectionInfo, LayerValues, ModelScan,
@@ -38,7 +39,7 @@ from . import risk as R
 from . import tamper as T
 from . import validation as V
 from .causal import why_not
-from .direction import STABLE_COS, Direction, collect, find_blocks
+from .direction import STABLE_COS, Direction, collect, find_blocks, prompts_needed
 from .forward import ForwardSignals, forward_signals
 from .profile import (BaseProfile, PromptInfo, base_fingerprint, cache_dir, compute_profile, lookup,
                       profile_key, store)
@@ -179,8 +180,15 @@ def _check_direction(profile: BaseProfile, direction: Direction, cfg: ScanConfig
         if "refusal_edits" in cfg.gate_fields:
             raise InputError(f"--fail-on names refusal_edits, but BASE's refusal direction is not causal ({why}), so "
                              "no edit along it can be counted and the condition could never hold")
-        out.append(f"BASE's refusal direction is not causal: {why}. No refusal edits are counted and no signal "
-                   f"measured along the direction ({', '.join(DIRECTION_SIGNALS)}) is given for this base")
+        stab = direction.stability
+        best = int(torch.argmax(stab))
+        need = prompts_needed(min(direction.n_harmful, direction.n_harmless), float(stab[best]))
+        noisy = "" if float(stab[best]) >= STABLE_COS else (
+            f"; its best split-half cosine is {float(stab[best]):.2f} (layer {best}): "
+            + (f"about {need} prompts per direction half would make it stable" if need else
+               "far more prompts are needed, or BASE has no consistent direction"))
+        out.append(f"BASE's refusal direction is not causal: {why}{noisy}. No refusal edits are counted and no "
+                   f"signal measured along the direction ({', '.join(DIRECTION_SIGNALS)}) is given for this base")
     left = int((~direction.stable).sum())
     if left:
         out.append(f"{left} of {len(direction.stability)} layers have a refusal direction with a split-half cosine "
@@ -194,7 +202,7 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     the cache outcome, the seconds spent loading BASE)."""
     from ..safety.generate import chat_texts
     from ..safety.scorers import DEFAULT_REFUSAL_STARTS
-    from ..spectral.cache import load_secret
+    from ..cache import load_secret
 
     key = profile_key(base_fp, inputs.harmful, inputs.harmless, inputs.template, DEFAULT_REFUSAL_STARTS,
                       inputs.halves) if cfg.use_cache else ""
@@ -440,7 +448,8 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     direction = profile.direction
     causal = profile.refusal_unit is not None
     warnings = _check_direction(profile, direction, cfg) + list(profile.notes)
-    wp = _weight_pass(stream, profile, direction, unaligned)
+    with step(f"safety-scan: weight signals of {len(tuned)} tuned model{'s' if len(tuned) != 1 else ''}"):
+        wp = _weight_pass(stream, profile, direction, unaligned)
     texts = None
     if not cfg.weights_only:
         from ..safety.generate import chat_texts

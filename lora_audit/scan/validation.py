@@ -25,7 +25,7 @@ are quoted as evidence only when BASE is the panel's model (the same content has
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

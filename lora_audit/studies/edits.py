@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 EMBEDDINGS = -1  # in ``layers``: the embedding tables
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from lora_audit.checkpoints import load_model
@@ -46,7 +45,7 @@ def test_ablation_removes_the_direction_from_everything_written_into_the_stream(
     def along(ablate: bool) -> list[float]:
         seen: list[torch.Tensor] = []
         hooks = ablation_hooks(model, blocks, residual, u) if ablate else []
-        read = lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach())  # noqa: E731
+        read = lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach())
         watch = [b.register_forward_pre_hook(read, with_kwargs=True) for b in [*blocks, model.model.norm]]
         watch += [modules[w.module].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
                   for w in residual.writers]  # registered after the ablation's: they see its output

@@ -177,7 +177,7 @@ def test_abliterations_are_flagged_weights_only(refusing_llama, edits, scan_cfg)
     assert result.direction.causal.layer == 0
     want = {"abl-lora-1.0": 5, "abl-lora-0.5": 5, "abl-lora-0.25": 5, "abl-full-1.0": 5, "abl-full-layer1": 2,
             "abl-lora-layer0": 2}  # 4 writers and the embedding table; layer 1's two writers; layer 0's
-    for name, m in zip(names, models):
+    for name, m in zip(names, models, strict=True):
         assert m.refusal_edits == want[name] == m.refusal_edits_removing, (name, m.refusal_edit_matrices)
         assert m.refusal_edits_adding == 0 and m.stream_matrices_changed == want[name]
         assert all(e["share"] > 0.5 and e["sign"] == "removes" for e in m.refusal_edit_matrices)
@@ -191,7 +191,7 @@ def test_edits_that_remove_refusal_are_flagged_and_the_proxy_sees_it(refusing_ll
     refusal is flagged (they all are, whatever the strength)."""
     names = ["abl-lora-1.0", "abl-lora-0.5", "abl-full-1.0"]
     models, _ = _scan(refusing_llama, [edits[n] for n in names], scan_cfg)
-    drops = {n: m.signals["first_token_drop"] for n, m in zip(names, models)}
+    drops = {n: m.signals["first_token_drop"] for n, m in zip(names, models, strict=True)}
     assert drops["abl-lora-1.0"] >= 0.3 and drops["abl-full-1.0"] >= 0.3, drops
     assert all(m.refusal_edits > 0 for m in models)
 
@@ -233,7 +233,7 @@ def test_benign_updates_are_not_flagged(refusing_llama, edits, scan_cfg, scan_ad
           lr=1e-2, seed=0, device="cpu", target_modules=["o_proj", "down_proj", "q_proj", "v_proj"])
     tuned = [random_eq, init, trained, scan_adapter, scan_full]
     models, _ = _scan(refusing_llama, tuned, scan_cfg, weights_only=True)
-    for t, m in zip(tuned, models):
+    for t, m in zip(tuned, models, strict=True):
         assert m.refusal_edits == 0, (t, m.refusal_edit_matrices)
         assert m.stream_matrices_changed >= 4
     assert "no edit along BASE's refusal direction" in models[0].verdict_line
