@@ -118,9 +118,10 @@ def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], 
 
 def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Tensor, *, batch_size: int,
                     prompts: dict[str, PromptInfo], key: str,
-                    halves: dict[str, tuple[list[int], list[int]]]) -> BaseProfile:
+                    halves: dict[str, tuple[list[int], list[int]]], min_refusal: float = 0.0) -> BaseProfile:
     """Trace the residual stream, collect both prompt sets' activations on the loaded BASE, and test
-    every candidate direction (from the direction halves) on the validation halves."""
+    every candidate direction (from the direction halves) on the validation halves; not when BASE
+    refuses at most ``min_refusal`` of the harmful prompts (it has no refusal to test)."""
     import time
 
     t0 = time.perf_counter()
@@ -133,6 +134,9 @@ def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Te
                       desc=f"base: {s}") for s in _SETS}
     profile = BaseProfile(residual=residual, harmful=got["harmful"], harmless=got["harmless"], prompts=prompts,
                           key=key, halves=halves)
+    if float((profile.harmful.scores > 0).double().mean()) <= min_refusal:
+        profile.seconds = time.perf_counter() - t0
+        return profile
     val = {s: [texts[s][i] for i in halves[s][1]] for s in _SETS}
     profile.causal = validate_directions(model, tokenizer, val["harmful"], val["harmless"], residual, blocks,
                                          profile.direction.r, start_ids, batch_size=batch_size)

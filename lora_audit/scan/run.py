@@ -219,7 +219,8 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     texts = {"harmful": chat_texts(base_l.tokenizer, inputs.harmful, inputs.template),
              "harmless": chat_texts(base_l.tokenizer, inputs.harmless, inputs.template)}
     profile = compute_profile(base_l.model, base_l.tokenizer, texts, _start_ids(base_l), batch_size=cfg.batch_size,
-                              prompts=inputs.prompts, key=key, halves=inputs.halves)
+                              prompts=inputs.prompts, key=key, halves=inputs.halves,
+                              min_refusal=Thresholds().min_base_refusal)
     if cfg.use_cache:
         try:
             store(profile, root, secret)

@@ -27,62 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from ..results.scan import ReliabilityBin, RiskValidation
+from ..stats import auroc_interval, calibration_bins
 
 MIN_AUROC_GAIN = 0.05  # held-out AUROC above the zero-parameter baseline's
 MAX_ECE = 0.10
 BINS = 10
-BOOTSTRAP = 2000
-
-
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
-    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``; ties count half); None without
-    both classes."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray([bool(t) for t in labels])
-    if y.all() or not y.any():
-        return None
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
-
-
-def auroc_interval(scores: Sequence[float], labels: Sequence[bool], *, seed: int = 0,
-                   resamples: int = BOOTSTRAP) -> tuple[float | None, list[float]]:
-    """(AUROC, its 95 % percentile bootstrap interval): panel models resampled with replacement,
-    resamples holding one class only skipped (seeded: the same input gives the same interval)."""
-    from sklearn.metrics import roc_auc_score
-
-    x = np.asarray(scores, dtype=np.float64)
-    y = np.asarray([bool(t) for t in labels])
-    point = auroc(x, y)
-    if point is None:
-        return None, []
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(resamples, len(x)))
-    values = [roc_auc_score(y[i], x[i]) for i in idx if y[i].any() and not y[i].all()]
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return point, [float(min(lo, point)), float(max(hi, point))]
 
 
 def calibration(risks: Sequence[float], labels: Sequence[bool], bins: int = BINS) -> tuple[float, list[ReliabilityBin]]:
     """(expected calibration error, the reliability bins) of probabilities ``risks`` against 0/1
-    ``labels``; equal-width bins on [0, 1], the last one closed."""
-    p = np.asarray(risks, dtype=np.float64)
-    y = np.asarray([float(bool(t)) for t in labels])
-    if p.size == 0 or not np.all((p >= 0) & (p <= 1)):
-        raise ValueError("calibration needs risks in [0, 1]")
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    out, ece = [], 0.0
-    for b in range(bins):
-        m = which == b
-        n = int(m.sum())
-        mean, obs = (float(p[m].mean()), float(y[m].mean())) if n else (None, None)
-        if n:
-            ece += n / p.size * abs(mean - obs)
-        out.append(ReliabilityBin(low=b / bins, high=(b + 1) / bins, n=n, mean_risk=mean, observed=obs))
-    return float(ece), out
+    ``labels`` (``stats.calibration_bins``)."""
+    ece, out = calibration_bins(risks, labels, bins)
+    return ece, [ReliabilityBin(low=lo, high=hi, n=n, mean_risk=m, observed=o) for lo, hi, n, m, o in out]
 
 
 def validation_record(held_out_risk: Sequence[float], labels: Sequence[bool], baseline_scores: Sequence[float], *,
