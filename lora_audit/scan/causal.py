@@ -61,12 +61,13 @@ def why_not(rec: CausalTest) -> str:
 
 def effects(rec: CausalTest, c: CausalCandidate) -> str:
     """The candidate's three effects in words, each against its threshold."""
-    rise = c.actadd_refusal - rec.base_refusal_harmless
-    return (f"ablation {100 * rec.base_refusal:.0f}% -> {100 * c.ablation_refusal:.0f}% refused (needs a "
-            f"{100 * ABLATION_MIN_DROP:.0f}-point drop{', missed' if 'ablation' in c.missed else ''}), actadd "
-            f"{100 * rec.base_refusal_harmless:.0f}% -> {100 * c.actadd_refusal:.0f}% of harmless prompts refused "
-            f"(needs +{100 * ACTADD_MIN_RISE:.0f}{', missed' if 'actadd' in c.missed else ''}; "
-            f"{100 * rise:+.0f}), KL {c.kl:.3f} (at most {KL_MAX}{', missed' if 'kl' in c.missed else ''})")
+    def missed(what: str) -> str:
+        return ": missed" if what in c.missed else ""
+
+    return (f"ablation {100 * rec.base_refusal:.0f}% -> {100 * c.ablation_refusal:.0f}% of the held-out harmful "
+            f"prompts refused (needs a {100 * ABLATION_MIN_DROP:.0f}-point drop{missed('ablation')}), addition "
+            f"{100 * rec.base_refusal_harmless:.0f}% -> {100 * c.actadd_refusal:.0f}% of the harmless ones (needs "
+            f"+{100 * ACTADD_MIN_RISE:.0f} points{missed('actadd')}), KL {c.kl:.3f} (at most {KL_MAX}{missed('kl')})")
 
 
 def candidate_layers(n_layers: int, max_candidates: int = MAX_CANDIDATES) -> list[int]:

@@ -22,12 +22,14 @@ Fitting: L2-penalised logistic regression (penalty ``L2`` * ||w||^2 / 2, interce
 ``stats.fit_logistic``). With a couple of dozen panel models and classes a single signal may separate,
 the penalty keeps the weights finite. The verdict threshold is 0.5 (the fitted probability).
 
-How far to trust it: a score fitted and evaluated on one panel is optimistic. The data file and
-every result carry the in-sample AUROC next to the leave-one-method-out AUROC (``fit``): each
-adapter-making method held out in turn, the model refitted on the others and the held-out models
-scored with it; the pooled held-out scores give the AUROC. The leave-one-method-out figure is
-the honest one: a signal that only works within one method (as adapter geometry did in
-arXiv 2604.08844) shows it there.
+How far to trust it: a score fitted and evaluated on one panel is optimistic. ``fit`` carries the
+in-sample AUROC next to the leave-one-method-out AUROC: each adapter-making method held out in
+turn, the model refitted on the others and the held-out models scored with it. Whether a scan
+shows the risk at all is decided by the model's validation record (``validation``: held-out AUROC
+against the zero-parameter baseline, calibration, the prompts signals and labels were read on,
+the panel base's content hash), never by ``fit``; a model without a passing record gives no risk.
+A risk file is checked whole on load (``load_risk_models``): an error names the file given and
+the field.
 """
 
 from __future__ import annotations
