@@ -416,7 +416,8 @@ def responses_table(data: ReportData) -> Table:
 
 # ---- safety-scan ----------------------------------------------------------------------
 SCAN_SIGNALS = ["first_token_drop", "first_token_refusal", "refusal_score_delta", "activation_shift",
-                "refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift", "top_cos_max", "rank1_share",
+                "refusal_edit_max_share", "refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift",
+                "top_cos_max", "rank1_share",
                 "safelora_mean_cos", "safelora_below_share"]
 
 

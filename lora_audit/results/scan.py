@@ -58,7 +58,7 @@ SCHEMA_VERSION = 1
 # "unaligned" (weights and --unaligned), "forward" (a forward pass of TUNED: not in --weights-only).
 SIGNAL_MODES: dict[str, str] = {
     "refusal_energy_share": "weights", "refusal_energy_ratio": "weights", "refusal_energy_max_ratio": "weights",
-    "weight_shift": "weights", "top_cos_max": "weights", "rank1_share": "weights",
+    "weight_shift": "weights", "top_cos_max": "weights", "rank1_share": "weights", "refusal_edit_max_share": "weights",
     "safelora_mean_cos": "unaligned", "safelora_below_share": "unaligned",
     "refusal_score_delta": "forward", "first_token_refusal": "forward", "first_token_drop": "forward",
     "activation_shift": "forward",

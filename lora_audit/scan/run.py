@@ -50,7 +50,7 @@ from .weights import WeightSignals, aggregate, matrix_stats
 
 # Signals measured along BASE's refusal direction: without a causal direction they mean nothing.
 DIRECTION_SIGNALS = ("refusal_energy_share", "refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift",
-                     "top_cos_max", "activation_shift")
+                     "top_cos_max", "activation_shift", "refusal_edit_max_share")
 RISK_FIELDS = ("risk", "predicted_loss")
 
 
@@ -465,6 +465,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
         fw, tl_s = (None, 0.0) if texts is None else _forward(base_l, path, kind, texts, profile, cfg)
         t_fw = time.perf_counter() - t0
         signals = dict(wp.signals[i].signals)
+        signals["refusal_edit_max_share"] = max((e.share for e in wp.edits[i]), default=0.0) if causal else None
         signals.update(safelora_aggregate([c for _, c in wp.safelora[i]]) if unaligned is not None else {})
         signals.update(fw.signals if fw is not None else {})
         intervals = dict(fw.intervals) if fw is not None else {}

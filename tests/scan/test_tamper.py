@@ -181,6 +181,7 @@ def test_abliterations_are_flagged_weights_only(refusing_llama, edits, scan_cfg)
         assert m.refusal_edits == want[name] == m.refusal_edits_removing, (name, m.refusal_edit_matrices)
         assert m.refusal_edits_adding == 0 and m.stream_matrices_changed == want[name]
         assert all(e["share"] > 0.5 and e["sign"] == "removes" for e in m.refusal_edit_matrices)
+        assert m.signals["refusal_edit_max_share"] == max(e["share"] for e in m.refusal_edit_matrices)
         assert "REFUSAL EDITS" in m.verdict_line
     assert {e["name"] for e in models[names.index("abl-full-layer1")].refusal_edit_matrices} == \
         {"model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"}
@@ -235,6 +236,7 @@ def test_benign_updates_are_not_flagged(refusing_llama, edits, scan_cfg, scan_ad
     models, _ = _scan(refusing_llama, tuned, scan_cfg, weights_only=True)
     for t, m in zip(tuned, models, strict=True):
         assert m.refusal_edits == 0, (t, m.refusal_edit_matrices)
+        assert m.signals["refusal_edit_max_share"] < share_floor(64)
         assert m.stream_matrices_changed >= 4
     assert "no edit along BASE's refusal direction" in models[0].verdict_line
 
