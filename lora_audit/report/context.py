@@ -144,6 +144,8 @@ def scan_settings(run) -> dict[str, Any]:
         causal = (f"Causal at layer {c.layer}: ablating it takes the held-out harmful prompts refused from "
                   f"{c.base_refusal:.0%} to {c.chosen.ablation_refusal:.0%}, adding it takes the harmless ones from "
                   f"{c.base_refusal_harmless:.0%} to {c.chosen.actadd_refusal:.0%} (KL {c.chosen.kl:.3f}).")
+    elif c is None:
+        causal = "This result has no causal test of the direction (written by an older lora-audit)."
     else:
         causal = ("The direction is NOT causal for this base (no candidate passed the ablation, addition and KL "
                   "tests): no refusal edits are counted and no signal along it is shown.")

@@ -363,7 +363,8 @@ def summary_table(result: SafetyScanResult, *, layers: bool = False) -> str:
         where = (f"causal at layer {c.layer} (ablation {c.base_refusal:.0%} -> {c.chosen.ablation_refusal:.0%} of "
                  f"held-out harmful prompts refused, actadd {c.base_refusal_harmless:.0%} -> "
                  f"{c.chosen.actadd_refusal:.0%} of harmless ones, KL {c.chosen.kl:.3f})"
-                 if c is not None and c.causal and c.chosen is not None else "NOT causal: no refusal edits counted")
+                 if c is not None and c.causal and c.chosen is not None else
+                 "NOT causal: no refusal edits counted" if c is not None else "no causal test (an older result)")
         lines += ["", f"refusal direction: {d.n_layers} layers, {where}; BASE refuses "
                       f"{_num(d.base_first_token_refusal, '{:.0%}')} of "
                       f"{d.prompts['harmful'].n if 'harmful' in d.prompts else '?'} scan prompts by first token; "
