@@ -31,8 +31,8 @@ from ..errors import InputError, ShapeMismatchError
 from ..progress import step
 from ..results import fingerprint, provenance
 from ..results.safety import Thresholds
-from ..results.scan import (FORWARD_ONLY_FIELDS, SCHEMA, SCHEMA_VERSION, DirectionInfo, LayerValues, ModelScan,
-                            PromptRecord, RiskModelInfo, RiskStatus, SafetyScanResult)
+from ..results.scan import (FORWARD_ONLY_FIELDS, SCHEMA, SCHEMA_VERSION, SIGNAL_MODES, DirectionInfo, LayerValues,
+                            ModelScan, PromptRecord, RiskModelInfo, RiskStatus, SafetyScanResult)
 from ..results.spectrum import split_name
 from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
 from . import risk as R
@@ -119,7 +119,7 @@ def _inputs(tuned: list[str], cfg: ScanConfig) -> _Inputs:
         [f"{_risk_file_name(cfg)} has no {mode} risk model" if models or cfg.risk_file else
          "no risk model is packaged"]
     status.validated = model is not None and not status.problems
-    _check_gate_fields(cfg, status, mode)
+    _check_gate_fields(cfg, status, mode, model)
     if cfg.weights_only:
         kinds = [local_path(t)[1] for t in tuned]
     else:
@@ -135,7 +135,7 @@ def check_config(cfg: ScanConfig) -> None:
     _inputs([], cfg)
 
 
-def _check_gate_fields(cfg: ScanConfig, status: RiskStatus, mode: str) -> None:
+def _check_gate_fields(cfg: ScanConfig, status: RiskStatus, mode: str, model: RiskModelInfo | None) -> None:
     """InputError before any work for a --fail-on field this scan cannot give a value (its
     condition could never hold, and the gate would pass unseen)."""
     fields = set(cfg.gate_fields)
@@ -150,6 +150,10 @@ def _check_gate_fields(cfg: ScanConfig, status: RiskStatus, mode: str) -> None:
                          f"({'; '.join(status.problems)}), so the scan reports no risk and the condition could never "
                          "hold. Gate on refusal_edits" + ("" if cfg.weights_only else " or first_token_drop") +
                          ", or give a validated --risk-file")
+    needs = [f for f in (model.features if model is not None else []) if SIGNAL_MODES.get(f) == "unaligned"]
+    if risky and needs and cfg.unaligned is None:
+        raise InputError(f"--fail-on names {', '.join(risky)}, but the {mode} risk model reads {', '.join(needs)}, "
+                         "which needs --unaligned (BASE before safety training); without it there is no risk")
 
 
 def _check_unaligned(path: str, stream, allow_pickle: bool):
@@ -164,7 +168,8 @@ def _check_unaligned(path: str, stream, allow_pickle: bool):
     return src
 
 
-def _check_direction(profile: BaseProfile, direction: Direction, cfg: ScanConfig) -> list[str]:
+def _check_direction(profile: BaseProfile, direction: Direction, cfg: ScanConfig,
+                     risk_model: RiskModelInfo | None = None) -> list[str]:
     """InputError when BASE refuses nothing, or when --fail-on needs refusal edits and BASE's
     direction is not causal; statements about the direction otherwise."""
     n = int(profile.harmful.scores.numel())
@@ -180,6 +185,11 @@ def _check_direction(profile: BaseProfile, direction: Direction, cfg: ScanConfig
         if "refusal_edits" in cfg.gate_fields:
             raise InputError(f"--fail-on names refusal_edits, but BASE's refusal direction is not causal ({why}), so "
                              "no edit along it can be counted and the condition could never hold")
+        along = [f for f in (risk_model.features if risk_model is not None else []) if f in DIRECTION_SIGNALS]
+        risky = sorted(set(cfg.gate_fields) & set(RISK_FIELDS))
+        if risky and along:
+            raise InputError(f"--fail-on names {', '.join(risky)}, but the risk model reads {', '.join(along)}, "
+                             f"measured along BASE's refusal direction, which is not causal ({why}): there is no risk")
         stab = direction.stability
         best = int(torch.argmax(stab))
         need = prompts_needed(min(direction.n_harmful, direction.n_harmless), float(stab[best]))
@@ -448,7 +458,8 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     profile, base_l, cache, load_s = _profile(base, inputs, cfg, loaded_base, base_fp)
     direction = profile.direction
     causal = profile.refusal_unit is not None
-    warnings = _check_direction(profile, direction, cfg) + list(profile.notes)
+    warnings = _check_direction(profile, direction, cfg,
+                                inputs.risk_model if inputs.risk_status.validated else None) + list(profile.notes)
     with step(f"safety-scan: weight signals of {len(tuned)} tuned model{'s' if len(tuned) != 1 else ''}"):
         wp = _weight_pass(stream, profile, direction, unaligned)
     texts = None

@@ -137,3 +137,18 @@ def test_a_validated_risk_quotes_its_figures_only_for_its_own_base(tmp_path, ref
         assert m.risk is not None and m.verdict != "UNKNOWN"
         assert ("validated on this base's panel: held-out AUROC" in m.verdict_line) is matches
         assert ("NOT validated for this base" in m.verdict_line) is not matches
+
+
+def test_a_risk_gate_the_run_cannot_serve_is_an_error_before_any_work(tmp_path, refusing_llama, scan_adapter,
+                                                                       scan_prompts, monkeypatch):
+    """A validated risk model reading Safe LoRA's score without --unaligned can give no risk: a
+    gate on it is refused before any model is loaded."""
+    import lora_audit.scan.run as run
+    from lora_audit.scan import ScanConfig, run_safety_scan
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = write_validated_risk(tmp_path / "safelora.json", signal="safelora_mean_cos")
+    cfg = ScanConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
+                     device="cpu", use_cache=False, risk_file=str(path), gate_fields=("risk",))
+    with pytest.raises(InputError, match=r"reads safelora_mean_cos, which needs --unaligned"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)], cfg)
