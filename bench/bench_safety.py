@@ -23,7 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import record  # noqa: E402
 
 import torch
 
@@ -111,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with record.printed("bench_safety"):
+        main()

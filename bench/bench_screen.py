@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import record  # noqa: E402
 from bench_spectrum import write_adapter, write_base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,76 @@ def cost_terms(out: Path) -> tuple[float, float]:
     return a, b
 
 
+# ---- where the time goes: one in-process screen with its stages timed -----------------------------------
+STAGES = (  # (module, owner attribute path, label): what a screen does per adapter
+    ("lora_audit.screen.worker", "input_fingerprint", "hash the adapter's files (fingerprint)"),
+    ("lora_audit.checkpoints.structure", "check_structure", "load: structural checks (headers, config)"),
+    ("lora_audit.checkpoints", "open_stream", "load: open base + adapter, match, plan"),
+    ("lora_audit.checkpoints.stream", "AuditStream._group", "load: read W0 view and the LoRA factors"),
+    ("lora_audit.screen.spectra", "HeldSpectra.get", "base spectra held by the worker (first use: cache read)"),
+    ("lora_audit.spectral.engine", "screen_base", "screens of W0 and the update"),
+    ("lora_audit.spectral.engine", "screen_delta", "screens of W0 and the update"),
+    ("lora_audit.spectral.lowrank", "project", "top-k: projections U0^T B, V0^T A^T"),
+    ("lora_audit.spectral.engine", "audit_matrix", "top-k: search, certificate, metrics, record"),
+    ("lora_audit.screen.store", "ScreenStore.append", "write: the record (append + fsync, index + fsync)"),
+    ("lora_audit.screen.summary", "write_outputs", "write: summary.csv/json, report.html (once)"),
+)
+
+
+def staged_child(out: str, argv: list[str]) -> None:
+    """``lora-audit screen ... --workers 0`` (``argv``) in this process with each stage's wall and
+    thread CPU time summed, per thread (the engine's reader thread reads and projects the next
+    matrix while the main thread audits this one); JSON to ``out``."""
+    import functools
+    import importlib
+    from collections import defaultdict
+
+    import threading
+
+    wall: dict = defaultdict(float)
+    cpu: dict = defaultdict(float)
+    calls: dict = defaultdict(int)
+    local = threading.local()  # nested stages count once, in the outermost, per thread
+
+    def timed(owner, attr: str, label: str) -> None:
+        f = getattr(owner, attr)
+
+        @functools.wraps(f)
+        def g(*a, **kw):
+            if getattr(local, "active", False):
+                return f(*a, **kw)
+            local.active = True
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return f(*a, **kw)
+            finally:
+                local.active = False
+                key = ("reader: " if threading.current_thread().name == "lora-audit-reader" else "main: ") + label
+                wall[key] += time.perf_counter() - w
+                cpu[key] += time.thread_time() - c
+                calls[key] += 1
+
+        setattr(owner, attr, g)
+
+    t0 = time.perf_counter()
+    import lora_audit.cli as cli
+    for mod, path, label in STAGES:
+        owner = importlib.import_module(mod)
+        *parents, attr = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        timed(owner, attr, label)
+    t1 = time.perf_counter()
+    t_import = t1 - t0
+    try:
+        cli.cli.main(args=argv, prog_name="lora-audit", standalone_mode=False)
+    except SystemExit:
+        pass
+    total = time.perf_counter() - t1
+    Path(out).write_text(json.dumps({"import_s": t_import, "run_s": total,
+                                     "stages": {k: {"wall_s": wall[k], "cpu_s": cpu[k], "calls": calls[k]} for k in wall}}))
+
+
 # ---- the cases --------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,15 +234,21 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--_staged", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._staged:
+        staged_child(args._staged[0], args._staged[1:])
+        return 0
+    context = record.start("bench_screen")
     tmp = Path(tempfile.mkdtemp(prefix="bench-screen-"))
     try:
-        return _bench(tmp, args)
+        return _bench(tmp, args, context)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _bench(tmp: Path, args) -> int:
+def _bench(tmp: Path, args, context: dict) -> int:
     env = {**os.environ, "LORA_AUDIT_CACHE": str(tmp / "cache"), "LORA_AUDIT_CONFIG": str(tmp / "config"),
            "LORA_AUDIT_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
@@ -224,7 +301,7 @@ def _bench(tmp: Path, args) -> int:
                                              "--detail", "0", "-q"], len(group), out)
         differ, worst = compare(js, out)
         print(f"    screen local vs spectrum: {differ} adapters with another intruder total; max |max_cos "
-              f"difference| {worst:.1e} (the workers run torch on 1 thread, spectrum on torch's default)")
+              f"difference| {worst:.1e} (the LoRA path runs on one thread in both: the same bits expected)")
     if not args.no_ray:
         out = tmp / "screen-ray"
         case("screen ray N", cli + ["screen", str(base), str(tmp / "data" / "adapters"), "--out", str(out),
@@ -250,6 +327,34 @@ def _bench(tmp: Path, args) -> int:
         big, little = cases[f"{label} N"], cases[f"{label} N/4"]
         print(f"peak RssAnon of {label}, all processes: {_mib(little['tree_anon'])} at {little['n']} adapters, "
               f"{_mib(big['tree_anon'])} at {big['n']} ({big['tree_anon'] / max(little['tree_anon'], 1):.2f}x)")
+
+    # where the time goes: the N/4 adapters screened again in one process (--workers 0), stages timed
+    staged = tmp / "stages.json"
+    subprocess.run([sys.executable, __file__, "--_staged", str(staged), "screen", str(base), str(tmp / "small"), "--out",
+                    str(tmp / "screen-staged"), "--workers", "0", "--detail", "0", "-q"], env=env, check=True, cwd=ROOT)
+    st = json.loads(staged.read_text())
+    n_small = len(small)
+    print(f"\nwhere the time goes (one process, --workers 0, {n_small} adapters, {matrices / len(recs):.1f} LoRA matrices "
+          f"each; imports {st['import_s']:.2f} s, screen {st['run_s']:.2f} s):")
+    by_label: dict = {}
+    for k, v in st["stages"].items():
+        by_label.setdefault(k, [0.0, 0.0])
+        by_label[k][0] += v["wall_s"]
+        by_label[k][1] += v["cpu_s"]
+    accounted = sum(w for k, (w, _) in by_label.items() if k.startswith("main"))
+    for k, (w, c) in sorted(by_label.items(), key=lambda kv: (kv[0].startswith("reader"), -kv[1][0])):
+        print(f"  {k:<66} {1000 * w / n_small:7.1f} ms per adapter (thread CPU {1000 * c / n_small:6.1f})")
+    print(f"  {'main: other (discovery, the driver, waiting for the reader)':<66} "
+          f"{1000 * (st['run_s'] - accounted) / n_small:7.1f} ms per adapter")
+    figures = {"adapters": args.adapters, "layers": args.layers, "width": args.width, "workers": args.workers,
+               "t_svd_s": t_svd, "cost_a_s": a, "cost_b_s": b, "per_matrix_s": per_matrix,
+               "cases": cases, "stages": st, "goal_per_min": GOAL}
+    rows = [(label, f"{c['n']} adapters", f"{c['seconds']:.1f} s", f"{c['rate']:.0f}/min",
+             f"{c['own_rate']:.0f}/min" if "own_rate" in c else "", f"{_mib(c['tree_anon'])}") for label, c in cases.items()]
+    rows.append((f"goal: screen local N >= {GOAL}/min", "", "", f"{local['rate']:.0f}/min", "",
+                 "met" if local["rate"] >= GOAL else "missed"))
+    if not args.no_record:
+        print(f"results: {record.write(context, figures, rows, header=('case (whole process)', 'adapters', 'wall', 'rate', 'rate inside the run', 'peak RssAnon / verdict'))}")
     return 0
 
 

@@ -42,6 +42,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import record  # noqa: E402
+
 K, EPS = 10, 0.5
 ALPHA, RANK = 32, 16
 
@@ -238,6 +241,30 @@ def measure_rss(base_dir: Path, adapter: Path, cache_dir: Path) -> dict:
 
 
 # ---- the run -----------------------------------------------------------------------------------
+_HEADER = ("case", "lora-audit, whole process", "reference, whole process", "ratio", "in process", "ratio in process",
+           "target", "met")
+_LABELS = {"lora_cold": "cold cache, one LoRA adapter", "lora_cached": "base cached, one LoRA adapter",
+           "full_cached": "base cached, full fine-tune (--no-metrics)",
+           "many_vs_one_cold": "50 adapters in one run vs one (time ratio, lower is better)"}
+
+
+def _rows(figures: dict) -> list[tuple]:
+    rows = []
+    for key, r in figures.get("ratios", {}).items():
+        target = f">= {r['target']}x" if key != "many_vs_one_cold" else f"< {r['target']}x"
+        met = "met" if r["met"] else "missed"
+        if "target_in_process" in r:
+            target += f" whole; >= {r['target_in_process']}x in process"
+            met += f"; {'met' if r['met_in_process'] else 'missed'} in process"
+        rows.append((_LABELS.get(key, key), f"{r['measured_whole_s']:.2f} s", f"{r['baseline_whole_s']:.2f} s",
+                     f"{r['ratio_whole']:.1f}x", f"{r['measured_in_process_s']:.3f} s vs {r['baseline_in_process_s']:.2f} s",
+                     f"{r['ratio_in_process']:.0f}x", target, met))
+    same = figures.get("identical", {})
+    rows.append(("intruder counts vs the reference", "identical per matrix in every case" if all(same.values())
+                 else f"DIFFER in {[k for k, v in same.items() if not v]}", "", "", "", "", "", ""))
+    return rows
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -253,6 +280,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--keep", type=Path, default=None, help="build the checkpoints here and keep them")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--repeats", type=int, default=5, help="cached in-process runs (the median is judged)")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/results/")
     ap.add_argument("--_rss", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -260,6 +289,7 @@ def main() -> int:
     if args._rss:
         rss_child(*args._rss)
         return 0
+    run = record.start(f"bench_spectrum-{args.layers}x{args.width or (1024 if args.quick else 2048)}")
     width = args.width or (1024 if args.quick else 2048)
     root = Path(tempfile.mkdtemp(prefix="bench-spectrum-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
@@ -351,15 +381,26 @@ def main() -> int:
               f"CPU time {cpu['cold']:.2f}s vs {cpu['ref_lora']:.2f}s")
         check("lora_cold", ref_lora, cold)
 
-        # 3. base cached, one adapter (the cache the cold run wrote): a real CLI process
-        (warm,), t_warm, _ = run_lora_audit(root / "base", [root / "adapter"], cold_dir)
-        cpu["warm"] = CPU["last"]
-        (warm_cli,), w_warm = cli([root / "adapter"], cold_dir)
+        # 3. base cached, one adapter (the cache the cold run wrote): in process (the median of
+        # --repeats runs, judged against issue 25's goal) and a real CLI process (issue 3's target)
+        warm_runs = []
+        for _ in range(args.repeats):
+            (warm,), t, _ = run_lora_audit(root / "base", [root / "adapter"], cold_dir)
+            warm_runs.append((t, CPU["last"]))
+            check("lora_cached", ref_lora, warm)
+        t_warm, cpu["warm"] = sorted(warm_runs)[len(warm_runs) // 2]
+        figures["lora_cached_in_process_runs_s"] = [t for t, _ in warm_runs]
+        clis = [cli([root / "adapter"], cold_dir) for _ in range(max(1, args.repeats // 2))]
+        ((warm_cli,), w_warm) = sorted(clis, key=lambda c: c[1])[len(clis) // 2]
         r, r_in, verdict = judge("lora_cached", w_ref_lora, w_warm, t_ref_lora, t_warm, 100)
-        print(f"[base cached] one LoRA adapter: `lora-audit spectrum` process {w_warm:.2f}s vs reference "
-              f"{w_ref_lora:.2f}s -> {r:.0f}x (target >= 100x: {verdict}); in process {t_warm:.3f}s vs "
-              f"{t_ref_lora:.2f}s -> {r_in:.0f}x; CPU time {cpu['warm']:.2f}s")
-        check("lora_cached", ref_lora, warm)
+        goal_in = 150 if width < 4096 else 100  # issue 25: in process, >= 150x at 2048 wide, >= 100x at 4 x 4096
+        met_in = r_in >= goal_in
+        ok &= met_in
+        figures["ratios"]["lora_cached"].update(target_in_process=goal_in, met_in_process=met_in)
+        print(f"[base cached] one LoRA adapter: in process {t_warm:.3f}s (median of {len(warm_runs)}) vs "
+              f"{t_ref_lora:.2f}s -> {r_in:.0f}x (goal >= {goal_in}x in process: {'met' if met_in else 'MISSED'}); "
+              f"`lora-audit spectrum` process {w_warm:.2f}s vs reference {w_ref_lora:.2f}s -> {r:.0f}x (target >= "
+              f"100x: {verdict}); CPU time {cpu['warm']:.2f}s")
         check("lora_cached_cli", ref_lora, warm_cli)
 
         # 4. full fine-tune, base cached
@@ -414,9 +455,11 @@ def main() -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+    figures["cpu_seconds"] = cpu
     if args.json:
-        figures["cpu_seconds"] = cpu
         args.json.write_text(json.dumps(figures, indent=2))
+    if not args.no_record:
+        print(f"results: {record.write(run, figures, _rows(figures), header=_HEADER)}")
     print("\nall targets met" if ok else "\nSOME TARGETS MISSED (see above)")
     return 0 if ok else 1
 

@@ -41,7 +41,7 @@ created on first use with mode 0600; a key file that other users can access, or 
 regular file of 32 bytes, is refused (``InputError``). Teams that share one cache folder across
 machines give every machine the same key file; entries written under another key fail
 verification and are recomputed. The trust model (what this protects against and what not) is
-in ``spectral.cache``'s docstring and docs/security.md.
+in ``spectral.cache``'s docstring.
 
 Housekeeping (``scan`` / ``clear``) touches only files that are provably the cache's own:
 regular files named ``<64 hex digits>.safetensors`` whose header names this cache's format (any
@@ -61,7 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import blake3
 import torch
@@ -197,7 +197,7 @@ def raw_bytes(t: Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def _hasher(secret: bytes | None, largest: int) -> "blake3.blake3":
+def _hasher(secret: bytes | None, largest: int) -> blake3.blake3:
     """A BLAKE3 hasher (keyed when ``secret`` is given) that hashes on the pool of one thread per
     core when the largest buffer it will see has ``_THREADED_FROM`` bytes or more (a threaded hasher
     is up to 8x slower on buffers of ~100 KB: measured here), else on the calling thread."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -147,12 +148,41 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return dict(pairs)
 
 
+# Nesting of objects and lists in any JSON lora-audit reads from a user (configs, metadata strings,
+# quant states, results): real files nest under 10 levels; a hostile one nested 100k deep would
+# otherwise end in RecursionError (or, under a raised recursion limit, crash the interpreter).
+MAX_JSON_DEPTH = 100
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> str:
+    """``text``, after a ValueError when this JSON nests objects/lists deeper than ``limit`` (brackets
+    inside strings do not count). Linear in the text, and free when it holds fewer brackets than ``limit``."""
+    if text.count("[") + text.count("{") <= limit:
+        return text
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                raise ValueError(f"nested deeper than {limit} levels")
+        elif c in "]}":
+            depth -= 1
+    return text
+
+
 def parse_json(text: str, path: str | os.PathLike, line: int | None = None) -> Any:
     """``text`` parsed as JSON; FormatError naming ``path`` (and ``line`` for one JSONL line).
+    The one JSON parser of untrusted text (files, safetensors metadata strings, quant states):
     NaN/Infinity are refused (they are not JSON), and so are duplicate keys (``json`` would keep
-    the last one silently)."""
+    the last one silently), text over ``max_input_bytes()`` and nesting over ``MAX_JSON_DEPTH``."""
     where = f"{path}: line {line} is" if line is not None else f"{path}:"
+    if len(text) > max_input_bytes():
+        raise FormatError(f"{where} over the limit of {max_input_bytes() / 2**20:.0f} MiB of JSON "
+                          "(set LORA_AUDIT_MAX_INPUT_MB to raise it)")
     try:
+        check_json_depth(text)
         return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         at = f"column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"
@@ -208,9 +238,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def json_text(obj: Any) -> str:
-    """Stable JSON: field order kept (it is part of the contract), 2-space indent, NaN/inf
-    refused (they are not JSON)."""
-    return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n"
+    """Stable JSON: field order kept (it is part of the contract), 2-space indent. JSON has no NaN
+    or inf: each result says "not measured" with null itself (a matrix with NaN/Inf weights is left
+    out and listed as non-finite; a similarity or score that cannot be computed is null), and any
+    non-finite float that still reaches here is written as null too, so every command's JSON stays
+    valid whatever its inputs held."""
+    try:
+        return json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n"
+    except ValueError:  # a NaN/inf somewhere: the same document with null in its place
+        return json.dumps(_finite_or_null(obj), indent=2, ensure_ascii=False, allow_nan=False,
+                          default=_json_default) + "\n"
+
+
+def _finite_or_null(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_null(v) for v in o]
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    try:
+        return _finite_or_null(_json_default(o))
+    except TypeError:
+        return o
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

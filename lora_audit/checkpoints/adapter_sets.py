@@ -25,6 +25,7 @@ Members are named after the experts.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ def _read_xlora(folder: Path, config: dict) -> AdapterSet:
 
 
 # ---- similarity of experts' updates --------------------------------------------------------------
-def update_similarity(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> dict[str, list[list[float]]]:
+def update_similarity(factors: list[tuple[torch.Tensor, torch.Tensor, float]]
+                      ) -> dict[str, list[list[float | None]]]:
     """How alike several low-rank updates dW_i = s_i B_i A_i of the same matrix are, computed from
     the factors (no dW is formed):
 
@@ -168,6 +170,9 @@ def update_similarity(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -
                                 column spaces of B_i and B_j: 1 when one output subspace holds the
                                 other, 0 when they are orthogonal (mean squared cosine of the
                                 principal angles)
+
+    An update whose factors hold NaN/inf (that matrix is left out of the audit and reported as
+    non-finite) or whose products overflow has null (None) in its row and column: JSON has no NaN.
     """
     k = len(factors)
     gram = torch.zeros(k, k, dtype=torch.float64)
@@ -183,5 +188,11 @@ def update_similarity(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -
     cos = gram / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
     overlap = [[float((qs[i].T @ qs[j]).pow(2).sum() / min(qs[i].shape[1], qs[j].shape[1])) for j in range(k)]
                for i in range(k)]
-    return {"update_cos": [[round(float(x), 6) for x in row] for row in cos.tolist()],
-            "output_overlap": [[round(x, 6) for x in row] for row in overlap]}
+    bad = {i for i, (B, A, s) in enumerate(factors) if not (bool(torch.isfinite(B).all()) and
+                                                             bool(torch.isfinite(A).all()) and math.isfinite(s))}
+
+    def shown(i: int, j: int, x: float) -> float | None:
+        return round(x, 6) if i not in bad and j not in bad and math.isfinite(x) else None
+
+    return {"update_cos": [[shown(i, j, float(x)) for j, x in enumerate(row)] for i, row in enumerate(cos.tolist())],
+            "output_overlap": [[shown(i, j, x) for j, x in enumerate(row)] for i, row in enumerate(overlap)]}

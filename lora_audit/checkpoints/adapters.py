@@ -104,6 +104,10 @@ CONFIG_FIELDS = {
     "target_modules": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
     "target_parameters": (lambda v: v is None or _strs(v), "a list of strings or null"),
     "modules_to_save": (lambda v: v is None or _strs(v), "a list of strings or null"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
+    "layers_to_transform": (lambda v: v is None or _int(v) or (isinstance(v, list) and all(_int(x) for x in v)),
+                            "an integer, a list of integers or null"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _strs(v), "a string, a list of strings or null"),
     "init_lora_weights": (lambda v: v is None or isinstance(v, (bool, str)), "true, false or an init method's name"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
@@ -118,35 +122,174 @@ def _shown(v) -> str:
 
 def validate_adapter_config(config: dict, where: str | os.PathLike) -> dict:
     """Check the fields lora-audit reads (``CONFIG_FIELDS``); FormatError naming the file, the
-    field, its value and what is accepted. Returns ``config`` unchanged."""
+    field, its value and what is accepted, and for every field PEFT reads as a regular expression
+    (``REGEX_FIELDS``) one that compiles and cannot backtrack without end. Returns ``config``."""
     for name, (ok, accepted) in CONFIG_FIELDS.items():
         if name in config and not ok(config[name]):
             raise FormatError(f"{where}: field {name!r} is {_shown(config[name])}; it must be {accepted}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        for key in config.get(name) or {}:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise FormatError(f"{where}: {name} key {printable(key)!r} is not a valid regular expression "
-                                  f"({e}); PEFT matches these keys against the end of module names") from None
-            if _NESTED_QUANTIFIER.search(key) or len(key) > 1000:
-                raise FormatError(f"{where}: {name} key {printable(key)[:80]!r} repeats a group ('(...)*', "
-                                  "'(...)+', '(...){n}') or is over 1000 characters: matching such a pattern can "
-                                  "take exponential time, so lora-audit does not run it; use plain module names "
-                                  "or simple patterns")
+    for name in REGEX_FIELDS:
+        value = config.get(name)
+        patterns = list(value) if isinstance(value, (dict, list)) else [value] if isinstance(value, str) else []
+        if name in ("target_modules", "exclude_modules") and isinstance(value, list):
+            continue  # list entries are compared as names, not run as patterns
+        for key in patterns:
+            _check_pattern(key, f"{where}: {name} {'key' if isinstance(value, dict) else 'pattern'}")
     return config
 
 
+# The fields PEFT runs as regular expressions: rank_pattern / alpha_pattern keys (matched against the
+# end of a module name), target_modules and exclude_modules when a string (the whole name),
+# modules_to_save entries and layers_pattern (inside PEFT's own patterns).
+REGEX_FIELDS = ("rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "modules_to_save",
+                "layers_pattern")
 # A quantified group: the ingredient of catastrophic backtracking ("(a+)+$"). PEFT's own patterns
 # are module names or simple alternations, which never need one.
 _NESTED_QUANTIFIER = re.compile(r"\)[*+{?]")
+MAX_PATTERN_CHARS = 1000
+# One match of a config's pattern against one module name. Patterns of real adapters take
+# microseconds; several unbounded quantifiers in a row (".*a.*a.*a.*b") still backtrack polynomially
+# in the name's length, which no syntactic check rules out, so matching runs under this limit.
+PATTERN_SECONDS = 1.0
 
 
-def pattern_key(keys: list[str], module: str) -> str | None:
+def _check_pattern(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise FormatError(f"{what} {printable(pattern)[:80]!r} is not a valid regular expression ({e}); PEFT "
+                          "matches it against module names") from None
+    if _NESTED_QUANTIFIER.search(pattern) or len(pattern) > MAX_PATTERN_CHARS:
+        raise FormatError(f"{what} {printable(pattern)[:80]!r} repeats a group ('(...)*', '(...)+', '(...){{n}}') or "
+                          f"is over {MAX_PATTERN_CHARS} characters: matching such a pattern can take exponential "
+                          "time, so lora-audit does not run it; use plain module names or simple patterns")
+
+
+def peft_match(pattern: str, name: str, *, full: bool = False, where: str = "adapter_config.json",
+               shown: str | None = None):
+    """``re.match`` (``full``: ``re.fullmatch``) of a config's pattern, as PEFT runs it, under a time
+    limit (``PATTERN_SECONDS``, through the ``regex`` module, which follows ``re``'s syntax):
+    FormatError naming the pattern (``shown``: the config's own, when PEFT wraps it) and the module
+    name when it takes longer."""
+    import regex
+
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, name, timeout=PATTERN_SECONDS)
+    except TimeoutError:
+        pattern = shown or pattern
+        raise FormatError(f"{where}: the pattern {printable(pattern)[:80]!r} takes over {PATTERN_SECONDS:g} s to "
+                          f"match the module name {printable(name)[:80]!r} (catastrophic backtracking); lora-audit "
+                          "does not run it: use plain module names or simple patterns") from None
+    except regex.error as e:
+        raise FormatError(f"{where}: the pattern {printable(pattern)[:80]!r} is not a regular expression lora-audit "
+                          f"can run ({e})") from None
+
+
+def pattern_key(keys: list[str], module: str, where: str = "adapter_config.json") -> str | None:
     """PEFT's matching rule for rank_pattern / alpha_pattern (``peft.utils.other.get_pattern_key``):
     the first key that matches the end of the module name (a whole dotted suffix), or None. Keys
     were checked by ``validate_adapter_config`` (valid, no quantified groups)."""
-    return next((k for k in keys if re.match(rf"(.*\.)?({k})$", module)), None)
+    return next((k for k in keys if peft_match(rf"(.*\.)?({k})$", module, where=where, shown=k)), None)
+
+
+# ---- which modules PEFT loads ------------------------------------------------------------------
+# peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21; the tests
+# compare it with the installed peft): the target_modules PEFT uses when a LoRA config has none,
+# by the base's model_type (LoraModel._prepare_adapter_config). Mirrored, not imported: importing
+# peft takes seconds.
+PEFT_DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)", "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+
+def _selects(spec: str | list[str], key: str, where: str = "adapter_config.json") -> bool:
+    """PEFT's name rule: a string is a regular expression matching the whole name; a list entry
+    matches the name or its last components."""
+    if isinstance(spec, str):
+        return peft_match(spec, key, full=True, where=where) is not None
+    return key in spec or any(key.endswith(f".{t}") for t in spec)
+
+
+def _layer_selected(config: dict, key: str, where: str = "adapter_config.json") -> bool:
+    """``layers_to_transform`` / ``layers_pattern``: the first numbered name component is the layer."""
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if layers is None or layers == []:
+        return True
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    found = (next((m for p in patterns if (m := peft_match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key, where=where,
+                                                           shown=p))), None)
+             if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key))
+    if found is None:
+        return False
+    return int(found["idx"]) == layers if isinstance(layers, int) else int(found["idx"]) in layers
+
+
+def _targeted(config: dict, key: str, where: str = "adapter_config.json") -> bool:
+    """Whether PEFT creates a LoRA layer for module ``key`` from this config (the rule of
+    peft.tuners.tuners_utils.check_target_module_exists, plus target_parameters)."""
+    if config.get("exclude_modules") and _selects(config["exclude_modules"], key, where):
+        return False
+    if any(peft_match(rf"(^|.*\.){m}($|\..*)", key, where=where, shown=m) for m in config.get("modules_to_save") or []):
+        return False
+    params = config.get("target_parameters") or []
+    if any(_selects([p], f"{key}.{p.rsplit('.', 1)[-1]}") for p in params):
+        return True
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str) or key in targets:
+        return _selects(targets, key, where)
+    return _selects(targets, key, where) and _layer_selected(config, key, where)
+
+
+def peft_targets(config: dict, model_type: str | None) -> list[str] | str | None:
+    """The target_modules PEFT applies: the config's, else PEFT's default for ``model_type``
+    (``PEFT_DEFAULT_TARGETS``); None when the config has none and there is no default (PEFT then
+    loads only target_parameters, and refuses an adapter that has neither)."""
+    targets = config.get("target_modules")
+    return targets if targets is not None else PEFT_DEFAULT_TARGETS.get(model_type) if model_type else None
+
+
+def _loaded_name(f: ModuleFactors) -> str:
+    """The module name PEFT matches targets against (a ParamWrapper's, without the nesting's
+    ".base_layer")."""
+    return f.module[: len(f.module) - len(".base_layer") * f.depth] if f.experts else f.module
+
+
+def ignored_modules(af: AdapterFile, model_type: str | None) -> dict[str, str]:
+    """{module: why} for the modules with weights that PEFT (or diffusers, through PEFT) creates no
+    LoRA layer for when it loads the adapter onto a base of ``model_type``: it ignores their
+    weights, so the merged model does not have them. Only for configs PEFT builds a LoraConfig
+    from; "all-linear" needs the model's layer types and is taken to select every module."""
+    out = {}
+    for name, f in af.modules.items():
+        cfg, local = _config_of(af, _loaded_name(f))
+        if not _peft_config(af, cfg):
+            continue
+        targets = peft_targets(cfg, model_type)
+        if isinstance(targets, str) and targets.lower() == "all-linear":
+            continue
+        if targets is None and not cfg.get("target_parameters"):
+            continue  # PEFT refuses the adapter (no target_modules, no default): nothing to compare with
+        rule = {**cfg, "target_modules": targets}
+        if not _targeted(rule, local, _config_file(af)):
+            how = ("target_modules" if cfg.get("target_modules") is not None else
+                   f"PEFT's default target_modules for {printable(str(model_type))} ({_shown(targets)}), the "
+                   "config having none," if targets is not None else "the config (no target_modules)")
+            out[name] = f"{how} does not select it: PEFT creates no LoRA layer there and ignores these weights"
+    return out
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
@@ -165,6 +308,7 @@ class ModuleFactors:
     A: str | None = None  # key of (r, in), or (r, vocab) for embeddings
     B: str | None = None  # key of (out, r), or (dim, r) for embeddings
     magnitude: str | None = None  # key of DoRA's (out,)
+    dora: bool = False  # merged as DoRA (the config's use_dora); no magnitude key: ||W0||_row, as PEFT starts it
     bias: bool = False
     embedding: bool = False
     alpha: float | None = None  # kohya per-module alpha
@@ -192,6 +336,8 @@ class AdapterFile:
     _handle: object = field(default=None, repr=False)  # the safe_open handle
     format: str = "peft_lora"  # "peft_lora" | "kohya_lora" | "diffusers_lora" (stated in the JSON)
     component_configs: dict[str, dict] = field(default_factory=dict)  # diffusers: "unet" -> its LoRA config
+    rank_mismatches: list[str] = field(default_factory=list)  # "<module> has rank 4 in the tensors but r = 8"
+    metadata_config: bool = False  # diffusers: the file's own LoraConfig is in lora_adapter_metadata
 
     @property
     def kind(self) -> str:
@@ -427,36 +573,39 @@ def read_diffusers_lora(path: str | os.PathLike) -> AdapterFile:
     for key in keys:
         if key.endswith(".alpha") and key[: -len(".alpha")] in modules:
             modules[key[: -len(".alpha")]].alpha = _kohya_alpha(path, handle, key)
-    components = _diffusers_metadata(path, handle)
-    af = AdapterFile(str(path), {"peft_type": "LORA"}, modules, replacements, keys, _handle=handle,
-                     format="diffusers_lora", component_configs=components)
-    if not components and not any(f.alpha is not None for f in modules.values()):
+    own, components = _diffusers_metadata(path, handle)
+    af = AdapterFile(str(path), {"peft_type": "LORA", **own}, modules, replacements, keys, _handle=handle,
+                     format="diffusers_lora", component_configs=components, metadata_config=bool(own))
+    if not own and not components and not any(f.alpha is not None for f in modules.values()):
         af.warnings.append("no lora_adapter_metadata and no alpha tensors: scale 1 (alpha = r), diffusers' default")
     _index(af)
     return af
 
 
-def _diffusers_metadata(path: Path, handle) -> dict[str, dict]:
-    """The per-component LoRA configs diffusers packs into the header as "<component>.<field>"."""
-    import json
+def _diffusers_metadata(path: Path, handle) -> tuple[dict, dict[str, dict]]:
+    """(the file's own LoRA config, {component: its LoRA config}) from the header's
+    ``lora_adapter_metadata``: a model's ``save_lora_adapter`` writes its LoraConfig as it is ("r",
+    "lora_alpha", ...), a pipeline's ``save_lora_weights`` each component's under "<component>.<field>"."""
+    from ..io import parse_json
 
     raw = (handle.metadata() or {}).get("lora_adapter_metadata")
     if raw is None:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"{path}: header field lora_adapter_metadata is not JSON ({e})") from None
+        return {}, {}
+    flat = parse_json(raw, f"{path} (header field lora_adapter_metadata)")
     if not isinstance(flat, dict):
         raise FormatError(f"{path}: header field lora_adapter_metadata must be a JSON object")
+    own: dict = {}
     out: dict[str, dict] = {}
     for key, value in flat.items():
-        comp, _, fld = str(key).partition(".")
+        comp, _, fld = key.partition(".")
         if fld:
             out.setdefault(comp, {})[fld] = value
+        else:
+            own[key] = value
+    validate_adapter_config(own, f"{path} (lora_adapter_metadata)")
     for comp, cfg in out.items():
         validate_adapter_config(cfg, f"{path} (lora_adapter_metadata, {printable(comp)})")
-    return out
+    return own, out
 
 
 def _kohya_alpha(path: Path, handle, key: str) -> float:
@@ -521,6 +670,46 @@ def _index(af: AdapterFile) -> None:
                 raise FormatError(f"{where}: lora_magnitude_vector has shape {list(m)}; "
                                   f"DoRA needs one magnitude per output row ({rows})")
         af.scales[name] = _scale(af, name, rank)
+    _dora_as_loaded(af)
+
+
+def _dora_as_loaded(af: AdapterFile) -> None:
+    """Which modules are merged as DoRA, as the loader merges them: PEFT (and diffusers with a
+    LoraConfig in the metadata) follow the config's ``use_dora``, ignoring magnitude tensors without
+    it, and start the magnitude of a DoRA module without one at ||W0 + s B0 A0||_row, which is
+    ||W0||_row when B starts at zero (``DoraLinearLayer.update_layer``); diffusers without a config
+    uses DoRA when the file has magnitudes. Each departure from the file is stated in the warnings."""
+    ignored, from_base = [], []
+    for name, f in af.modules.items():
+        cfg, _ = _config_of(af, name)
+        if af.format == "kohya_lora":
+            f.dora = False
+        elif af.format == "diffusers_lora" and "use_dora" not in cfg:
+            f.dora = f.magnitude is not None
+        else:
+            f.dora = bool(cfg.get("use_dora"))
+        if f.magnitude is not None and not f.dora:
+            ignored.append(name)
+            f.magnitude = None
+        elif f.dora and f.magnitude is None:
+            from_base.append(name)
+    if ignored:
+        af.warnings.append(f"{len(ignored)} module(s) have DoRA magnitude vectors but the config does not set "
+                           f"use_dora, so PEFT ignores them and merges plain LoRA (audited so): "
+                           f"{', '.join(map(printable, ignored[:4]))}{_more(ignored, 4)}")
+    if from_base:
+        random_init = af.config.get("init_lora_weights") is False
+        af.warnings.append(f"use_dora is set but {len(from_base)} module(s) have no lora_magnitude_vector: PEFT then "
+                           "starts the magnitude from the base weight's row norms ||W0||_row and merges DoRA with it "
+                           "(audited so; this is not the plain LoRA update B A)"
+                           + (". With init_lora_weights false PEFT's magnitude also depends on the random "
+                              "initial factors, so PEFT's result is not reproducible" if random_init else "")
+                           + f": {', '.join(map(printable, from_base[:4]))}{_more(from_base, 4)}")
+
+
+def _config_file(af: AdapterFile) -> str:
+    """Where an adapter's config is, for messages."""
+    return str(Path(af.path) / "adapter_config.json") if af.format == "peft_lora" else af.path
 
 
 def _config_of(af: AdapterFile, module: str) -> tuple[dict, str]:
@@ -532,33 +721,52 @@ def _config_of(af: AdapterFile, module: str) -> tuple[dict, str]:
     return af.config, module
 
 
-def _pattern_rank(cfg: dict, module: str, default: int) -> tuple[int, str]:
+# LoraConfig's defaults (peft.tuners.lora.config.LoraConfig): what PEFT uses for a field the config
+# leaves out, in adapter_config.json and in diffusers' lora_adapter_metadata alike.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
+
+
+def _pattern_rank(cfg: dict, module: str, default: int, where: str) -> tuple[int, str]:
     rp = cfg.get("rank_pattern") or {}
-    if (key := pattern_key(list(rp), module)) is not None:
+    if (key := pattern_key(list(rp), module, where)) is not None:
         return rp[key], f"rank_pattern[{key!r}]"
-    return cfg.get("r", default), "r"
+    if "r" not in cfg:
+        return default, "r (absent: PEFT's default)"
+    return cfg["r"], "r"
+
+
+def _peft_config(af: AdapterFile, cfg: dict) -> bool:
+    """Whether ``cfg`` becomes a peft LoraConfig when the adapter is loaded (LoraConfig's defaults
+    apply to what it leaves out): a PEFT folder's config, or diffusers' lora_adapter_metadata."""
+    if af.format == "diffusers_lora":
+        return cfg is not af.config or af.metadata_config
+    return af.format == "peft_lora"
 
 
 def _config_rank(af: AdapterFile, module: str, default: int) -> int:
     cfg, name = _config_of(af, module)
-    return _pattern_rank(cfg, name, default)[0]
+    return _pattern_rank(cfg, name, PEFT_DEFAULT_R if _peft_config(af, cfg) else default, _config_file(af))[0]
 
 
 def _scale(af: AdapterFile, module: str, rank: int) -> float:
     """s for one module: kohya alpha/r, else PEFT's alpha / r or alpha / sqrt(r) (rsLoRA), with
-    rank_pattern / alpha_pattern overrides; FormatError when the config's r is not the weights' rank."""
+    rank_pattern / alpha_pattern overrides and LoraConfig's defaults for absent fields. A config r
+    that is not the weights' rank (PEFT cannot load such an adapter) is recorded in
+    ``af.rank_mismatches`` (structural finding LA023) and the weights' rank is used."""
     f = af.modules[module]
     if f.alpha is not None:
         return f.alpha / rank
     cfg, name = _config_of(af, module)
-    r, origin = _pattern_rank(cfg, name, rank)
-    alpha = cfg.get("lora_alpha", r)
+    peft = _peft_config(af, cfg)
+    r, origin = _pattern_rank(cfg, name, PEFT_DEFAULT_R if peft else rank, _config_file(af))
+    alpha = cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA if peft else r)
     ap = cfg.get("alpha_pattern") or {}
-    if (key := pattern_key(list(ap), name)) is not None:
+    if (key := pattern_key(list(ap), name, _config_file(af))) is not None:
         alpha = ap[key]
     if r != rank:
-        raise FormatError(f"{af.path}: module {printable(module)} has rank {rank} in the weights but "
-                          f"{printable(origin)} = {r} in adapter_config.json")
+        af.rank_mismatches.append(f"{printable(module)} has rank {rank} in the tensors but {printable(origin)} = {r}")
+        r = rank
     return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
@@ -636,15 +844,17 @@ class KohyaIndex:
         return None
 
 
-def _match_module(module: str, names: Collection[str], by_last: Mapping[str, list[str]]) -> str | None:
-    """The base parameter an adapter module adapts: exact, then with leading name parts dropped
-    (adapters made on a wrapped model), then the one base name ending with the module's name."""
+def _match_module(module: str, names: Collection[str], by_last: Mapping[str, list[str]],
+                  leaf: str = "weight") -> str | None:
+    """The base parameter ``<module>.<leaf>`` an adapter module adapts (or a modules_to_save tensor
+    replaces): exact, then with leading name parts dropped (adapters made on a wrapped model), then
+    the one base name ending with it. The leaf is kept: a saved bias is never matched to a weight."""
     parts = module.split(".")
     for i in range(len(parts)):
-        cand = ".".join(parts[i:]) + ".weight"
+        cand = ".".join(parts[i:]) + "." + leaf
         if cand in names:
             return cand
-    hits = [h for h in by_last.get(parts[-1], []) if h.endswith("." + module + ".weight")]
+    hits = [h for h in by_last.get(parts[-1], []) if h.endswith(f".{module}.{leaf}")]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -699,7 +909,9 @@ def match_adapter(af: AdapterFile, base_shapes: Mapping[str, tuple[int, ...]], *
     Raises ShapeMismatchError naming the adapter, the base and the modules when a module has no
     base parameter or a different shape (an adapter made for another base; one trained on a pruned
     base is named as such). Kohya modules of a pipeline component the base does not hold (text
-    encoder modules against a UNet folder) are reported in ``skipped``, not refused.
+    encoder modules against a UNet folder), and modules whose weights PEFT ignores when it loads
+    the adapter (``ignored_modules``: target_modules, or PEFT's default for the base's model type,
+    does not select them) are reported in ``skipped``, not refused.
     """
     from .layout import plan_matrices
 
@@ -716,8 +928,12 @@ def match_adapter(af: AdapterFile, base_shapes: Mapping[str, tuple[int, ...]], *
     match = AdapterMatch({}, {})
     unmatched: list[str] = []
     mismatched: list[str] = []
+    ignored = ignored_modules(af, (config or {}).get("model_type"))
     for module, (rows, cols, r) in af.shapes.items():
         f = af.modules[module]
+        if module in ignored:
+            match.skipped[module] = ignored[module]
+            continue
         if f.experts:
             _match_experts(af, module, base_shapes, children, plan, plan_skipped, match, mismatched)
             continue
@@ -734,7 +950,7 @@ def match_adapter(af: AdapterFile, base_shapes: Mapping[str, tuple[int, ...]], *
                                   + _pruned_hint(rows, cols, want))
             else:
                 match.module_of[name] = module
-    _match_replacements(af, base_shapes, names, by_last, match, unmatched, mismatched)
+    _match_replacements(af, base_shapes, by_last, match, unmatched, mismatched)
     if match.module_of and unmatched:
         unmatched = _new_modules(unmatched, base_shapes, match)
     if kohya is not None:
@@ -783,12 +999,13 @@ def _match_experts(af, module, base_shapes, children, plan, plan_skipped, match:
             match.flipped.add(key)
 
 
-def _match_replacements(af, base_shapes, names, by_last, match: AdapterMatch, unmatched, mismatched) -> None:
+def _match_replacements(af, base_shapes, by_last, match: AdapterMatch, unmatched, mismatched) -> None:
     """modules_to_save tensors: full replacements of base weights, or new weights (heads) the base
     lacks, which are reported and not audited."""
     saved = [m for m in af.config.get("modules_to_save") or []]
     for pname, key in af.replacements.items():
-        name = pname if pname in names else _match_module(pname.rsplit(".", 1)[0], names, by_last)
+        module, _, leaf = pname.rpartition(".")
+        name = pname if pname in base_shapes else _match_module(module, base_shapes, by_last, leaf) if module else None
         if name is None:
             if any(pname == s or pname.startswith(s + ".") or f".{s}." in f".{pname}" for s in saved):
                 match.new_modules.append(pname)

@@ -152,7 +152,7 @@ def default_model_dir(refresh: bool = False) -> Path:
         try:
             if json.loads(marker.read_text()) == want:
                 return out
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a damaged marker: rebuild
             pass
     from transformers import AutoTokenizer
 

@@ -124,6 +124,24 @@ def _first(keys: list[str], part: str) -> str:
     return printable(next((k for k in keys if part in k), "?"))
 
 
+def pickle_refused(path, e: BaseException):
+    """The FormatError for a pickle that ``torch.load(weights_only=True)`` (directly, or inside
+    transformers' ``from_pretrained``) would not load: refused, and nothing in it was run. A pickle
+    of objects other than tensors is the shape a malicious file takes; ``e``'s own advice (to retry
+    with weights_only=False) is left out of the message on purpose."""
+    import pickle
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Unsupported global"))),
+                  lines[0] if lines and not lines[0].startswith("Weights only load failed") else type(e).__name__)
+    if isinstance(e, pickle.UnpicklingError):
+        return FormatError(f"{path}: refused: the pickle holds more than tensors, so torch.load(weights_only=True) "
+                           f"would not load it ({reason[:200]}); nothing in it was run. A file like this can be "
+                           "malicious: convert a trusted copy to safetensors instead")
+    return FormatError(f"{path}: not a readable pickle of tensors, truncated or corrupted ({reason[:200]}); nothing "
+                       "in it was run")
+
+
 PICKLE_REFUSAL = ("{path}: holds only pickle weights (pytorch_model.bin / *.bin). Unpickling can run "
                   "arbitrary code, so lora-audit refuses it by default. Convert it once with a trusted "
                   "tool (e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "

@@ -11,6 +11,7 @@ model before peft patches it.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from ..device import resolve_device
 from ..errors import FormatError, InputError
 from .adapters import AdapterFile, AdapterMatch, match_adapter, read_peft_adapter
-from .detect import PICKLE_REFUSAL, Kind
+from .detect import PICKLE_REFUSAL, Kind, pickle_refused
 from .sources import gguf_file, load_gguf_model, local_path, open_weights, read_model_config
 from .stream import conv1d_weights
 
@@ -101,10 +102,16 @@ def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safet
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=use_safetensors,
                                                     trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as e:  # allow_pickle: torch.load(weights_only=True) refused the file
+        raise pickle_refused(source, e) from None
     except OSError as e:
         raise InputError(f"{source}: could not load the model ({_first_line(e)})") from None
     except (ValueError, KeyError) as e:
         raise FormatError(f"{source}: could not load the model ({_first_line(e)})") from None
+    except (RuntimeError, EOFError) as e:
+        if use_safetensors:
+            raise
+        raise pickle_refused(source, e) from None  # a truncated or corrupted pytorch_model.bin
 
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

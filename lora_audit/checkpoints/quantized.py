@@ -61,6 +61,7 @@ from ..text import printable
 
 BNB_4BIT_AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 BNB_QS_PREFIX = "quant_state.bitsandbytes__"
+MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes writes ~200 bytes; decoded with .tolist(), so bounded first
 _FLOAT_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -112,10 +113,15 @@ class Bnb4bit:
 
 def parse_bnb_state(raw: torch.Tensor, where: str) -> Bnb4bit:
     """The JSON packed in ``quant_state.bitsandbytes__*``, checked field by field."""
+    from ..io import parse_json
+
+    if raw.numel() > MAX_QUANT_STATE_BYTES:
+        raise FormatError(f"{where}: {raw.numel()} bytes; a quant state is a JSON object of a few hundred bytes")
     try:
-        obj = json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        text = bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8")
+    except UnicodeDecodeError as e:
         raise FormatError(f"{where}: not a JSON object in UTF-8 ({e})") from None
+    obj = parse_json(text, where)
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: must hold a JSON object")
 
@@ -130,13 +136,13 @@ def parse_bnb_state(raw: torch.Tensor, where: str) -> Bnb4bit:
 
     qt = need("quant_type", lambda v: v in ("nf4", "fp4"), '"nf4" or "fp4"')
     bs = need("blocksize", is_int, "a positive integer")
-    dt = need("dtype", lambda v: v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES))
+    dt = need("dtype", lambda v: isinstance(v, str) and v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES))
     shape = need("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v),
                  "[rows, cols] (positive integers)")
     nested = None
     if "nested_blocksize" in obj:
         nested = {"blocksize": need("nested_blocksize", is_int, "a positive integer"),
-                  "dtype": need("nested_dtype", lambda v: v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES)),
+                  "dtype": need("nested_dtype", lambda v: isinstance(v, str) and v in _FLOAT_NAMES, " or ".join(_FLOAT_NAMES)),
                   "offset": float(need("nested_offset", lambda v: isinstance(v, (int, float)) and not
                                        isinstance(v, bool) and math.isfinite(v), "a finite number"))}
     return Bnb4bit(qt, bs, _FLOAT_NAMES[dt], (shape[0], shape[1]), nested)

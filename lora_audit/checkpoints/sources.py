@@ -33,7 +33,7 @@ import torch
 from ..errors import FormatError, InputError
 from ..io import read_user_json
 from ..text import printable
-from .detect import PICKLE_REFUSAL, Kind, detect
+from .detect import PICKLE_REFUSAL, Kind, detect, pickle_refused
 
 
 class WeightSource:
@@ -59,6 +59,11 @@ class WeightSource:
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def stored_dtype(self, name: str) -> str | None:
+        """The safetensors dtype name a tensor is stored in ("F8_E4M3", "U8", ...), when known
+        without reading it."""
+        return None
 
     def __contains__(self, name: str) -> bool:
         return name in self._name_set
@@ -112,6 +117,9 @@ class SafetensorsSource(WeightSource):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def stored_dtype(self, name: str) -> str | None:
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -309,6 +317,7 @@ def logical(src: WeightSource) -> WeightSource:
     shapes: dict[str, tuple[int, ...]] = {}
     if method is not None:
         _quantized_pieces(src, method, names, pieces, shapes)
+    _check_quantised_leftovers(src, method, names, pieces)
     for n in names:
         if n.endswith(".weight_orig") and n[: -len("_orig")] + "_mask" in names:
             w = n[: -len("_orig")]
@@ -361,6 +370,38 @@ def _quantized_pieces(src: WeightSource, method: str, names: set[str], pieces: d
                       "layout lora-audit dequantises; it reads bitsandbytes (4-bit nf4/fp4, 8-bit), fp8 with block "
                       "scales and GGUF. Dequantise the model first (transformers: model.dequantize(), then "
                       "save_pretrained) and audit that folder.")
+
+
+# Stored dtypes of quantisation codes: a weight in one of them is raw codes, not values.
+CODE_DTYPES = ("I8", "U8", "F8_E4M3", "F8_E5M2")
+# Tensors that only make sense with a quantization_config (FP8 block scales, LLM.int8 row scales,
+# bitsandbytes 4-bit states).
+QUANT_TENSOR_ENDINGS = ("weight_scale_inv", ".SCB", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+
+
+def _check_quantised_leftovers(src: WeightSource, method: str | None, names: set[str], pieces: dict) -> None:
+    """FormatError instead of auditing raw codes: in a quantised folder, a weight stored as codes
+    (``CODE_DTYPES``) that no dequantising reader claimed (an FP8 weight without its
+    weight_scale_inv, a packed 4-bit weight without its quant state, an int8 weight without SCB);
+    in a folder without quantization_config, quantisation tensors that nothing would apply."""
+    if method is None:
+        stray = sorted(n for n in names if n.endswith(QUANT_TENSOR_ENDINGS))
+        if stray:
+            raise FormatError(f"{src.path}: holds quantisation tensors ({', '.join(map(printable, stray[:3]))}"
+                              f"{', ...' if len(stray) > 3 else ''}) but config.json has no quantization_config, so "
+                              "the weights they scale cannot be dequantised; restore the config's "
+                              "quantization_config (quant_method, and weight_block_size for fp8)")
+        return
+    hidden = {k for _, keys in pieces.values() for k in keys}
+    raw = sorted(n for n in names if n.endswith(".weight") and n not in pieces and n not in hidden
+                 and len(src.shape(n)) >= 2 and src.stored_dtype(n) in CODE_DTYPES)
+    if raw:
+        needs = {"fp8": "weight_scale_inv", "bitsandbytes": "quant_state (4-bit) or SCB (int8)"}.get(method, "scales")
+        raise FormatError(f"{src.path}: {len(raw)} weight(s) stored as quantisation codes "
+                          f"({src.stored_dtype(raw[0])}) have no {needs}: "
+                          f"{', '.join(map(printable, raw[:3]))}{', ...' if len(raw) > 3 else ''}; without it "
+                          f"the codes cannot be dequantised (quant_method {printable(method)}), and auditing them "
+                          "unscaled would be wrong")
 
 
 def _int8_format(t: torch.Tensor, where: str) -> int:
@@ -432,9 +473,14 @@ def _pickle_source(path: Path) -> StateDictSource:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001
-            raise FormatError(f"{f}: torch.load(weights_only=True) refused or failed ({e})") from None
+            try:
+                obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(str(f), map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+        except Exception as e:  # noqa: BLE001 - refused (UnpicklingError) or unreadable
+            raise pickle_refused(f, e) from None
         if not isinstance(obj, dict):
             raise FormatError(f"{f}: expected a state dict, got {type(obj).__name__}")
         state.update(obj)

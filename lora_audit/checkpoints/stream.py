@@ -130,7 +130,10 @@ class AuditStream:
                 return None
             return Dense(m.take(t).to(self.dtype).contiguous())
         if m.param in spec.match.replacement_of and m.expert is None:
-            return Dense(m.take(spec.adapter.tensor(spec.match.replacement_of[m.param])).to(self.dtype).contiguous())
+            t = spec.adapter.tensor(spec.match.replacement_of[m.param])
+            if t.shape == raw.shape and t.dtype == raw.dtype and torch.equal(t, raw):
+                return None  # saved unchanged (peft copies every modules_to_save tensor)
+            return Dense(m.take(t).to(self.dtype).contiguous())
         module = spec.match.module_of.get(m.name)
         if module is None:
             return None
@@ -139,7 +142,9 @@ class AuditStream:
             B, A = A.T, B.T
         s = spec.adapter.scale(module)
         B, A = B.to(self.dtype), A.to(self.dtype)
-        if mag is not None:
+        if spec.adapter.modules[module].dora:
+            if mag is None:  # use_dora without a saved magnitude: PEFT starts it at the base's row norms
+                mag = m.take(raw).to(self.dtype).norm(dim=1)  # (out,)
             return DoRA(B=B, A=A, scale=s, magnitude=mag.to(self.dtype))
         return LowRank(B=B, A=A, scale=s)
 
@@ -296,8 +301,7 @@ def _expert_similarity(spec: _Tuned) -> dict:
             groups.setdefault(_PER_EXPERT.sub(".experts.*.", name, count=1), {})[int(m.group(1))] = name
     out = {}
     for key, members in groups.items():
-        if len(members) >= 2 and spec.adapter.modules[spec.match.module_of[next(iter(members.values()))]].magnitude \
-                is None:
+        if len(members) >= 2 and not spec.adapter.modules[spec.match.module_of[next(iter(members.values()))]].dora:
             experts = sorted(members)
             out[key] = {"experts": experts, **update_similarity([_factors(spec, members[e]) for e in experts])}
     return out

@@ -15,17 +15,21 @@ Each finding carries a rule id of ``lora_audit.results.findings.RULES``:
   matrices: warning; other matrices: note) and LoRA factors of rank >= min(rows, cols).
 - LA022 moe-router-adapted: LoRA or a replacement on a mixture-of-experts router (``is_router``).
 - LA023 rank-mismatch: declared r / rank_pattern vs the ranks of the lora_A tensors (error: PEFT
-  cannot load it, and ``read_adapter`` refuses it), and rank_pattern keys that match no module.
-- LA024 target-modules-mismatch: modules with weights that target_modules does not select
-  (PEFT ignores their weights) and targets without weights (they keep their initialisation).
+  cannot load it; ``read_adapter`` records it and the audit uses the tensors' rank), and
+  rank_pattern keys that match no module.
+- LA024 target-modules-mismatch: modules with weights that target_modules (or, when the config has
+  none, PEFT's default for the base's model type) does not select: PEFT ignores their weights, and
+  so does the audit (``adapters.ignored_modules``); an absent target_modules; targets without
+  weights (they keep their initialisation).
 - LA025 executable-file: pickle and Python files in a TUNED folder.
 - LA026 custom-code-reference: ``auto_map`` / ``auto_mapping`` in its configs.
 - LA027 scale-anomaly: alpha / r (alpha / sqrt(r) with rsLoRA) <= 0 or above ``SCALE_HIGH``.
 - LA028 dtype-anomaly: factors in several dtypes, or in float64 / float8.
 
-PEFT's matching rules are mirrored here rather than imported (importing peft takes seconds):
-``_pattern_key`` is ``peft.utils.other.get_pattern_key`` and ``_targeted`` is
-``peft.tuners.tuners_utils.check_target_module_exists``; the tests compare both with peft's.
+PEFT's matching rules are mirrored in ``adapters`` rather than imported (importing peft takes
+seconds): ``pattern_key`` is ``peft.utils.other.get_pattern_key``, ``_targeted`` is
+``peft.tuners.tuners_utils.check_target_module_exists`` and ``PEFT_DEFAULT_TARGETS`` peft's default
+target modules; the tests compare them with peft's.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from ..io import read_user_json
 from ..results.findings import Finding
 from ..text import printable
 from .adapter_sets import is_adapter_set, read_adapter_set
-from .adapters import _NESTED_QUANTIFIER, AdapterFile, pattern_key, read_adapter, read_adapter_config
+from .adapters import (_shown, _targeted, AdapterFile, ignored_modules, pattern_key, peft_targets,  # noqa: F401
+                       read_adapter, read_adapter_config)
 from .detect import Kind, detect
-from .sources import contained_file, local_path
+from .sources import local_path
 from .stream import is_embedding, is_head
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -59,11 +64,13 @@ COMPARE_CONTENT_BYTES = 2 * 2**30  # base models up to this size are compared by
 SHOWN = 5  # names listed in a message
 
 
-def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None = None) -> list[Finding]:
+def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                    base_config: dict | None = None) -> list[Finding]:
     """The structural findings of one TUNED input (an adapter folder or file, or a full model),
-    optionally against the BASE it is audited with. Reads headers and configs only (and, when the
-    adapter names another base that is on this machine, the files of both bases to compare them);
-    raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
+    optionally against the BASE it is audited with (``base_config``: its config as the loader reads
+    it, e.g. a GGUF's; default: a BASE folder's config.json). Reads headers and configs only (and,
+    when the adapter names another base that is on this machine, the files of both bases to compare
+    them); raises the loaders' InputError / FormatError for inputs that cannot be read at all."""
     path, kind = local_path(tuned)
     findings = _folder_findings(path) if path.is_dir() else []
     if kind == Kind.PEFT_ADAPTER and is_adapter_set(path):  # MixLoRA / X-LoRA: each member's factors
@@ -74,13 +81,20 @@ def check_structure(tuned: str | os.PathLike, *, base: str | os.PathLike | None 
         config = read_adapter_config(path)
         if base is not None:
             findings += _base_mismatch(path, config, base)
-        ranks = _rank_findings(path, config)
-        findings += ranks
-        if any(f.level == "error" for f in ranks):  # read_adapter refuses such an adapter
-            return findings
-    if kind in (Kind.PEFT_ADAPTER, Kind.KOHYA_LORA):
-        findings += adapter_findings(read_adapter(path))
+    if kind in (Kind.PEFT_ADAPTER, Kind.KOHYA_LORA, Kind.DIFFUSERS_LORA):
+        findings += adapter_findings(read_adapter(path), base_config=base_config or _base_config(base))
     return findings
+
+
+def _base_config(base: str | os.PathLike | None) -> dict | None:
+    """The config.json of a local BASE folder (for PEFT's default target modules), else None."""
+    folder = Path(str(base)).expanduser() if base is not None else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        return read_user_json(folder / "config.json", "model config")
+    except InputError:
+        return None
 
 
 def _listing(names: list[str], shown: int = SHOWN) -> str:
@@ -206,56 +220,34 @@ def _base_mismatch(folder: Path, config: dict, base: str | os.PathLike) -> list[
 
 
 # ---- declared and actual ranks -------------------------------------------------------------------------
-_LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?:embedding_)?A(?:\.[^.]+)?(?:\.weight)?$")
-
-
-def _tensor_ranks(folder: Path) -> dict[str, int]:
-    """module -> rank (rows of lora_A) from the header of adapter_model.safetensors; {} when there
-    is none or it cannot be opened (``read_adapter`` reports that)."""
-    from safetensors import safe_open
-
-    st = folder / "adapter_model.safetensors"
-    if not st.is_file():
-        return {}
-    try:
-        handle = safe_open(str(contained_file(folder, st.name, "adapter weights")), framework="pt")
-        return {m["module"]: int(handle.get_slice(k).get_shape()[0]) for k in handle.keys()
-                if (m := _LORA_A.match(k)) and len(handle.get_slice(k).get_shape()) >= 2}
-    except Exception:  # noqa: BLE001 - unreadable files are read_adapter's to report
-        return {}
-
-
-def _rank_findings(folder: Path, config: dict) -> list[Finding]:
-    ranks = _tensor_ranks(folder)
-    patterns = list(config.get("rank_pattern") or {})
-    bad = []
-    for module, rank in ranks.items():
-        key = pattern_key(patterns, module)
-        declared, origin = (config["rank_pattern"][key], f"rank_pattern[{key!r}]") if key else (config.get("r"), "r")
-        if declared is not None and declared != rank:
-            bad.append(f"{printable(module)} has rank {rank} in the tensors but {printable(origin)} = {declared}")
-    where = str(folder / "adapter_config.json")
+def _rank_findings(af: AdapterFile, where: str) -> list[Finding]:
+    """LA023 from the ranks ``read_adapter`` found (``AdapterFile.rank_mismatches``: the reader
+    audits such modules with their tensors' rank), and rank_pattern keys that match no module."""
     out = []
+    bad = af.rank_mismatches
     if bad:
-        out.append(Finding("LA023", "error", f"{len(bad)} module(s) disagree with adapter_config.json: "
-                           + "; ".join(bad[:SHOWN]) + (f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else ""),
-                           where, {"mismatches": bad}))
-    used = {pattern_key(patterns, m) for m in ranks}
+        out.append(Finding("LA023", "error", f"{len(bad)} module(s) disagree with the declared rank, so PEFT cannot "
+                           "load the adapter as declared (audited with the tensors' rank): " + "; ".join(bad[:SHOWN])
+                           + (f" (and {len(bad) - SHOWN} more)" if len(bad) > SHOWN else ""), where,
+                           {"mismatches": bad}))
+    patterns = list(af.config.get("rank_pattern") or {})
+    used = {pattern_key(patterns, m, where) for m in af.modules}
     unused = [k for k in patterns if k not in used]
-    if ranks and unused:
+    if af.modules and unused:
         out.append(Finding("LA023", "note", f"rank_pattern keys that match no module of the adapter: "
                            f"{_listing(unused)}", where, {"unused_rank_pattern": unused}))
     return out
 
 
 # ---- what the adapter changes --------------------------------------------------------------------------
-def adapter_findings(af: AdapterFile) -> list[Finding]:
-    """LA021, LA022, LA024, LA027 and LA028 of a read adapter (headers and config only)."""
+def adapter_findings(af: AdapterFile, base_config: dict | None = None) -> list[Finding]:
+    """LA021 to LA024, LA027 and LA028 of a read adapter (headers and config only); ``base_config``:
+    the BASE's config.json when known (PEFT's default target modules depend on its model type)."""
     weights = str(Path(af.path) / "adapter_model.safetensors") if af.kind == "peft_adapter" else af.path
     config = str(Path(af.path) / "adapter_config.json") if af.kind == "peft_adapter" else af.path
-    out = _full_matrices(af, weights) + _routers(af, weights)
+    out = _full_matrices(af, weights) + _routers(af, weights) + _rank_findings(af, config)
     if af.kind == "peft_adapter":
-        out += _targets(af, config)
+        out += _targets(af, config, base_config)
     return out + _scales(af, config) + _dtypes(af, weights)
 
 
@@ -297,68 +289,37 @@ def _routers(af: AdapterFile, where: str) -> list[Finding]:
 
 
 # ---- declared target modules ---------------------------------------------------------------------------
-def _selects(spec: str | list[str], key: str) -> bool:
-    """PEFT's name rule: a string is a regular expression matching the whole name; a list entry
-    matches the name or its last components."""
-    if isinstance(spec, str):
-        if _NESTED_QUANTIFIER.search(spec) or len(spec) > 1000:
-            raise ValueError(f"pattern {spec[:80]!r} repeats a group ('(...)*', '(...)+', '(...){{n}}') or is over "
-                             "1000 characters: matching it can take exponential time, so lora-audit does not run it")
-        return re.fullmatch(spec, key) is not None
-    return key in spec or any(key.endswith(f".{t}") for t in spec)
-
-
-def _layer_selected(config: dict, key: str) -> bool:
-    """``layers_to_transform`` / ``layers_pattern``: the first numbered name component is the layer."""
-    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
-    if layers is None or layers == []:
-        return True
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
-    found = (next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
-             if patterns else re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key))
-    if found is None:
-        return False
-    return int(found["idx"]) == layers if isinstance(layers, int) else int(found["idx"]) in layers
-
-
-def _targeted(config: dict, key: str) -> bool:
-    """Whether PEFT creates a LoRA layer for module ``key`` from this config (the rule of
-    peft.tuners.tuners_utils.check_target_module_exists, plus target_parameters)."""
-    if config.get("exclude_modules") and _selects(config["exclude_modules"], key):
-        return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.get("modules_to_save") or []):
-        return False
-    params = config.get("target_parameters") or []
-    if any(_selects([p], f"{key}.{p.rsplit('.', 1)[-1]}") for p in params):
-        return True
-    targets = config.get("target_modules")
-    if targets is None:
-        return False
-    if isinstance(targets, str) or key in targets:
-        return _selects(targets, key)
-    return _selects(targets, key) and _layer_selected(config, key)
-
-
-_TYPES = {"exclude_modules": (str, list, type(None)), "layers_to_transform": (int, list, type(None)),
-          "layers_pattern": (str, list, type(None)), "target_parameters": (list, type(None))}
-
-
-def _targets(af: AdapterFile, where: str) -> list[Finding]:
-    config, targets = af.config, af.config.get("target_modules")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return []  # every linear layer but the output one: needs the model to check
-    odd = [k for k, types in _TYPES.items() if not isinstance(config.get(k), types)]
-    try:
-        if odd:
-            raise ValueError(f"field(s) {', '.join(odd)} of an unexpected type")
-        ignored = sorted(m for m in af.modules if not _targeted(config, m))
-    except (re.error, ValueError, TypeError) as e:
-        return [Finding("LA024", "note", f"target_modules not checked: {printable(e)}", where)]
+def _targets(af: AdapterFile, where: str, base_config: dict | None) -> list[Finding]:
+    """LA024: weights PEFT ignores (``adapters.ignored_modules``: target_modules, or PEFT's default for
+    the base's model type when the config has none, does not select them; not audited), an absent
+    target_modules, and targets without weights."""
+    config, declared = af.config, af.config.get("target_modules")
+    model_type = (base_config or {}).get("model_type")
+    model_type = model_type if isinstance(model_type, str) else None
+    targets = peft_targets(config, model_type)
     out = []
+    if declared is None and not config.get("target_parameters"):
+        if targets is not None:
+            out.append(Finding("LA024", "note", f"adapter_config.json has no target_modules: PEFT applies its default "
+                               f"for the base's model type {printable(model_type)!r}, {_shown(targets)}", where,
+                               {"default_targets": targets, "model_type": model_type}))
+        elif model_type is not None:
+            out.append(Finding("LA024", "warning", "adapter_config.json has no target_modules (nor target_parameters) "
+                               f"and PEFT has no default for the base's model type {printable(model_type)!r}: PEFT "
+                               "refuses to load this adapter; lora-audit audits every module with weights", where,
+                               {"model_type": model_type}))
+        else:
+            out.append(Finding("LA024", "note", "adapter_config.json has no target_modules: PEFT applies its default "
+                               "for the base's model type (e.g. q_proj, v_proj for Llama), which was not checked "
+                               "without the base's config.json", where))
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return out  # every linear layer but the output one: needs the model to check
+    ignored = sorted(ignored_modules(af, model_type))
     if ignored:
-        out.append(Finding("LA024", "warning", f"{len(ignored)} module(s) have LoRA weights that target_modules does "
-                           f"not select, so PEFT ignores them (lora-audit audits them): {_listing(ignored)}", where,
-                           {"modules": ignored}))
+        which = "target_modules does" if declared is not None else "PEFT's default target_modules do"
+        out.append(Finding("LA024", "warning", f"{len(ignored)} module(s) have LoRA weights that {which} not select, "
+                           f"so PEFT ignores them and they are not audited (reported in info.skipped): "
+                           f"{_listing(ignored)}", where, {"modules": ignored}))
     if isinstance(targets, list):
         absent = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in af.modules)]
         if absent:

@@ -93,9 +93,10 @@ _RULES = [
          "adapter_config.json's r / rank_pattern give another rank than the lora_A tensors have: PEFT cannot load "
          "the adapter as declared, and its scale alpha / r is not the one it was trained with.", "error"),
     Rule("LA024", "target-modules-mismatch", "Declared target_modules disagree with the modules present.",
-         "Weights for modules that target_modules does not select are ignored by PEFT (the audited model is not "
-         "the one PEFT runs); selected modules without weights keep their initialisation (random with "
-         "init_lora_weights=false).", "warning"),
+         "Weights for modules that target_modules (or, when it is absent, PEFT's default for the base's model type) "
+         "does not select are ignored by PEFT, and by the audit, which audits the model PEFT runs; loaders that "
+         "apply every tensor of the file would apply them. Selected modules without weights keep their "
+         "initialisation (random with init_lora_weights=false).", "warning"),
     Rule("LA025", "executable-file", "Files that can execute code lie next to the weights.",
          "Pickle files (.bin, .pt, .pkl, ...) run code when loaded with torch.load(weights_only=False) or "
          "pickle; Python files run with trust_remote_code. lora-audit never loads them; anyone else may.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -136,7 +137,8 @@ class Capability:
             if key is None:  # any other numeric metric the task defines
                 key = next((k for k, v in r.items() if isinstance(v, (int, float)) and "stderr" not in k
                             and k != "alias"), None)
-            scores[t] = None if key is None else float(r[key])
+            score = None if key is None else float(r[key])
+            scores[t] = score if score is not None and math.isfinite(score) else None  # NaN/inf: not measured
             metrics[t] = key
         return scores, metrics
 

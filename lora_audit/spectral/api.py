@@ -54,8 +54,9 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     dtype = torch.float64 if float64 else torch.float32
     cache = open_cache(cache_dir) if use_cache else None
     tuned = [str(t) for t in tuned]
-    findings = [check_structure(t, base=base) for t in tuned]
     stream = open_stream(base, tuned, include_embeddings=include_embeddings, dtype=dtype, allow_pickle=allow_pickle)
+    # after the stream: PEFT's default targets depend on the base's model type, as the stream read it
+    findings = [check_structure(t, base=base, base_config=stream.base_source.config) for t in tuned]
     labels = list(tuned_labels) if tuned_labels else list(stream.tuned)  # adapter sets give one per member
     result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                    cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),

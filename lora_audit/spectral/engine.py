@@ -26,15 +26,18 @@ How the top-k of W1 is found depends on the delta (the engine never parses files
 A fast path that is not installed, declines a case (``NotImplementedError``) or reports that it
 did not converge falls back to the exact algorithm, and the matrix record says so in "notes".
 
-Matrices are read (and, with a cache, hashed and looked up) one group ahead in a background
-thread while the current one is decomposed, and spread over several devices when there are
-several GPUs (``schedule``); results come back in stream order either way.
+Matrices are read (and, with a cache, hashed and looked up, and on the CPU a cached spectrum's
+LoRA factors projected onto it: ``lowrank.project``) one group ahead in a background thread while
+the current one is audited, and spread over several devices when there are several GPUs
+(``schedule``); results come back in stream order either way. The LoRA path's small kernels and
+the screens run on one thread in each (``blas.one_thread`` says why).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -46,10 +49,12 @@ from ..progress import progress as progress_bar
 from ..results.spectrum import (DEFAULT_EPSILON_SWEEP, MatrixResult, SkippedMatrix, SpectrumResult, TunedResult,
                                 split_name)
 from . import calibration, schedule
+from .blas import one_thread
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
-from .findings import ZERO_TUNED, finding, nonfinite_numbers, screen_base, screen_delta
+from .findings import (ZERO_TUNED, count_nonfinite, finding, nonfinite_numbers, screen_base, screen_delta,
+                       screen_values)
 from .types import BaseSpectrum, TopK
 
 
@@ -84,18 +89,19 @@ def delta_type(delta: Delta) -> str:
 
 
 # ---- top-k dispatch ---------------------------------------------------------------------------
-def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> TopK:
+def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, projection=None) -> TopK:
     """The fast path for this delta type; ImportError/NotImplementedError when there is none.
 
     LowRank -> ``lowrank_topk``; DoRA -> ``lowrank_topk`` if it takes it, else (a row rescaling is
     not low rank in the base basis) ``block_krylov_topk`` on the materialised W1; Dense ->
-    ``block_krylov_topk``.
+    ``block_krylov_topk``. ``projection``: ``lowrank.project(base, delta)`` of a LowRank delta,
+    when the reader thread computed it already.
     """
     if isinstance(delta, (LowRank, DoRA)):
         from .lowrank import lowrank_topk
 
         try:
-            return lowrank_topk(base, delta, k)
+            return lowrank_topk(base, delta, k, projection=projection)
         except NotImplementedError:
             if not isinstance(delta, DoRA):
                 raise
@@ -113,13 +119,18 @@ def _fast_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int) -> To
 EXACT_BELOW = 192
 
 
-def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, exact: bool) -> tuple[TopK, list[str]]:
+def takes_fast_path(shape: Sequence[int], exact: bool) -> bool:
+    return not exact and min(shape) >= EXACT_BELOW
+
+
+def tuned_topk(base: BaseSpectrum, W0: torch.Tensor, delta: Delta, k: int, *, exact: bool,
+               projection=None) -> tuple[TopK, list[str]]:
     """Top-k of W1 measured against the base, without W1's numerically null directions
     (``exact.examined``: ``len(top.singular_values)`` is k_used); (TopK, notes about fallbacks)."""
     notes: list[str] = []
-    if not exact and min(base.shape) >= EXACT_BELOW:
+    if takes_fast_path(base.shape, exact):
         try:
-            top = _fast_topk(base, W0, delta, k)
+            top = _fast_topk(base, W0, delta, k, projection)
         except (ImportError, NotImplementedError) as e:
             notes.append(f"fast path unavailable ({e}); exact SVD used")
         else:
@@ -142,15 +153,17 @@ class Outcome:
 
 
 def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta: Delta,
-                 settings: AuditSettings, *, base_norm: float) -> Outcome:
+                 settings: AuditSettings, *, base_norm: float, projection=None) -> Outcome:
     """Audit one tuned model's (screened, changed) delta against one base matrix.
 
     An all-zero W1 (no direction above the numerical-rank tolerance) and any NaN/Inf number in
     the record (an overflow the screens did not foresee) become findings, never numbers."""
-    metrics = update_metrics(delta, W0, base_norm=base_norm, spectrum=settings.dense_metrics)
-    if metrics.delta_norm == 0.0:
-        return Outcome()
-    top, notes = tuned_topk(base, W0, delta, settings.k, exact=settings.exact)
+    small = isinstance(delta, LowRank) and W0.device.type == "cpu" and takes_fast_path(base.shape, settings.exact)
+    with one_thread() if small else nullcontext():  # the LoRA path's kernels are small: blas.one_thread says why
+        metrics = update_metrics(delta, W0, base_norm=base_norm, spectrum=settings.dense_metrics)
+        if metrics.delta_norm == 0.0:
+            return Outcome()
+        top, notes = tuned_topk(base, W0, delta, settings.k, exact=settings.exact, projection=projection)
     if top.singular_values.numel() == 0:
         return Outcome(skipped=finding(group.name, "tuned", ZERO_TUNED))
     rec = _matrix_result(group, base, delta, top, metrics, settings, notes)
@@ -209,12 +222,15 @@ def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:
 
 
 def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.device,
-                spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum]) -> list[Outcome]:
+                spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum],
+                projections: Mapping[int, Any] | None = None) -> list[Outcome]:
     """Screen W0, then every tuned model's delta; decompose W0 once (the first time a delta
     needs it) and audit every delta that passes against it. One Outcome per tuned model, in order.
-    A base with NaN/Inf values is a finding for every tuned model that has a delta there."""
+    A base with NaN/Inf values is a finding for every tuned model that has a delta there.
+    ``projections``: {delta index: ``lowrank.project``} computed by the reader thread."""
     W0 = group.base.to(device=device, dtype=settings.dtype)  # (m, n)
-    bad_base = screen_base(group.name, W0)
+    with one_thread():  # reductions over W0 (the screens): blas.one_thread says why
+        bad_base = screen_base(group.name, W0)
     if bad_base is not None:
         return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
     decomposed: list[tuple[BaseSpectrum, float]] = []
@@ -225,21 +241,24 @@ def audit_group(group: MatrixGroup, settings: AuditSettings, device: torch.devic
             decomposed.append((spec, float(spec.S.double().norm())))  # ||W0||_F = ||S0||_2
         return decomposed[0]
 
-    return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of) for d in group.deltas]
+    projections = projections or {}
+    return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of, projections.get(i))
+            for i, d in enumerate(group.deltas)]
 
 
 def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: AuditSettings,
-                 base_of: Callable[[], tuple[BaseSpectrum, float]]) -> Outcome:
+                 base_of: Callable[[], tuple[BaseSpectrum, float]], projection=None) -> Outcome:
     """Screen one delta (``findings.screen_delta``) and audit it when it passes."""
     delta = delta.to(device=W0.device, dtype=settings.dtype)
-    changed, found = screen_delta(group.name, W0, delta)
+    with one_thread():
+        changed, found = screen_delta(group.name, W0, delta)
     if not changed:
         return Outcome()
     if found is not None:
         return Outcome(skipped=found)
     base, base_norm = base_of()
     t0 = time.perf_counter()
-    out = audit_matrix(group, base, W0, delta, settings, base_norm=base_norm)
+    out = audit_matrix(group, base, W0, delta, settings, base_norm=base_norm, projection=projection)
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -250,30 +269,71 @@ def _spectrum_function(cache) -> Callable[[torch.Tensor, torch.device], BaseSpec
     return lambda W0, device: cache.base_spectrum(W0, device)
 
 
-def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None
-             ) -> tuple[Callable | None, Callable]:
+@dataclass
+class _Prepared:
+    """What the reader thread found for one group: the base spectrum (held in memory, or read from
+    the cache under ``key``; None on a miss) and the projections of its LoRA deltas onto it."""
+
+    key: str | None
+    spectrum: BaseSpectrum | None
+    held: bool = False
+    projections: dict[int, Any] = field(default_factory=dict)
+
+
+def _projections(group: MatrixGroup, base: BaseSpectrum, settings: AuditSettings) -> dict[int, Any]:
+    """``lowrank.project`` of every changed LoRA delta of ``group`` that takes the fast path: the
+    one pass over U0 and V0 of the LoRA path, done in the reader thread so that the main thread
+    searches while the next matrix is projected. A delta the screens will skip is left out."""
+    if not takes_fast_path(base.shape, settings.exact):
+        return {}
+    from .lowrank import project
+
+    out = {}
+    for i, d in enumerate(group.deltas):
+        if type(d) is not LowRank or screen_values(group.name, d) is not None or not is_changed(d, group.base):
+            continue
+        try:
+            out[i] = project(base, d)
+        except RuntimeError:  # e.g. an SVD that does not converge: the main thread redoes it and says so
+            pass
+    return out
+
+
+def _workers(settings: AuditSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None, *,
+             project: bool = False) -> tuple[Callable | None, Callable]:
     """(prepare, work) for ``schedule.run``: ``prepare`` (in the reader thread) takes a base
     spectrum held in memory (``base_spectra``), or with a SpectrumCache hashes W0 and reads its
-    cached spectrum; ``work`` audits one group on one device."""
+    cached spectrum, and with ``project`` (spectra and work on the CPU) projects the group's LoRA
+    deltas onto it; ``work`` audits one group on one device."""
     spectrum_of = _spectrum_function(cache)
     lookup = getattr(cache, "lookup", None)
 
-    def prepare(group: MatrixGroup):
+    def prepare(group: MatrixGroup) -> _Prepared | None:
+        with one_thread():  # the reader's reductions and projections are small: blas.one_thread says why
+            return _prepare(group)
+
+    def _prepare(group: MatrixGroup) -> _Prepared | None:
         held = base_spectra.get(group.name) if base_spectra is not None else None
         if held is not None:
-            return _HELD, held
-        if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
-            return None
-        W0 = group.base.to(dtype=settings.dtype)
-        return lookup(W0) if bool(torch.isfinite(W0).all()) else None  # (key, spectrum or None), on the CPU
+            found = _Prepared(None, held, held=True)
+        else:
+            if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
+                return None
+            W0 = group.base.to(dtype=settings.dtype)
+            if count_nonfinite(W0):
+                return None
+            found = _Prepared(*lookup(W0))  # key, spectrum or None, on the CPU
+        if project and found.spectrum is not None:
+            found.projections = _projections(group, found.spectrum, settings)
+        return found
 
-    def work(group: MatrixGroup, device: torch.device, found) -> tuple[str, list[Outcome]]:
+    def work(group: MatrixGroup, device: torch.device, found: _Prepared | None) -> tuple[str, list[Outcome]]:
         of = spectrum_of
-        if found is not None and found[0] is _HELD:
-            of = lambda W0, d: _on_device(found[1], d)  # noqa: E731
+        if found is not None and found.held:
+            of = lambda W0, d: _on_device(found.spectrum, d)  # noqa: E731
         elif found is not None:
-            of = lambda W0, d: cache.base_spectrum(W0, d, key=found[0], found=found[1])  # noqa: E731
-        return group.name, audit_group(group, settings, device, of)
+            of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)  # noqa: E731
+        return group.name, audit_group(group, settings, device, of, found.projections if found is not None else None)
 
     return (prepare if lookup is not None or base_spectra is not None else None), work
 
@@ -324,7 +384,7 @@ def audit(stream: Iterable[MatrixGroup], *, k: int = 10, epsilon: float = 0.5,
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
     labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
-    prepare, work = _workers(settings, cache, base_spectra)
+    prepare, work = _workers(settings, cache, base_spectra, project=all(d.type == "cpu" for d in run_on))
     results, n_groups = _collect(stream, work, prepare, run_on, prefetch, labels, total=total, progress=progress,
                                  cache=cache)
     if results is None or (n_groups == 0 and not total):
@@ -391,9 +451,6 @@ def _finish(res: TunedResult, planned: int, n_sweep: int, *, info, warnings) -> 
 
 def _matrices(n: int) -> str:
     return f"{n} matrix" if n == 1 else f"{n} matrices"
-
-
-_HELD = object()  # prepare()'s mark for a spectrum from ``base_spectra``
 
 
 def _on_device(spec: BaseSpectrum, device: torch.device) -> BaseSpectrum:

@@ -37,6 +37,8 @@ takes the block Krylov path (``dense``) on the materialised matrix for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -69,19 +71,43 @@ def _split(basis: Tensor, X: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return C, U[:, s > tol]
 
 
-def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: float = 1e-8) -> TopK:
-    """Top-k left singular directions of W0 + s·B·A in the base's basis (see module docstring)."""
-    if isinstance(delta, DoRA):
-        raise NotImplementedError("DoRA's row normalisation is not low-rank in the base basis")
-    dev, work = base.U.device, torch.float64
-    U0, S0, Vh0 = base.U, base.S, base.Vh  # (m, p), (p,), (p, n) in the audit's dtype
-    B = delta.B.to(device=dev, dtype=U0.dtype)  # (m, r)
-    A = delta.A.to(device=dev, dtype=U0.dtype)  # (r, n)
-    p = U0.shape[1]
+@dataclass
+class Projection:
+    """A LoRA update's factors in the base's basis (``project``): U0^T B (p, r), the orthonormal
+    part of B outside span(U0) (m, rb), V0^T A^T (p, r) and that of A^T outside span(V0) (n, ra).
+    The one pass over U0 and V0 of the fast path, so the engine can run it in the reader thread
+    while the main thread searches the previous matrix."""
+
+    PB: Tensor
+    Qb: Tensor
+    QA: Tensor
+    Qa: Tensor
+
+
+def project(base: BaseSpectrum, delta: LowRank) -> Projection:
+    """``Projection`` of ``delta`` onto ``base`` (in the base's dtype and on its device)."""
+    U0, Vh0 = base.U, base.Vh
+    B = delta.B.to(device=U0.device, dtype=U0.dtype)  # (m, r)
+    A = delta.A.to(device=U0.device, dtype=U0.dtype)  # (r, n)
     eps = torch.finfo(U0.dtype).eps
     PB, Qb = _split(U0, B, eps)  # U0^T B (p, r), (m, rb)
     QA, Qa = _split(Vh0.T, A.T, eps)  # V0^T A^T (p, r), (n, ra)
-    B, A = B.to(work), A.to(work)
+    return Projection(PB=PB, Qb=Qb, QA=QA, Qa=Qa)
+
+
+def lowrank_topk(base: BaseSpectrum, delta: LowRank | DoRA, k: int, *, tol: float = 1e-8,
+                 projection: Projection | None = None) -> TopK:
+    """Top-k left singular directions of W0 + s·B·A in the base's basis (see module docstring).
+    ``projection``: ``project(base, delta)`` when it was computed already."""
+    if isinstance(delta, DoRA):
+        raise NotImplementedError("DoRA's row normalisation is not low-rank in the base basis")
+    dev, work = base.U.device, torch.float64
+    S0 = base.S  # (p,) in the audit's dtype
+    p = base.U.shape[1]
+    pr = projection if projection is not None else project(base, delta)
+    PB, Qb, QA, Qa = pr.PB, pr.Qb, pr.QA, pr.Qa
+    B = delta.B.to(device=dev, dtype=base.U.dtype).to(work)  # (m, r), rounded as the projections saw it
+    A = delta.A.to(device=dev, dtype=base.U.dtype).to(work)  # (r, n)
     P = delta.scale * torch.cat([PB.to(work), Qb.T @ B])  # (p + rb, r)
     Q = torch.cat([QA.to(work), Qa.T @ A.T])  # (p + ra, r)
     S0 = S0.to(work)

@@ -14,6 +14,7 @@ client's A matrices are identical and average the saved B (for Fed-SB, B R_k).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from ..checkpoints.adapters import AdapterFile, read_peft_adapter
 from ..checkpoints.detect import Kind, detect
 from ..errors import FormatError, InputError
+from ..text import printable
 
 AGG_METHODS = ("fedavg", "ffa", "fed-sb")
 # Config fields every client must share: they decide each module's scale, and DoRA.
@@ -66,6 +68,11 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
     out = {}
     for k in first.keys:  # every tensor of the file, averaged in float64 and stored in its own dtype
         ts = [af.tensor(k) for af in clients]
+        for af, t in zip(clients, ts):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"{af.path}: tensor {printable(k)} holds NaN/inf values; averaging it would make "
+                                  "the server's adapter non-finite. Leave this client out (`lora-audit spectrum` "
+                                  "lists its non-finite matrices)")
         out[k] = torch.stack([t.double() for t in ts]).mean(0).to(ts[0].dtype).contiguous()
     modules, num2, den2 = {}, 0.0, 0.0
     for mod in first.modules:
@@ -75,6 +82,9 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg") -> tuple[dict,
         mean_prod = torch.einsum("kmr,krn->mn", Bs, As) / len(clients)  # mean_k B_k A_k, (m, n)
         prod_mean = Bs.mean(0) @ As.mean(0)  # (m, r) @ (r, n) -> (m, n)
         num, den = (mean_prod - prod_mean).norm().item(), mean_prod.norm().item()
+        if not (math.isfinite(num) and math.isfinite(den)):
+            raise FormatError(f"{printable(mod)}: the clients' updates B A overflow float64 (factors of about 1e150 "
+                              "or more); no client adapter can hold such an update")
         modules[mod] = {"bias": num / den if den > 0 else 0.0, "mean_update_norm": den}
         num2 += num ** 2
         den2 += den ** 2

@@ -121,6 +121,12 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     lr = lr if lr is not None else m.default_lr
     _check_hyper(steps, rank, alpha, lr, batch_size, max_length)
     rows = load_records(data, max_chars=max_row_chars)  # fail on bad data before loading the model
+    if not m.full:
+        from .lora import check_rank, header_linear_shapes
+
+        shapes = header_linear_shapes(base)  # a folder's headers: before the model is loaded
+        if shapes is not None:
+            check_rank(shapes, rank, target_modules, method=m.name, factor=m.rank_factor)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     stage(f"finetune: loading {base}")
@@ -130,9 +136,10 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     setup = Setup(model=loaded.model, batches=batches, rank=rank, alpha=alpha, lr=lr, target_modules=target_modules,
                   seed=seed, load_base=lambda: load_model(base, device=dev).model)
     if not m.full:
-        from .lora import check_targets
+        from .lora import check_rank, check_targets, linear_shapes
 
         check_targets(loaded.model, target_modules)
+        check_rank(linear_shapes(loaded.model), rank, target_modules, method=m.name, factor=m.rank_factor)
     prepared = m.prepare(setup)
     warmup = min(10, steps // 10) if warmup is None else warmup
     losses = _steps(prepared, batches, steps, lr, warmup, m.name)

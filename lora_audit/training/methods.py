@@ -64,7 +64,10 @@ def _allora(s: Setup) -> Prepared:
 def _lora_ga(s: Setup) -> Prepared:
     from . import lora, lora_ga
 
-    model, init = lora_ga.wrap(s.model, s.batches, method_cfg=lora.lora_config("lora", s.rank, s.alpha, s.target_modules),
+    # peft's LoRA-GA gradient pass runs before get_peft_model, which is where "all-linear" is expanded:
+    # it matches no layer, so the default targets are named here (every linear layer but the head)
+    targets = s.target_modules or sorted({n.rsplit(".", 1)[-1] for n in lora.linear_shapes(s.model)})
+    model, init = lora_ga.wrap(s.model, s.batches, method_cfg=lora.lora_config("lora", s.rank, s.alpha, targets),
                                seed=s.seed)
 
     def export(trained):
@@ -108,6 +111,7 @@ class Method:
     prepare: Callable[[Setup], Prepared]
     default_lr: float = 2e-4
     full: bool = False  # saved as a model folder, not an adapter
+    rank_factor: int = 1  # singular directions per unit of --rank (LoRA-GA initialises from 2r)
 
 
 METHODS_TABLE: dict[str, Method] = {m.name: m for m in (
@@ -116,7 +120,7 @@ METHODS_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("dora", _peft("dora")),
     Method("ffa-lora", _peft("ffa-lora")),
     Method("allora", _allora),
-    Method("lora-ga", _lora_ga),
+    Method("lora-ga", _lora_ga, rank_factor=2),
     Method("lora-sb", _lora_sb, default_lr=2e-3),
     Method("lora-mgpo", _lora_mgpo),
     Method("full", _full, default_lr=2e-5, full=True),

@@ -110,11 +110,15 @@ def test_unsupported_peft_type_names_the_field(adapter, tmp_path):
 def test_config_rank_differs_from_the_weights(adapter, tmp_path):
     a = _copy(adapter, tmp_path)
     _edit_config(a, rank_pattern={"v_proj": 2})  # the weights have rank 4
-    with pytest.raises(FormatError, match=r"v_proj has rank 4 in the weights but rank_pattern\['v_proj'\] = 2"):
-        read_peft_adapter(a)
+    af = read_peft_adapter(a)  # recorded (structural finding LA023), audited with the tensors' rank
+    assert "model.layers.0.self_attn.v_proj has rank 4 in the tensors but rank_pattern['v_proj'] = 2" in \
+        af.rank_mismatches and af.scale("model.layers.0.self_attn.v_proj") == 8 / 4
     _edit_config(a, rank_pattern={}, r=8)
-    with pytest.raises(FormatError, match="q_proj has rank 4 in the weights but r = 8"):
-        read_peft_adapter(a)
+    assert f"{Q0} has rank 4 in the tensors but r = 8" in read_peft_adapter(a).rank_mismatches
+    del_r = json.loads((a / "adapter_config.json").read_text())
+    del del_r["r"]
+    (a / "adapter_config.json").write_text(json.dumps(del_r))  # absent: PEFT's default r = 8
+    assert f"{Q0} has rank 4 in the tensors but r (absent: PEFT's default) = 8" in read_peft_adapter(a).rank_mismatches
 
 
 def test_dora_magnitude_of_the_wrong_length(dora, tmp_path):
@@ -256,3 +260,53 @@ def test_pattern_key_that_could_backtrack_forever_is_refused(adapter, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="exponential time"):
         read_adapter(bad)
+
+
+def test_pattern_matching_runs_under_a_time_limit(tmp_path, monkeypatch):
+    """Patterns run through ``regex`` (which already defuses most backtracking) under a time limit: a
+    pattern that takes longer ends in a FormatError naming it. Here the limit is made 100x shorter
+    than this pattern takes on this name, instead of a pattern slow enough for the real limit."""
+    from lora_audit.checkpoints import adapters
+
+    mod = "model." + "a." * 150 + "q_proj"
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({f"base_model.model.{mod}.lora_A.weight": torch.ones(2, 4),
+               f"base_model.model.{mod}.lora_B.weight": torch.ones(4, 2)}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "rank_pattern": {".*.*.*.*.*.*.*.*q": 2}}))
+    assert read_adapter(folder).scale(mod) == 1.0
+    monkeypatch.setattr(adapters, "PATTERN_SECONDS", 1e-4)
+    with pytest.raises(FormatError, match=r"a/adapter_config.json: the pattern '\.\*\.\*.*q' takes over 0.0001 s to "
+                                          r"match the module name 'model.a.a.a"):
+        read_adapter(folder)
+
+
+def test_absent_lora_alpha_is_peft_default(tiny_llama, adapter, tmp_path):
+    """LoraConfig's defaults apply to fields the config leaves out (lora_alpha = 8), as peft loads it."""
+    from tests.spectral.reference import peft_deltas
+
+    a = _copy(adapter, tmp_path)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16  # the adapter's own: scale 4
+    del cfg["lora_alpha"]
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    deltas, _ = peft_deltas(tiny_llama, a)
+    af = read_adapter(a)
+    B, A, _ = af.factors(Q0)
+    assert torch.allclose(af.scale(Q0) * (B.double() @ A.double()), deltas[Q0 + ".weight"], atol=1e-6)
+    assert af.scale(Q0) == 8 / 4
+
+
+@pytest.mark.parametrize("meta, msg", [
+    ("[" * 100_000 + "]" * 100_000, r"lora_adapter_metadata\): not valid JSON \(nested deeper than 100 levels\)"),
+    ('{"unet.r": 2, "unet.r": 4}', r"the key 'unet.r' appears twice"),
+    ('["r", 2]', r"lora_adapter_metadata must be a JSON object"),
+    ('{"lora_alpha": "8"}', r"\(lora_adapter_metadata\): field 'lora_alpha' is \"8\"; it must be a finite number"),
+])
+def test_hostile_diffusers_metadata_is_a_clean_error(tmp_path, meta, msg):
+    f = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"unet.a.lora_A.weight": torch.ones(2, 4), "unet.a.lora_B.weight": torch.ones(4, 2)}, str(f),
+              metadata={"lora_adapter_metadata": meta})
+    with pytest.raises(FormatError, match=msg):
+        read_adapter(f)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lora_audit.checkpoints import open_stream
+from lora_audit.cli import cli
 from lora_audit.checkpoints.adapters import read_adapter
 from lora_audit.checkpoints.detect import detect
 from lora_audit.checkpoints.layout import plan_matrices
@@ -113,20 +116,10 @@ def test_quantisation_lora_audit_cannot_read_is_named(tiny_llama, tmp_path, qc, 
 
 def test_bitsandbytes_quant_state_is_checked(tiny_llama, tmp_path):
     """A quant state whose JSON names a dtype outside the accepted set is refused before any getattr."""
-    shutil.copytree(tiny_llama, tmp_path / "q")
-    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
-    w = "model.layers.0.self_attn.q_proj.weight"
     state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "__class__", "shape": [64, 64]}).encode()
-    sd.update({w: torch.zeros(2048, 1, dtype=torch.uint8), f"{w}.absmax": torch.ones(64),
-               f"{w}.quant_map": torch.linspace(-1, 1, 16),
-               f"{w}.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)})
-    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
-    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=r"quant_state.bitsandbytes__nf4: field 'dtype' is '__class__'; it must be "
                                           r"float32 or float16 or bfloat16"):
-        open_weights(tmp_path / "q")
+        open_weights(_bnb_folder(tiny_llama, tmp_path, state))
 
 
 @pytest.mark.parametrize("text_config", ["qwen", [64], 3])
@@ -157,3 +150,76 @@ def test_non_finite_quantisation_tensors_are_refused():
         with pytest.raises(FormatError, match="must hold one finite number"):
             _int8_format(bad, "w")
     assert _int8_format(torch.tensor([0], dtype=torch.uint8), "w") == 0
+
+
+def _fp8_base(tiny_llama, tmp_path, drop: str | None = None, config: bool = True) -> Path:
+    from tests.checkpoints.families import fp8_folder
+
+    q = fp8_folder(tiny_llama, tmp_path / "fp8")
+    sd = load_file(str(q / "model.safetensors"))
+    if drop is not None:
+        del sd[drop]
+    save_file(sd, str(q / "model.safetensors"))
+    if not config:
+        cfg = json.loads((q / "config.json").read_text())
+        del cfg["quantization_config"]
+        (q / "config.json").write_text(json.dumps(cfg))
+    return q
+
+
+def test_fp8_weight_without_its_scale_is_refused_not_read_unscaled(tiny_llama, tmp_path):
+    w = "model.layers.1.mlp.down_proj.weight"
+    q = _fp8_base(tiny_llama, tmp_path, drop=w + "_scale_inv")
+    with pytest.raises(FormatError, match=rf"1 weight\(s\) stored as quantisation codes \(F8_E4M3\) have no "
+                                          rf"weight_scale_inv: {w}; without it the codes cannot be dequantised"):
+        open_weights(q)
+    r = CliRunner().invoke(cli, ["spectrum", str(q), str(tiny_llama), "--no-cache"])
+    assert r.exit_code == 1 and "weight_scale_inv" in r.output and "This is a bug" not in r.output
+
+
+def test_quantisation_tensors_without_a_quantisation_config_are_refused(tiny_llama, tmp_path):
+    q = _fp8_base(tiny_llama, tmp_path, config=False)
+    with pytest.raises(FormatError, match=r"holds quantisation tensors \(model.layers.0.mlp.down_proj.weight_scale_inv, "
+                                          r".*but config.json has no quantization_config"):
+        open_weights(q)
+
+
+def test_bitsandbytes_weight_without_its_quant_state_is_refused(tiny_llama, tmp_path):
+    shutil.copytree(tiny_llama, tmp_path / "q")
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(2048, 1, dtype=torch.uint8)  # packed, no state
+    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"\(U8\) have no quant_state \(4-bit\) or SCB \(int8\): "
+                                          r"model.layers.0.self_attn.q_proj.weight"):
+        open_weights(tmp_path / "q")
+
+
+def _bnb_folder(tiny_llama, tmp_path, state: bytes) -> Path:
+    shutil.copytree(tiny_llama, tmp_path / "q")
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    sd.update({w: torch.zeros(2048, 1, dtype=torch.uint8), f"{w}.absmax": torch.ones(64),
+               f"{w}.quant_map": torch.linspace(-1, 1, 16),
+               f"{w}.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)})
+    save_file(sd, str(tmp_path / "q" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize("state, msg", [
+    (b"[" * 20_000 + b"]" * 20_000, r"not valid JSON \(nested deeper than 100 levels\)"),
+    (b'{"quant_type": "nf4", "quant_type": "fp4"}', r"the key 'quant_type' appears twice"),
+    (b"\xff\xfe", r"not a JSON object in UTF-8"),
+    (b"{" * 70_000, r"70000 bytes; a quant state is a JSON object of a few hundred bytes"),
+])
+def test_hostile_bitsandbytes_quant_state_is_a_clean_error(tiny_llama, tmp_path, state, msg):
+    q = _bnb_folder(tiny_llama, tmp_path, state)
+    with pytest.raises(FormatError, match=msg):
+        open_weights(q)
+    r = CliRunner().invoke(cli, ["spectrum", str(q), str(tiny_llama), "--no-cache"])
+    assert r.exit_code == 1 and "quant_state.bitsandbytes__nf4" in r.output and "This is a bug" not in r.output

@@ -337,3 +337,31 @@ def test_entries_are_aligned_and_misaligned_ones_still_read(tmp_path):
     assert again.hits == 1 and again.rebuilt == 0
     for a, b in ((spec.U, got.U), (spec.S, got.S), (spec.Vh, got.Vh)):
         assert torch.equal(a, b)
+
+
+def test_warm_run_projects_lora_factors_in_the_reader_thread(tmp_path, monkeypatch):
+    """With the base cached, the reader thread projects each LoRA delta onto the cached spectrum
+    (the main thread does not project again), and the result equals an audit without the cache."""
+    import threading
+
+    from lora_audit.checkpoints.deltas import LowRank, MatrixGroup
+    from lora_audit.spectral import lowrank
+    from lora_audit.spectral.engine import audit
+
+    g = torch.Generator().manual_seed(6)
+    groups = [MatrixGroup(f"model.layers.{i}.self_attn.v_proj.weight", torch.randn(24, 20, generator=g),
+                          [LowRank(torch.randn(24, 2, generator=g), torch.randn(2, 20, generator=g), 3.0)])
+              for i in range(3)]
+    plain = audit(groups, device="cpu", progress=False)
+    audit(groups, device="cpu", progress=False, cache=SpectrumCache(tmp_path))
+    threads = []
+    real = lowrank.project
+
+    def spy(base, delta):
+        threads.append(threading.current_thread().name)
+        return real(base, delta)
+
+    monkeypatch.setattr(lowrank, "project", spy)
+    warm = audit(groups, device="cpu", progress=False, cache=SpectrumCache(tmp_path))
+    assert threads == ["lora-audit-reader"] * 3
+    assert [m.max_cos for m in warm.results[0].matrices] == [m.max_cos for m in plain.results[0].matrices]

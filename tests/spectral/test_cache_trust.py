@@ -85,7 +85,7 @@ def test_forged_payload_with_recomputed_crc_is_rejected(tmp_path):
         {**meta, "mac": "hmac-sha256:" + hmac.new(b"\0" * 32, _payload(t), hashlib.sha256).hexdigest()},
         {**meta, "mac": "blake3-keyed:" + blake3.blake3(_payload(t), key=b"\0" * 32).hexdigest()},
     ]
-    for forged, match in zip(forgeries, ["older lora-audit", "older lora-audit"] + [_BAD_MAC] * 3):
+    for forged, match in zip(forgeries, ["older lora-audit", "older lora-audit"] + [_BAD_MAC] * 3, strict=True):
         save_file(t, str(path), metadata=forged)
         _rebuilt_from_scratch(tmp_path, W, match)
 

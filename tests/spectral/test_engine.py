@@ -120,7 +120,7 @@ def test_fast_path_that_does_not_converge_falls_back_to_exact(monkeypatch):
     import lora_audit.spectral.engine as engine
     from lora_audit.spectral.types import TopK
 
-    def unconverged(base, W0, delta, k):
+    def unconverged(base, W0, delta, k, projection=None):
         return TopK(singular_values=torch.ones(k), max_cos=torch.zeros(k), argmax_base=torch.zeros(k, dtype=torch.long),
                     method="block_krylov", converged=False, residual=0.3)
 

@@ -31,3 +31,14 @@ def test_every_method_trains_on_a_gguf_base(tiny_gguf, tmp_path, method):
 
         loaded = load_model(str(out), base=str(path), device="cpu")  # the adapter fits the GGUF's weights
         assert any("lora_A" in n for n, _ in loaded.model.named_parameters())
+
+
+def test_lora_ga_with_its_default_targets_on_a_gguf_base(tiny_gguf, tmp_path):
+    """No --target-modules: peft's LoRA-GA gradient pass cannot expand "all-linear" (it runs before
+    get_peft_model), so the linear layers are named for it; the adapter covers all of them."""
+    path, _ = tiny_gguf
+    train(method="lora-ga", base=str(path), data="builtin:alpaca-mini", out=tmp_path / "ga", steps=1, batch_size=2,
+          max_length=32, rank=2, alpha=4, device="cpu")
+    cfg = json.loads((tmp_path / "ga" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                             "v_proj"] and cfg["r"] == 4
