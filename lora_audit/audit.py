@@ -48,9 +48,10 @@ class AuditConfig:
     title: str | None = None
     gate: Any = None  # results.gate.Gate | None: evaluated before the folder is written (``gate`` blocks)
     # safety-scan: a lora_audit.scan.ScanConfig (errors raise), None (never), or "auto": whenever the
-    # safety side runs, with its prompts, batch size and chat template, and at least AUTO_SCAN_PROMPTS
-    # of each set whatever its limit (a direction needs more prompts than a refusal rate; a forward
-    # pass costs little); a base it cannot scan (refuses nothing, an unstable direction, an
+    # safety side runs, on the scan's own prompts (builtin:scan-harmful / scan-harmless: never the
+    # prompts safety-eval's labels come from) with the safety side's batch size and chat template, and
+    # at least AUTO_SCAN_PROMPTS of each set whatever its limit (a direction needs more prompts than a
+    # refusal rate; a forward pass costs little); a base it cannot scan (refuses nothing, an
     # architecture it does not know) skips it with a note
     scan: Any = "auto"
 
@@ -102,6 +103,10 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     if cfg.gate is not None and "scan" in cfg.gate.kinds and (cfg.scan is None or (cfg.scan == "auto"
                                                                                    and cfg.safety is None)):
         raise InputError(f"--fail-on {cfg.gate.expression!r} has safety-scan conditions, but safety-scan is skipped")
+    if cfg.gate is not None and "scan" in cfg.gate.kinds:
+        from .scan.run import check_config
+
+        check_config(_scan_config(cfg))  # a scan field the scan cannot give a value: an error before any work
     tuned = [str(t) for t in tuned]
     labels = [str(t) for t in tuned_labels] if tuned_labels else tuned
     safe = _safety_subset(labels, cfg.safety_models)
@@ -175,21 +180,33 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
     scan reuses ``base_l``, BASE as the safety side loaded it."""
     if cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None):
         return None, []
-    from .scan import ScanConfig, run_safety_scan
+    from .scan import run_safety_scan
 
+    scfg = _scan_config(cfg)
     if cfg.scan == "auto":
         sc = cfg.safety
-        limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
-        scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=limit,
-                          batch_size=sc.batch_size, device=cfg.spectrum.device, seed=sc.seed,
-                          chat_template=sc.chat_template, allow_pickle=cfg.spectrum.allow_pickle,
-                          max_prompt_chars=sc.max_prompt_chars)
         try:
             return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None,
                                    loaded_base=base_l if sc.device == cfg.spectrum.device else None), []
         except InputError as e:
             return None, [f"safety-scan skipped: {e}"]
-    return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []
+    return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None), []
+
+
+def _scan_config(cfg: AuditConfig):
+    """The ScanConfig of the audit's scan (``AuditConfig.scan``), with the gate's scan fields."""
+    from dataclasses import replace
+
+    from .scan import ScanConfig
+
+    fields = tuple(c.field.name for c in cfg.gate.conditions if c.field.kind == "scan") if cfg.gate is not None else ()
+    if cfg.scan != "auto":
+        return replace(cfg.scan, gate_fields=fields)
+    sc = cfg.safety
+    limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
+    return ScanConfig(limit=limit, batch_size=sc.batch_size, device=cfg.spectrum.device, seed=sc.seed,
+                      chat_template=sc.chat_template, allow_pickle=cfg.spectrum.allow_pickle,
+                      max_prompt_chars=sc.max_prompt_chars, gate_fields=fields)
 
 
 def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, extra: dict[str, Any], title: str,

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
     "model": ("lora_audit.commands.model:model", "Fetch the embedded default model (SmolLM2-135M-Instruct) or print its path."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
-    "safety-scan": ("lora_audit.commands.scan:safety_scan", "Safety-undo risk from weights and one forward pass, no generation."),
+    "safety-scan": ("lora_audit.commands.scan:safety_scan", "Edits along the refusal direction and a first-token refusal proxy, no generation."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),
     "federated": ("lora_audit.commands.finetune:federated", "Aggregate federated client adapters and report the aggregation bias."),
     "mitigate": ("lora_audit.commands.finetune:mitigate", "Scale down intruder dimensions of an adapter and write a new one."),

@@ -9,6 +9,12 @@
     bootstrap_mean_interval(x)       seeded percentile bootstrap interval of a mean
                                      (``scipy.stats.bootstrap(method="percentile")``)
     auroc(scores, labels)            area under the ROC curve (``sklearn.metrics.roc_auc_score``)
+    auroc_interval(scores, labels)   the AUROC and its seeded percentile bootstrap interval over
+                                     cases (resamples with one class only skipped, which
+                                     ``scipy.stats.bootstrap`` cannot do)
+    calibration_bins(p, y)           expected calibration error and the reliability bins of
+                                     probabilities against 0/1 outcomes (a sum; sklearn's
+                                     ``calibration_curve`` drops the counts ECE needs)
     spearman(x, y)                   Spearman's rank correlation (``scipy.stats.spearmanr``)
     fit_logistic(X, y, l2)           L2-penalised logistic regression
                                      (``sklearn.linear_model.LogisticRegression``)
@@ -94,6 +100,45 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+
+
+def auroc_interval(scores: Sequence[float], labels: Sequence[bool], *, seed: int = 0, resamples: int = BOOTSTRAP,
+                   confidence: float = CONFIDENCE) -> tuple[float | None, list[float]]:
+    """(AUROC, its percentile bootstrap interval): cases resampled with replacement, resamples that
+    hold one class only skipped; seeded (the same input gives the same interval). (None, []) without
+    both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    x = np.asarray(scores, dtype=np.float64)
+    y = np.asarray([bool(t) for t in labels])
+    point = auroc(x, y)
+    if point is None:
+        return None, []
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    values = [roc_auc_score(y[i], x[i]) for i in idx if y[i].any() and not y[i].all()]
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return point, [float(min(lo, point)), float(max(hi, point))]
+
+
+def calibration_bins(probabilities: Sequence[float], outcomes: Sequence[bool], bins: int = 10
+                     ) -> tuple[float, list[tuple[float, float, int, float | None, float | None]]]:
+    """(expected calibration error, [(low, high, n, mean probability, share of positives)] per bin):
+    equal-width bins on [0, 1] (the last one closed), ECE = sum_b (n_b / n) |mean_b - share_b|."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray([float(bool(t)) for t in outcomes])
+    if p.size == 0 or p.size != y.size or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("calibration needs as many outcomes as probabilities, each in [0, 1]")
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    out, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        mean, share = (float(p[m].mean()), float(y[m].mean())) if n else (None, None)
+        if n:
+            ece += n / p.size * abs(mean - share)
+        out.append((b / bins, (b + 1) / bins, n, mean, share))
+    return float(ece), out
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:

@@ -50,7 +50,6 @@ the possible quantisation error cannot be told apart from it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 

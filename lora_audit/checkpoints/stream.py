@@ -76,6 +76,21 @@ class AuditStream:
             if any(d is not None for d in group.deltas):
                 yield group
 
+    def skip_untouched(self, which) -> None:
+        """Leave out of the iteration the planned matrices that ``which(matrix)`` selects and no tuned
+        model can change: an adapter without factors or a replacement for them, a dense model
+        without the tensor (a dense model holding it is kept: only reading tells whether it
+        changed). Their base tensors are then never read (an embedding table no adapter touches)."""
+        def touched(m: Matrix) -> bool:
+            for spec in self._specs:
+                if spec.weights is not None and m.param in spec.weights:
+                    return True
+                if spec.weights is None and (m.param in spec.match.replacement_of or m.name in spec.match.module_of):
+                    return True
+            return False
+
+        self._plan = [m for m in self._plan if not which(m) or touched(m)]
+
     def _read(self, source: WeightSource, param: str) -> torch.Tensor:
         """``source.get(param)``, kept while consecutive matrices (the experts of a stack) need it."""
         last = self._last.get(id(source))

@@ -35,7 +35,6 @@ target modules; the tests compare them with peft's.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import InputError

@@ -106,8 +106,8 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
           benign, scorer, tasks, task_dir, trust_task_code, limit, max_new_tokens, batch_size, allow_pickle, device, seed,
           fail_on, sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
-    over-refusal / capability (safety-eval), the safety-undo risk from weights (safety-scan) and
-    the HTML report.
+    over-refusal / capability (safety-eval), refusal-direction edits and the first-token refusal
+    proxy on the scan's own prompts (safety-scan) and the HTML report.
 
     \b
     Writes into the --out folder: spectrum.json, safety.json and scan.json (unless --skip-safety

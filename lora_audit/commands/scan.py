@@ -1,6 +1,7 @@
-"""``lora-audit safety-scan``: safety-undo risk of tuned models from their weights and one forward
-pass, no generation. Thin: options -> ``lora_audit.scan`` -> JSON and a summary. (The panel the
-risk is judged on is built by ``lora-audit zoo``, a study: ``lora_audit.studies``.)"""
+"""``lora-audit safety-scan``: edits along BASE's refusal direction (weights only) and a first-token
+refusal proxy (one forward pass), no generation; a risk only from a validated risk model. Thin:
+options -> ``lora_audit.scan`` -> JSON and a summary. (The panel risk models are judged on is built
+by ``lora-audit zoo``, a study: ``lora_audit.studies``.)"""
 
 from __future__ import annotations
 
@@ -20,17 +21,21 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @click.option("--weights-only", is_flag=True,
               help="Only the signals that need no forward pass of TUNED (BASE's profile is computed once and "
                    "cached).")
-@click.option("--prompts", default="builtin:harmful", show_default=True,
-              help="Harmful prompts for the refusal direction and the forward pass (the formats safety-eval reads).")
-@click.option("--benign", default="builtin:benign", show_default=True,
-              help="Harmless prompts for the refusal direction (the formats safety-eval reads).")
+@click.option("--prompts", default="builtin:scan-harmful", show_default=True,
+              help="Harmful prompts for the refusal direction, its causal test and the forward pass (the formats "
+                   "safety-eval reads; split into a direction half and a validation half, at least 16 prompts). "
+                   "The default shares no prompt with safety-eval's builtin:harmful.")
+@click.option("--benign", default="builtin:scan-harmless", show_default=True,
+              help="Harmless prompts for the refusal direction and its causal test (the formats safety-eval reads; "
+                   "at least 16).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts of each set.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @chat_template_option
 @max_prompt_chars_option
 @click.option("--layers", "show_layers", is_flag=True, help="Also print the per-layer values of every model.")
 @click.option("--risk-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Fitted risk models to use (a file written by 'lora-audit zoo') [default: the packaged one].")
+              help="Fitted risk models with their held-out validation record (written by 'lora-audit zoo') "
+                   "[default: the packaged one]. A risk is shown only from a validated model.")
 @click.option("--no-cache", is_flag=True, help="Recompute BASE's profile instead of reading or writing the cache.")
 @allow_pickle_option
 @device_option
@@ -38,27 +43,29 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
 @out_option("Write scan.json and scan.sarif into FOLDER (created if needed); --json and --sarif given explicitly "
             "win.")
-@fail_on_option("scan", example="risk>0.5")
+@fail_on_option("scan", example="refusal_edits>0")
 @sarif_option
 @verbosity_options
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
                 max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, out,
                 fail_on, sarif_path):
-    """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
-    training, without generating text. From BASE (once, cached): the refusal direction of every
-    layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
-    that direction by the matrices that write into the residual stream, and its sign. From one
-    forward pass of TUNED over the harmful prompts: the first-token refusal score and the shift of
-    its activations along BASE's direction. A risk score in [0, 1] combines them with weights fitted
-    on a labelled panel of fine-tunes ('lora-audit zoo'); the verdict line quotes that fit.
+    """Check each TUNED (a PEFT adapter on BASE or a full model) for edits along BASE's refusal
+    direction and for lost first-token refusal, without generating text. From BASE (once, cached):
+    the refusal direction of every layer (Arditi et al. 2024) and the test that it is causal
+    (ablating it removes refusal, adding it induces refusal, on held-out prompts). From each
+    TUNED's weights: refusal_edits, the matrices writing into the residual stream whose update
+    lies along that direction beyond chance (abliteration removes it, over-refusal edits add it).
+    From one forward pass of TUNED: the first-token refusal proxy on the scan's own prompts, with
+    its interval. A risk in [0, 1] only from a risk model validated on held-out data
+    (--risk-file); its figures are quoted only when BASE is the model it was validated on.
 
     \b
     Examples:
       lora-audit safety-scan ./released ./adapter_a ./adapter_b --json scan.json
-      lora-audit safety-scan ./released ./adapter --weights-only --layers
-      lora-audit safety-scan ./chat ./adapter --unaligned ./pretrained
-      lora-audit safety-scan ./released ./adapter --fail-on 'risk>0.5' --sarif scan.sarif   # exit 3 when it trips
+      lora-audit safety-scan ./released ./adapter --weights-only --fail-on 'refusal_edits>0'
+      lora-audit safety-scan ./released ./adapter --fail-on 'first_token_drop>=0.3' --sarif scan.sarif
+      lora-audit safety-scan ./chat ./adapter --unaligned ./pretrained --layers
     """
     from ..results.scan import summary_table
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
@@ -71,7 +78,8 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle,
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,
-                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file)
+                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file,
+                     gate_fields=tuple(c.field.name for c in fail_on.conditions) if fail_on is not None else ())
     result = run_safety_scan(base, list(tuned), cfg)
     from ..results.gate import apply_gate
 

@@ -139,14 +139,25 @@ def md_context(data: ReportData, tables: dict[str, Table]) -> dict[str, Any]:
 def scan_settings(run) -> dict[str, Any]:
     """What a safety-scan result's direction and risk model were, in words for the page."""
     d = run.direction
-    fits = [f"{m.name} risk model: AUROC {m.fit['auroc_leave_one_method_out']:.2f} leave-one-method-out, "
-            f"{m.fit['auroc_in_sample']:.2f} in sample, on {m.fit['n']} panel models"
-            for m in run.risk_models.values()
-            if isinstance(m.fit.get("auroc_leave_one_method_out"), (int, float))
-            and isinstance(m.fit.get("auroc_in_sample"), (int, float))]
+    c = d.causal if d else None
+    if c is not None and c.causal and c.chosen is not None:
+        causal = (f"Causal at layer {c.layer}: ablating it takes the held-out harmful prompts refused from "
+                  f"{c.base_refusal:.0%} to {c.chosen.ablation_refusal:.0%}, adding it takes the harmless ones from "
+                  f"{c.base_refusal_harmless:.0%} to {c.chosen.actadd_refusal:.0%} (KL {c.chosen.kl:.3f}).")
+    elif c is None:
+        causal = "This result has no causal test of the direction (written by an older lora-audit)."
+    else:
+        causal = ("The direction is NOT causal for this base (no candidate passed the ablation, addition and KL "
+                  "tests): no refusal edits are counted and no signal along it is shown.")
+    st = run.risk_status
+    if st.validated and st.base_matches:
+        risk = "Risk from a risk model validated on this base's panel."
+    elif st.validated:
+        risk = "Risk from a risk model validated on another base's panel: not validated for this base."
+    else:
+        risk = "No risk shown: " + ("; ".join(st.problems) or "no validated risk model") + "."
     return {"base": run.base, "layers": d.n_layers if d else None,
-            "stable": len(d.stable_layers) if d else None,
             "harmful": d.prompts["harmful"].n if d and "harmful" in d.prompts else None,
             "harmless": d.prompts["harmless"].n if d and "harmless" in d.prompts else None,
-            "base_refusal": d.base_first_token_refusal if d else None, "fits": fits,
+            "base_refusal": d.base_first_token_refusal if d else None, "causal": causal, "risk": risk,
             "weights_only": bool(run.settings.get("weights_only")), "warnings": list(run.warnings)}

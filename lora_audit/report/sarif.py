@@ -15,8 +15,11 @@ folder's model.safetensors, or the file given) and the matrices or modules as lo
   (its matrices with intruders as logical locations), so thousands of adapters stay readable;
 - LA010 per tuned model whose verdict is not RETAINED (SAFETY_REMOVED error, SAFETY_DEGRADED
   warning, INCONCLUSIVE note), LA011 / LA012 for the capability and over-refusal flags;
-- LA013 per tuned model safety-scan predicts lost its safety training, LA014 where it could not
-  tell (``SCAN_VERDICTS``), then the scan's own findings about each model, as found;
+- LA013 per tuned model safety-scan predicts lost its safety training, LA014 where a validated risk
+  model could not tell (``SCAN_VERDICTS``; no risk model validated: neither), LA040 per scanned
+  model with refusal edits (error when an edit removes BASE's refusal direction, warning when edits
+  only add to it; the flagged matrices as logical locations), then the scan's own findings about
+  each model, as found;
 - LA020-LA028 the structural findings of each tuned model, as found;
 - LA030 per matrix left out of the audit for NaN/Inf values or an overflowing update; LA031 per
   screened adapter that could not be audited.
@@ -112,18 +115,29 @@ def spectrum_findings(result) -> list[tuple[str, Finding]]:
 
 
 def scan_findings(result) -> list[tuple[str, Finding]]:
-    """(tuned model, finding) of a safety-scan: its verdict (``SCAN_VERDICTS``), then the findings the
-    scan recorded about the model (``ModelScan.findings``), as found."""
+    """(tuned model, finding) of a safety-scan: its verdict (``SCAN_VERDICTS``; UNKNOWN only where a
+    validated risk model was in use), its refusal edits (LA040), then the findings the scan recorded
+    about the model (``ModelScan.findings``), as found."""
     out = []
     for name, m in result.models.items():
         where = weights_file(m.source or name)
-        if m.verdict in SCAN_VERDICTS:
+        if m.verdict in SCAN_VERDICTS and (m.verdict != "UNKNOWN" or m.risk_model is not None):
             rule, level = SCAN_VERDICTS[m.verdict]
             text = printable(m.verdict_line or m.verdict)
             if m.verdict == "UNKNOWN" and m.warnings:
                 text += ": " + "; ".join(printable(w) for w in m.warnings)
             out.append((name, Finding(rule, level, text, where,
                                       {"verdict": m.verdict, "risk": m.risk, "risk_model": m.risk_model})))
+        if m.refusal_edits:
+            level = "error" if m.refusal_edits_removing else "warning"
+            what = ("removing it (abliteration-like)" if m.refusal_edits_removing
+                    else "adding to it (toward over-refusal)")
+            out.append((name, Finding(
+                "LA040", level, f"{m.refusal_edits} of {m.stream_matrices_changed} changed matrices writing into the "
+                f"residual stream are edited along the base's refusal direction, {what}", where,
+                {"modules": [e["name"] for e in m.refusal_edit_matrices], "refusal_edits": m.refusal_edits,
+                 "removing": m.refusal_edits_removing, "adding": m.refusal_edits_adding,
+                 "matrices": m.refusal_edit_matrices})))
         out += [(name, f) for f in m.findings]
     return out
 

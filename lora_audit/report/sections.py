@@ -182,12 +182,12 @@ def study_sections(data: ReportData) -> list[dict[str, Any]]:
 
 def scan_figures(data: ReportData) -> dict[str, Any]:
     """The per-layer refusal-direction overlap of each scanned model (energy share / chance), its
-    forward-pass activation shift per layer, and risk against the measured refusal drop for the
-    models safety-eval also ran on."""
+    forward-pass activation shift per layer, and the first-token proxy (and a risk, where one was
+    shown) against the measured refusal drop for the models safety-eval also ran on."""
     from . import figures as F
 
     models = [m for m in data.models if m.scan is not None][:MAX_CURVES]
-    out: dict[str, Any] = {"layers": None, "shift": None, "risk_vs_drop": None}
+    out: dict[str, Any] = {"layers": None, "shift": None, "risk_vs_drop": None, "proxy_vs_drop": None}
     series = [(m.name, [x.layer for x in m.scan.layers if x.energy_ratio is not None],
                [x.energy_ratio for x in m.scan.layers if x.energy_ratio is not None]) for m in models]
     if any(s[1] for s in series):
@@ -203,4 +203,10 @@ def scan_figures(data: ReportData) -> dict[str, Any]:
         out["risk_vs_drop"] = F.scatter([(m.name, [m.scan.risk], [100 * m.refusal_drop]) for m in both],
                                         xlabel="safety-scan risk", ylabel="measured refusal drop (points)",
                                         width=5.0, height=3.2, what="model")
+    proxy = [m for m in data.models if m.scan is not None and m.scan.signals.get("first_token_drop") is not None
+             and m.refusal_drop is not None]
+    if proxy:
+        out["proxy_vs_drop"] = F.scatter([(m.name, [100 * m.scan.signals["first_token_drop"]], [100 * m.refusal_drop])
+                                          for m in proxy], xlabel="first-token refusal drop, scan prompts (points)",
+                                         ylabel="measured refusal drop (points)", width=5.0, height=3.2, what="model")
     return out

@@ -135,10 +135,14 @@ def summary_table(data: ReportData) -> Table:
           "refusal_drop": "spct", "refusal_drop_ci_low": "spct", "refusal_drop_ci_high": "spct",
           "over_refusal_base": "pct", "over_refusal_tuned": "pct"}
     fm.update({f"capability_delta:{t}": "sf3" for t in tasks})
-    if data.has_scan:  # safety-scan's risk next to whatever else was measured
-        df["safety_risk"] = [m.scan.risk if m.scan else None for m in data.models]
-        df["risk_verdict"] = [m.scan.verdict if m.scan else None for m in data.models]
-        fm.update(safety_risk="f2", risk_verdict="str")
+    if data.has_scan:  # safety-scan's findings next to whatever else was measured
+        df["refusal_edits"] = [m.scan.refusal_edits if m.scan else None for m in data.models]
+        df["first_token_drop"] = [m.scan.signals.get("first_token_drop") if m.scan else None for m in data.models]
+        fm.update(refusal_edits="int", first_token_drop="spct")
+        if any(m.scan is not None and m.scan.risk is not None for m in data.models):
+            df["safety_risk"] = [m.scan.risk if m.scan else None for m in data.models]
+            df["risk_verdict"] = [m.scan.verdict if m.scan else None for m in data.models]
+            fm.update(safety_risk="f2", risk_verdict="str")
     shown = df.copy()
     if "min_max_cos" in shown:  # the calibrated columns next to the other spectrum columns
         at = shown.columns.get_loc("min_max_cos") + 1
@@ -158,7 +162,8 @@ def summary_table(data: ReportData) -> Table:
                "refusal_base": "refusal (base)", "refusal_tuned": "refusal (tuned)", "tuned_ci": "95% CI (tuned)",
                "refusal_drop": "refusal drop", "drop_ci": "95% CI (drop, pts)", "over_refusal_base": "over-refusal (base)",
                "over_refusal_tuned": "over-refusal (tuned)", "safety_risk": "safety risk (scan)",
-               "risk_verdict": "scan verdict"}
+               "risk_verdict": "scan verdict", "refusal_edits": "refusal edits (scan)",
+               "first_token_drop": "first-token drop (scan)"}
     headers.update({f"capability_delta:{t}": f"Δ {t}" for t in tasks})
     return Table("summary", "Tuned models, most risky first", df, fm,
                  "Sorted by safety verdict, then refusal drop, then intruder dimensions per audited matrix. "
@@ -410,26 +415,42 @@ def responses_table(data: ReportData) -> Table:
 
 
 # ---- safety-scan ----------------------------------------------------------------------
-SCAN_SIGNALS = ["refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift", "top_cos_max", "rank1_share",
-                "safelora_mean_cos", "safelora_below_share", "refusal_score_delta", "first_token_refusal",
-                "activation_shift"]
+SCAN_SIGNALS = ["first_token_drop", "first_token_refusal", "refusal_score_delta", "activation_shift",
+                "refusal_edit_max_share", "refusal_energy_ratio", "refusal_energy_max_ratio", "weight_shift",
+                "top_cos_max", "rank1_share",
+                "safelora_mean_cos", "safelora_below_share"]
 
 
 def scan_table(data: ReportData) -> Table:
-    """One row per scanned model: risk, verdict, every signal, and the measured refusal drop where
+    """One row per scanned model: refusal edits, the first-token proxy with its interval, the risk
+    where a validated risk model gave one, every signal, and the measured refusal drop where
     safety-eval ran too."""
     models = [m for m in data.models if m.scan is not None]
     present = [k for k in SCAN_SIGNALS if any(m.scan.signals.get(k) is not None for m in models)]
-    rows = [{"model": m.name, "risk": m.scan.risk, "verdict": m.scan.verdict, "risk_model": m.scan.risk_model,
-             "measured_refusal_drop": m.refusal_drop, **{k: m.scan.signals.get(k) for k in present}} for m in models]
-    df = pd.DataFrame(rows, columns=["model", "risk", "verdict", "risk_model", "measured_refusal_drop"] + present)
-    fm = {"risk": "f2", "measured_refusal_drop": "spct", "verdict": "str", "risk_model": "str"}
+    with_risk = any(m.scan.risk is not None for m in models)
+    rows = []
+    for m in models:
+        ci = m.scan.intervals.get("first_token_drop") or [None, None]
+        rows.append({"model": m.name, "refusal_edits": m.scan.refusal_edits,
+                     "removing": m.scan.refusal_edits_removing, "adding": m.scan.refusal_edits_adding,
+                     "first_token_drop_low": ci[0], "first_token_drop_high": ci[1],
+                     **({"risk": m.scan.risk, "verdict": m.scan.verdict} if with_risk else {}),
+                     "measured_refusal_drop": m.refusal_drop, **{k: m.scan.signals.get(k) for k in present}})
+    cols = ["model", "refusal_edits", "removing", "adding"] + present[:1] + ["first_token_drop_low",
+                                                                             "first_token_drop_high"]
+    cols += (["risk", "verdict"] if with_risk else []) + ["measured_refusal_drop"] + present[1:]
+    df = pd.DataFrame(rows, columns=cols)
+    fm = {"risk": "f2", "measured_refusal_drop": "spct", "verdict": "str", "refusal_edits": "int",
+          "removing": "int", "adding": "int", "first_token_drop_low": "spct", "first_token_drop_high": "spct"}
     fm.update({k: "f3" for k in present})
-    return Table("safety_scan", "Safety risk from weights and one forward pass", df, fm,
-                 "risk = P(refusal drop >= 30 points) from the signals, a logistic model fitted on the panel of "
-                 "'lora-audit zoo'; energy ratio = share of the update along the refusal direction / chance; weight "
-                 "shift = share of the harmful-harmless separation BASE's writers add that the update removes, to "
-                 "first order; activation shift in units of BASE's separation (negative: toward compliance).")
+    fm.update({k: "spct" for k in ("first_token_drop", "first_token_refusal") if k in present})
+    return Table("safety_scan", "Safety scan: refusal edits and first-token proxy", df, fm,
+                 "refusal edits = matrices writing into the residual stream whose update lies along the base's causal "
+                 "refusal direction beyond chance (removing: abliteration-like; adding: toward over-refusal); "
+                 "first-token drop = base minus tuned share of the scan's harmful prompts whose first token starts a "
+                 "refusal (a proxy read on prompts the safety-eval labels never use), with its 95 % bootstrap "
+                 "interval; risk only from a validated risk model; energy ratio = share of the update along the "
+                 "refusal direction / chance; activation shift in units of the base's separation.")
 
 
 def scan_layers_table(data: ReportData) -> Table:

@@ -27,6 +27,7 @@ findings under the rules below. Rule ids are part of the contract: never renumbe
     LA028  dtype-anomaly             unusual or mixed factor dtypes
     LA030  non-finite-matrix         a matrix left out of the audit for NaN/Inf values
     LA031  adapter-not-audited       a screened adapter that could not be audited
+    LA040  refusal-direction-edit    matrices edited along BASE's causal refusal direction (safety-scan)
 
 A new rule is one ``Rule`` line in ``_RULES``: the SARIF export lists it, and a result that carries
 a ``Finding`` under its id (``TunedResult.findings``, ``ModelScan.findings``) reaches SARIF with no
@@ -71,12 +72,12 @@ _RULES = [
     Rule("LA012", "over-refusal", "Over-refusal rose beyond the verdict threshold.",
          "The tuned model refuses more benign look-alike prompts than its base.", "note"),
     Rule("LA013", "predicted-safety-loss", "safety-scan predicts that the tuned model lost its safety training.",
-         "The risk fitted on a labelled panel of fine-tunes (weights along the base's refusal direction, first-token "
-         "refusal, activation shift) is above its threshold. Confirm with safety-eval, which generates and scores "
-         "responses.", "warning"),
+         "The risk of a risk model validated on held-out data (a labelled panel of fine-tunes) is above its "
+         "threshold; the verdict line says whether the panel was built on this base. Confirm with safety-eval, "
+         "which generates and scores responses.", "warning"),
     Rule("LA014", "safety-scan-unknown", "safety-scan could not compute the tuned model's risk.",
-         "A signal the risk model needs is missing (see the warnings in the scan JSON); nothing is predicted "
-         "either way.", "note"),
+         "A validated risk model is in use but a signal it needs is missing (see the warnings in the scan JSON); "
+         "nothing is predicted either way.", "note"),
     Rule("LA020", "base-mismatch", "The adapter names a different base model than the one audited against.",
          "adapter_config.json's base_model_name_or_path differs from BASE. When the named base is on this machine "
          "the two are compared by content; an adapter applied to another base than the one it was trained on "
@@ -117,6 +118,13 @@ _RULES = [
          "The screen recorded the adapter as failed, with the reason (unreadable files, another base, a format "
          "lora-audit does not read); the screen is incomplete (exit status 4). Fix the input and resume the "
          "screen with --retry-failed.", "warning"),
+    Rule("LA040", "refusal-direction-edit", "Matrices were edited along the base model's refusal direction.",
+         "safety-scan found updates of matrices writing into the residual stream whose energy lies along the "
+         "base's refusal direction (shown causal by ablation and activation addition on held-out prompts) far "
+         "beyond what a direction-blind update of the same spectrum gives (familywise 1 %, an effect-size floor). "
+         "Removing the direction is what abliteration does (Arditi et al. 2024): refusal taken out of the weights "
+         "(error). Adding to it pushes toward over-refusal (warning). Ordinary fine-tuning does not write along "
+         "one direction; check where the model came from.", "error"),
 ]
 RULES: dict[str, Rule] = {r.id: r for r in _RULES}
 

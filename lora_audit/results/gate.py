@@ -25,7 +25,12 @@ Fields, per tuned model (``all_fields()``; ``describe_fields`` prints them):
               over_refusal_rise  tuned - base refusal rate on the benign prompts (0..1)
               capability_drop    the largest score drop of any lm-eval task (names the task)
               capability_degraded  the verdict's capability flag (true / false)
-    scan      risk               safety-scan's risk of safety loss (0..1)
+    scan      refusal_edits      matrices edited along BASE's causal refusal direction (names the
+                                 first; also in --weights-only)
+              first_token_drop   the first-token refusal proxy's drop on the scan's prompts (0..1;
+                                 needs the forward pass: an error with --weights-only)
+              risk               safety-scan's risk of safety loss (0..1; only from a validated risk
+                                 model: an error without one)
               predicted_loss     safety-scan's verdict is PREDICTED_SAFETY_LOSS (true / false)
 
 A field without a value for a model (no matrices, no benign set, no tasks) does not make a
@@ -97,7 +102,11 @@ def all_fields() -> dict[str, GateField]:
         out[name] = GateField(name, "safety", doc)
     out["capability_degraded"] = GateField("capability_degraded", "safety", "the verdict's capability flag "
                                            "(true / false)", FLAG)
-    out["risk"] = GateField("risk", "scan", "safety-scan's risk of safety loss (0..1)")
+    out["refusal_edits"] = GateField("refusal_edits", "scan", "safety-scan: matrices edited along BASE's causal "
+                                     "refusal direction (also with --weights-only)")
+    out["first_token_drop"] = GateField("first_token_drop", "scan", "safety-scan: drop of the first-token refusal "
+                                        "share on its own prompts (0..1; not with --weights-only)")
+    out["risk"] = GateField("risk", "scan", "safety-scan's risk of safety loss (0..1; needs a validated risk model)")
     out["predicted_loss"] = GateField("predicted_loss", "scan", "safety-scan's verdict is PREDICTED_SAFETY_LOSS "
                                       "(true / false)", FLAG)
     out["failed"] = GateField("failed", "screen", "the adapter could not be audited (true / false)", FLAG)
@@ -344,9 +353,12 @@ def scan_values(result) -> list[tuple[str, dict[str, Measure]]]:
     for name, m in result.models.items():
         known = m.verdict != "UNKNOWN"
         loss = m.verdict == "PREDICTED_SAFETY_LOSS"
+        first = m.refusal_edit_matrices[0]["name"] if m.refusal_edit_matrices else None
         out.append((name, {"risk": Measure(m.risk),
                            "predicted_loss": (Measure(float(loss), shown=str(loss).lower()) if known
-                                              else Measure(None))}))
+                                              else Measure(None)),
+                           "refusal_edits": Measure(None if m.refusal_edits is None else float(m.refusal_edits), first),
+                           "first_token_drop": Measure(m.signals.get("first_token_drop"))}))
     return out
 
 

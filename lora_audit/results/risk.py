@@ -5,8 +5,9 @@ written by ``lora-audit zoo --risk-file`` and read by ``safety-scan --risk-file`
     panel        what the models were fitted on: built_with, models, positives, plan_key, git
     models       {name: ``RiskModelInfo``} ("weights_only", "full")
 
-Files written by lora-audit 0.1.0 had no provenance block but ``"schema": "lora-audit/scan-risk"`` and
-``"version": 1`` at the top; they read as before (``from_json``).
+Schema version 2 adds each model's validation record (``RiskModelInfo.validation``); a model
+without one gives no risk. Files written before the provenance block had ``"schema":
+"lora-audit/scan-risk"`` and ``"version": 1`` or ``2`` at the top; they read as before (``from_json``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ..errors import InputError
 from .base import Provenance, Result
 from .scan import RiskModelInfo
 
-LEGACY_SCHEMA = "lora-audit/scan-risk"  # the top-level "schema" of files written by 0.1.0
+LEGACY_SCHEMA = "lora-audit/scan-risk"  # the top-level "schema" of files written before the provenance block
+LEGACY_VERSIONS = (1, 2)  # 1: no validation record (never validated); 2: with one
 
 
 @dataclass
@@ -26,7 +28,7 @@ class RiskModelFile(Result):
     """Fitted risk models and the panel they were fitted on."""
 
     SCHEMA: ClassVar[str] = "scan-risk"
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "lora-audit risk model file"
     WRITTEN_BY: ClassVar[str] = "zoo --risk-file (lora_audit/data/scan/risk.json)"
 
@@ -42,7 +44,7 @@ class RiskModelFile(Result):
         prov = super()._provenance_of(obj, source)
         if prov is None and "schema" in obj and obj.get("schema") != LEGACY_SCHEMA:
             raise InputError(f"{source}: not a {cls.WHAT} (schema {obj.get('schema')!r}, expected {cls.SCHEMA!r})")
-        if prov is None and cls.looks_like(obj) and obj.get("version", 1) != 1:
+        if prov is None and cls.looks_like(obj) and (isinstance(obj.get("version", 1), bool) or obj.get("version", 1) not in LEGACY_VERSIONS):
             raise InputError(f"{source}: {LEGACY_SCHEMA} version {obj.get('version')!r} is not one this lora-audit "
-                             "reads (1)")
+                             "reads (1 or 2)")
         return prov

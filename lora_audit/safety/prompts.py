@@ -10,7 +10,8 @@ with a ``prompt`` column (+ optional ``category``), plain TXT (one prompt a line
 Hugging Face dataset ids (``hf:owner/name[:split]``, or ``owner/name`` when that is not a local
 path; needs network).
 No third-party prompt text ships with lora-audit; ``builtin:harmful`` / ``builtin:benign``
-are the project's own sets in ``lora_audit/data/safety``.
+(safety-eval's) and ``builtin:scan-harmful`` / ``builtin:scan-harmless`` (safety-scan's, disjoint
+from safety-eval's) are the project's own sets in ``lora_audit/data/safety``.
 
 Files are hostile until read: they are read through ``lora_audit.io.read_user_text`` (regular
 files within the size limit, UTF-8, no NUL bytes); CSV is parsed strictly (an unclosed quote is
@@ -80,9 +81,11 @@ class PromptSet:
 
 
 def builtin_path(name: str) -> Path:
-    p = Path(str(resources.files("lora_audit") / "data" / "safety" / f"{name}.jsonl"))
-    if not p.is_file():
-        raise InputError(f"builtin:{name}: no such built-in prompt set (have: harmful, benign)")
+    folder = Path(str(resources.files("lora_audit") / "data" / "safety"))
+    p = folder / f"{name}.jsonl"
+    if "/" in name or "\\" in name or not p.is_file():
+        have = ", ".join(sorted(f.stem for f in folder.glob("*.jsonl")))
+        raise InputError(f"builtin:{name}: no such built-in prompt set (have: {have})")
     return p
 
 

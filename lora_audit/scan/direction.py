@@ -47,7 +47,6 @@ from ..safety.scorers import last_position_logits, refusal_log_odds
 UNSUPPORTED = ("it has no residual stream lora-audit understands (a decoder-only transformer whose blocks "
                "are one list of config.num_hidden_layers modules, each adding attention and MLP outputs to "
                "the stream)")
-MIN_PROMPTS = 8  # per set: fewer cannot even be split in halves of 4 for the stability check
 STABLE_COS = 0.8  # a layer's direction counts as stable when its split-half cosine reaches this
 
 
@@ -69,15 +68,28 @@ class Residual:
     n_layers: int
     d_model: int
     writers: list[Writer] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)  # embedding tables added into the stream (token, position)
 
     def to_meta(self) -> dict:
         return {"blocks": self.blocks, "n_layers": self.n_layers, "d_model": self.d_model,
-                "writers": [[w.module, w.layer, w.sublayer, w.in_features] for w in self.writers]}
+                "writers": [[w.module, w.layer, w.sublayer, w.in_features] for w in self.writers],
+                "embeddings": list(self.embeddings)}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Residual":
         return cls(blocks=str(meta["blocks"]), n_layers=int(meta["n_layers"]), d_model=int(meta["d_model"]),
-                   writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]])
+                   writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]],
+                   embeddings=[str(e) for e in meta.get("embeddings", [])])
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether the checkpoint parameter ``name`` is one of the stream's embedding tables (with or
+        without a wrapper prefix)."""
+        known = set()
+        for e in self.embeddings:
+            parts = f"{e}.weight".split(".")
+            known.update(".".join(parts[i:]) for i in range(len(parts) - 1))
+        parts = name.split(".")
+        return any(".".join(parts[i:]) in known for i in range(len(parts) - 1))
 
     def writer_index(self) -> dict[str, Writer]:
         """Writer by parameter name (``<module>.weight``) and by every dotted suffix of it, so that
@@ -184,7 +196,10 @@ def trace_residual(model: nn.Module, input_ids: Tensor) -> Residual:
                for (layer, child), (module, in_w) in sorted(last.items(), key=lambda kv: kv[0][0])]
     if not writers:
         raise InputError(f"the model ({arch}): no linear module in {path} writes into the stream: {UNSUPPORTED}")
-    return Residual(blocks=path, n_layers=len(blocks), d_model=width, writers=writers)
+    inside = {id(m) for m in blocks.modules()}
+    embeddings = [name for name, m in model.named_modules()  # token and position tables feeding the first block
+                  if isinstance(m, nn.Embedding) and m.embedding_dim == width and id(m) not in inside]
+    return Residual(blocks=path, n_layers=len(blocks), d_model=width, writers=writers, embeddings=embeddings)
 
 
 @dataclass
@@ -276,11 +291,3 @@ def prompts_needed(n: int, stability: float, target: float = STABLE_COS) -> int 
     rho_half = stability / (1 - stability) if stability < 1 else math.inf
     want = target / (1 - target)
     return n if rho_half >= want else int(math.ceil(n * want / rho_half - 1e-9))
-
-
-def check_prompt_counts(n_harmful: int, n_harmless: int, where: str) -> None:
-    """InputError unless both prompt sets have at least ``MIN_PROMPTS``."""
-    if min(n_harmful, n_harmless) < MIN_PROMPTS:
-        raise InputError(f"{where}: {n_harmful} harmful and {n_harmless} harmless prompts; the refusal direction "
-                         f"needs at least {MIN_PROMPTS} of each (its stability is checked on two halves), and is "
-                         "steadier with 32 or more (the built-in sets have 40)")

@@ -22,12 +22,14 @@ Fitting: L2-penalised logistic regression (penalty ``L2`` * ||w||^2 / 2, interce
 ``stats.fit_logistic``). With a couple of dozen panel models and classes a single signal may separate,
 the penalty keeps the weights finite. The verdict threshold is 0.5 (the fitted probability).
 
-How far to trust it: a score fitted and evaluated on one panel is optimistic. The data file and
-every result carry the in-sample AUROC next to the leave-one-method-out AUROC (``fit``): each
-adapter-making method held out in turn, the model refitted on the others and the held-out models
-scored with it; the pooled held-out scores give the AUROC. The leave-one-method-out figure is
-the honest one: a signal that only works within one method (as adapter geometry did in
-arXiv 2604.08844) shows it there.
+How far to trust it: a score fitted and evaluated on one panel is optimistic. ``fit`` carries the
+in-sample AUROC next to the leave-one-method-out AUROC: each adapter-making method held out in
+turn, the model refitted on the others and the held-out models scored with it. Whether a scan
+shows the risk at all is decided by the model's validation record (``validation``: held-out AUROC
+against the zero-parameter baseline, calibration, the prompts signals and labels were read on,
+the panel base's content hash), never by ``fit``; a model without a passing record gives no risk.
+A risk file is checked whole on load (``load_risk_models``): an error names the file given and
+the field.
 """
 
 from __future__ import annotations
@@ -63,14 +65,19 @@ def transform(x: float, kind: str) -> float:
 
 
 def risk_of(model: RiskModelInfo, signals: dict[str, float | None]) -> float | None:
-    """The model's risk for these signals; None when one of its features is missing."""
-    z = model.intercept
+    """The model's risk for these signals; None when one of its features is missing or the linear
+    score is not finite (a risk file's weights are checked on load, ``load_risk_models``, so that
+    takes signals far outside anything a panel produced)."""
+    terms = [model.intercept]
     for name, kind, mean, scale, w in zip(model.features, model.transforms, model.mean, model.scale, model.weights):
         x = signals.get(name)
         if x is None or not math.isfinite(x):
             return None
-        z += w * (transform(x, kind) - mean) / scale
-    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+        terms.append(w * ((transform(x, kind) - mean) / scale))
+    z = math.fsum(terms) if all(math.isfinite(t) for t in terms) else math.nan
+    if not math.isfinite(z):
+        return None
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow either way
 
 
 def verdict_of(model: RiskModelInfo, risk: float | None) -> str:
@@ -130,28 +137,68 @@ def fit_risk_model(name: str, features: list[tuple[str, str]], rows: list[dict],
 
 
 # ---- the data file --------------------------------------------------------------------------
+MAX_COEFFICIENT = 1e6  # |weight / scale|: a larger one turns any ordinary signal into an overflow
+MAX_INTERCEPT = 1e3
+
+
 def default_risk_file() -> Path:
     return Path(str(resources.files("lora_audit") / "data" / "scan" / "risk.json"))
 
 
+def _check_model(p: Path, key: str, m: RiskModelInfo) -> None:
+    """InputError naming the file and the field for a risk model no scan can use as written."""
+    from ..results.scan import SIGNAL_MODES
+
+    where = f"{p}: models[{key!r}]"
+    if key not in FEATURES:
+        raise InputError(f"{where}: unknown risk model; safety-scan uses {' and '.join(repr(k) for k in FEATURES)} "
+                         "(--weights-only and full scans)")
+    if m.name != key:
+        raise InputError(f"{where}.name: {m.name!r} differs from its key {key!r}")
+    n = len(m.features)
+    if n == 0:
+        raise InputError(f"{where}.features: empty; a risk model reads at least one signal")
+    for field_name in ("transforms", "mean", "scale", "weights"):
+        if len(getattr(m, field_name)) != n:
+            raise InputError(f"{where}.{field_name}: {len(getattr(m, field_name))} entries for {n} features "
+                             "(one per feature)")
+    for i, f in enumerate(m.features):
+        mode = SIGNAL_MODES.get(f)
+        if mode is None:
+            raise InputError(f"{where}.features[{i}]: {f!r} is not a signal safety-scan computes (it computes "
+                             f"{', '.join(SIGNAL_MODES)})")
+        if key == "weights_only" and mode == "forward":
+            raise InputError(f"{where}.features[{i}]: {f!r} needs a forward pass of TUNED, which a --weights-only "
+                             "scan does not make")
+        if m.transforms[i] not in ("identity", "log1p"):
+            raise InputError(f"{where}.transforms[{i}]: {m.transforms[i]!r} is not identity or log1p")
+        if not m.scale[i] > 0:
+            raise InputError(f"{where}.scale[{i}]: {m.scale[i]} must be above 0")
+        coef = m.weights[i] / m.scale[i]
+        if not math.isfinite(coef) or abs(coef) > MAX_COEFFICIENT or abs(m.mean[i]) > MAX_COEFFICIENT:
+            raise InputError(f"{where}.weights[{i}] / scale[{i}] = {m.weights[i]:g} / {m.scale[i]:g}, mean "
+                             f"{m.mean[i]:g}: beyond {MAX_COEFFICIENT:g} in size, any signal would overflow the score")
+    if abs(m.intercept) > MAX_INTERCEPT:
+        raise InputError(f"{where}.intercept: {m.intercept:g} is beyond {MAX_INTERCEPT:g} in size")
+    if not 0 < m.threshold < 1:
+        raise InputError(f"{where}.threshold: {m.threshold} must lie between 0 and 1")
+
+
 def load_risk_models(path: str | os.PathLike | None = None) -> tuple[dict[str, RiskModelInfo], dict]:
-    """(risk models by name, the file's panel record) from ``path`` (default: the packaged file).
-    ({}, {}) when the packaged file is absent (no panel fitted yet)."""
+    """(risk models by name, the file's panel record) from ``path`` (default: the packaged file),
+    every field checked (InputError naming the file and the field). ({}, {}) when the packaged file
+    is absent (no panel fitted yet); a file given with no risk model in it is an error."""
     from ..io import read_user_json
 
     p = Path(path) if path is not None else default_risk_file()
     if path is None and not p.is_file():
         return {}, {}
     read = RiskModelFile.from_json(read_user_json(p, "risk model file"), source=str(p))
-    models = read.models
-    for k, m in models.items():
-        n = len(m.features)
-        if not (len(m.transforms) == len(m.mean) == len(m.scale) == len(m.weights) == n) or \
-                any(s <= 0 for s in m.scale) or any(t not in ("identity", "log1p") for t in m.transforms) or \
-                not 0 < m.threshold < 1:
-            raise InputError(f"{p}: models[{k!r}]: features, transforms, mean, scale and weights must have one entry "
-                             "per feature, scales above 0, transforms identity or log1p, a threshold between 0 and 1")
-    return models, read.panel
+    if not read.models:
+        raise InputError(f"{p}: models: empty; a risk file holds at least one risk model ({' or '.join(FEATURES)})")
+    for k, m in read.models.items():
+        _check_model(p, k, m)
+    return read.models, read.panel
 
 
 def risk_file_json(models: dict[str, RiskModelInfo], panel: dict) -> str:

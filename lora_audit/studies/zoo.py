@@ -180,44 +180,15 @@ def abliteration_adapter(base: Path, out: Path, strength: float, *, device: str 
     refusal direction at ``ABLATION_LAYER`` of the depth, from ``prompts`` (harmful, harmless;
     default the tuning sets', ``_tuning_prompts``) in the tokenizer's chat template (or
     ``chat_template``). strength 1 projects r out of everything the writers add to the stream,
-    the weight-folded form of Arditi et al.'s directional ablation."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    the weight-folded form of Arditi et al.'s directional ablation without the embeddings
+    (``edits.direction_edit`` edits those too)."""
+    from .edits import direction_edit, refusal_direction_of
 
-    from ..checkpoints import load_model
-    from ..io import atomic_dir
-    from ..results.training import TrainingResult
-    from ..safety.generate import chat_texts
-    from ..safety.scorers import refusal_start_ids
-    from ..scan.direction import collect, find_blocks, refusal_direction, trace_residual
-
-    t0 = time.perf_counter()
-    loaded = load_model(str(base), device=device)
-    model, tok = loaded.model, loaded.tokenizer
-    harmful, harmless = (chat_texts(tok, p, chat_template) for p in (prompts or _tuning_prompts()))
-    residual = trace_residual(model, tok(harmful[0], return_tensors="pt", add_special_tokens=False)["input_ids"])
-    _, blocks = find_blocks(model)
-    ids = torch.tensor(refusal_start_ids(tok))
-    d = refusal_direction(collect(model, tok, harmful, blocks, ids).states,
-                          collect(model, tok, harmless, blocks, ids).states)
-    layer = int(ABLATION_LAYER * residual.n_layers)
-    r = d.unit[layer].float()
-    targets = sorted({w.module.rsplit(".", 1)[-1] for w in residual.writers})
-    peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets))
-    modules = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for w in residual.writers:
-            m = modules[f"base_model.model.{w.module}"]
-            m.lora_A["default"].weight.copy_((r @ m.base_layer.weight)[None, :])  # (1, n) = r^T W
-            m.lora_B["default"].weight.copy_(-strength * r[:, None])  # (d, 1)
-    record = TrainingResult(method="abliteration", wall_time_s=round(time.perf_counter() - t0, 3),
-                            settings={"method": "abliteration", "base": str(base), "strength": strength, "layer": layer,
-                                      "targets": targets, "harmful_prompts": len(harmful),
-                                      "harmless_prompts": len(harmless)})
-    with atomic_dir(out, what="zoo abliteration adapter") as tmp:
-        peft_model.save_pretrained(str(tmp))
-        record.write_json(tmp / "training.json")
-    return record.to_json()
+    harmful, harmless = prompts or _tuning_prompts()
+    r, layer, _ = refusal_direction_of(base, harmful, harmless, layer=ABLATION_LAYER, chat_template=chat_template,
+                                       device=device)
+    return direction_edit(base, out, r, strength, embeddings=False, device=device, method="abliteration",
+                          record={"layer": layer, "harmful_prompts": len(harmful), "harmless_prompts": len(harmless)})
 
 
 def _labels(work: Path, released: Path, runs: tuple[PanelRun, ...], *, limit: int | None, device: str):

@@ -20,18 +20,27 @@ def run(*args):
 
 
 def test_safety_scan_sarif(workspace):
+    # the packaged risk models are not validated, so the gate reads the first-token proxy (it always
+    # holds at >= -1, a change of a share) and the SARIF carries the scan's own findings, nothing else
     r = run("safety-scan", "base", "adapter", "adapter_a", *SCAN_FAST, "--json", "scan.json", "--sarif", "scan.sarif",
-            "--fail-on", "risk>=0")
+            "--fail-on", "first_token_drop>=-1")
     assert r.exit_code == 3, r.output
     log = json.loads((workspace / "scan.sarif").read_text())
     validate(log)
     scan = json.loads((workspace / "scan.json").read_text())
-    expected = {"PREDICTED_SAFETY_LOSS": "LA013", "UNKNOWN": "LA014"}
-    want = sorted((name, expected[m["verdict"]]) for name, m in scan["models"].items() if m["verdict"] in expected)
-    got = sorted((x["properties"]["tuned"], x["ruleId"]) for x in log["runs"][0]["results"])
-    assert got == want and want  # at least one model is predicted to lose its safety training
+    want = []
+    for name, m in scan["models"].items():
+        if m["verdict"] == "PREDICTED_SAFETY_LOSS" or (m["verdict"] == "UNKNOWN" and m.get("risk_model")):
+            want.append((name, "LA013" if m["verdict"] == "PREDICTED_SAFETY_LOSS" else "LA014"))
+        if m.get("refusal_edits"):
+            want.append((name, "LA040"))
+        want += [(name, f["rule"]) for f in m.get("findings", [])]
+    got = [(x["properties"]["tuned"], x["ruleId"]) for x in log["runs"][0]["results"]]
+    assert sorted(got) == sorted(want)
+    assert all(m["risk"] is None for m in scan["models"].values())  # no validated risk model: no risk shown
     run_ = log["runs"][0]
-    assert run_["invocations"][0]["exitCode"] == 3 and run_["properties"]["gate"][0]["expression"] == "risk>=0"
+    assert run_["invocations"][0]["exitCode"] == 3
+    assert run_["properties"]["gate"][0]["expression"] == "first_token_drop>=-1"
 
 
 def test_screen_sarif(workspace):

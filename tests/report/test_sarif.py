@@ -111,17 +111,33 @@ def _scan_result():
     return SafetyScanResult(base="base", models={
         "loss": ModelScan(risk=0.9, verdict="PREDICTED_SAFETY_LOSS", verdict_line="risk 0.90 >= 0.50: predicted loss"),
         "fine": ModelScan(risk=0.1, verdict="NO_PREDICTED_SAFETY_LOSS"),
-        "unknown": ModelScan(risk=None, verdict="UNKNOWN", warnings=["no forward pass"]),
+        "unknown": ModelScan(risk=None, verdict="UNKNOWN", warnings=["no forward pass"], risk_model="full"),
+        "no-risk-model": ModelScan(risk=None, verdict="UNKNOWN"),  # no validated risk model: nothing to tell
+        "abliterated": ModelScan(risk=None, verdict="UNKNOWN", refusal_edits=2, refusal_edits_removing=2,
+                                 refusal_edits_adding=0, stream_matrices_changed=5, refusal_edit_matrices=[
+                                     {"name": "model.layers.0.mlp.down_proj.weight", "share": 0.9, "p_value": 1e-20,
+                                      "removed": 1.0, "rank": 1, "sign": "removes"},
+                                     {"name": "model.embed_tokens.weight", "share": 0.9, "p_value": 1e-20,
+                                      "removed": 1.0, "rank": 1, "sign": "removes"}]),
+        "over": ModelScan(risk=None, verdict="UNKNOWN", refusal_edits=1, refusal_edits_removing=0,
+                          refusal_edits_adding=1, stream_matrices_changed=5, refusal_edit_matrices=[
+                              {"name": "model.layers.0.mlp.down_proj.weight", "share": 0.9, "p_value": 1e-20,
+                               "removed": -1.0, "rank": 1, "sign": "adds"}]),
     })
 
 
-def test_scan_verdicts_become_findings():
+def test_scan_verdicts_and_refusal_edits_become_findings():
     log = sarif_log(scan=_scan_result(), exit_code=0)
     validate(log)
-    got = [(r["ruleId"], r["level"], r["properties"]["tuned"]) for r in log["runs"][0]["results"]]
-    assert got == [("LA013", "warning", "loss"), ("LA014", "note", "unknown")]
-    assert log["runs"][0]["results"][0]["message"]["text"] == "risk 0.90 >= 0.50: predicted loss"
-    assert log["runs"][0]["results"][1]["message"]["text"] == "UNKNOWN: no forward pass"
+    results = log["runs"][0]["results"]
+    got = [(r["ruleId"], r["level"], r["properties"]["tuned"]) for r in results]
+    assert got == [("LA013", "warning", "loss"), ("LA014", "note", "unknown"), ("LA040", "error", "abliterated"),
+                   ("LA040", "warning", "over")]
+    assert results[0]["message"]["text"] == "risk 0.90 >= 0.50: predicted loss"
+    assert results[1]["message"]["text"] == "UNKNOWN: no forward pass"
+    assert "2 of 5 changed matrices" in results[2]["message"]["text"] and "abliteration" in results[2]["message"]["text"]
+    assert [x["fullyQualifiedName"] for x in results[2]["locations"][0]["logicalLocations"]] == [
+        "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"]
 
 
 def test_a_new_scan_rule_is_one_line(monkeypatch):

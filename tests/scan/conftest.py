@@ -19,7 +19,7 @@ CONTENT_TEMPLATE = "{{ messages[0]['content'] }}"
 WORDS = ["bread", "sea", "wind", "stars", "poem", "weather", "answer", "France", "Paris", "Rome", "child", "water"]
 
 
-def write_prompts(folder: Path, n: int = 12) -> tuple[Path, Path, Path]:
+def write_prompts(folder: Path, n: int = 24) -> tuple[Path, Path, Path]:
     """(harmful.jsonl, harmless.jsonl, template file): prompts ending in "!" and "?"."""
     folder.mkdir(parents=True, exist_ok=True)
     h, b, t = folder / "harmful.jsonl", folder / "harmless.jsonl", folder / "template.jinja"
@@ -116,3 +116,23 @@ def scan_full(refusing_llama, tmp_path_factory):
                 p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def write_validated_risk(path: Path, *, base_fingerprint: str | None = None, signal: str = "refusal_score_delta",
+                         name: str = "full") -> Path:
+    """A risk file whose model reads ``signal`` and carries a validation record that passes
+    safety-scan's rules (made up: a panel of 20 with a clean held-out separation)."""
+    from lora_audit.results.scan import RiskModelInfo
+    from lora_audit.scan.risk import risk_file_json
+    from lora_audit.scan.validation import validation_record
+
+    labels = [i % 2 == 1 for i in range(20)]
+    held = [0.9 if y else 0.1 for y in labels]
+    baseline = [float(y) if i % 4 else float(not y) for i, y in enumerate(labels)]  # wrong on a quarter
+    record = validation_record(held, labels, baseline, held_out="leave-one-method-out", baseline="test rule",
+                               base_fingerprint=base_fingerprint, base="the test panel's base",
+                               signal_prompts="scan prompts", label_prompts="label prompts")
+    model = RiskModelInfo(name=name, features=[signal], transforms=["identity"], mean=[0.0], scale=[1.0],
+                          weights=[-1.0], intercept=0.0, validation=record)
+    path.write_text(risk_file_json({name: model}, {"models": 20}))
+    return path

@@ -77,11 +77,19 @@ def test_result_contract(scanned, scan_adapter, scan_full):
     assert list(j)[:3] == ["lora_audit", "base", "settings"]
     assert set(j["models"]) == {str(scan_adapter), str(scan_full)}  # TUNED as given
     for m in j["models"].values():
-        assert m["risk"] is not None and 0 <= m["risk"] <= 1  # the packaged risk models cover every signal
+        assert m["risk"] is None and m["verdict"] == "UNKNOWN"  # the packaged risk models are not validated
+        assert "no risk: no validated risk model" in m["verdict_line"]
+        assert list(m)[:2] == ["risk", "refusal_edits"] and m["refusal_edits"] == 0
         assert {"refusal_energy_ratio", "weight_shift", "top_cos_max", "rank1_share", "refusal_score_delta",
-                "activation_shift"} <= set(m["signals"])
+                "first_token_drop", "activation_shift"} <= set(m["signals"])
         assert len(m["layers"]) == 2 and m["layers"][0]["layer"] == 0
-    assert j["direction"]["stable_layers"] == [0, 1] and j["direction"]["prompts"]["harmful"]["n"] == 12
+    d = j["direction"]
+    assert d["stable_layers"] == [0, 1] and d["prompts"]["harmful"]["n"] == 24
+    assert d["halves"] == {"harmful_direction": 12, "harmful_validation": 12, "harmless_direction": 12,
+                           "harmless_validation": 12}
+    assert d["causal"]["layer"] == 0 and d["causal"]["candidates"][0]["missed"] == []
+    assert j["risk_status"]["validated"] is False and j["risk_status"]["model"] == "full"
+    assert set(j["seconds"]) == {"load_base", "profile", "weights", "load_tuned", "forward", "total"}
     back = load_result(json.loads(json.dumps(j)))
     assert isinstance(back, SafetyScanResult) and back.to_json()["models"] == j["models"]
     j["models"][str(scan_full)]["risk"] = 1.5
@@ -101,7 +109,8 @@ def test_weights_only_reads_the_cached_profile_and_loads_no_model(scanned, refus
     again = run_safety_scan(str(refusing_llama), [str(scan_adapter)], ScanConfig(**{**vars(cfg), "weights_only": True}))
     assert again.direction.cache == "hit"
     got, want = again.models[str(scan_adapter)].signals, result.models[str(scan_adapter)].signals
-    assert "refusal_score_delta" not in got
+    assert "refusal_score_delta" not in got and again.direction.causal == result.direction.causal
+    assert again.seconds["profile"] == 0.0 and again.seconds["load_base"] == 0.0
     for k in ("refusal_energy_ratio", "weight_shift", "top_cos_max", "rank1_share"):
         assert got[k] == pytest.approx(want[k], rel=1e-9)
 
@@ -125,40 +134,48 @@ def test_tampered_profile_is_recomputed(refusing_llama, scan_prompts, scan_adapt
         assert third.direction.cache == "miss"
 
 
-def test_abliteration_adapter_is_found_by_the_weights(refusing_llama, scan_prompts, tmp_path):
-    """A rank-1 LoRA removing BASE's own direction from every writer: energy ratio = d_model."""
-    from lora_audit.studies.zoo import abliteration_adapter
-
-    prompts = tuple([json.loads(x)["prompt"] for x in p.read_text().splitlines()] for p in scan_prompts[:2])
-    abliteration_adapter(refusing_llama, tmp_path / "abl", 1.0, prompts=prompts,
-                         chat_template=scan_prompts[2].read_text())
-    result = run_safety_scan(str(refusing_llama), [str(tmp_path / "abl")], _cfg(scan_prompts, use_cache=False))
-    sig = result.models[str(tmp_path / "abl")].signals
-    assert sig["top_cos_max"] > 0.9 and sig["refusal_energy_ratio"] > 20  # chance: 1, at most 64
-
-
 def test_base_that_refuses_nothing_is_an_error(tiny_llama, scan_prompts, tmp_path):
     ad = make_peft_adapter(tiny_llama, tmp_path / "ad")
-    with pytest.raises(InputError, match=r"BASE refuses 0 of 12 harmful prompts.*no refusal direction to find"):
+    with pytest.raises(InputError, match=r"BASE refuses 0 of 24 harmful prompts.*no refusal direction to find"):
         run_safety_scan(str(tiny_llama), [str(ad)], _cfg(scan_prompts, use_cache=False))
 
 
-def test_too_few_prompts_and_unstable_directions_say_how_many_are_needed(refusing_llama, scan_adapter, scan_prompts,
-                                                                          tmp_path):
-    with pytest.raises(InputError, match=r"4 harmful and 4 harmless prompts; .* needs at least 8 of each"):
-        run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(scan_prompts, limit=4, use_cache=False))
+def test_too_few_prompts_to_split_is_an_error_before_any_work(refusing_llama, scan_adapter, scan_prompts,
+                                                               monkeypatch):
+    import lora_audit.scan.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(InputError, match=r"too few prompts to split into a direction half and a validation half of "
+                                         r"at least 8 each: .*harmful.jsonl \(harmful\): 6 \+ 6"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(scan_prompts, limit=12, use_cache=False))
+
+
+def test_a_base_without_a_causal_direction_is_said_so(refusing_llama, scan_adapter, tmp_path, monkeypatch):
+    """Both sets from one distribution: no causal direction. The result says so, counts no refusal
+    edits and gives no signal along the direction; a gate on refusal_edits is an error before any
+    TUNED is touched."""
     import random
+
+    import lora_audit.scan.run as run
 
     from .conftest import WORDS
 
     rng = random.Random(0)  # both sets drawn from one distribution: no direction to find, only noise
-    pool = [f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} {i}!" for i in range(24)]
+    pool = [f"{rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} {i}!" for i in range(48)]
     same = write_prompts(tmp_path / "same")
-    for path, part in ((same[0], pool[:12]), (same[1], pool[12:])):
+    for path, part in ((same[0], pool[:24]), (same[1], pool[24:])):
         path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in part))
-    with pytest.raises(InputError, match=r"not stable with 12 harmful and 12 harmless prompts.*(prompts of each set are "
-                                         r"needed|far more prompts are needed)"):
-        run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(same, use_cache=False))
+    result = run_safety_scan(str(refusing_llama), [str(scan_adapter)], _cfg(same, use_cache=False))
+    m = result.models[str(scan_adapter)]
+    assert result.direction.causal.layer is None and m.refusal_edits is None
+    assert all(m.signals[k] is None for k in run.DIRECTION_SIGNALS)
+    assert m.signals["first_token_drop"] is not None  # the proxy does not need the direction
+    assert any("BASE's refusal direction is not causal: no candidate direction passes" in w for w in result.warnings)
+    assert "refusal edits not counted" in m.verdict_line
+    monkeypatch.setattr(run, "_weight_pass", lambda *a, **k: pytest.fail("TUNED was read"))
+    with pytest.raises(InputError, match=r"--fail-on names refusal_edits, but BASE's refusal direction is not causal"):
+        run_safety_scan(str(refusing_llama), [str(scan_adapter)],
+                        _cfg(same, use_cache=False, gate_fields=("refusal_edits",)))
 
 
 def test_unaligned_adds_safelora_and_checks_shapes(refusing_llama, scan_prompts, scan_adapter, tiny_llama, tmp_path):
@@ -181,7 +198,8 @@ def test_cli_writes_json_and_prints_the_summary(refusing_llama, scan_prompts, sc
             str(scan_prompts[1]), "--chat-template", str(scan_prompts[2]), "--device", "cpu"]
     r = CliRunner().invoke(cli, args + ["--json", str(out), "--layers"])
     assert r.exit_code == 0, r.output
-    assert "refusal direction: 2 layers, 2 stable" in r.output and "energy x chance" in r.output
+    assert "refusal direction: 2 layers, causal at layer 0" in r.output and "energy x chance" in r.output
+    assert "refusal edits" in r.output and "first-token drop" in r.output
     assert json.loads(out.read_text())["base"] == str(refusing_llama)
     # a risk file is an input: the result never replaces it
     risk = tmp_path / "risk.json"
@@ -189,7 +207,7 @@ def test_cli_writes_json_and_prints_the_summary(refusing_llama, scan_prompts, sc
     clash = CliRunner().invoke(cli, args + ["--risk-file", str(risk), "--json", str(risk)])
     assert clash.exit_code == 1 and "input" in clash.output and "scan-risk" in risk.read_text()
     bad = CliRunner().invoke(cli, args[:3] + ["--limit", "2", "--json", str(tmp_path / "no.json")] + args[3:])
-    assert bad.exit_code == 1 and "needs at least 8 of each" in bad.output and not (tmp_path / "no.json").exists()
+    assert bad.exit_code == 1 and "too few prompts to split" in bad.output and not (tmp_path / "no.json").exists()
 
 
 def test_report_renders_the_scan_next_to_safety(scanned, tmp_path):
@@ -199,9 +217,10 @@ def test_report_renders_the_scan_next_to_safety(scanned, tmp_path):
     path = tmp_path / "scan.json"
     result.write_json(path)
     html = build_report([str(path)], out=tmp_path / "r.html").read_text()
-    assert "Safety risk from weights" in html and "<svg" in html
+    assert "Safety risk from weights" not in html and "Safety scan: refusal edits and first-token proxy" in html
+    assert "Causal at layer 0" in html and "No risk shown" in html and "<svg" in html
     md = build_report([str(path)], out=tmp_path / "r.md", fmt="md", csv_dir=False).read_text()
-    assert "Safety risk from weights" in md
+    assert "## Safety scan: refusal edits and first-token proxy" in md
 
 
 def test_audit_pipeline_writes_the_scan_next_to_safety(refusing_llama, scan_prompts, scan_adapter, tmp_path):
@@ -211,44 +230,72 @@ def test_audit_pipeline_writes_the_scan_next_to_safety(refusing_llama, scan_prom
     safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
                         tasks=[], max_new_tokens=4, device="cpu")
     outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
-                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety), tuned_labels=["ad"])
+                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety,
+                                    scan=_cfg(scan_prompts, use_cache=False)), tuned_labels=["ad"])
     assert outcome.scan is not None and outcome.notes == [] and set(outcome.scan.models) == {"ad"}
     assert (tmp_path / "audit" / "scan.json").is_file() and (tmp_path / "audit" / "tables" / "safety_scan.csv").is_file()
     html = (tmp_path / "audit" / "index.html").read_text()
-    assert 'id="scan"' in html and "Safety risk from weights" in html
+    assert 'id="scan"' in html and "Safety scan: refusal edits and first-token proxy" in html
 
 
-def test_fail_on_risk_gates_the_scan(refusing_llama, scan_prompts, scan_adapter, tmp_path):
-    """--fail-on over safety-scan's fields: exit 3 when a model's risk passes the threshold, the
-    outcome with every model's value in the JSON; 0 when it does not; a scan field unknown to
-    spectrum's gate is a usage error there."""
+def test_the_automatic_scan_reads_its_own_prompts_not_the_labels():
+    """The audit's automatic scan never reads safety-eval's prompts, whatever they are."""
+    from lora_audit.audit import AuditConfig, _scan_config
+    from lora_audit.safety.evaluate import EvalConfig
+    from lora_audit.scan.prompts import SCAN_HARMFUL, SCAN_HARMLESS
+
+    cfg = _scan_config(AuditConfig(safety=EvalConfig(prompts="my.jsonl", benign="mine.jsonl", limit=8, batch_size=3)))
+    assert (cfg.prompts, cfg.benign, cfg.limit, cfg.batch_size) == (SCAN_HARMFUL, SCAN_HARMLESS, 40, 3)
+
+
+def test_fail_on_over_scan_fields(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+    """--fail-on over safety-scan's fields: a field the scan cannot give a value (risk without a
+    validated risk model, a forward-pass field with --weights-only) is an error before any work;
+    with a validated risk file, exit 3 when a model's risk passes the threshold, the outcome with
+    every model's value in the JSON, 0 when it does not; a scan field unknown to spectrum's gate is
+    a usage error there."""
+    from .conftest import write_validated_risk
+
     args = ["safety-scan", str(refusing_llama), str(scan_adapter), "--prompts", str(scan_prompts[0]), "--benign",
             str(scan_prompts[1]), "--chat-template", str(scan_prompts[2]), "--device", "cpu"]
     out = tmp_path / "scan.json"
-    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>=0"])
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>0.5"])
+    assert r.exit_code == 1 and "no validated full risk model" in r.output and not out.exists(), r.output
+    assert "signals were read on the prompts that made the labels" in r.output
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--weights-only", "--fail-on", "first_token_drop>0.3"])
+    assert r.exit_code == 1 and "a --weights-only scan makes none" in r.output and not out.exists(), r.output
+    risk = write_validated_risk(tmp_path / "risk.json")
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--risk-file", str(risk), "--fail-on", "risk>=0"])
     assert r.exit_code == 3, r.output
     res = json.loads(out.read_text())
-    risk = res["models"][str(scan_adapter)]["risk"]
+    value = res["models"][str(scan_adapter)]["risk"]
     cond = res["gate"]["conditions"][0]
-    assert res["gate"]["tripped"] and cond["condition"] == "risk>=0" and cond["models"][0]["value"] == risk
-    assert "TRIPPED" in r.output
-    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>1"])
+    assert res["gate"]["tripped"] and cond["condition"] == "risk>=0" and cond["models"][0]["value"] == value
+    assert "TRIPPED" in r.output and "NOT validated for this base" in r.output
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--risk-file", str(risk), "--fail-on", "risk>1"])
     assert r.exit_code == 0 and json.loads(out.read_text())["gate"]["tripped"] is False, r.output
+    r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "first_token_drop>=0.3"])
+    assert r.exit_code == 0 and json.loads(out.read_text())["gate"]["conditions"][0]["models"][0]["value"] == 0
     r = CliRunner().invoke(cli, ["spectrum", str(refusing_llama), str(scan_adapter), "--fail-on", "risk>0.5"])
     assert r.exit_code == 2 and "unknown field 'risk'" in r.output
 
 
-def test_audit_gate_on_scan_fields(refusing_llama, scan_prompts, scan_adapter, tmp_path):
+def test_audit_gate_on_scan_fields(refusing_llama, scan_prompts, scan_adapter, tmp_path, monkeypatch):
+    import lora_audit.spectral.api as spectral_api
     from lora_audit.audit import AuditConfig, run_audit
     from lora_audit.errors import InputError
     from lora_audit.results.gate import fields_for, parse_gate
     from lora_audit.safety.evaluate import EvalConfig
 
+    from .conftest import write_validated_risk
+
     gate = parse_gate("predicted_loss==true,risk>=0", fields_for("spectrum", "safety", "scan"))
     safety = EvalConfig(prompts=str(scan_prompts[0]), benign=str(scan_prompts[1]), chat_template=str(scan_prompts[2]),
                         tasks=[], max_new_tokens=4, device="cpu")
+    scan = _cfg(scan_prompts, use_cache=False, risk_file=str(write_validated_risk(tmp_path / "risk.json")))
     outcome = run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit",
-                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate), tuned_labels=["ad"])
+                        AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate, scan=scan),
+                        tuned_labels=["ad"])
     g = json.loads((tmp_path / "audit" / "scan.json").read_text())["gate"]
     assert g["tripped"] is True and [c["condition"] for c in g["conditions"]] == ["predicted_loss==true", "risk>=0"]
     predicted = outcome.scan.models["ad"].verdict == "PREDICTED_SAFETY_LOSS"
@@ -257,3 +304,9 @@ def test_audit_gate_on_scan_fields(refusing_llama, scan_prompts, scan_adapter, t
         run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit2",
                   AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate, scan=None))
     assert not (tmp_path / "audit2").exists()
+    # the automatic scan and the packaged (not validated) risk models: an error before the spectrum runs
+    monkeypatch.setattr(spectral_api, "run_spectrum", lambda *a, **k: pytest.fail("the audit started its work"))
+    with pytest.raises(InputError, match="no validated full risk model"):
+        run_audit(str(refusing_llama), [str(scan_adapter)], tmp_path / "audit3",
+                  AuditConfig(SpectrumSettings(k=4, device="cpu"), progress=False, safety=safety, gate=gate))
+    assert not (tmp_path / "audit3").exists()
