@@ -135,7 +135,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         from .safety.evaluate import run_safety_eval
 
         if cfg.safety.backend == "hf":
-            base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle)
+            base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle,
+                                options=cfg.safety.load)
         safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,
                                  names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
@@ -177,11 +178,11 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
         sc = cfg.safety
         limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
         scfg = ScanConfig(prompts=sc.prompts, benign=sc.benign or "builtin:benign", limit=limit,
-                          batch_size=sc.batch_size, device=cfg.device, seed=sc.seed, chat_template=sc.chat_template,
-                          allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars)
-        try:
+                          batch_size=sc.batch_size, device=sc.device, seed=sc.seed, chat_template=sc.chat_template,
+                          allow_pickle=cfg.allow_pickle, max_prompt_chars=sc.max_prompt_chars, load=sc.load)
+        try:  # BASE as the safety side loaded it: the same device and load options
             return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None,
-                                   loaded_base=base_l if sc.device == cfg.device else None), []
+                                   loaded_base=base_l), []
         except InputError as e:
             return None, [f"safety-scan skipped: {e}"]
     return run_safety_scan(str(base), tuned, cfg.scan, names=list(labels) if labels else None), []

@@ -204,3 +204,125 @@ def user_errors(f):
             raise
 
     return wrapper
+
+
+# ---- how models are loaded and which ones: shared by every command that loads or names models -------------
+DTYPE_HELP = ("Load whole models in this dtype: auto (the checkpoint's own dtype on CUDA, float32 on the CPU), "
+              "bfloat16, float16 or float32. Generation, scoring and training use it; the spectral numerics read the "
+              "weight files themselves and stay in float32/float64 whatever it is.")
+
+
+def _wrap(f, build):
+    """``f`` called with the keyword arguments ``build(kw)`` rewrites; a library error in ``build``
+    becomes a one-line click error (as ``user_errors``), before any model is loaded."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        try:
+            build(kw)
+        except LoraAuditError as e:
+            raise click.ClickException(printable(str(e), multiline=True)) from None
+        return f(*args, **kw)
+
+    return wrapper
+
+
+def model_loading_options(*, placement: bool = True, default_dtype: str = "auto"):
+    """``--dtype`` (and with ``placement`` ``--device-map``, ``--load-in-4bit``, ``--load-in-8bit``),
+    handed to the command as one ``load`` argument (``checkpoints.loading.LoadOptions``), checked
+    against ``--device`` when the command is invoked."""
+    from ..checkpoints.loading import DEVICE_MAPS, DTYPE_CHOICES
+
+    def build(kw):
+        from ..checkpoints.loading import LoadOptions
+
+        q4, q8 = kw.pop("load_in_4bit", False), kw.pop("load_in_8bit", False)
+        if q4 and q8:
+            raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+        kw["load"] = LoadOptions(dtype=kw.pop("dtype"), device_map=kw.pop("device_map", None),
+                                 quantization="4bit" if q4 else "8bit" if q8 else None)
+        kw["load"].check(kw.get("device", "auto"))
+
+    def deco(f):
+        f = _wrap(f, build)
+        if placement:
+            f = click.option("--load-in-8bit", is_flag=True,
+                             help="Quantise the weights to 8 bits as they load (bitsandbytes LLM.int8; CUDA, or the "
+                                  "CPU with bitsandbytes >= 0.45). Adapters stay separate (never merged).")(f)
+            f = click.option("--load-in-4bit", is_flag=True,
+                             help="Quantise the weights to 4 bits (nf4) as they load (bitsandbytes; CUDA, or the CPU "
+                                  "with bitsandbytes >= 0.45), computing in --dtype. PEFT adapters are applied on top "
+                                  "(never merged into the quantised weights); the weight audit reads the files.")(f)
+            f = click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+                             help="Let accelerate place the layers: across every GPU, the rest offloaded to the CPU "
+                                  "(for models larger than one device). Leave --device at auto.")(f)
+        return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=default_dtype, show_default=True,
+                            help=DTYPE_HELP)(f)
+
+    return deco
+
+
+def revision_option(f):
+    """``--revision REV`` for BASE and TUNED (as ``ID@REV``), and BASE left out when every TUNED is
+    an adapter that names its base (``checkpoints.hub.model_references``): the command gets the
+    pinned references as ``base`` and ``tuned`` (``adapter`` for one adapter)."""
+
+    def build(kw):
+        from ..checkpoints.hub import model_references
+
+        revision = kw.pop("revision")
+        if "adapter" not in kw and "tuned" not in kw:  # BASE only (finetune)
+            from ..checkpoints.hub import apply_revision
+
+            kw["base"] = apply_revision([kw["base"]], revision)[0]
+            return
+        single = "adapter" in kw and "tuned" not in kw
+        tuned = [kw["adapter"]] if single else list(kw.get("tuned") or ())
+        if kw.get("base") is None and not tuned:
+            raise click.UsageError("missing BASE and TUNED")
+        if single and kw.get("adapter") is None:  # "mitigate ADAPTER": BASE left out
+            tuned, kw["base"] = [kw["base"]], None
+        base, tuned, derived = model_references(kw.get("base"), tuned, revision)
+        kw["base"] = base
+        if single:
+            kw["adapter"] = tuned[0]
+        else:
+            kw["tuned"] = tuple(tuned)
+        if derived:
+            echo(f"BASE {base} (named by the adapter_config.json of {tuned[0]})", err=True)
+
+    return click.option("--revision", default=None, metavar="REV",
+                        help="Pin every Hugging Face hub id given without @REV to this branch, tag or commit "
+                             "(ORG/NAME@REV pins one). The resolved commit sha is recorded in the results; with "
+                             "HF_HUB_OFFLINE=1 the local cache's snapshot of it is used.")(_wrap(f, build))
+
+
+def lm_eval_options(f):
+    """lm-eval's own options for the capability tasks, with lm-eval's meanings, handed to the
+    command as one ``lm_eval`` argument (``safety.lmeval.LmEvalOptions``)."""
+
+    def build(kw):
+        from ..safety.lmeval import LmEvalOptions, parse_args_string
+
+        kw["lm_eval"] = LmEvalOptions(num_fewshot=kw.pop("num_fewshot"),
+                                      apply_chat_template=kw.pop("apply_chat_template") or False,
+                                      fewshot_as_multiturn=kw.pop("fewshot_as_multiturn"),
+                                      gen_kwargs=parse_args_string(kw.pop("gen_kwargs"), "--gen-kwargs"),
+                                      model_args=parse_args_string(kw.pop("model_args"), "--model-args"))
+
+    f = _wrap(f, build)
+    for opt in reversed([
+        click.option("--num-fewshot", type=click.IntRange(0), default=None,
+                     help="lm-eval: few-shot examples per task item [default: each task's own]."),
+        click.option("--apply-chat-template", is_flag=True, default=False,
+                     help="lm-eval: format the task prompts with the tokenizer's chat template."),
+        click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", default=None,
+                     help="lm-eval: few-shot examples as conversation turns [default: on with --apply-chat-template]."),
+        click.option("--gen-kwargs", default=None, metavar="K=V,...",
+                     help="lm-eval: generation arguments of generate_until tasks, e.g. 'max_gen_toks=256,temperature=0'."),
+        click.option("--model-args", default=None, metavar="K=V,...",
+                     help="lm-eval: further HFLM arguments, merged with lora-audit's own (pretrained, tokenizer, "
+                          "batch size, device: a key naming one of those is an error), e.g. 'max_length=2048'."),
+    ]):
+        f = opt(f)
+    return f

@@ -6,8 +6,8 @@ import math
 
 import click
 
-from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option,
-                      user_errors, write_json_output)
+from ._common import (CONTEXT, check_paths, device_option, echo, json_option, model_loading_options, overwrite_option,
+                      revision_option, seed_option, user_errors, write_json_output)
 
 
 def _positive_float(ctx, param, value):
@@ -39,9 +39,11 @@ def _positive_float(ctx, param, value):
 @json_option("the training record (also written to OUT/training.json)")
 @seed_option
 @device_option
+@model_loading_options(placement=False, default_dtype="float32")
+@revision_option
 @user_errors
 def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
-             max_row_chars, json_path, seed, device):
+             max_row_chars, json_path, seed, device, load):
     """Fine-tune BASE with a reference method; writes OUT and OUT/training.json.
 
     \b
@@ -55,7 +57,7 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     rec = train(method=method, base=base, data=data, out=out, steps=steps, rank=rank, alpha=alpha, lr=lr,
                 batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device,
-                overwrite=overwrite, max_row_chars=max_row_chars)
+                overwrite=overwrite, max_row_chars=max_row_chars, dtype=load.dtype)
     write_json_output(json_path, rec)
     if json_path != "-":
         echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
@@ -92,7 +94,7 @@ def federated(adapters, agg, out, overwrite, json_path):
 
 @click.command(context_settings=CONTEXT)
 @click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=click.Path(), required=False)
 @click.option("--lambda", "lam", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep this fraction of each intruder direction (1 = unchanged, 0 = removed).")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),
@@ -108,6 +110,7 @@ def federated(adapters, agg, out, overwrite, json_path):
                    "or $LORA_AUDIT_CACHE/spectra].")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @device_option
+@revision_option
 @user_errors
 def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):
     """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter.

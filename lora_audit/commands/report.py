@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
-                      exit_status, fail_on_option, file_path, k_option, overwrite_option, report_gate, sarif_option,
-                      seed_option, user_errors)
+                      exit_status, fail_on_option, file_path, k_option, lm_eval_options, model_loading_options,
+                      overwrite_option, report_gate, revision_option, sarif_option, seed_option, user_errors)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -72,7 +72,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 
 @click.command("audit", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1)
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder, written atomically [default: reports/<first TUNED's name>/].")
 @overwrite_option
@@ -97,16 +97,19 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@lm_eval_options
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
 @fail_on_option("spectrum", "safety", "scan")
 @sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
-          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet, fail_on,
-          sarif_path):
+          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, lm_eval, allow_pickle, device, load, seed,
+          quiet, fail_on, sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval), the safety-undo risk from weights (safety-scan) and
     the HTML report.
@@ -143,8 +146,9 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
 
         safety_cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                                 scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
-                                batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
-                                allow_pickle=allow_pickle)
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+                                device=dev if load.device_map is None else "auto",  # accelerate places the layers
+                                allow_pickle=allow_pickle, load=load, lm_eval=lm_eval)
     cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
                       allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
                       gate=fail_on, scan=None if skip_scan else "auto")

@@ -6,12 +6,14 @@ from __future__ import annotations
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_code,
-                      exit_status, fail_on_option, json_option, max_prompt_chars_option, report_gate, sarif_option,
-                      seed_option, user_errors, write_json_output)
+                      exit_status, fail_on_option, json_option, lm_eval_options, max_prompt_chars_option,
+                      model_loading_options, report_gate, revision_option, sarif_option, seed_option, user_errors,
+                      write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
-@click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
+@click.option("--base", default=None, help="Base model: HF folder, GGUF file or hub id (ORG/NAME[@REV]); may be left "
+              "out when every --tuned is a PEFT adapter whose adapter_config.json names its base.")
 @click.option("--tuned", multiple=True, help="Tuned model or PEFT adapter on BASE (repeatable).")
 @click.option("--prompts", default="builtin:harmful", show_default=True,
               help="Harmful prompts: AdvBench/HarmBench/StrongREJECT/JailbreakBench/XSTest CSV, RefusalBench "
@@ -43,19 +45,25 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="Generation backend; vllm is optional (GPU).")
+@click.option("--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+              help="--backend vllm: split each model across this many GPUs.")
+@lm_eval_options
 @chat_template_option
 @max_prompt_chars_option
 @click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @json_option("the full result (every response, rates, verdicts, provenance)")
 @fail_on_option("safety")
 @sarif_option
 @user_errors
 def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
-                max_new_tokens, tasks, task_dir, limit, batch_size, backend, chat_template, max_prompt_chars,
-                no_early_stop, allow_pickle, device, seed, json_path, fail_on, sarif_path):
+                max_new_tokens, tasks, task_dir, limit, batch_size, backend, tensor_parallel_size, lm_eval,
+                chat_template, max_prompt_chars, no_early_stop, allow_pickle, device, load, seed, json_path, fail_on,
+                sarif_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
@@ -85,7 +93,8 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
                      judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir, limit=limit,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle, backend=backend,
-                     early_stop=not no_early_stop)
+                     early_stop=not no_early_stop, load=load, lm_eval=lm_eval,
+                     tensor_parallel_size=tensor_parallel_size)
     result = run_safety_eval(base, list(tuned), cfg)
     outcomes = apply_gate(fail_on, safety=result) if fail_on is not None else []
     tripped = any(o.tripped for o in outcomes)

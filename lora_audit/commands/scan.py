@@ -7,13 +7,13 @@ from __future__ import annotations
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_status,
-                      fail_on_option, json_option, max_prompt_chars_option, report_gate, seed_option, user_errors,
-                      write_json_output)
+                      fail_on_option, json_option, max_prompt_chars_option, model_loading_options, report_gate,
+                      revision_option, seed_option, user_errors, write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1)
 @click.option("--unaligned", default=None, metavar="PATH",
               help="BASE before safety training (same architecture), when you have it: adds Safe LoRA's score "
                    "cos(C dW, dW) per matrix (Hsu et al. 2024).")
@@ -34,12 +34,14 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @click.option("--no-cache", is_flag=True, help="Recompute BASE's profile instead of reading or writing the cache.")
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
 @fail_on_option("scan")
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
-                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, fail_on):
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, load, seed, json_path, fail_on):
     """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
     training, without generating text. From BASE (once, cached): the refusal direction of every
     layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
@@ -64,7 +66,7 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle,
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,
-                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file)
+                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file, load=load)
     result = run_safety_scan(base, list(tuned), cfg)
     from ..results.gate import apply_gate
 

@@ -13,8 +13,8 @@ import click
 
 from ..text import printable
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
-                      exit_status, fail_on_option, file_path, json_option, k_option, report_gate, sarif_option,
-                      user_errors, write_json_output)
+                      exit_status, fail_on_option, file_path, json_option, k_option, report_gate, revision_option,
+                      sarif_option, user_errors, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
 MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
@@ -74,7 +74,7 @@ def sweep_option(f):
 
 @click.command("spectrum", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1)
 @k_option
 @epsilon_option
 @sweep_option
@@ -95,6 +95,7 @@ def sweep_option(f):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table: one line per tuned model.")
 @fail_on_option("spectrum")
 @sarif_option
+@revision_option
 @user_errors
 def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device, exact, float64,
              include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, quiet, fail_on, sarif_path):
@@ -104,8 +105,10 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     An intruder dimension is one of the top-k singular vectors of a tuned weight matrix that has
     no counterpart (max |cos| < epsilon) among the base matrix's singular vectors.
 
-    BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id. Each TUNED:
-    the same kinds, or a PEFT adapter folder (applied to BASE). Every 2-D weight that differs is
+    BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id (ORG/NAME, or
+    ORG/NAME@REV pinned to a branch, tag or commit). Each TUNED: the same kinds, or a PEFT adapter
+    folder (applied to BASE). BASE may be left out when every TUNED is a PEFT adapter whose
+    adapter_config.json names its base. Every 2-D weight that differs is
     audited; the summary names the models and matrices with the most intruders. Structural red
     flags of the tuned files (full matrices in adapters, router LoRA, declared vs actual ranks and
     modules, executable files, base mismatch, scale) are found first, from headers and configs.

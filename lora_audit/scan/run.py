@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoints import LoadedModel, is_changed, load_model, open_stream
 from ..checkpoints.detect import Kind
+from ..checkpoints.loading import LoadOptions, numerics_tag
 from ..checkpoints.sources import local_path, open_weights
 from ..errors import InputError, ShapeMismatchError
 from ..results import fingerprint, provenance
@@ -55,6 +56,7 @@ class ScanConfig:
     use_cache: bool = True  # the base profile cache
     cache_dir: str | None = None  # default <lora-audit cache>/scan-profiles
     risk_file: str | None = None  # fitted risk models (default: the packaged lora_audit/data/scan/risk.json)
+    load: LoadOptions = field(default_factory=LoadOptions)  # dtype, device map, bitsandbytes quantisation
 
 
 @dataclass
@@ -75,6 +77,7 @@ def _inputs(tuned: list[str], cfg: ScanConfig) -> _Inputs:
 
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise InputError("batch_size and limit must be at least 1")
+    cfg.load.check(cfg.device)
     ecfg = EvalConfig(prompts=cfg.prompts, benign=cfg.benign, limit=cfg.limit, max_prompt_chars=cfg.max_prompt_chars,
                       allow_pickle=cfg.allow_pickle, tasks=[])
     harmful, harmless = prompt_sets(ecfg)
@@ -134,15 +137,22 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     from ..safety.scorers import DEFAULT_REFUSAL_STARTS
     from ..spectral.cache import load_secret
 
-    # the key hashes BASE's files (up to CONTENT_LIMIT): only worth it when the cache is used
-    key = profile_key(fingerprint(base, content_limit=CONTENT_LIMIT), inputs.harmful, inputs.harmless,
-                      inputs.template, DEFAULT_REFUSAL_STARTS) if cfg.use_cache else ""
+    # the key hashes BASE's files (up to CONTENT_LIMIT; a hub reference's pinned snapshot) and the dtype and
+    # quantisation its activations are computed in: only worth it when the cache is used
+    key = ""
+    if cfg.use_cache:
+        from ..device import resolve_device
+
+        path = local_path(base)[0]
+        tag = numerics_tag(cfg.load, resolve_device(cfg.device), path)
+        key = profile_key(fingerprint(path, content_limit=CONTENT_LIMIT) + (f"|{tag}" if tag else ""),
+                          inputs.harmful, inputs.harmless, inputs.template, DEFAULT_REFUSAL_STARTS)
     root, secret = cache_dir(cfg.cache_dir), load_secret() if cfg.use_cache else b""
     profile = lookup(root, key, secret) if cfg.use_cache else None
     if profile is not None and cfg.weights_only:
         return profile, base_l, "hit"
     if base_l is None:
-        base_l = load_model(base, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        base_l = load_model(base, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
     if profile is not None:
         return profile, base_l, "hit"
     texts = {"harmful": chat_texts(base_l.tokenizer, inputs.harmful, inputs.template),
@@ -228,7 +238,7 @@ def _forward(base_l: LoadedModel, path: str, kind: Kind, texts: list[str], profi
         _, blocks = find_blocks(base_l.model)
         got = with_adapter(base_l, path, lambda pm: collect(pm, base_l.tokenizer, texts, blocks, start, **kw))
     else:
-        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         emb_t, emb_b = tl.model.get_input_embeddings(), base_l.model.get_input_embeddings()
         if emb_t.weight.shape != emb_b.weight.shape:
             raise ShapeMismatchError(f"{path}: its vocabulary or width differs from BASE's ({tuple(emb_t.weight.shape)} "
@@ -285,6 +295,17 @@ def _direction_info(profile: BaseProfile, direction: Direction, cache: str) -> D
         cache=cache, key=profile.key, seconds=round(profile.seconds, 3))
 
 
+def _load_settings(cfg: ScanConfig, base_l: LoadedModel | None, sources: list) -> dict:
+    """The dtype and load options of the models of a scan (none loaded: weights only, cached
+    profile) and the commits its hub references were pinned to."""
+    from ..checkpoints.hub import hub_settings
+    from ..safety.evaluate import model_settings
+
+    if base_l is not None:
+        return model_settings(cfg.load, base_l, sources)
+    return {"dtype": None, **cfg.load.settings(), **hub_settings(sources)}
+
+
 def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig | None = None, *,
                     names: list[str] | None = None, loaded_base: LoadedModel | None = None) -> SafetyScanResult:
     """Scan every TUNED (PEFT adapters on BASE, full model folders; with ``weights_only`` any adapter
@@ -335,6 +356,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
                 "chat_template": cfg.chat_template, "weights_only": cfg.weights_only, "unaligned": cfg.unaligned,
                 "tuned": tuned, "names": names, "label": f"refusal drop >= {R.LABEL_DROP:g}",
                 "risk_file": cfg.risk_file or "lora_audit/data/scan/risk.json", "panel": inputs.panel}
+    settings.update(_load_settings(cfg, base_l, [base, *tuned, cfg.unaligned]))
     return SafetyScanResult(base=base, models=models, direction=_direction_info(profile, direction, cache),
                             risk_models={m.name: m for m in [risk_model] if m is not None}, settings=settings,
                             warnings=warnings, provenance_block=provenance(SCHEMA, SCHEMA_VERSION, base=base, **settings))

@@ -46,6 +46,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     by parameter name (``engine.audit``).
     """
     from ..checkpoints import open_stream
+    from ..checkpoints.hub import hub_settings
     from ..checkpoints.structure import check_structure
     from ..device import resolve_device
     from .engine import audit
@@ -60,7 +61,8 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], *, k: int = 10, 
     result = audit(stream, k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=dev, exact=exact,
                    cache=cache, dtype=dtype, progress=progress, base_label=base_label or str(base),
                    tuned_labels=labels, dense_metrics=dense_metrics, base_spectra=base_spectra,
-                   extra_settings={"include_embeddings": include_embeddings, **(extra_settings or {})})
+                   extra_settings={"include_embeddings": include_embeddings, **hub_settings([base, *tuned]),
+                                   **(extra_settings or {})})
     found = dict(zip(tuned, findings))
     for r, spec_path in zip(result.results, stream.sources):
         r.findings = list(found.get(spec_path, []))
