@@ -294,7 +294,7 @@ def model_references(base: str | None, tuned: list[str], revision: str | None = 
     refs = [with_revision(r, revision) for r in given]
     if base is not None:
         base, tuned = refs[0], refs[1:]
-        if tuned and not _is_adapter(base):
+        if not _is_adapter(base):  # BASE and TUNED as given (no TUNED: the command says what it needs)
             apply_revision(given, revision)  # InputError when --revision pinned nothing
             return base, tuned, False
         tuned = [base, *tuned]

@@ -159,22 +159,18 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def placement(model: torch.nn.Module) -> dict[str, int] | None:
-    """How many modules accelerate / bitsandbytes put on each device (``hf_device_map``), for the
-    record; None when the model was moved as a whole."""
-    dm = getattr(model, "hf_device_map", None)
-    if not isinstance(dm, dict) or not dm:
-        return None
-    return dict(sorted(Counter(f"cuda:{v}" if isinstance(v, int) else str(v) for v in dm.values()).items()))
+def placement(model: torch.nn.Module) -> dict[str, int]:
+    """How many parameter tensors lie on each device (what accelerate's device map decided; on one
+    device the map names none, so the parameters are counted)."""
+    return dict(sorted(Counter(str(p.device) for p in model.parameters()).items()))
 
 
 def load_record(opts: LoadOptions, loaded) -> dict:
-    """What a result records of how its models were loaded: the options and, per the model given
-    (``LoadedModel``), the dtype it was loaded in and where accelerate placed it."""
+    """What a result records of how its models were loaded: the options, the dtype the given
+    ``LoadedModel`` was loaded in and, under a device map or quantisation, where its parameters lie."""
     rec = {"dtype": dtype_name(loaded.dtype), **opts.settings()}
-    where = placement(loaded.model)
-    if where is not None:
-        rec["placement"] = where
+    if opts.places_itself:
+        rec["placement"] = placement(loaded.model)
     return rec
 
 
