@@ -229,3 +229,22 @@ def test_offline_environment_end_to_end(cached, tmp_path):
     r = CliRunner().invoke(cli, ["report", str(out), "--out", str(page), "--no-csv"])
     assert r.exit_code == 0, r.output
     assert f"{ref} = commit {cached['A']}" in page.read_text()
+
+
+def test_safety_eval_of_adapters_that_name_a_pinned_hub_base(cached, tmp_path):
+    from lora_audit.checkpoints import load_model
+
+    ad = _adapter_naming(cached["folder_A"], tmp_path / "ad", REPO, cached["A"])
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(cli, ["safety-eval", "--tuned", str(ad), "--limit", "2", "--max-new-tokens", "2",
+                                 "--tasks", "none", "--batch-size", "2", "--benign", "none", "--device", "cpu",
+                                 "--dtype", "bfloat16", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"BASE {REPO}@{cached['A']} (named by the adapter_config.json of {ad})" in r.output
+    res = json.loads(out.read_text())
+    settings = res["lora_audit"]["settings"]
+    assert settings["base"] == f"{REPO}@{cached['A']}" and settings["dtype"] == "bfloat16"
+    assert settings["hub"][f"{REPO}@{cached['A']}"]["commit"] == cached["A"]
+    loaded = load_model(str(ad), device="cpu")  # the library: the base the adapter names, from the pinned snapshot
+    assert loaded.base == f"{REPO}@{cached['A']}"
+    assert Path(load_model(loaded.base, device="cpu").path).name == cached["A"]
