@@ -241,6 +241,10 @@ def model_loading_options(*, placement: bool = True, default_dtype: str = "auto"
             raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
         kw["load"] = LoadOptions(dtype=kw.pop("dtype"), device_map=kw.pop("device_map", None),
                                  quantization="4bit" if q4 else "8bit" if q8 else None)
+        if "device" in kw:
+            from ..device import resolve_device
+
+            resolve_device(kw["device"])  # DeviceError first: before any model is looked up or loaded
         kw["load"].check(kw.get("device", "auto"))
 
     def deco(f):
