@@ -251,12 +251,12 @@ def model_loading_options(*, placement: bool = True, default_dtype: str = "auto"
         f = _wrap(f, build)
         if placement:
             f = click.option("--load-in-8bit", is_flag=True,
-                             help="Quantise the weights to 8 bits as they load (bitsandbytes LLM.int8; CUDA, or the "
-                                  "CPU with bitsandbytes >= 0.45). Adapters stay separate (never merged).")(f)
+                             help="Quantise the weights to 8 bits as they load (bitsandbytes LLM.int8: CUDA, or the CPU "
+                                  "where the installed bitsandbytes has a CPU backend). Adapters stay separate.")(f)
             f = click.option("--load-in-4bit", is_flag=True,
-                             help="Quantise the weights to 4 bits (nf4) as they load (bitsandbytes; CUDA, or the CPU "
-                                  "with bitsandbytes >= 0.45), computing in --dtype. PEFT adapters are applied on top "
-                                  "(never merged into the quantised weights); the weight audit reads the files.")(f)
+                             help="Quantise the weights to 4 bits (nf4) as they load (bitsandbytes: CUDA, or the CPU where "
+                                  "it has a CPU backend), computing in --dtype. PEFT adapters are applied on top (never "
+                                  "merged into the quantised weights); the weight audit reads the files.")(f)
             f = click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
                              help="Let accelerate place the layers: across every GPU, the rest offloaded to the CPU "
                                   "(for models larger than one device). Leave --device at auto.")(f)

@@ -154,7 +154,7 @@ def test_4bit_without_a_bitsandbytes_backend_is_one_line(tiny_llama, adapter, tm
         L.LoadOptions(quantization="4bit").check("cpu")
 
 
-# ---- bitsandbytes 4-bit (bitsandbytes >= 0.45 quantises on the CPU too: these run here) -------------------------
+# ---- bitsandbytes 4-bit (recent bitsandbytes quantises on the CPU too: these run here) -------------------------------
 needs_bnb_here = pytest.mark.skipif(
     "cpu" not in L.bitsandbytes_devices() and not torch.cuda.is_available(),
     reason="this bitsandbytes has no backend on this machine")
