@@ -235,8 +235,9 @@ main()
 """
 
 
-def measure(args: list[str], *, env: dict | None = None, timeout: float | None = None) -> dict:
-    """``lora-audit ARGS`` in a fresh process: exit code, wall seconds, peak memory, bytes read."""
+def measure(args: list[str], *, env: dict | None = None, timeout: float | None = None, ok=(0, 3, 4)) -> dict:
+    """``lora-audit ARGS`` in a fresh process: exit code, wall seconds, peak memory, bytes read
+    (SystemExit when it exits with a status not in ``ok``)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "m.json"
         t0 = time.perf_counter()
@@ -246,9 +247,10 @@ def measure(args: list[str], *, env: dict | None = None, timeout: float | None =
                            timeout=timeout)
         wall = time.perf_counter() - t0
         m = json.loads(out.read_text()) if out.exists() else {}
-    if p.returncode not in (0, 3, 4):
+    if p.returncode not in ok:
         raise SystemExit(f"lora-audit {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return {"exit": p.returncode, "wall_s": round(wall, 2), "load_average_start": load0, **m}
+    err = {"error": p.stderr.strip().splitlines()[-1][:300]} if p.returncode and p.stderr.strip() else {}
+    return {"exit": p.returncode, "wall_s": round(wall, 2), "load_average_start": load0, **m, **err}
 
 
 def drop_page_cache(paths: list[Path]) -> None:
@@ -409,15 +411,17 @@ def part_memory(a) -> None:
                 args += ["--device", "cpu", "--dtype", dtype, "--json", str(out)]
                 drop_page_cache([model])
                 log(f"{cmd} --dtype {dtype}")
-                try:
-                    m = measure(args, timeout=a.timeout)
-                except SystemExit as e:  # safety-scan refuses a BASE that refuses nothing: say so, keep going
-                    runs.append({"command": cmd, "dtype": dtype, "error": str(e).splitlines()[0][:300]})
-                    log(runs[-1]["error"])
+                # a random model refuses nothing, so safety-scan stops (status 1) at its check of BASE's refusal,
+                # after loading BASE and computing its profile (a forward pass over every prompt): measured so far
+                m = measure(args, timeout=a.timeout, ok=(0, 1) if cmd == "safety-scan" else (0,))
+                m.update(command=cmd, dtype=dtype)
+                if not out.exists():
+                    runs.append(m)
+                    log(json.dumps(m))
                     continue
                 obj = json.loads(out.read_text())
                 settings = obj["lora_audit"]["settings"]
-                m.update(command=cmd, dtype=dtype, recorded_dtype=settings.get("dtype"))
+                m.update(recorded_dtype=settings.get("dtype"))
                 if cmd == "safety-eval":
                     gen = [obj["models"][k]["timing_s"]["harmful"]["generation"] for k in obj["models"]]
                     toks = len(obj["models"]) * a.prompts * a.new_tokens  # --no-early-stop: every token generated

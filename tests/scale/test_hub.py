@@ -248,3 +248,13 @@ def test_safety_eval_of_adapters_that_name_a_pinned_hub_base(cached, tmp_path):
     loaded = load_model(str(ad), device="cpu")  # the library: the base the adapter names, from the pinned snapshot
     assert loaded.base == f"{REPO}@{cached['A']}"
     assert Path(load_model(loaded.base, device="cpu").path).name == cached["A"]
+
+
+def test_mitigate_takes_the_base_its_adapter_names(two_commits, tmp_path):
+    a = two_commits[0]
+    ad = _adapter_naming(a, tmp_path / "ad", str(a), None)
+    out = tmp_path / "mitigated"
+    r = CliRunner().invoke(cli, ["mitigate", str(ad), "--out", str(out), "--no-cache", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert f"BASE {a} (named by the adapter_config.json of {ad})" in r.output
+    assert (out / "adapter_model.safetensors").is_file()
