@@ -287,6 +287,7 @@ def revision_option(f):
         if single and kw.get("adapter") is None:  # "mitigate ADAPTER": BASE left out
             tuned, kw["base"] = [kw["base"]], None
         base, tuned, derived = model_references(kw.get("base"), tuned, revision)
+        _require_tuned(tuned)
         kw["base"] = base
         if single:
             kw["adapter"] = tuned[0]
@@ -299,6 +300,15 @@ def revision_option(f):
                         help="Pin every Hugging Face hub id given without @REV to this branch, tag or commit "
                              "(ORG/NAME@REV pins one). The resolved commit sha is recorded in the results; with "
                              "HF_HUB_OFFLINE=1 the local cache's snapshot of it is used.")(_wrap(f, build))
+
+
+def _require_tuned(tuned) -> None:
+    """A command whose TUNED is a positional argument needs one (BASE alone is not an adapter naming its
+    base): click's own usage error, as before BASE could be left out."""
+    ctx = click.get_current_context()
+    param = next((p for p in ctx.command.params if p.name in ("tuned", "adapter")), None)
+    if not tuned and isinstance(param, click.Argument):
+        raise click.MissingParameter(ctx=ctx, param=param)
 
 
 def lm_eval_options(f):

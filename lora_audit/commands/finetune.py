@@ -94,7 +94,7 @@ def federated(adapters, agg, out, overwrite, json_path):
 
 @click.command(context_settings=CONTEXT)
 @click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path(), required=False)
+@click.argument("adapter", type=click.Path(), required=False, metavar="ADAPTER")
 @click.option("--lambda", "lam", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep this fraction of each intruder direction (1 = unchanged, 0 = removed).")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),

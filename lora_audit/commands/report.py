@@ -72,7 +72,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 
 @click.command("audit", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder, written atomically [default: reports/<first TUNED's name>/].")
 @overwrite_option

@@ -13,7 +13,7 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 
 @click.command("safety-scan", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @click.option("--unaligned", default=None, metavar="PATH",
               help="BASE before safety training (same architecture), when you have it: adds Safe LoRA's score "
                    "cos(C dW, dW) per matrix (Hsu et al. 2024).")

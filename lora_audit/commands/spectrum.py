@@ -74,7 +74,7 @@ def sweep_option(f):
 
 @click.command("spectrum", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @k_option
 @epsilon_option
 @sweep_option

@@ -203,7 +203,7 @@ def test_adapters_naming_different_bases_need_base(cached, tmp_path):
 
 def test_base_left_out_needs_adapters(two_commits, tmp_path):
     r, _ = _spectrum(two_commits[0], tmp=tmp_path)
-    assert r.exit_code == 1 and "no TUNED model given" in r.output
+    assert r.exit_code == 2 and "Missing argument 'TUNED...'" in r.output
     ad = _adapter_naming(two_commits[0], tmp_path / "ad", str(two_commits[0]), None)
     r, _ = _spectrum(ad, two_commits[2], tmp=tmp_path)  # an adapter first: every argument is a TUNED
     assert r.exit_code == 1 and "BASE can be left out only when every TUNED is a PEFT adapter" in r.output
