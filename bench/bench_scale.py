@@ -29,6 +29,7 @@ figures) to bench/results/scale.jsonl, and prints a summary.
 
     python bench/bench_scale.py spectrum --layers 1,2 --widths 1024,2048,4096 --full-layers 32
     python bench/bench_scale.py memory --size 0.5B
+    python bench/bench_scale.py summary          # the recorded figures as Markdown tables
 """
 
 from __future__ import annotations
@@ -468,6 +469,32 @@ def _small_adapter(model: Path, out: Path) -> None:
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def part_summary(a) -> None:
+    """Markdown tables of the records in bench/results/scale.jsonl (the last record of each part)."""
+    recs = [json.loads(line) for line in open(RESULTS)] if RESULTS.exists() else []
+    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    for rec in [r for r in recs if r["part"] == "spectrum"][-1:]:
+        print(f"spectrum: {rec['date']}, git {rec['git']}, {rec['machine']['cpu']} x {rec['machine']['cores']}, "
+              f"disk {rec['disk']['gb_per_s']} GB/s\n")
+        print("| hidden | model layers (distinct) | adapted layers | run | wall s | CPU s | VmHWM GB | anon GB | "
+              "read GB | read / disk bw, s | load avg | intruders / matrices |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rec["runs"]:
+            print(f"| {r['hidden']} | {r['model_layers']} ({r['distinct_layers']}) | {r['adapted_layers']} | "
+                  f"{'cold' if r['cold'] else 'cached'} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {gb(r['maxrss'])} | "
+                  f"{gb(r['peak_anon'])} | {gb(r['read_bytes'])} | {r['physical_min_s']:.0f} | "
+                  f"{r['load_average_start'][0]:.1f} | {r['intruders']} / {r['matrices']} |")
+    for rec in [r for r in recs if r["part"] == "memory"]:
+        m = rec["model"]
+        print(f"\nmemory: {m['size']} ({m['params'] / 1e9:.2f} B parameters), {rec['date']}, git {rec['git']}\n")
+        print("| command | --dtype | exit | wall s | VmHWM GB | anon GB | tokens/s | load avg |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rec["runs"]:
+            print(f"| {r['command']} | {r['dtype']} | {r['exit']} | {r['wall_s']:.0f} | {gb(r['maxrss'])} | "
+                  f"{gb(r['peak_anon'])} | {r.get('tokens_per_s', '–')} | {r['load_average_start'][0]:.1f} |")
+        print("\nratios bfloat16 / float32: " + json.dumps(rec["ratios"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -486,8 +513,9 @@ def main() -> None:
     for p in (s, m):
         p.add_argument("--workdir", default=None, help="folder for the temporary checkpoints [default: the temp dir]")
         p.add_argument("--keep", action="store_true", help="keep the checkpoints (default: deleted)")
+    sub.add_parser("summary", help="Markdown tables of the recorded results")
     a = ap.parse_args()
-    part_spectrum(a) if a.part == "spectrum" else part_memory(a)
+    {"spectrum": part_spectrum, "memory": part_memory, "summary": part_summary}[a.part](a)
 
 
 if __name__ == "__main__":
