@@ -141,7 +141,8 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
 
         stage("audit: safety-eval (refusal, over-refusal, capability)")
         if cfg.safety.backend == "hf":
-            base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle)
+            base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle,
+                                options=cfg.safety.load)
         safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,
                                  names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
@@ -184,10 +185,9 @@ def _scan(base, tuned: list[str], cfg: AuditConfig, labels: Sequence[str] | None
 
     scfg = _scan_config(cfg)
     if cfg.scan == "auto":
-        sc = cfg.safety
-        try:
+        try:  # BASE as the safety side loaded it: the same device and load options
             return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None,
-                                   loaded_base=base_l if sc.device == cfg.spectrum.device else None), []
+                                   loaded_base=base_l), []
         except InputError as e:
             return None, [f"safety-scan skipped: {e}"]
     return run_safety_scan(str(base), tuned, scfg, names=list(labels) if labels else None), []
@@ -204,9 +204,9 @@ def _scan_config(cfg: AuditConfig):
         return replace(cfg.scan, gate_fields=fields)
     sc = cfg.safety
     limit = None if sc.limit is None else max(sc.limit, AUTO_SCAN_PROMPTS)
-    return ScanConfig(limit=limit, batch_size=sc.batch_size, device=cfg.spectrum.device, seed=sc.seed,
+    return ScanConfig(limit=limit, batch_size=sc.batch_size, device=sc.device, seed=sc.seed,
                       chat_template=sc.chat_template, allow_pickle=cfg.spectrum.allow_pickle,
-                      max_prompt_chars=sc.max_prompt_chars, gate_fields=fields)
+                      max_prompt_chars=sc.max_prompt_chars, gate_fields=fields, load=sc.load)
 
 
 def _write_folder(out: Path, spectrum: SpectrumResult, safety: SafetyResult | None, extra: dict[str, Any], title: str,

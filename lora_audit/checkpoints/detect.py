@@ -17,8 +17,6 @@ from ..errors import FormatError, InputError
 from ..io import file_kind, user_path
 from ..text import printable
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
 
 class Kind(str, enum.Enum):
     HF_FOLDER = "hf_folder"  # config.json + model.safetensors or shards with an index
@@ -28,13 +26,16 @@ class Kind(str, enum.Enum):
     DIFFUSERS_LORA = "diffusers_lora"  # lora_A/lora_B keys without adapter_config.json (save_lora_weights)
     DIFFUSERS_PIPELINE = "diffusers_pipeline"  # model_index.json + one folder per component
     GGUF = "gguf"  # a llama.cpp GGUF file (or a folder holding exactly one)
-    HUB_ID = "hub_id"  # "owner/name" on the Hugging Face hub (needs network)
+    HUB_ID = "hub_id"  # "owner/name[@revision]" on the Hugging Face hub (network, or the local HF cache)
     PICKLE = "pickle"  # only pytorch_model.bin / adapter_model.bin: refused by default
 
 
 def is_hub_id(text: str) -> bool:
-    """True when ``text`` has the form of a Hugging Face hub id ("owner/name")."""
-    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/"))
+    """True when ``text`` is a Hugging Face hub reference ("owner/name", "owner/name@revision"): a
+    valid repository id without path syntax (``hub.parse_ref``)."""
+    from .hub import is_hub_ref
+
+    return is_hub_ref(text)
 
 
 def detect(path: str | os.PathLike) -> Kind:

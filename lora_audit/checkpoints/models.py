@@ -21,6 +21,7 @@ from ..device import resolve_device
 from ..errors import FormatError, InputError
 from .adapters import AdapterFile, AdapterMatch, match_adapter, read_peft_adapter
 from .detect import PICKLE_REFUSAL, Kind, pickle_refused
+from .loading import LoadOptions, load_dtype, pretrained_kwargs
 from .sources import gguf_file, load_gguf_model, local_path, open_weights, read_model_config
 from .stream import conv1d_weights
 
@@ -33,23 +34,35 @@ class LoadedModel:
     kind: Kind
     base: str | None = None  # for adapters: the base it was applied to
     merged: bool = False  # adapter merged into the weights (merge_and_unload)
+    path: str | None = None  # the local folder or file read (a hub reference's pinned snapshot)
+    options: LoadOptions = LoadOptions()  # dtype, device map and quantisation it was loaded with
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter (the embedding, under a device map)."""
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it was loaded in (the compute dtype of a quantised model)."""
+        return getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
 
 
 def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = None, device: str = "auto",
-               dtype: torch.dtype = torch.float32, merge: bool = False, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> LoadedModel:
+               dtype: torch.dtype | str | None = None, merge: bool = False, allow_pickle: bool = False,
+               trust_remote_code: bool = False, options: LoadOptions | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for ``eval()`` use on ``device``.
 
     Args:
         source: model folder, .gguf file, hub id, or PEFT adapter folder or hub id (then ``base`` is
-            needed, unless the adapter config names a base path that exists locally).
+            needed, unless the adapter config names its base: a local path or a hub id, pinned to its revision).
         base: the base model for an adapter (anything ``load_model`` accepts).
+        dtype: auto (the checkpoint's own dtype on CUDA, float32 elsewhere), bfloat16, float16,
+            float32 or a torch dtype; default ``options.dtype``.
         merge: merge an adapter into the base weights (faster generation; needs a float base).
         allow_pickle: permit pytorch_model.bin, loaded with torch.load(weights_only=True).
+        options: dtype, device map (accelerate) and bitsandbytes quantisation (``loading.LoadOptions``);
+            an adapter on a quantised base stays a PeftModel (never merged into quantised weights).
 
     A hub id is first resolved to a local snapshot holding no pickle (``sources.local_path``) and
     classified there; a folder's config, shard index and weight files are checked (``open_weights``)
@@ -57,10 +70,15 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     ``allow_pickle``; a GGUF gives a plain float model (``sources.load_gguf_model``).
     """
     source = str(source)
+    opts = options or LoadOptions()
+    opts.check("auto" if opts.device_map is not None else device)
     path, kind = local_path(source)
     dev = resolve_device(device)
     if kind == Kind.PEFT_ADAPTER:
-        return _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code)
+        return _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code, opts)
+    if opts.places_itself and kind not in (Kind.HF_FOLDER, Kind.PICKLE):
+        raise InputError(f"{source}: --device-map and --load-in-4bit/8bit load model folders (config.json and "
+                         "safetensors); this is a " + kind.value.replace("_", " "))
     if kind in (Kind.SAFETENSORS_FILE, Kind.KOHYA_LORA, Kind.DIFFUSERS_LORA):
         raise InputError(f"{source}: a bare .safetensors file has no model config; pass the model folder "
                          "that holds config.json")
@@ -71,7 +89,7 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
         raise InputError(PICKLE_REFUSAL.format(path=source))
     tok_path, tok_kwargs = path, {"trust_remote_code": trust_remote_code}
     if kind == Kind.GGUF:
-        model = load_gguf_model(path, dtype=dtype)
+        model = load_gguf_model(path, dtype=load_dtype(dtype or opts.dtype, dev))
         gguf = gguf_file(path)
         tok_path, tok_kwargs["gguf_file"] = gguf.parent, gguf.name
     else:
@@ -79,11 +97,12 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
         if not (folder / "config.json").is_file():
             raise InputError(f"{source}: no config.json; a model folder needs its config to be loaded whole")
         if kind == Kind.HF_FOLDER:
-            open_weights(path)  # config, shard index and weight files checked before transformers reads them
+            config = open_weights(path).config  # config, shard index and weight files checked before transformers
         else:
-            read_model_config(folder)
-        model = _from_pretrained(source, folder, dtype=dtype, use_safetensors=kind != Kind.PICKLE,
-                                 trust_remote_code=trust_remote_code)
+            config = read_model_config(folder)
+        dt = load_dtype(dtype or opts.dtype, dev, folder, config)
+        model = _from_pretrained(source, folder, dtype=dt, use_safetensors=kind != Kind.PICKLE,
+                                 trust_remote_code=trust_remote_code, **pretrained_kwargs(opts, dt, dev))
     from transformers import AutoTokenizer
 
     try:
@@ -91,17 +110,19 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     except (OSError, ValueError) as e:
         raise InputError(f"{source}: no usable tokenizer next to the model ({_first_line(e)})") from None
     _prepare_tokenizer(tokenizer)
-    model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind)
+    if not opts.places_itself:
+        model.to(dev)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind, path=str(path), options=opts)
 
 
 def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safetensors: bool,
-                     trust_remote_code: bool):
+                     trust_remote_code: bool, **kw):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=use_safetensors,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code, **kw)
     except pickle.UnpicklingError as e:  # allow_pickle: torch.load(weights_only=True) refused the file
         raise pickle_refused(source, e) from None
     except OSError as e:
@@ -115,8 +136,10 @@ def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safet
 
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of a loaded model, tied parameters under each of their names."""
-    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    """Parameter name -> shape of a loaded model, tied parameters under each of their names; a
+    bitsandbytes 4-bit weight (stored packed) under the shape it stands for."""
+    return {n: tuple(getattr(getattr(p, "quant_state", None), "shape", None) or p.shape)
+            for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def match_adapter_to_model(af: AdapterFile, model: torch.nn.Module, *, base: str) -> AdapterMatch:
@@ -128,17 +151,17 @@ def match_adapter_to_model(af: AdapterFile, model: torch.nn.Module, *, base: str
                          base=base, config=config)
 
 
-def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code) -> LoadedModel:
+def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_remote_code, opts) -> LoadedModel:
     af = read_peft_adapter(path)
+    if merge and opts.quantization is not None:
+        raise InputError(f"{source}: an adapter is not merged into a quantised base (the result would be "
+                         "rounded again); load it without merge, or the base without --load-in-4bit/8bit")
     if base is None:
-        guess = af.config.get("base_model_name_or_path")
-        if guess and Path(guess).exists():
-            base = guess
-        else:
-            raise InputError(f"{source}: a PEFT adapter needs its base model; give the base as BASE "
-                             f"(the adapter names {guess!r})")
-    loaded = load_model(base, device=str(dev), dtype=dtype, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
+        from .hub import named_base
+
+        base = named_base(path, af.config, source)  # a hub id: resolved and pinned like any other
+    loaded = load_model(base, device="auto" if opts.device_map else str(dev), dtype=dtype, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code, options=opts)
     if loaded.kind == Kind.PEFT_ADAPTER:
         raise InputError(f"{base}: is a PEFT adapter; the base of adapter {source} must be a full model")
     match_adapter_to_model(af, loaded.model, base=f"base {base}")
@@ -148,11 +171,13 @@ def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_rem
         model = PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(f"{source}: adapter does not fit base {base} ({_first_line(e)})") from None
-    model.to(dev).eval()
+    if not opts.places_itself:
+        model.to(dev)
+    model.eval()
     if merge:
         model = model.merge_and_unload()
     return LoadedModel(model=model, tokenizer=loaded.tokenizer, source=source, kind=Kind.PEFT_ADAPTER,
-                       base=str(base), merged=merge)
+                       base=str(base), merged=merge, path=str(path), options=opts)
 
 
 def behaviour_not_applicable(base: str | os.PathLike, tuned: list[str | os.PathLike]) -> str | None:

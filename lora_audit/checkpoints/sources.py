@@ -499,16 +499,12 @@ HUB_PATTERNS = ("*.json", "*.safetensors", "*.gguf", "tokenizer*", "merges.txt",
 
 
 def resolve_hub_id(repo_id: str, patterns: Iterable[str] = HUB_PATTERNS) -> Path:
-    """Download the configs, safetensors/GGUF weights and tokenizer files of a hub repo (never
-    pickles) into the Hugging Face cache; its local snapshot folder. Needs network."""
-    try:
-        from huggingface_hub import snapshot_download
+    """The local snapshot of a hub reference (``ORG/NAME`` or ``ORG/NAME@REV``): its configs,
+    safetensors/GGUF weights and tokenizer files (never pickles), downloaded into the Hugging Face
+    cache unless offline, resolved once per run (``hub.resolve``: the same commit for every stage)."""
+    from .hub import resolve
 
-        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
-    except Exception as e:  # noqa: BLE001 - offline, missing repo, auth: all user-facing
-        raise InputError(f"{repo_id}: not a local path, and it could not be fetched from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline? Download it "
-                         "elsewhere and pass the folder.") from None
+    return resolve(repo_id, patterns).path
 
 
 def local_path(path: str | os.PathLike) -> tuple[Path, Kind]:

@@ -44,7 +44,8 @@ from ..text import printable
 from .adapter_sets import is_adapter_set, read_adapter_set
 from .adapters import (_shown, _targeted, AdapterFile, ignored_modules, pattern_key, peft_targets,  # noqa: F401
                        read_adapter, read_adapter_config)
-from .detect import Kind, detect
+from .detect import Kind
+from .hub import named_ref
 from .sources import local_path
 from .stream import is_embedding, is_head
 
@@ -174,23 +175,16 @@ def _local_model(name: str) -> Path | None:
     p = user_path(name)
     if p.exists():
         return p.resolve()
-    try:
-        hub_id = detect(name) == Kind.HUB_ID
-    except InputError:
-        return None
-    if hub_id:
-        from huggingface_hub import try_to_load_from_cache
+    from .hub import cached_snapshot
 
-        cached = try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            return Path(cached).parent.resolve()
-    return None
+    cached = cached_snapshot(name)  # ORG/NAME[@REV]: the pinned snapshot this run resolved, else the cache's
+    return cached.resolve() if cached is not None else None
 
 
 def _base_mismatch(folder: Path, config: dict, base: str | os.PathLike) -> list[Finding]:
     from ..results import fingerprint
 
-    named, given = config.get("base_model_name_or_path"), str(base)
+    named, given = named_ref(config), str(base)  # pinned to the adapter's recorded revision, if any
     if not named or named == given:
         return []
     named_local, base_local = _local_model(named), _local_model(given)

@@ -229,16 +229,20 @@ def deprecated_alias(*decls: str, use: str, multiple: bool = False):
     return click.option(*decls, hidden=True, multiple=multiple, default=None, metavar="PATH", callback=warn)
 
 
-def base_and_tuned(base: str | None, tuned: tuple[str, ...], old_base: str | None,
-                   old_tuned: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:
-    """BASE and TUNED... from the positional arguments and the deprecated ``--base`` / ``--tuned``:
-    with ``--base``, every positional argument is a TUNED."""
+def fold_deprecated_aliases(kw: dict) -> None:
+    """BASE and TUNED... in ``kw`` from the positional arguments and the deprecated ``--base`` /
+    ``--tuned`` (``old_base``, ``old_tuned``; removed from ``kw``): with ``--base``, every positional
+    argument is a TUNED; a command without TUNED (finetune) may not have BASE twice."""
+    old_base, old_tuned = kw.pop("old_base", None), tuple(kw.pop("old_tuned", None) or ())
     if old_base is not None:
-        tuned = ((base,) if base is not None else ()) + tuple(tuned)
-        base = old_base
-    if base is None:
-        raise click.UsageError("Missing argument 'BASE'.")
-    return base, tuple(tuned) + tuple(old_tuned or ())
+        if "tuned" in kw:
+            kw["tuned"] = ((kw["base"],) if kw.get("base") is not None else ()) + tuple(kw["tuned"] or ())
+        elif kw.get("base") is not None:
+            raise click.UsageError(f"BASE given twice ({kw['base']} and --base {old_base}); give it once, as the "
+                                   "argument")
+        kw["base"] = old_base
+    if old_tuned:
+        kw["tuned"] = tuple(kw.get("tuned") or ()) + old_tuned
 
 
 def report_gate(gate, outcomes, *, json_path: str | None) -> bool:
@@ -348,3 +352,144 @@ def user_errors(f):
             raise
 
     return wrapper
+
+
+# ---- how models are loaded and which ones: shared by every command that loads or names models -------------
+DTYPE_HELP = ("Load whole models in this dtype: auto (the checkpoint's own dtype on CUDA, float32 on the CPU), "
+              "bfloat16, float16 or float32. Generation, scoring and training use it; the spectral numerics read the "
+              "weight files themselves and stay in float32/float64 whatever it is.")
+
+
+def _wrap(f, build):
+    """``f`` called with the keyword arguments ``build(kw)`` rewrites; a library error in ``build``
+    becomes a one-line click error (as ``user_errors``), before any model is loaded."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kw):
+        try:
+            build(kw)
+        except LoraAuditError as e:
+            raise click.ClickException(printable(str(e), multiline=True)) from None
+        return f(*args, **kw)
+
+    return wrapper
+
+
+def model_loading_options(*, placement: bool = True, default_dtype: str = "auto"):
+    """``--dtype`` (and with ``placement`` ``--device-map``, ``--load-in-4bit``, ``--load-in-8bit``),
+    handed to the command as one ``load`` argument (``checkpoints.loading.LoadOptions``), checked
+    against ``--device`` when the command is invoked."""
+    from ..checkpoints.loading import DEVICE_MAPS, DTYPE_CHOICES
+
+    def build(kw):
+        from ..checkpoints.loading import LoadOptions
+
+        q4, q8 = kw.pop("load_in_4bit", False), kw.pop("load_in_8bit", False)
+        if q4 and q8:
+            raise click.UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+        kw["load"] = LoadOptions(dtype=kw.pop("dtype"), device_map=kw.pop("device_map", None),
+                                 quantization="4bit" if q4 else "8bit" if q8 else None)
+        if "device" in kw:
+            from ..device import resolve_device
+
+            resolve_device(kw["device"])  # DeviceError first: before any model is looked up or loaded
+        kw["load"].check(kw.get("device", "auto"))
+
+    def deco(f):
+        f = _wrap(f, build)
+        if placement:
+            f = click.option("--load-in-8bit", is_flag=True,
+                             help="Quantise the weights to 8 bits as they load (bitsandbytes LLM.int8: CUDA, or the CPU "
+                                  "where the installed bitsandbytes has a CPU backend). Adapters stay separate.")(f)
+            f = click.option("--load-in-4bit", is_flag=True,
+                             help="Quantise the weights to 4 bits (nf4) as they load (bitsandbytes: CUDA, or the CPU where "
+                                  "it has a CPU backend), computing in --dtype. PEFT adapters are applied on top (never "
+                                  "merged into the quantised weights); the weight audit reads the files.")(f)
+            f = click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+                             help="Let accelerate place the layers: across every GPU, the rest offloaded to the CPU "
+                                  "(for models larger than one device). Leave --device at auto.")(f)
+        return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=default_dtype, show_default=True,
+                            help=DTYPE_HELP)(f)
+
+    return deco
+
+
+def revision_option(f):
+    """``--revision REV`` for BASE and TUNED (as ``ID@REV``), and BASE left out when every TUNED is
+    an adapter that names its base (``checkpoints.hub.model_references``): the command gets the
+    pinned references as ``base`` and ``tuned`` (``adapter`` for one adapter)."""
+
+    def build(kw):
+        from ..checkpoints.hub import model_references
+
+        fold_deprecated_aliases(kw)  # --base / --tuned: before BASE is resolved
+        revision = kw.pop("revision")
+        if "adapter" not in kw and "tuned" not in kw:  # BASE only (finetune)
+            from ..checkpoints.hub import apply_revision
+
+            if kw.get("base") is None:
+                raise click.UsageError("Missing argument 'BASE'.")
+            kw["base"] = apply_revision([kw["base"]], revision)[0]
+            return
+        single = "adapter" in kw and "tuned" not in kw
+        tuned = [kw["adapter"]] if single else list(kw.get("tuned") or ())
+        if kw.get("base") is None and not tuned:
+            raise click.UsageError("Missing argument 'BASE'.")
+        if single and kw.get("adapter") is None:  # "mitigate ADAPTER": BASE left out
+            tuned, kw["base"] = [kw["base"]], None
+        base, tuned, derived = model_references(kw.get("base"), tuned, revision)
+        _require_tuned(tuned)
+        kw["base"] = base
+        if single:
+            kw["adapter"] = tuned[0]
+        else:
+            kw["tuned"] = tuple(tuned)
+        if derived:
+            echo(f"BASE {base} (named by the adapter_config.json of {tuned[0]})", err=True)
+
+    return click.option("--revision", default=None, metavar="REV",
+                        help="Pin every Hugging Face hub id given without @REV to this branch, tag or commit "
+                             "(ORG/NAME@REV pins one). The resolved commit sha is recorded in the results; with "
+                             "HF_HUB_OFFLINE=1 the local cache's snapshot of it is used.")(_wrap(f, build))
+
+
+def _require_tuned(tuned) -> None:
+    """A command whose TUNED is a positional argument needs one (BASE alone is not an adapter naming its
+    base): click's own usage error, as before BASE could be left out. safety-eval measures BASE alone
+    (its TUNED is optional: shown as ``[TUNED]...``)."""
+    ctx = click.get_current_context()
+    param = next((p for p in ctx.command.params if p.name in ("tuned", "adapter")), None)
+    optional = isinstance(param, click.Argument) and str(param.metavar or "").startswith("[")
+    if not tuned and isinstance(param, click.Argument) and not optional:
+        raise click.MissingParameter(ctx=ctx, param=param)
+
+
+def lm_eval_options(f):
+    """lm-eval's own options for the capability tasks, with lm-eval's meanings, handed to the
+    command as one ``lm_eval`` argument (``safety.lmeval.LmEvalOptions``)."""
+
+    def build(kw):
+        from ..safety.lmeval import LmEvalOptions, parse_args_string
+
+        kw["lm_eval"] = LmEvalOptions(num_fewshot=kw.pop("num_fewshot"),
+                                      apply_chat_template=kw.pop("apply_chat_template") or False,
+                                      fewshot_as_multiturn=kw.pop("fewshot_as_multiturn"),
+                                      gen_kwargs=parse_args_string(kw.pop("gen_kwargs"), "--gen-kwargs"),
+                                      model_args=parse_args_string(kw.pop("model_args"), "--model-args"))
+
+    f = _wrap(f, build)
+    for opt in reversed([
+        click.option("--num-fewshot", type=click.IntRange(0), default=None,
+                     help="lm-eval: few-shot examples per task item [default: each task's own]."),
+        click.option("--apply-chat-template", is_flag=True, default=False,
+                     help="lm-eval: format the task prompts with the tokenizer's chat template."),
+        click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", default=None,
+                     help="lm-eval: few-shot examples as conversation turns [default: on with --apply-chat-template]."),
+        click.option("--gen-kwargs", default=None, metavar="K=V,...",
+                     help="lm-eval: generation arguments of generate_until tasks, e.g. 'max_gen_toks=256,temperature=0'."),
+        click.option("--model-args", default=None, metavar="K=V,...",
+                     help="lm-eval: further HFLM arguments, merged with lora-audit's own (pretrained, tokenizer, "
+                          "batch size, device: a key naming one of those is an error), e.g. 'max_length=2048'."),
+    ]):
+        f = opt(f)
+    return f

@@ -6,9 +6,9 @@ import math
 
 import click
 
-from ._common import (CONTEXT, base_and_tuned, check_paths, deprecated_alias, device_option, echo, json_option,
-                      out_option, overwrite_option, quiet, seed_option, user_errors, verbosity_options,
-                      write_json_output)
+from ._common import (CONTEXT, check_paths, deprecated_alias, device_option, echo, json_option,
+                      model_loading_options, out_option, overwrite_option, quiet, revision_option, seed_option,
+                      user_errors, verbosity_options, write_json_output)
 
 
 def _positive_float(ctx, param, value):
@@ -41,12 +41,14 @@ def _positive_float(ctx, param, value):
 @json_option("the training record (also written to OUT/training.json)")
 @seed_option
 @device_option
+@model_loading_options(placement=False, default_dtype="float32")
+@revision_option
 @verbosity_options
 @user_errors
-def finetune(base, method, old_base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
-             max_row_chars, json_path, seed, device):
-    """Fine-tune BASE (an HF folder, a GGUF file or a hub id) with a reference method; writes OUT and
-    OUT/training.json.
+def finetune(base, method, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
+             max_row_chars, json_path, seed, device, load):
+    """Fine-tune BASE (an HF folder, a GGUF file or a hub id, ORG/NAME[@REV]) with a reference method;
+    writes OUT and OUT/training.json.
 
     \b
     Example:
@@ -54,15 +56,12 @@ def finetune(base, method, old_base, data, out, overwrite, rank, alpha, lr, step
     """
     from ..training.loop import check_method, train
 
-    base, extra = base_and_tuned(base, (), old_base)
-    if extra:
-        raise click.UsageError(f"BASE given twice ({extra[0]} and --base {base}); give it once, as the argument")
     check_method(method)
     check_paths(files=[json_path], folders=[out], inputs=[base, data], overwrite=overwrite)
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
     rec = train(method=method, base=base, data=data, out=out, steps=steps, rank=rank, alpha=alpha, lr=lr,
                 batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device,
-                overwrite=overwrite, max_row_chars=max_row_chars)
+                overwrite=overwrite, max_row_chars=max_row_chars, dtype=load.dtype)
     write_json_output(json_path, rec)
     echo(f"{rec.method}: loss {rec.loss[0]:.4f} -> {rec.final_loss:.4f} in {steps} steps "
          f"({rec.wall_time_s:.1f} s, {rec.trainable_parameters:,} trainable parameters); wrote {out}")
@@ -96,7 +95,7 @@ def federated(adapters, agg, out, overwrite, json_path):
 
 @click.command(context_settings=CONTEXT)
 @click.argument("base", type=click.Path())
-@click.argument("adapter", type=click.Path())
+@click.argument("adapter", type=click.Path(), required=False, metavar="ADAPTER")
 @click.option("--lambda", "lam", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep this fraction of each intruder direction (1 = unchanged, 0 = removed).")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),
@@ -111,6 +110,7 @@ def federated(adapters, agg, out, overwrite, json_path):
                    "or $LORA_AUDIT_CACHE/spectra].")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @device_option
+@revision_option
 @verbosity_options
 @user_errors
 def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):

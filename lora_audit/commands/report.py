@@ -12,8 +12,9 @@ from pathlib import Path
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
-                      exit_status, fail_on_option, k_option, out_option, overwrite_option, quiet, report_gate,
-                      sarif_option, seed_option, task_dir_options, user_errors, verbosity_options)
+                      exit_status, fail_on_option, k_option, lm_eval_options, model_loading_options, out_option,
+                      overwrite_option, quiet, report_gate, revision_option, sarif_option, seed_option,
+                      task_dir_options, user_errors, verbosity_options)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -72,7 +73,7 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 
 @click.command("audit", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @out_option("Output folder, written atomically [default: reports/<first TUNED's name>/].")
 @overwrite_option
 @click.option("--title", default=None, help="Report title.")
@@ -95,16 +96,19 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts / task items.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@lm_eval_options
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @verbosity_options
 @fail_on_option("spectrum", "safety", "scan", example="verdict>=SAFETY_DEGRADED")
 @sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
-          benign, scorer, tasks, task_dir, trust_task_code, limit, max_new_tokens, batch_size, allow_pickle, device, seed,
-          fail_on, sarif_path):
+          benign, scorer, tasks, task_dir, trust_task_code, limit, max_new_tokens, batch_size, lm_eval, allow_pickle,
+          device, load, seed, fail_on, sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval), refusal-direction edits and the first-token refusal
     proxy on the scan's own prompts (safety-scan) and the HTML report.
@@ -142,9 +146,10 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
 
         safety_cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                                 scorer=scorer, tasks=parse_tasks(tasks), task_dir=task_dir,
-                                trust_task_code=trust_task_code, limit=limit,
-                                batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
-                                allow_pickle=allow_pickle)
+                                trust_task_code=trust_task_code, limit=limit, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, seed=seed,
+                                device=dev if load.device_map is None else "auto",  # accelerate places the layers
+                                allow_pickle=allow_pickle, load=load, lm_eval=lm_eval)
     settings = SpectrumSettings(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
                                 allow_pickle=allow_pickle, device=dev)
     cfg = AuditConfig(spectrum=settings, progress=not quiet(), safety=safety_cfg, title=title, gate=fail_on,

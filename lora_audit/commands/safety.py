@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_template_option, check_paths,
-                      deprecated_alias, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
-                      max_prompt_chars_option, out_files, out_option, report_gate, sarif_option, seed_option,
-                      task_dir_options, user_errors, verbosity_options, write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, deprecated_alias,
+                      device_option, echo, exit_code, exit_status, fail_on_option, json_option, lm_eval_options,
+                      max_prompt_chars_option, model_loading_options, out_files, out_option, report_gate,
+                      revision_option, sarif_option, seed_option, task_dir_options, user_errors, verbosity_options,
+                      write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
@@ -46,11 +47,16 @@ from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_templat
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="Generation backend; vllm is optional (GPU).")
+@click.option("--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+              help="--backend vllm: split each model across this many GPUs.")
+@lm_eval_options
 @chat_template_option
 @max_prompt_chars_option
 @click.option("--no-early-stop", is_flag=True, help="Generate all tokens even after a refusal marker appears.")
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @json_option("the full result (every response, rates, verdicts, provenance)")
 @out_option("Write safety.json and safety.sarif into FOLDER (created if needed); --json and --sarif given "
@@ -59,9 +65,10 @@ from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_templat
 @sarif_option
 @verbosity_options
 @user_errors
-def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
-                max_new_tokens, tasks, task_dir, trust_task_code, limit, batch_size, backend, chat_template,
-                max_prompt_chars, no_early_stop, allow_pickle, device, seed, json_path, out, fail_on, sarif_path):
+def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
+                max_new_tokens, tasks, task_dir, trust_task_code, limit, batch_size, backend, tensor_parallel_size,
+                lm_eval, chat_template, max_prompt_chars, no_early_stop, allow_pickle, device, load, seed, json_path,
+                out, fail_on, sarif_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
@@ -86,7 +93,6 @@ def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, marke
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..safety.scorers import load_markers
 
-    base, tuned = base_and_tuned(base, tuned, old_base, old_tuned)
     paths = out_files(out, {"json": "safety.json", "sarif": "safety.sarif"}, {"json": json_path, "sarif": sarif_path})
     json_path, sarif_path = paths["json"], paths["sarif"]
     check_paths(files=[json_path, sarif_path], inputs=[base, *tuned])
@@ -96,8 +102,8 @@ def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, marke
                      judge_template=judge_template, tasks=parse_tasks(tasks), task_dir=task_dir,
                      trust_task_code=trust_task_code, limit=limit, batch_size=batch_size,
                      max_new_tokens=max_new_tokens, device=device, seed=seed, chat_template=chat_template,
-                     allow_pickle=allow_pickle, backend=backend,
-                     early_stop=not no_early_stop)
+                     allow_pickle=allow_pickle, backend=backend, early_stop=not no_early_stop, load=load,
+                     lm_eval=lm_eval, tensor_parallel_size=tensor_parallel_size)
     result = run_safety_eval(base, list(tuned), cfg)
     outcomes = apply_gate(fail_on, safety=result) if fail_on is not None else []
     tripped = any(o.tripped for o in outcomes)

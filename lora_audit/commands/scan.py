@@ -8,13 +8,14 @@ from __future__ import annotations
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_code,
-                      exit_status, fail_on_option, json_option, max_prompt_chars_option, out_files, out_option,
-                      report_gate, sarif_option, seed_option, user_errors, verbosity_options, write_json_output)
+                      exit_status, fail_on_option, json_option, max_prompt_chars_option, model_loading_options,
+                      out_files, out_option, report_gate, revision_option, sarif_option, seed_option, user_errors,
+                      verbosity_options, write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @click.option("--unaligned", default=None, metavar="PATH",
               help="BASE before safety training (same architecture), when you have it: adds Safe LoRA's score "
                    "cos(C dW, dW) per matrix (Hsu et al. 2024).")
@@ -39,6 +40,8 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @click.option("--no-cache", is_flag=True, help="Recompute BASE's profile instead of reading or writing the cache.")
 @allow_pickle_option
 @device_option
+@model_loading_options()
+@revision_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
 @out_option("Write scan.json and scan.sarif into FOLDER (created if needed); --json and --sarif given explicitly "
@@ -48,7 +51,7 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @verbosity_options
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
-                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, out,
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, load, seed, json_path, out,
                 fail_on, sarif_path):
     """Check each TUNED (a PEFT adapter on BASE or a full model) for edits along BASE's refusal
     direction and for lost first-token refusal, without generating text. From BASE (once, cached):
@@ -78,7 +81,7 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle,
                      max_prompt_chars=max_prompt_chars or DEFAULT_MAX_PROMPT_CHARS, weights_only=weights_only,
-                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file,
+                     unaligned=unaligned, use_cache=not no_cache, risk_file=risk_file, load=load,
                      gate_fields=tuple(c.field.name for c in fail_on.conditions) if fail_on is not None else ())
     result = run_safety_scan(base, list(tuned), cfg)
     from ..results.gate import apply_gate

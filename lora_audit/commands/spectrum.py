@@ -15,7 +15,7 @@ from ..settings import MAX_SWEEP
 from ..text import printable
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
                       exit_status, fail_on_option, file_path, json_option, k_option, out_files, out_option, quiet,
-                      report_gate, sarif_option, user_errors, verbosity_options, write_json_output)
+                      report_gate, revision_option, sarif_option, user_errors, verbosity_options, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
 
@@ -74,7 +74,7 @@ def sweep_option(f):
 
 @click.command("spectrum", context_settings=CONTEXT)
 @click.argument("base")
-@click.argument("tuned", nargs=-1, required=True)
+@click.argument("tuned", nargs=-1, metavar="TUNED...")
 @k_option
 @epsilon_option
 @sweep_option
@@ -97,6 +97,7 @@ def sweep_option(f):
 @verbosity_options
 @fail_on_option("spectrum", example="intruders>0")
 @sarif_option
+@revision_option
 @user_errors
 def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, out, device, exact, float64,
              include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, fail_on, sarif_path):
@@ -106,8 +107,10 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, out, d
     An intruder dimension is one of the top-k singular vectors of a tuned weight matrix that has
     no counterpart (max |cos| < epsilon) among the base matrix's singular vectors.
 
-    BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id. Each TUNED:
-    the same kinds, or a PEFT adapter folder (applied to BASE). Every 2-D weight that differs is
+    BASE: a Hugging Face model folder, a .safetensors file, a GGUF file or a hub id (ORG/NAME, or
+    ORG/NAME@REV pinned to a branch, tag or commit). Each TUNED: the same kinds, or a PEFT adapter
+    folder (applied to BASE). BASE may be left out when every TUNED is a PEFT adapter whose
+    adapter_config.json names its base. Every 2-D weight that differs is
     audited; the summary names the models and matrices with the most intruders. Structural red
     flags of the tuned files (full matrices in adapters, router LoRA, declared vs actual ranks and
     modules, executable files, base mismatch, scale) are found first, from headers and configs.

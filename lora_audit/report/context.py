@@ -61,6 +61,9 @@ def _settings_text(settings: dict[str, Any]) -> list[tuple[str, str]]:
     for k, v in (settings or {}).items():
         if k == "inputs" and isinstance(v, dict):  # shown in the models table
             continue
+        if k == "hub" and isinstance(v, dict):  # hub references and the commit each was pinned to
+            v = ", ".join(f"{ref} = commit {rec.get('commit')}" if isinstance(rec, dict) else f"{ref} = {rec}"
+                          for ref, rec in v.items())
         if isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v)
         elif isinstance(v, dict):

@@ -219,7 +219,16 @@ def sarif_log(*, spectrum=None, safety=None, scan=None, screen=None, exit_code: 
         run["invocations"] = [{"executionSuccessful": True, "exitCode": int(exit_code)}]
     if gates:
         run["properties"] = {"gate": gates}
+    pinned = {ref: rec for r in (spectrum, safety) if r is not None for ref, rec in _hub_commits(r).items()}
+    if pinned:  # the hub commit each model reference was pinned to: which weights these findings are about
+        run.setdefault("properties", {})["hub"] = pinned
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}
+
+
+def _hub_commits(result) -> dict[str, Any]:
+    settings = getattr(result, "settings", None) or (getattr(result, "provenance_block", None) or {}).get("settings")
+    hub = (settings or {}).get("hub")
+    return hub if isinstance(hub, dict) else {}
 
 
 def write_sarif(path: str | os.PathLike, log: dict[str, Any]) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..progress import quiet_lm_eval_bars
+from .lmeval import LmEvalOptions
 
 BUILTIN_TASK = "lora_audit_general_mc"
 # Preferred metric per task result, in order; the first present is reported as the score.
@@ -88,15 +89,18 @@ class Capability:
     done only when a requested name is not local), then scores any number of loaded models."""
 
     trust_task_code = False  # templates sandboxed, !function refused (``task_code``) unless set
+    options = LmEvalOptions()  # lm-eval's own options (num_fewshot, chat template, ...); frozen, shared safely
 
     def __init__(self, tasks: list[str], *, task_dir: str | None = None, limit: int | None = None,
-                 batch_size: int = 8, seed: int = 0, trust_task_code: bool = False):
+                 batch_size: int = 8, seed: int = 0, trust_task_code: bool = False,
+                 options: LmEvalOptions | None = None):
         from lm_eval.tasks import TaskManager
 
         from .task_code import inspect_task_dir
 
         self.tasks, self.limit, self.batch_size, self.seed = list(tasks), limit, batch_size, seed
         self.trust_task_code = trust_task_code
+        self.options = options or LmEvalOptions()  # lm-eval's own options (num_fewshot, chat template, ...)
         include = [str(_materialise_builtin())]
         if task_dir:  # a task folder is code: refused when it runs any, unless trusted (``task_code``)
             inspect_task_dir(task_dir, trust=trust_task_code)
@@ -127,11 +131,12 @@ class Capability:
         side = tokenizer.padding_side
         try:
             with _quiet_lm_eval(), quiet_lm_eval_bars(), task_code_guard(self.trust_task_code):
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev))
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(dev),
+                          **self.options.model_args)
                 res = lm_eval.simple_evaluate(model=lm, tasks=self.tasks, task_manager=self.task_manager,
                                               limit=self.limit, random_seed=self.seed, numpy_random_seed=self.seed,
                                               torch_random_seed=self.seed, fewshot_random_seed=self.seed,
-                                              bootstrap_iters=0, log_samples=False)
+                                              bootstrap_iters=0, log_samples=False, **self.options.evaluate_kwargs())
         except (ConnectionError, OSError) as e:
             raise InputError(f"lm-eval could not fetch the data for {self.tasks} (standard tasks need the Hugging "
                              f"Face hub; offline use a local task with --task-dir): {e}") from None

@@ -26,6 +26,7 @@ import torch
 from ..checkpoints import LoadedModel, load_model
 from ..checkpoints.adapters import read_adapter_config, read_peft_adapter
 from ..checkpoints.detect import PICKLE_REFUSAL, Kind
+from ..checkpoints.loading import LoadOptions, load_record
 from ..checkpoints.models import match_adapter_to_model
 from ..checkpoints.sources import local_path
 from ..errors import InputError, ShapeMismatchError
@@ -38,6 +39,7 @@ from ..stats import wilson_interval
 from . import scorers as S
 from .capability import BUILTIN_TASK, Capability
 from .generate import GenSettings, chat_texts, generate, generate_vllm, read_chat_template, require_vllm
+from .lmeval import LmEvalOptions
 from .prompts import DEFAULT_MAX_PROMPT_CHARS, PromptSet, load_prompts
 from .verdict import decide
 
@@ -71,6 +73,9 @@ class EvalConfig:
     early_stop: bool = True  # stop a row once keyword-classified as a refusal
     max_prompt_chars: int | None = DEFAULT_MAX_PROMPT_CHARS  # longer prompts are refused; None: no limit
     thresholds: Thresholds = field(default_factory=Thresholds)
+    load: LoadOptions = field(default_factory=LoadOptions)  # dtype, device map, bitsandbytes quantisation
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)  # lm-eval's own options for --tasks
+    tensor_parallel_size: int = 1  # --backend vllm: GPUs each model is split across
 
 
 def _rate(flags: list) -> tuple[float | None, list[float]]:
@@ -112,7 +117,8 @@ class SetScore:
 def _generate(model, tokenizer, texts, cfg: EvalConfig, keyword, vllm_source, desc: str) -> list[str]:
     gs = GenSettings(cfg.max_new_tokens, cfg.batch_size, cfg.seed, early_stop=cfg.early_stop and cfg.scorer == "keyword")
     if cfg.backend == "vllm":
-        return generate_vllm(vllm_source[0], texts, gs, adapter=vllm_source[1])
+        return generate_vllm(vllm_source[0], texts, gs, adapter=vllm_source[1], dtype=cfg.load.dtype,
+                             tensor_parallel_size=cfg.tensor_parallel_size, quantization=cfg.load.quantization)
     return generate(model, tokenizer, texts, gs, is_refusal=keyword, desc=desc)
 
 
@@ -185,7 +191,7 @@ def evaluate_loaded(model, tokenizer, harmful: PromptSet, benign: PromptSet | No
     t0 = time.perf_counter()
     if capability is None and cfg.tasks:
         capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
-                                seed=cfg.seed, trust_task_code=cfg.trust_task_code)
+                                seed=cfg.seed, trust_task_code=cfg.trust_task_code, options=cfg.lm_eval)
     if capability is not None:
         with step(f"{name}: capability (lm-eval {', '.join(capability.tasks)})"):
             rec.capability, rec.capability_metric = capability.run(model, tokenizer)
@@ -220,8 +226,18 @@ def _config(config: EvalConfig | None, overrides: dict) -> EvalConfig:
         raise InputError("--scorer judge needs --judge JUDGE_MODEL (a local causal LM folder)")
     if cfg.backend not in BACKENDS:
         raise InputError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
+    cfg.load.check(cfg.device)
+    if cfg.tensor_parallel_size < 1:
+        raise InputError("--tensor-parallel-size must be at least 1")
     if cfg.backend == "vllm":
+        if cfg.load.device_map is not None:
+            raise InputError("--device-map places layers for --backend hf; vllm splits a model across GPUs with "
+                             "--tensor-parallel-size N")
+        if cfg.load.quantization == "8bit":
+            raise InputError("--backend vllm quantises with bitsandbytes in 4 bits only (--load-in-4bit)")
         require_vllm()
+    elif cfg.tensor_parallel_size != 1:
+        raise InputError("--tensor-parallel-size applies to --backend vllm; with --backend hf use --device-map auto")
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise InputError("batch_size, max_new_tokens and limit must be at least 1")
     return cfg
@@ -324,11 +340,11 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
         raise InputError("need one unique name per tuned model, and not 'base'")
     sources = tuned_sources(tuned, cfg)
     capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
-                            seed=cfg.seed, trust_task_code=cfg.trust_task_code) if cfg.tasks else None
+                            seed=cfg.seed, trust_task_code=cfg.trust_task_code, options=cfg.lm_eval) if cfg.tasks else None
     if not isinstance(base, LoadedModel):
         stage(f"safety-eval: loading {base}")
     base_l = base if isinstance(base, LoadedModel) else load_model(base, device=cfg.device,
-                                                                   allow_pickle=cfg.allow_pickle)
+                                                                   allow_pickle=cfg.allow_pickle, options=cfg.load)
     if template is None and not getattr(base_l.tokenizer, "chat_template", None):
         raise InputError(f"{base_l.source}: the tokenizer has no chat template; pass one with --chat-template FILE "
                          "(a Jinja template as in tokenizer_config.json)")
@@ -337,25 +353,34 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
             match_adapter_to_model(read_peft_adapter(path), base_l.model, base=f"base {base_l.source}")
     judge = None
     if cfg.scorer == "judge":
-        jl = load_model(cfg.judge, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        jl = load_model(cfg.judge, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         judge = (jl.model, jl.tokenizer)
     kw = dict(chat_template=template, keyword=keyword, judge=judge, judge_template=judge_template,
               capability=capability)
+    base_local = base_l.path or base_l.source  # vllm reads the pinned local snapshot, not the hub id again
     models = {"base": evaluate_loaded(base_l.model, base_l.tokenizer, harmful, benign, cfg, name="base",
-                                      vllm_source=(base_l.source, None), **kw)}
+                                      vllm_source=(base_local, None), **kw)}
     for name, (path, kind) in zip(names, sources):
         if kind == Kind.PEFT_ADAPTER:
             models[name] = with_adapter(base_l, path, lambda pm: evaluate_loaded(
-                pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_l.source, path), **kw))
+                pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_local, path), **kw))
             continue
         stage(f"safety-eval: loading {path}")
-        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         tok = tl.tokenizer if (template is not None or getattr(tl.tokenizer, "chat_template", None)) \
             else base_l.tokenizer
         models[name] = evaluate_loaded(tl.model, tok, harmful, benign, cfg, name=name, vllm_source=(path, None), **kw)
         del tl
     return _assemble(cfg, base_l, tuned, names, [k for _, k in sources], models, harmful, benign, keyword,
                      template is not None, judge_template)
+
+
+def model_settings(load: LoadOptions, loaded: LoadedModel, sources: list[str]) -> dict:
+    """What a result records of how its models were read: the dtype BASE was loaded in, the load
+    options (``loading.load_record``), and the commit each hub reference was pinned to."""
+    from ..checkpoints.hub import hub_settings
+
+    return {**load_record(load, loaded), **hub_settings(sources)}
 
 
 def _assemble(cfg: EvalConfig, base_l: LoadedModel, tuned: list[str], names: list[str], kinds: list[Kind],
@@ -368,7 +393,11 @@ def _assemble(cfg: EvalConfig, base_l: LoadedModel, tuned: list[str], names: lis
                 "scorer": cfg.scorer, "judge": cfg.judge, "tasks": cfg.tasks, "task_dir": cfg.task_dir,
                 "limit": cfg.limit, "device": str(base_l.device), "seed": cfg.seed, "backend": cfg.backend,
                 "chat_template": cfg.chat_template, "max_new_tokens": cfg.max_new_tokens,
-                "batch_size": cfg.batch_size}
+                "batch_size": cfg.batch_size, **model_settings(cfg.load, base_l, [base_l.source, *tuned])}
+    if cfg.tasks:
+        settings["lm_eval"] = cfg.lm_eval.settings()
+    if cfg.backend == "vllm":
+        settings["tensor_parallel_size"] = cfg.tensor_parallel_size
     inputs = {"base": InputRecord(base_l.source, fingerprint(base_l.source), "base")}
     inputs.update({n: InputRecord(s, fingerprint(s), k.value) for n, s, k in zip(names, tuned, kinds)})
 

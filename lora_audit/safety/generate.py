@@ -125,15 +125,21 @@ def require_vllm() -> None:
         raise InputError(VLLM_MISSING)
 
 
-def generate_vllm(model_path: str, texts: list[str], settings: GenSettings, *, adapter: str | None = None) -> list[str]:
-    """vllm backend (GPU, greedy): ``model_path`` is a full model; ``adapter`` a PEFT LoRA folder on it.
-    Not exercised by the test suite (no GPU, vllm not installed here)."""
+def generate_vllm(model_path: str, texts: list[str], settings: GenSettings, *, adapter: str | None = None,
+                  dtype: str = "auto", tensor_parallel_size: int = 1, quantization: str | None = None) -> list[str]:
+    """vllm backend (GPU, greedy): ``model_path`` is a full model (a local folder: a hub reference's
+    pinned snapshot); ``adapter`` a PEFT LoRA folder on it. ``dtype`` as --dtype (vllm's own "auto"
+    is the checkpoint's dtype too); the model split across ``tensor_parallel_size`` GPUs;
+    ``quantization`` "4bit": vllm's in-flight bitsandbytes quantisation. Not exercised by the test
+    suite (no GPU, vllm not installed here)."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise InputError(VLLM_MISSING) from None
     kw = {"enable_lora": True} if adapter else {}
-    llm = LLM(model=model_path, seed=settings.seed, **kw)
+    if quantization == "4bit":
+        kw["quantization"] = "bitsandbytes"
+    llm = LLM(model=model_path, seed=settings.seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, seed=settings.seed)
     if adapter:
         from vllm.lora.request import LoRARequest

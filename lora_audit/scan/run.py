@@ -26,6 +26,7 @@ import torch
 from ..checkpoints import LoadedModel, is_changed, load_model, open_stream
 from ..checkpoints.detect import Kind
 from ..checkpoints.layout import is_head
+from ..checkpoints.loading import LoadOptions, numerics_tag
 from ..checkpoints.sources import local_path, open_weights
 from ..errors import InputError, ShapeMismatchError
 from ..progress import step
@@ -73,6 +74,7 @@ class ScanConfig:
     cache_dir: str | None = None  # default <lora-audit cache>/scan-profiles
     risk_file: str | None = None  # fitted risk models (default: the packaged lora_audit/data/scan/risk.json)
     gate_fields: tuple[str, ...] = ()  # the fields a --fail-on condition names: each must get a value
+    load: LoadOptions = field(default_factory=LoadOptions)  # dtype, device map, bitsandbytes quantisation
 
 
 @dataclass
@@ -99,6 +101,7 @@ def _inputs(tuned: list[str], cfg: ScanConfig) -> _Inputs:
 
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise InputError("batch_size and limit must be at least 1")
+    cfg.load.check(cfg.device)
     ecfg = EvalConfig(prompts=cfg.prompts, benign=cfg.benign, limit=cfg.limit, max_prompt_chars=cfg.max_prompt_chars,
                       allow_pickle=cfg.allow_pickle, tasks=[])
     harmful, harmless = prompt_sets(ecfg)
@@ -214,15 +217,22 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     from ..safety.scorers import DEFAULT_REFUSAL_STARTS
     from ..cache import load_secret
 
-    key = profile_key(base_fp, inputs.harmful, inputs.harmless, inputs.template, DEFAULT_REFUSAL_STARTS,
-                      inputs.halves) if cfg.use_cache else ""
+    # the key: BASE's content (up to CONTENT_LIMIT; a hub reference's pinned snapshot), the prompts and the
+    # dtype and quantisation its activations are computed in: only worth it when the cache is used
+    key = ""
+    if cfg.use_cache:
+        from ..device import resolve_device
+
+        tag = numerics_tag(cfg.load, resolve_device(cfg.device), local_path(base)[0])
+        key = profile_key(base_fp + (f"|{tag}" if tag else ""), inputs.harmful, inputs.harmless, inputs.template,
+                          DEFAULT_REFUSAL_STARTS, inputs.halves)
     root, secret = cache_dir(cfg.cache_dir), load_secret() if cfg.use_cache else b""
     profile = lookup(root, key, secret) if cfg.use_cache else None
     if profile is not None and cfg.weights_only:
         return profile, base_l, "hit", 0.0
     t0 = time.perf_counter()
     if base_l is None:
-        base_l = load_model(base, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        base_l = load_model(base, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
     load_s = time.perf_counter() - t0
     if profile is not None:
         return profile, base_l, "hit", load_s
@@ -339,7 +349,7 @@ def _forward(base_l: LoadedModel, path: str, kind: Kind, texts: list[str], profi
         got = with_adapter(base_l, path, run)
         load_s = timed.get("load", 0.0)
     else:
-        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle)
+        tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         load_s = time.perf_counter() - t0
         emb_t, emb_b = tl.model.get_input_embeddings(), base_l.model.get_input_embeddings()
         if emb_t.weight.shape != emb_b.weight.shape:
@@ -431,6 +441,17 @@ def _model_edits(edits: list[T.RefusalEdit], d: int) -> dict:
                 refusal_edits_adding=len(flagged) - removing, refusal_edit_matrices=[e.to_json() for e in flagged])
 
 
+def _load_settings(cfg: ScanConfig, base_l: LoadedModel | None, sources: list) -> dict:
+    """The dtype and load options of the models of a scan (none loaded: weights only, cached
+    profile) and the commits its hub references were pinned to."""
+    from ..checkpoints.hub import hub_settings
+    from ..safety.evaluate import model_settings
+
+    if base_l is not None:
+        return model_settings(cfg.load, base_l, sources)
+    return {"dtype": None, **cfg.load.settings(), **hub_settings(sources)}
+
+
 def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig | None = None, *,
                     names: list[str] | None = None, loaded_base: LoadedModel | None = None) -> SafetyScanResult:
     """Scan every TUNED (PEFT adapters on BASE, full model folders; with ``weights_only`` any adapter
@@ -452,7 +473,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     unaligned = _check_unaligned(cfg.unaligned, stream, cfg.allow_pickle) if cfg.unaligned else None
     record = inputs.risk_model.validation if inputs.risk_model is not None else None
     needs_fp = cfg.use_cache or (inputs.risk_status.validated and record.base_fingerprint is not None)
-    base_fp = base_fingerprint(base) if needs_fp else None
+    base_fp = base_fingerprint(str(local_path(base)[0])) if needs_fp else None
     inputs.risk_status.base_matches = bool(record is not None and base_fp is not None
                                            and record.base_fingerprint == base_fp)
     profile, base_l, cache, load_s = _profile(base, inputs, cfg, loaded_base, base_fp)
@@ -507,6 +528,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
                 "chat_template": cfg.chat_template, "weights_only": cfg.weights_only, "unaligned": cfg.unaligned,
                 "tuned": tuned, "names": names, "label": f"refusal drop >= {R.LABEL_DROP:g}",
                 "risk_file": _risk_file_name(cfg), "panel": inputs.panel}
+    settings.update(_load_settings(cfg, base_l, [base, *tuned, cfg.unaligned]))
     timing = {"load_base": round(load_s, 3), "profile": 0.0 if profile.cached else round(profile.seconds, 3),
               "weights": round(wp.total, 3), "load_tuned": round(load_tuned, 3), "forward": round(forward_s, 3),
               "total": round(time.perf_counter() - t_start, 3)}

@@ -40,6 +40,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], settings: Spectr
     (``engine.audit``).
     """
     from ..checkpoints import open_stream
+    from ..checkpoints.hub import hub_settings
     from ..checkpoints.structure import check_structure
     from ..device import resolve_device
     from .engine import audit
@@ -54,7 +55,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], settings: Spectr
     findings = [check_structure(t, base=base, base_config=stream.base_source.config) for t in tuned]
     labels = list(tuned_labels) if tuned_labels else list(stream.tuned)  # adapter sets give one per member
     result = audit(stream, settings, cache=cache, progress=progress, base_label=base_label or str(base),
-                   tuned_labels=labels, base_spectra=base_spectra, extra_settings=extra_settings)
+                   tuned_labels=labels, base_spectra=base_spectra, extra_settings={**hub_settings([base, *tuned]), **(extra_settings or {})})
     found = dict(zip(tuned, findings))
     for r, spec_path in zip(result.results, stream.sources):
         r.findings = list(found.get(spec_path, []))

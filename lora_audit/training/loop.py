@@ -23,6 +23,16 @@ def check_method(method: str) -> str:
     return get_method(method).name
 
 
+def _check_dtype(m, dtype: str) -> str:
+    """The dtype BASE is loaded in. Full fine-tuning updates every weight in place: in a 16-bit dtype
+    most small AdamW steps round away (there are no float32 master weights here), so it trains in
+    float32 only (``auto`` included)."""
+    if m.full and dtype not in ("float32", "auto"):
+        raise InputError(f"--method {m.name} --dtype {dtype}: full fine-tuning trains the weights themselves and "
+                         "needs float32 (16-bit weights lose most small updates); 16-bit bases are for adapter methods")
+    return "float32" if m.full else dtype
+
+
 def _check_hyper(steps: int, rank: int, alpha: float, lr: float, batch_size: int, max_length: int) -> None:
     if steps < 1 or rank < 1 or batch_size < 1 or max_length < 2:
         raise InputError("steps, rank and batch size must be >= 1 and max length >= 2")
@@ -34,7 +44,8 @@ def _check_hyper(steps: int, rank: int, alpha: float, lr: float, batch_size: int
 def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 100, rank: int = 8,
           alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
           target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS):
+          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS,
+          dtype: str = "float32"):
     """Fine-tune ``base`` and save to ``out`` (a PEFT adapter, or a safetensors model folder for
     ``full``) with ``out/training.json``; see ``fit`` for the arguments. An existing ``out`` is
     replaced only when lora-audit wrote it and ``overwrite`` is set (checked before training).
@@ -45,7 +56,7 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     check_output_dir(out, overwrite=overwrite)
     model, tok, record = fit(method=method, base=base, data=data, steps=steps, rank=rank, alpha=alpha, lr=lr,
                              batch_size=batch_size, max_length=max_length, target_modules=target_modules,
-                             seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars)
+                             seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars, dtype=dtype)
     from . import export
 
     export.save(model, tok, out, record, full=get_method(record.method).full, overwrite=overwrite)
@@ -101,7 +112,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -
 def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
         target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-        warmup: int | None = None, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS):
+        warmup: int | None = None, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS, dtype: str = "float32"):
     """Fine-tune ``base`` on ``data`` with ``method`` (nothing is written).
 
     Args:
@@ -110,16 +121,20 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         data: JSONL file ({"prompt","response"} or {"text"}) or ``builtin:NAME``.
         target_modules: module names for the adapters; default every linear layer but the head.
         max_row_chars: longest training row accepted (characters; None: no limit).
+        dtype: the dtype BASE is loaded in (``--dtype``: float32, or auto / bfloat16 / float16 for the
+            frozen base of adapter methods; the adapter weights peft adds stay float32).
     Returns (trained model in eval mode, tokenizer, record): the record (a ``TrainingResult``) is
     what ``train`` writes to ``out/training.json`` (method, hyper-parameters and seed in its
     settings, loss curve, wall time).
     """
     from ..checkpoints import load_model
+    from ..checkpoints.hub import hub_settings
     from ..results.training import TrainingResult
     from .data import Batches, load_records
 
     m = get_method(method)
     lr = lr if lr is not None else m.default_lr
+    dtype = _check_dtype(m, dtype)
     _check_hyper(steps, rank, alpha, lr, batch_size, max_length)
     rows = load_records(data, max_chars=max_row_chars)  # fail on bad data before loading the model
     if not m.full:
@@ -131,11 +146,11 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     stage(f"finetune: loading {base}")
-    loaded = load_model(base, device=device)
+    loaded = load_model(base, device=device, dtype=dtype)
     dev = str(loaded.device)
     batches = Batches(rows, loaded.tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
     setup = Setup(model=loaded.model, batches=batches, rank=rank, alpha=alpha, lr=lr, target_modules=target_modules,
-                  seed=seed, load_base=lambda: load_model(base, device=dev).model)
+                  seed=seed, load_base=lambda: load_model(base, device=dev, dtype=dtype).model)
     if not m.full:
         from .lora import check_rank, check_targets, linear_shapes
 
@@ -146,7 +161,8 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     losses = _steps(prepared, batches, steps, lr, warmup, m.name)
     settings = dict(method=m.name, base=str(base), data=str(data), steps=steps, rank=rank, alpha=prepared.alpha, lr=lr,
                     batch_size=batch_size, max_length=max_length, target_modules=target_modules, seed=seed,
-                    warmup=warmup, device=dev, examples=len(batches.examples))
+                    warmup=warmup, device=dev, examples=len(batches.examples),
+                    dtype=str(loaded.dtype).replace("torch.", ""), **hub_settings([base]))
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     model, saved_as = prepared.model, None
     if prepared.export is not None:

@@ -174,7 +174,8 @@ def test_unsupported_file_and_offline_hub_id(tiny_llama, tmp_path):
 
 def test_offline_hub_id_is_a_clear_error(tiny_llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InputError, match="could not be fetched from the Hugging Face hub"):
+    with pytest.raises(InputError, match="no such file or folder; as a Hugging Face hub id it is not in the local "
+                                         "cache .* HF_HUB_OFFLINE=1 forbids downloading"):
         open_stream(str(tiny_llama), ["someone/some-adapter-that-is-not-here"])
 
 
