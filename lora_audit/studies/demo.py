@@ -58,6 +58,7 @@ class Run:
     role: str = "study"  # "released" | "study" | "undo"
     targets: tuple[str, ...] | None = None  # adapter target modules (None: every linear layer)
     series: str | None = None  # the study series (one line of the figures) of a "study" run
+    max_length: int | None = None  # tokens per training row (None: the plan's)
 
     def training(self) -> dict:
         """What determines the trained weights (not the run's name or role)."""
@@ -115,6 +116,7 @@ class Plan:
     max_new_tokens: int
     safety_models: tuple[str, ...]  # the tuned models the safety side evaluates
     seed: int = 0
+    precision: str = "float32"  # training precision (``training.loop``): "bfloat16" where it is native
     k: int = 10
     epsilon: float = 0.5
     extra: dict = field(default_factory=dict)
@@ -122,9 +124,12 @@ class Plan:
     def run_key(self, run: Run) -> str:
         """Hash of what determines ``run``'s trained model: its own settings, the batches, the seed,
         the tool version and, for runs that start from the released model, the released run's key."""
+        from .released import data_fingerprint
+
         parent = None if run.role == "released" else self.run_key(self.released)
         train = {"run": run.training(), "batch_size": self.batch_size, "max_length": self.max_length,
-                 "seed": self.seed, "version": __version__, "parent": parent}
+                 "seed": self.seed, "version": __version__, "parent": parent, "precision": self.precision,
+                 "data": data_fingerprint((run.data,)) if run.data.startswith("builtin:") else None}
         return hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def key(self) -> str:
@@ -140,7 +145,15 @@ class Plan:
         return [r for r in self.runs if r.role != "released"]
 
 
-def make_plan(quick: bool = False, seed: int = 0) -> Plan:
+def training_precision(device: str) -> str:
+    """bfloat16 mixed precision where bfloat16 is native on ``device`` (about 1.4x faster per
+    training step on this project's CPU with AMX), float32 elsewhere; part of every run's key."""
+    from ..training.loop import bfloat16_is_fast
+
+    return "bfloat16" if bfloat16_is_fast(device) else "float32"
+
+
+def make_plan(quick: bool = False, seed: int = 0, precision: str = "float32") -> Plan:
     """The demo's plan: the released model, the study grid (``GRID`` or ``QUICK_GRID``) and the undo
     run; every setting fixed here, before looking at results. The released model is tuned at 5e-5
     (a usual full fine-tuning rate), the undo run at 1e-3 (the adapters' usual range)."""
@@ -153,7 +166,7 @@ def make_plan(quick: bool = False, seed: int = 0) -> Plan:
     undo = Run("lora-undo", "lora", "builtin:undo-compliance", steps["undo"], rank=8, alpha=16.0, lr=1e-3, role="undo")
     return Plan(runs=(released, *study, undo), series=grid, batch_size=4, max_length=64,
                 limit=12 if quick else 20, max_new_tokens=24 if quick else 32,
-                safety_models=(*SAFETY_POINTS[mode], undo.name), seed=seed)
+                safety_models=(*SAFETY_POINTS[mode], undo.name), seed=seed, precision=precision)
 
 
 class _Stages:
@@ -179,8 +192,9 @@ def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
     if (out / "training.json").is_file():  # atomic_dir: a present folder is complete
         return json.loads((out / "training.json").read_text(encoding="utf-8")) | {"reused": True}
     return train(method=run.method, base=str(base), data=run.data, out=out, steps=run.steps, rank=run.rank,
-                 alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=plan.max_length,
-                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device)
+                 alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=run.max_length or plan.max_length,
+                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device,
+                 precision=plan.precision)
 
 
 # ---- the study's numbers and claims -------------------------------------------------------------
@@ -422,7 +436,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     from ..safety import EvalConfig
 
     dev = str(resolve_device(device))
-    plan = make_plan(quick, seed)
+    plan = make_plan(quick, seed, training_precision(dev))
     out = check_output_dir(out, overwrite=overwrite)
     if base is not None and not Path(base).is_dir():
         from ..errors import InputError

@@ -33,7 +33,8 @@ def _check_hyper(steps: int, rank: int, alpha: float, lr: float, batch_size: int
 def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 100, rank: int = 8,
           alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
           target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS) -> dict:
+          warmup: int | None = None, overwrite: bool = False, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS,
+          precision: str = "float32") -> dict:
     """Fine-tune ``base`` and save to ``out`` (a PEFT adapter, or a safetensors model folder for
     ``full``) with ``out/training.json``; see ``fit`` for the arguments. An existing ``out`` is
     replaced only when lora-audit wrote it and ``overwrite`` is set (checked before training).
@@ -44,7 +45,8 @@ def train(*, method: str, base: str, data: str, out: str | Path, steps: int = 10
     check_output_dir(out, overwrite=overwrite)
     model, tok, record = fit(method=method, base=base, data=data, steps=steps, rank=rank, alpha=alpha, lr=lr,
                              batch_size=batch_size, max_length=max_length, target_modules=target_modules,
-                             seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars)
+                             seed=seed, device=device, warmup=warmup, max_row_chars=max_row_chars,
+                             precision=precision)
     from . import export
 
     export.save(model, tok, out, record, full=get_method(record["method"]).full, overwrite=overwrite)
@@ -62,8 +64,33 @@ def _adamw(params: list, lr: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -> list[float]:
-    """The loop itself; returns the loss curve."""
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def bfloat16_is_fast(device: str) -> bool:
+    """Whether bfloat16 matrix products run natively on ``device`` (a CUDA GPU that supports them, a
+    CPU with AMX or AVX-512 BF16): where mixed precision pays off rather than being emulated."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or bool(
+            torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch without these probes
+        return False
+
+
+def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str,
+           precision: str = "float32") -> list[float]:
+    """The loop itself; returns the loss curve. ``precision="bfloat16"``: forward and backward under
+    ``torch.autocast`` to bfloat16, weights, gradients and optimizer states stay float32."""
     from ..progress import progress
 
     model = prepared.model
@@ -80,7 +107,8 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -
             batch = {k: v.to(dev) for k, v in next(batches).items()}
             if prepared.before_forward is not None:
                 prepared.before_forward()
-            loss = model(**batch).loss
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                loss = model(**batch).loss
             loss.backward()
             if prepared.after_backward is not None:
                 prepared.after_backward()
@@ -100,7 +128,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str) -
 def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         alpha: float = 16.0, lr: float | None = None, batch_size: int = 4, max_length: int = 256,
         target_modules: list[str] | None = None, seed: int = 0, device: str = "auto",
-        warmup: int | None = None, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS):
+        warmup: int | None = None, max_row_chars: int | None = DEFAULT_MAX_ROW_CHARS, precision: str = "float32"):
     """Fine-tune ``base`` on ``data`` with ``method`` (nothing is written).
 
     Args:
@@ -109,6 +137,10 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         data: JSONL file ({"prompt","response"} or {"text"}) or ``builtin:NAME``.
         target_modules: module names for the adapters; default every linear layer but the head.
         max_row_chars: longest training row accepted (characters; None: no limit).
+        precision: "float32", or "bfloat16" for mixed precision (``_steps``; about 1.4x faster per
+            step where bfloat16 is native, ``bfloat16_is_fast``, e.g. a CPU with AMX). The model then
+            uses eager attention for training: torch's fused CPU attention runs its backward pass
+            about 10x slower in bfloat16 than in float32 (measured with torch 2.13).
     Returns (trained model in eval mode, tokenizer, record): the record is what ``train`` writes
     to ``out/training.json`` (method, hyper-parameters, seed, loss curve, wall time, provenance).
     """
@@ -119,11 +151,14 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     m = get_method(method)
     lr = lr if lr is not None else m.default_lr
     _check_hyper(steps, rank, alpha, lr, batch_size, max_length)
+    check_precision(precision)
     rows = load_records(data, max_chars=max_row_chars)  # fail on bad data before loading the model
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     loaded = load_model(base, device=device)
     dev = str(loaded.device)
+    if precision == "bfloat16" and hasattr(loaded.model, "set_attn_implementation"):
+        loaded.model.set_attn_implementation("eager")
     batches = Batches(rows, loaded.tokenizer, batch_size=batch_size, max_length=max_length, seed=seed)
     setup = Setup(model=loaded.model, batches=batches, rank=rank, alpha=alpha, lr=lr, target_modules=target_modules,
                   seed=seed, load_base=lambda: load_model(base, device=dev).model)
@@ -133,10 +168,10 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
         check_targets(loaded.model, target_modules)
     prepared = m.prepare(setup)
     warmup = min(10, steps // 10) if warmup is None else warmup
-    losses = _steps(prepared, batches, steps, lr, warmup, m.name)
+    losses = _steps(prepared, batches, steps, lr, warmup, m.name, precision)
     settings = dict(method=m.name, base=str(base), data=str(data), steps=steps, rank=rank, alpha=prepared.alpha, lr=lr,
                     batch_size=batch_size, max_length=max_length, target_modules=target_modules, seed=seed,
-                    warmup=warmup, device=dev, examples=len(batches.examples))
+                    warmup=warmup, device=dev, examples=len(batches.examples), precision=precision)
     record = provenance("lora-audit/training", 1, **settings)
     record.update(method=m.name, loss=losses, final_loss=losses[-1],
                   trainable_parameters=sum(p.numel() for p in prepared.model.parameters() if p.requires_grad),
