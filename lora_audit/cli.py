@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spectrum": ("lora_audit.commands.spectrum:spectrum", "Intruder-dimension audit of tuned models against their base."),
     "screen": ("lora_audit.commands.screen:screen", "Audit thousands of adapters of one base as one resumable job (local or Ray)."),
     "cache": ("lora_audit.commands.cache:cache", "List or clear the base-spectrum cache."),
+    "model": ("lora_audit.commands.model:model", "Fetch the embedded default model (SmolLM2-135M-Instruct) or print its path."),
     "safety-eval": ("lora_audit.commands.safety:safety_eval", "Refusal, over-refusal and capability, base vs tuned, with a verdict."),
     "safety-scan": ("lora_audit.commands.scan:safety_scan", "Safety-undo risk from weights and one forward pass, no generation."),
     "finetune": ("lora_audit.commands.finetune:finetune", "Fine-tune a model with a reference method (LoRA, DoRA, LoRA-GA, ...)."),

@@ -20,6 +20,7 @@ from ..results.safety import VERDICT_RANK, Comparison, ModelSafety, SafetyResult
 from ..results.scan import ModelScan, SafetyScanResult
 from ..results.spectrum import SpectrumResult, TunedResult
 from ..results.study import StudyResult
+from ..stats import newcombe_interval
 
 
 @dataclass
@@ -106,21 +107,6 @@ class ModelSummary:
                 -(self.refusal_drop if self.refusal_drop is not None else -2.0),
                 -(self.intruders_per_matrix if self.intruders_per_matrix is not None else -1.0),
                 self.name)
-
-
-def newcombe_interval(p1, ci1, p2, ci2) -> tuple[float, float] | None:
-    """Newcombe's hybrid score interval for p1 - p2 from the Wilson intervals (l1, u1), (l2, u2):
-    [d - sqrt((p1-l1)^2 + (u2-p2)^2), d + sqrt((u1-p1)^2 + (p2-l2)^2)], d = p1 - p2
-    (Newcombe 1998, Stat. Med. 17:873, method 10). None when anything is missing."""
-    try:
-        p1, p2 = float(p1), float(p2)
-        l1, u1 = (float(x) for x in ci1)
-        l2, u2 = (float(x) for x in ci2)
-    except (TypeError, ValueError):
-        return None
-    d = p1 - p2
-    return (max(-1.0, d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5),
-            min(1.0, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5))
 
 
 @dataclass

@@ -11,13 +11,13 @@ Python API (stable; used by the report and the demo)::
 """
 
 from ..results.safety import load_safety_result, summary_table
+from ..stats import wilson_interval
 from .capability import BUILTIN_TASK, Capability, run_capability
 from .evaluate import EvalConfig, evaluate_loaded, run_safety_eval, score_prompt_set
 from .generate import GenSettings, chat_texts, generate
 from .prompts import Prompt, PromptSet, detect_layout, load_prompts
 from .scorers import (DEFAULT_MARKERS, JUDGE_TEMPLATE, KeywordScorer, agreement, calibrate_threshold,
                       first_token_scores, judge_answers, parse_judge_answer)
-from .stats import wilson_interval
 from .verdict import LABELS, Thresholds, decide
 
 __all__ = ["EvalConfig", "run_safety_eval", "evaluate_loaded", "score_prompt_set",

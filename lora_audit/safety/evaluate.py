@@ -33,11 +33,11 @@ from ..results import fingerprint, provenance
 from ..results.safety import (SCHEMA, SCHEMA_VERSION, Calibration, CategoryRate, Counts, GenerationInfo,
                               InputRecord, ModelSafety, PromptSetInfo, PromptSets, Response, SafetyResult,
                               ScorerInfo, Thresholds)
+from ..stats import wilson_interval
 from . import scorers as S
 from .capability import BUILTIN_TASK, Capability
 from .generate import GenSettings, chat_texts, generate, generate_vllm, read_chat_template, require_vllm
 from .prompts import DEFAULT_MAX_PROMPT_CHARS, PromptSet, load_prompts
-from .stats import wilson_interval
 from .verdict import decide
 
 SCORERS = ("keyword", "first-token", "judge")

@@ -12,7 +12,7 @@ compared prompt by prompt with BASE's pass over the same token sequences (``prof
                            prompts moved all the way to where harmless ones sit); the model's
                            value is the mean over the stable layers (``direction.STABLE_COS``).
 
-Intervals: 95 % percentile bootstrap over prompts (``BOOTSTRAP`` resamples, seeded), of the mean
+Intervals: 95 % percentile bootstrap over prompts (``stats.bootstrap_mean_interval``, seeded), of the mean
 of the per-prompt values (paired: every resample keeps a prompt's TUNED and BASE values together);
 the first-token share gets a Wilson interval.
 """
@@ -24,23 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..safety.stats import wilson_interval
+from ..stats import bootstrap_mean_interval, wilson_interval
 from .direction import Collected, Direction
-
-BOOTSTRAP = 2000
-
-
-def bootstrap_mean_interval(values: Tensor, *, seed: int = 0, resamples: int = BOOTSTRAP) -> list[float]:
-    """95 % percentile bootstrap interval of the mean of ``values`` (n,)."""
-    v = values.double().flatten()
-    if v.numel() < 2:
-        x = float(v.mean()) if v.numel() else 0.0
-        return [x, x]
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (resamples, v.numel()), generator=gen)
-    means = v[idx].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [float(lo), float(hi)]
 
 
 @dataclass

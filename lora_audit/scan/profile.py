@@ -6,42 +6,37 @@ first-token refusal log-odds, the mean last-token input of every residual writer
 the residual stream's layout (``direction.Residual``). The refusal direction and its quality are
 derived from it on load (``BaseProfile.direction``): cheap, and never stale.
 
-The cache: one safetensors file per profile under ``<lora-audit cache>/scan-profiles/``, never
-pickle, written atomically (``lora_audit.io.atomic_write_bytes``)::
+The cache: one authenticated entry of ``lora_audit.cache`` per profile (safetensors, never
+pickle, written atomically, keyed BLAKE3 MAC over its fields and tensors) under
+``<lora-audit cache>/scan-profiles/``::
 
-    key  = sha256(FORMAT/VERSION, fingerprint of BASE, the harmful and harmless prompt texts,
-                  the chat template file's text (or "tokenizer"), the refusal-start words)
-    mac  = HMAC-SHA256(secret, [FORMAT, VERSION, key, meta] || name, dtype, shape, bytes of every
-                       tensor in name order)
+    key    = BLAKE3(FORMAT/VERSION, fingerprint of BASE, the harmful and harmless prompt texts,
+                    the chat template file's text (or "tokenizer"), the refusal-start words)
+    fields = {meta: the residual layout and the prompt sets, as JSON}
 
 The fingerprint of BASE (``results.fingerprint``) hashes the contents of its files up to
 ``CONTENT_LIMIT`` bytes (SmolLM2-135M: 0.5 GB, about 0.4 s), and their names, sizes and
-modification times above that. The secret is the spectrum cache's key file
-(``spectral.cache.load_secret``): an entry written by anyone without it, truncated, edited or
-renamed fails verification, is reported with a ``CacheWarning``, deleted and recomputed.
+modification times above that. The secret is the caches' key file (``lora_audit.cache.load_secret``):
+an entry written by anyone without it, truncated, edited, renamed or of an older format fails
+verification, is reported with a ``CacheWarning``, deleted and recomputed.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import json
 import os
-import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import SafetensorError
 from torch import Tensor
 
-from ..io import atomic_write_bytes
-from ..spectral.cache import CacheWarning, _contiguous_bytes
+from ..cache import CacheWarning, EntryStore, content_key  # noqa: F401  (CacheWarning: the warning a bad entry gives)
 from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
 
 FORMAT = "lora-audit-refusal-profile"
-VERSION = "1"
+VERSION = "2"  # 1: HMAC-SHA256 and a SHA-256 key; 2: lora_audit.cache (keyed BLAKE3)
 CONTENT_LIMIT = 2 * 2**30  # bytes of BASE hashed by content for the key; larger: names, sizes, times
 MAX_ENTRY_BYTES = 2 * 2**30
 _SETS = ("harmful", "harmless")
@@ -85,11 +80,9 @@ class BaseProfile:
 def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], template: str | None,
                 start_words: list[str]) -> str:
     """The cache key of a profile (module docstring): what determines its content."""
-    h = hashlib.sha256()
-    ident = [FORMAT, VERSION, base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
+    ident = [base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
              template if template is not None else "tokenizer", list(start_words)]
-    h.update(json.dumps(ident).encode())
-    return h.hexdigest()
+    return content_key(f"{FORMAT}/{VERSION}", json.dumps(ident))
 
 
 def compute_profile(model, tokenizer, texts: dict[str, list[str]], start_ids: Tensor, *, batch_size: int,
@@ -125,48 +118,21 @@ def _tensors(p: BaseProfile) -> dict[str, Tensor]:
     return out
 
 
-def _mac(secret: bytes, key: str, meta: str, tensors: dict[str, Tensor]) -> str:
-    h = hmac.new(secret, json.dumps([FORMAT, VERSION, key, meta]).encode() + b"\0", "sha256")
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(_contiguous_bytes(t))
-    return "hmac-sha256:" + h.hexdigest()
+def _store(root: Path, secret: bytes) -> EntryStore:
+    return EntryStore(root, FORMAT, VERSION, secret=secret, what="base profile cache entry", max_bytes=MAX_ENTRY_BYTES)
 
 
 def store(profile: BaseProfile, root: Path, secret: bytes) -> Path:
     """Write ``profile`` under its key (atomically)."""
-    from safetensors.torch import save
-
-    tensors = _tensors(profile)
     meta = json.dumps({"residual": profile.residual.to_meta(),
                        "prompts": {s: vars(i) for s, i in profile.prompts.items()}})
-    blob = save(tensors, metadata={"format": FORMAT, "version": VERSION, "key": profile.key, "meta": meta,
-                                   "mac": _mac(secret, profile.key, meta, tensors)})
-    root.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(root / f"{profile.key}.safetensors", blob)
+    return _store(root, secret).write(profile.key, _tensors(profile), {"meta": meta})
 
 
-def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
-    """The verified profile at ``path``; ValueError saying what is wrong otherwise."""
-    from safetensors.torch import load
-
-    if path.stat().st_size > MAX_ENTRY_BYTES:
-        raise ValueError("larger than any profile")
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
-    if not 0 < n <= len(data) - 8:
-        raise ValueError("not a safetensors file")
-    header = json.loads(data[8:8 + n])
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise ValueError("no metadata block")
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
-        raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}, not this key's entry")
-    tensors = load(data)
-    if not hmac.compare_digest(str(meta.get("mac", "")), _mac(secret, key, meta["meta"], tensors)):
-        raise ValueError("its MAC does not verify (written under another key file, or altered)")
-    info = json.loads(meta["meta"])
+def _profile(key: str, fields: dict[str, str], tensors: dict[str, Tensor]) -> BaseProfile:
+    """The profile an entry's fields and tensors describe; ValueError (or KeyError, TypeError) when
+    they do not fit each other."""
+    info = json.loads(fields["meta"])
     residual = Residual.from_meta(info["residual"])
     sets = {}
     for s in _SETS:
@@ -184,14 +150,15 @@ def _read(path: Path, key: str, secret: bytes) -> BaseProfile:
 
 
 def lookup(root: Path, key: str, secret: bytes) -> BaseProfile | None:
-    """The cached profile of ``key``, or None; a bad entry is warned about and deleted."""
-    path = root / f"{key}.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        return _read(path, key, secret)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error,
-            SafetensorError) as e:
-        warnings.warn(CacheWarning(f"base profile cache entry {path.name}: {e}; recomputing"), stacklevel=2)
-        path.unlink(missing_ok=True)
-        return None
+    """The cached profile of ``key``, or None; a bad entry is warned about (``CacheWarning``) and
+    deleted."""
+    made: list[BaseProfile] = []
+
+    def check(fields: dict[str, str], tensors: dict[str, Tensor]) -> None:
+        try:
+            made.append(_profile(key, fields, tensors))
+        except (KeyError, TypeError, AttributeError, RecursionError, json.JSONDecodeError) as e:
+            raise ValueError(f"its metadata does not describe a profile ({type(e).__name__}: {e})") from None
+
+    entry = _store(root, secret).get(key, check)
+    return made[0] if entry is not None else None

@@ -132,7 +132,7 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     """The base profile from the cache or computed (and stored); the loaded BASE when it was needed."""
     from ..safety.generate import chat_texts
     from ..safety.scorers import DEFAULT_REFUSAL_STARTS
-    from ..spectral.cache import load_secret
+    from ..cache import load_secret
 
     # the key hashes BASE's files (up to CONTENT_LIMIT): only worth it when the cache is used
     key = profile_key(fingerprint(base, content_limit=CONTENT_LIMIT), inputs.harmful, inputs.harmless,

@@ -16,41 +16,15 @@ arXiv 2410.21228, Sec. 3). Three numbers put a count in context:
     drift                1 - min_j c_j: 0 when every top direction is a base direction, close to
                          1 - null_max_cos when one is as unrelated as a random direction.
 
-Pure Python (``math``): the report reads these without torch.
+No torch: the report reads these without it (the integral is ``stats.expected_max_abs_normal``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence
 
-_SIMPSON_INTERVALS = 4000  # even; the integrand is smooth, Simpson's error is ~1e-12 here
-
-
-def _max_abs_gaussian_moment(p: int) -> float:
-    """E[max_{i<=p} |g_i|] for p independent standard normals:
-
-        E[max] = int_0^inf P(max > t) dt = int_0^inf 1 - erf(t / sqrt 2)^p dt
-
-    (composite Simpson rule on [0, T], where p * erfc(T / sqrt 2) < 1e-17 so the tail beyond T
-    is negligible; 1 - erf^p is computed as -expm1(p log1p(-erfc)) to keep its small values)."""
-    top = math.sqrt(2.0 * math.log(max(p, 2))) + 9.0
-
-    def f(t: float) -> float:
-        e = math.erfc(t / math.sqrt(2.0))
-        return -math.expm1(p * math.log1p(-e)) if e < 1.0 else 1.0
-
-    n, h = _SIMPSON_INTERVALS, top / _SIMPSON_INTERVALS
-    total = f(0.0) + f(top)
-    for i in range(1, n):
-        total += (4.0 if i % 2 else 2.0) * f(i * h)
-    return total * h / 3.0
-
-
-def _mean_chi(m: int) -> float:
-    """E||g|| for g ~ N(0, I_m): sqrt(2) Gamma((m + 1) / 2) / Gamma(m / 2)."""
-    return math.sqrt(2.0) * math.exp(math.lgamma((m + 1) / 2.0) - math.lgamma(m / 2.0))
+from ..stats import expected_max_abs_normal, mean_chi
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,7 +44,7 @@ def null_max_cos(m: int, p: int) -> float:
     """
     if not 1 <= p <= m:
         raise ValueError(f"need 1 <= p <= m, got m={m}, p={p}")
-    return _max_abs_gaussian_moment(p) / _mean_chi(m)
+    return expected_max_abs_normal(p) / mean_chi(m)
 
 
 def null_for_shape(shape: Sequence[int]) -> float:

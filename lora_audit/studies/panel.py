@@ -17,6 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..stats import auroc, spearman
 from ..scan import risk as R
 
 ORIENTATION = {
@@ -62,7 +63,7 @@ def signal_stats(models: list[PanelModel], name: str) -> dict[str, Any]:
     xs = [sign * m.signals[name] for m in have]
     labels = [m.lost for m in have]
     out: dict[str, Any] = {"signal": name, "cost": COST.get(name, "weights"), "orientation": sign, "n": len(have),
-                           "spearman": R.spearman(xs, [m.drop for m in have]), "auroc": R.auroc(xs, labels),
+                           "spearman": spearman(xs, [m.drop for m in have]), "auroc": auroc(xs, labels),
                            "auroc_leave_one_method_out": None}
     if len(set(labels)) == 2 and len({m.method for m in have}) > 1:
         kind = "log1p" if name in LOG_SIGNALS else "identity"

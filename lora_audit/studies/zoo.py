@@ -242,7 +242,7 @@ def _labels(work: Path, released: Path, runs: tuple[PanelRun, ...], *, limit: in
 
 
 def _panel_models(runs: tuple[PanelRun, ...], labels, scan) -> list:
-    from ..report.model import newcombe_interval
+    from ..stats import newcombe_interval
     from .panel import PanelModel
 
     base = labels.models["base"]

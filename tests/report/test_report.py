@@ -250,7 +250,7 @@ def test_svg_is_inline_safe():
 def test_refusal_drop_interval_matches_newcombe_1998():
     """Newcombe (1998), Stat. Med. 17:873, Table II, example (a): 56/70 - 48/80, method 10
     (hybrid score, no continuity correction) gives 0.0524 to 0.3339."""
-    from lora_audit.report.model import newcombe_interval
+    from lora_audit.stats import newcombe_interval
 
     lo, hi = newcombe_interval(56 / 70, synth.wilson(56, 70), 48 / 80, synth.wilson(48, 80))
     assert lo == pytest.approx(0.0524, abs=5e-5) and hi == pytest.approx(0.3339, abs=5e-5)

@@ -17,7 +17,7 @@ from lora_audit.results.safety import RESPONSE_KEYS, ModelSafety, load_safety_re
 from lora_audit.safety import EvalConfig, Thresholds, decide, run_safety_eval
 from lora_audit.safety.generate import chat_texts
 from lora_audit.safety.scorers import first_token_scores
-from lora_audit.safety.stats import wilson_interval
+from lora_audit.stats import wilson_interval
 
 FAST = dict(limit=3, max_new_tokens=4, tasks=[], batch_size=4)
 

@@ -1,11 +1,9 @@
 """Safe LoRA's score against the public code's dense formula (C = V V^T / ||V||_F formed in float64
-here, and only here), forward-pass signals against hand computations, and the risk statistics
-against brute force and scipy/sklearn where installed."""
+here, and only here), forward-pass signals against hand computations, and the risk model's fit
+and data file (its statistics: tests/test_stats.py)."""
 
 from __future__ import annotations
 
-import itertools
-import math
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from lora_audit.checkpoints import Dense, LowRank
 from lora_audit.errors import InputError
 from lora_audit.scan import risk as R
 from lora_audit.scan.direction import Collected, refusal_direction
-from lora_audit.scan.forward import bootstrap_mean_interval, forward_signals
+from lora_audit.scan.forward import forward_signals
 from lora_audit.scan.safelora import aggregate, alignment_cos, dense_alignment_cos, lowrank_alignment_cos
 
 
@@ -68,40 +66,6 @@ def test_forward_signals_match_hand_computation():
     assert got.layer_shift == pytest.approx([-0.5] * L, abs=1e-6)
     lo, hi = got.intervals["refusal_score_delta"]
     assert lo == pytest.approx(-2.0) and hi == pytest.approx(-2.0)
-
-
-def test_bootstrap_interval_is_seeded_and_covers_the_mean():
-    x = torch.arange(20, dtype=torch.float64)
-    a, b = bootstrap_mean_interval(x, seed=1), bootstrap_mean_interval(x, seed=1)
-    assert a == b and a[0] < 9.5 < a[1]
-    se = float(x.std() / math.sqrt(20))  # the normal interval's half width, for scale
-    assert a[1] - a[0] == pytest.approx(2 * 1.96 * se, rel=0.2)
-
-
-def test_auroc_and_spearman_against_brute_force_and_scipy():
-    rng = np.random.default_rng(0)
-    scores = list(rng.integers(0, 5, 30).astype(float))
-    labels = list(rng.random(30) > 0.5)
-    pairs = [(p, q) for p, q in itertools.product([s for s, y in zip(scores, labels) if y],
-                                                  [s for s, y in zip(scores, labels) if not y])]
-    assert R.auroc(scores, labels) == pytest.approx(sum((p > q) + 0.5 * (p == q) for p, q in pairs) / len(pairs))
-    assert R.auroc([1, 2], [True, True]) is None
-    stats = pytest.importorskip("scipy.stats")
-    y = list(rng.normal(size=30))
-    assert R.spearman(scores, y) == pytest.approx(stats.spearmanr(scores, y).statistic, rel=1e-12)
-    assert R.spearman([1, 1, 1], [1, 2, 3]) is None
-
-
-def test_logistic_fit_satisfies_its_optimality_condition():
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(40, 3))
-    y = (X @ [1.0, -2.0, 0.5] + rng.normal(size=40) > 0).astype(float)
-    w, b = R.fit_logistic(X, y, l2=1.0)
-    p = 1 / (1 + np.exp(-(X @ w + b)))
-    assert np.allclose(X.T @ (p - y) + 1.0 * w, 0, atol=1e-8) and abs(float((p - y).sum())) < 1e-6
-    sk = pytest.importorskip("sklearn.linear_model")
-    ref = sk.LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(X, y)
-    assert np.allclose(ref.coef_[0], w, atol=1e-4) and ref.intercept_[0] == pytest.approx(b, abs=1e-4)
 
 
 def _rows(n=24, seed=2):

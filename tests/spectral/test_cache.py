@@ -280,12 +280,12 @@ def test_cache_dir_that_is_a_file_is_a_clean_error(tmp_path):
 
 @pytest.mark.parametrize("data", [struct.pack("<Q", 2**40), struct.pack("<Q", 20000) + b"[" * 20000])
 def test_header_reader_rejects_non_safetensors(tmp_path, data):
-    from lora_audit.spectral.cache import _header_from
+    from lora_audit.cache import read_header
 
     p = tmp_path / "x"
     p.write_bytes(data)
-    with open(p, "rb") as fh, pytest.raises(ValueError):
-        _header_from(fh)
+    with pytest.raises(ValueError):
+        read_header(p)
 
 
 def test_audit_with_cache_equals_audit_without(tmp_path):
@@ -311,26 +311,25 @@ def test_audit_with_cache_equals_audit_without(tmp_path):
 def test_entries_are_aligned_and_misaligned_ones_still_read(tmp_path):
     """New entries put every tensor at a 64-byte boundary (mapped reads then give the same BLAS
     results as fresh arrays); an entry written without that padding is still read correctly."""
-    from lora_audit.spectral.cache import _ALIGN, _header_from
+    from lora_audit.cache import read_header
 
     W = _matrix(48, 32)
     cache = SpectrumCache(tmp_path)
     spec = cache.base_spectrum(W, "cpu")
     cache.flush()
     path = cache.path_for(spec.key)
-    with open(path, "rb") as fh:
-        header = _header_from(fh)
-        start = fh.tell()
-    assert start % _ALIGN == 0
-    # rewrite the same entry with plain safetensors (payload at whatever offset it lands on)
+    start = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert start % 64 == 0
+    # rewrite the same entry with plain safetensors (payload at whatever offset it lands on; the
+    # "pad" field is the one metadata field outside the MAC)
     from safetensors.torch import save
 
-    meta = header.pop("__metadata__")
-    meta.pop("pad", None)
+    meta = read_header(path).pop("__metadata__")
+    meta["pad"] = ""
     tensors = {"U": spec.U.contiguous(), "S": spec.S, "Vh": spec.Vh.contiguous()}
     data = save(tensors, metadata=meta)
-    while (8 + struct.unpack("<Q", data[:8])[0]) % _ALIGN == 0:  # make sure it is misaligned
-        meta["x"] = meta.get("x", "") + "x"
+    while (8 + struct.unpack("<Q", data[:8])[0]) % 64 == 0:  # make sure it is misaligned
+        meta["pad"] += " "
         data = save(tensors, metadata=meta)
     path.write_bytes(data)
     again = SpectrumCache(tmp_path)

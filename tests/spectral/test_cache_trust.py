@@ -12,6 +12,7 @@ import threading
 import warnings
 import zlib
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -22,7 +23,11 @@ from safetensors.torch import save_file
 from lora_audit.cli import cli
 from lora_audit.commands.cache import human_bytes
 from lora_audit.errors import InputError
-from lora_audit.spectral.cache import CacheWarning, SpectrumCache, key_file, load_secret, tensor_key
+from lora_audit.cache import key_file, load_secret
+from lora_audit.spectral.cache import CacheWarning, SpectrumCache, tensor_key
+
+
+_BAD_MAC = "MAC does not verify"
 
 
 def _matrix(m=40, n=30, seed=0):
@@ -67,18 +72,20 @@ def _rebuilt_from_scratch(root, W, match):
 # ---- forged, renamed, stale entries -------------------------------------------------------------
 def test_forged_payload_with_recomputed_crc_is_rejected(tmp_path):
     """The attack a CRC-only cache allowed: change the spectrum, recompute the checksum. Written as
-    a format-1 entry (CRC-32) it is an old entry, rebuilt; written as format 2 with the CRC, or
-    with a MAC under a guessed key, it fails the MAC."""
+    a format-1 entry (CRC-32) or format-2 entry (HMAC-SHA256) it is an old entry, rebuilt; written as
+    the current format with the CRC, or with a MAC under a guessed key, it fails the MAC."""
     W = _matrix()
     _, path = _entry(tmp_path, W)
     meta, t = _load(path)
     t["S"] = t["S"] * 3  # every singular value tripled: the audit's intruder search changes
     forgeries = [
         {**meta, "version": "1", "checksum": f"crc32:{zlib.crc32(_payload(t)):08x}"},
+        {**meta, "version": "2", "mac": "hmac-sha256:" + hmac.new(b"\0" * 32, _payload(t), hashlib.sha256).hexdigest()},
         {**meta, "checksum": f"crc32:{zlib.crc32(_payload(t)):08x}"},
         {**meta, "mac": "hmac-sha256:" + hmac.new(b"\0" * 32, _payload(t), hashlib.sha256).hexdigest()},
+        {**meta, "mac": "blake3-keyed:" + blake3.blake3(_payload(t), key=b"\0" * 32).hexdigest()},
     ]
-    for forged, match in zip(forgeries, ["older lora-audit", "MAC mismatch", "MAC mismatch"]):
+    for forged, match in zip(forgeries, ["older lora-audit", "older lora-audit"] + [_BAD_MAC] * 3):
         save_file(t, str(path), metadata=forged)
         _rebuilt_from_scratch(tmp_path, W, match)
 
@@ -95,7 +102,7 @@ def test_entry_written_under_another_key_file_is_rejected(tmp_path, monkeypatch)
     wrong = SpectrumCache(tmp_path / "c").base_spectrum(other, "cpu")
     SpectrumCache(tmp_path / "c").store(tensor_key(W), W, wrong)
     monkeypatch.delenv("LORA_AUDIT_CACHE_KEY_FILE")
-    _rebuilt_from_scratch(tmp_path / "c", W, "MAC mismatch")
+    _rebuilt_from_scratch(tmp_path / "c", W, _BAD_MAC)
 
 
 def test_entry_renamed_to_another_key_is_rejected(tmp_path):
@@ -108,7 +115,7 @@ def test_entry_renamed_to_another_key_is_rejected(tmp_path):
     _rebuilt_from_scratch(tmp_path, W2, "metadata does not match")
     meta, t = _load(path)
     save_file(t, str(target), metadata={**meta, "key": tensor_key(W2)})
-    _rebuilt_from_scratch(tmp_path, W2, "MAC mismatch")
+    _rebuilt_from_scratch(tmp_path, W2, _BAD_MAC)
 
 
 def _write_version_1(path, key, tensors):
@@ -119,24 +126,51 @@ def _write_version_1(path, key, tensors):
     save_file(tensors, str(path), metadata=meta)
 
 
-def test_version_1_entry_is_rebuilt_not_trusted(tmp_path):
+def _write_version_2(path, key, tensors, secret):
+    """An entry as the HMAC-SHA256 format (version 2) wrote it, under the right key file."""
+    shape = [int(tensors["U"].shape[0]), int(tensors["Vh"].shape[1])]
+    ident = json.dumps(["lora-audit-spectrum", "2", key, "float32", shape]).encode() + b"\0"
+    meta = {"format": "lora-audit-spectrum", "version": "2", "key": key, "dtype": "float32",
+            "shape": json.dumps(shape), "mac": "hmac-sha256:" + hmac.new(secret, ident + _payload(tensors),
+                                                                          hashlib.sha256).hexdigest()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+_OLD = "format version {}: not used by this lora-audit (`lora-audit cache clear` removes it)"
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_older_format_entry_is_rebuilt_not_trusted(tmp_path, version):
+    """Entries of formats 1 (CRC-32) and 2 (HMAC-SHA256, valid under this key file) at the current
+    key's file name: listed as not used, rebuilt on use, never trusted."""
     W = _matrix()
     spec, path = _entry(tmp_path, W)
-    _write_version_1(path, spec.key, {"U": spec.U, "S": spec.S, "Vh": spec.Vh})
+    tensors = {"U": spec.U, "S": spec.S, "Vh": spec.Vh}
+    if version == "1":
+        _write_version_1(path, spec.key, tensors)
+    else:
+        _write_version_2(path, spec.key, tensors, key_file().read_bytes())
     (entry,) = SpectrumCache(tmp_path).entries()
-    assert (entry.version, entry.ok, entry.problem) == ("1", False, "format version 1, rebuilt on use")
-    _rebuilt_from_scratch(tmp_path, W, r"older lora-audit \(format version 1")
-    assert _load(path)[0]["version"] == "2"
+    assert (entry.version, entry.ok, entry.problem) == (version, False, _OLD.format(version))
+    _rebuilt_from_scratch(tmp_path, W, rf"older lora-audit \(format version {version}")
+    assert _load(path)[0]["version"] == "3"
 
 
-def test_mac_is_hmac_sha256_over_identity_and_payload(tmp_path):
-    """The stored MAC against one computed here from the documented definition and the key file."""
+def test_mac_is_keyed_blake3_over_identity_fields_and_tensors(tmp_path):
+    """The stored MAC and key against ones computed here from the documented definitions (the
+    blake3 package directly) and the key file."""
     W = _matrix(24, 36)
     spec, path = _entry(tmp_path, W)
     meta, t = _load(path)
-    ident = json.dumps(["lora-audit-spectrum", "2", spec.key, "float32", [24, 36]]).encode() + b"\0"
-    want = hmac.new(key_file().read_bytes(), ident + _payload(t), hashlib.sha256).hexdigest()
-    assert meta["mac"] == "hmac-sha256:" + want
+    msg = json.dumps(["lora-audit-spectrum", "3", spec.key, {"dtype": "float32", "shape": "[24, 36]"}]).encode()
+    msg += b"\0"
+    for name in ("S", "U", "Vh"):  # name order
+        msg += json.dumps([name, "float32", list(t[name].shape)]).encode() + b"\0"
+        msg += t[name].contiguous().numpy().tobytes()
+    assert meta["mac"] == "blake3-keyed:" + blake3.blake3(msg, key=key_file().read_bytes()).hexdigest()
+    raw = W.numpy().tobytes()
+    want_key = blake3.blake3(b"lora-audit-spectrum/2\0" + f"Ttorch.float32|[24, 36]|{len(raw)}\0".encode() + raw)
+    assert spec.key == want_key.hexdigest() == path.stem
 
 
 # ---- the key file -------------------------------------------------------------------------------
@@ -286,10 +320,10 @@ def test_damaged_and_old_entries_are_listed_and_cleared(tmp_path):
     _write_version_1(old, spec.key, {"U": spec.U, "S": spec.S, "Vh": spec.Vh})
     r = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path), "--json", "-"])
     problems = {e["key"]: e["problem"] for e in json.loads(r.output)["entries"]}
-    assert problems == {short.stem: "invalid: payload size does not match the header",
-                        old.stem: "format version 1, rebuilt on use"}
+    assert problems == {short.stem: "invalid: Error while deserializing header: incomplete metadata, file not fully "
+                                    "covered", old.stem: _OLD.format(1)}
     r = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path)])
-    assert "(invalid: payload size does not match the header)" in r.output
+    assert "(invalid: Error while deserializing header: incomplete metadata" in r.output
     assert SpectrumCache(tmp_path).clear()[0] == 2 and list(tmp_path.iterdir()) == []
 
 
@@ -304,7 +338,7 @@ def test_ls_json_to_a_file(tmp_path):
         assert r.output.startswith("KEY") and r.output.endswith(f"JSON written to {out}\n")
     data = json.loads(out.read_text())
     assert list(data)[:2] == ["lora_audit", "root"] and data["lora_audit"]["schema_version"] == 1
-    assert data["count"] == 1 and data["entries"][0]["ok"] and data["entries"][0]["version"] == "2"
+    assert data["count"] == 1 and data["entries"][0]["ok"] and data["entries"][0]["version"] == "3"
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json", str(notes)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lora_audit.scan import risk as R
@@ -68,8 +69,13 @@ def test_signal_statistics_are_oriented_and_match_brute_force():
     s = signal_stats(models, "weight_shift")
     assert s["orientation"] == ORIENTATION["weight_shift"] == -1
     oriented = [-m.signals["weight_shift"] for m in models]
-    assert s["auroc"] == pytest.approx(R.auroc(oriented, [m.lost for m in models]))
-    assert s["spearman"] == pytest.approx(R.spearman(oriented, [m.drop for m in models]))
+    lost = [m.lost for m in models]
+    pairs = [(p, q) for p, y in zip(oriented, lost) if y for q, z in zip(oriented, lost) if not z]
+    assert s["auroc"] == pytest.approx(sum((p > q) + 0.5 * (p == q) for p, q in pairs) / len(pairs))
+    from scipy.stats import rankdata
+
+    rx, ry = (rankdata(v) for v in (oriented, [m.drop for m in models]))  # Pearson's r of the mid-ranks
+    assert s["spearman"] == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]))
     assert s["cost"] == "weights" and signal_stats(models, "activation_shift")["cost"] == "forward"
     assert 0 <= s["auroc_leave_one_method_out"] <= 1
 
