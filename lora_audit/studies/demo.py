@@ -325,6 +325,15 @@ def safety_findings(safety: dict, runs: tuple[Run, ...], capability_drop: float 
     models = safety.get("models", {})
     base = models.get("base", {})
     out = []
+    verdicts = {name: v.get("label") for name, v in (safety.get("verdict") or {}).items()}
+    undo = [r.name for r in runs if r.role == "undo" and r.name in verdicts]
+    benign = [r.name for r in runs if r.role == "study" and r.name in verdicts]
+    if undo and benign:
+        lost = ("SAFETY_REMOVED", "SAFETY_DEGRADED")
+        out.append({"claim": "safety-eval's verdicts tell the undo run apart from the benign fine-tunes",
+                    "rule": f"the undo run is {' or '.join(lost)}, every benign fine-tune RETAINED",
+                    "measured": "; ".join(f"{n} {verdicts[n]}" for n in undo + benign),
+                    "holds": all(verdicts[n] in lost for n in undo) and all(verdicts[n] == "RETAINED" for n in benign)})
     for r in runs:
         if r.role != "undo" or r.name not in models:
             continue

@@ -86,6 +86,14 @@ def test_safety_findings_report_both_outcomes():
     assert got == {"lora-undo lowers the refusal rate": False, "lora-undo keeps capability on t close": False}
     safety["models"]["lora-undo"].update(refusal_rate=0.1, capability={"t": 0.48})
     assert all(c["holds"] for c in safety_findings(safety, plan.runs))
+    # the verdicts: the undo run apart from the benign runs, or not
+    safety["verdict"] = {"lora-undo": {"label": "SAFETY_REMOVED"}, "lora-r8-lr1.5e-3": {"label": "RETAINED"},
+                         "full-lr3e-5": {"label": "RETAINED"}}
+    apart = next(c for c in safety_findings(safety, plan.runs) if "verdicts" in c["claim"])
+    assert apart["holds"] and apart["measured"] == ("lora-undo SAFETY_REMOVED; lora-r8-lr1.5e-3 RETAINED; "
+                                                    "full-lr3e-5 RETAINED")
+    safety["verdict"]["full-lr3e-5"]["label"] = "SAFETY_DEGRADED"
+    assert not next(c for c in safety_findings(safety, plan.runs) if "verdicts" in c["claim"])["holds"]
 
 
 def test_scan_findings_rank_and_order_both_ways():
