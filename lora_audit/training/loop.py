@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .data import DEFAULT_MAX_ROW_CHARS
+from .data import DEFAULT_MAX_ROW_CHARS, IGNORE
 from .methods import DEFAULT_LR, METHODS, Setup, get_method
 
 __all__ = ["METHODS", "DEFAULT_LR", "check_method", "train", "fit"]
@@ -87,6 +87,36 @@ def bfloat16_is_fast(device: str) -> bool:
         return False
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes transformers' ``logits_to_keep``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_loss(model, batch: dict, trim: bool = True) -> torch.Tensor:
+    """The mean next-token cross-entropy over the labelled (response) tokens of ``batch``, as the
+    model's own ``labels`` loss computes it, but with the output layer applied only from the first
+    position that predicts a labelled token (``logits_to_keep``): the prompt and system-prompt
+    positions before it need no logits. With a 49k-token vocabulary and chat prompts that make up
+    most of each row, that is most of the output layer's work (``bench/bench_training.py``)."""
+    if not trim:
+        return model(**batch).loss
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    seen = (targets != IGNORE).any(dim=0).nonzero()
+    first = int(seen[0]) if len(seen) else 0
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                logits_to_keep=labels.shape[1] - first)
+    logits = out.logits[:, :-1, :]  # positions first .. T-2
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             targets[:, first:].reshape(-1), ignore_index=IGNORE)
+
+
 def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str,
            precision: str = "float32") -> list[float]:
     """The loop itself; returns the loss curve. ``precision="bfloat16"``: forward and backward under
@@ -94,6 +124,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str,
     from ..progress import progress
 
     model = prepared.model
+    trim = accepts_logits_to_keep(model)
     model.train()
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +139,7 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str,
             if prepared.before_forward is not None:
                 prepared.before_forward()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                loss = model(**batch).loss
+                loss = response_loss(model, batch, trim)
             loss.backward()
             if prepared.after_backward is not None:
                 prepared.after_backward()
