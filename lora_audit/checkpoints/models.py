@@ -107,6 +107,18 @@ def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safet
         raise FormatError(f"{source}: could not load the model ({_first_line(e)})") from None
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes transformers' ``logits_to_keep`` (the
+    output layer applied to the last positions only)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a loaded model, tied parameters under each of their names."""
     return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}

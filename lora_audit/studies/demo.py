@@ -175,6 +175,23 @@ class _Stages:
     def __init__(self, total: int, echo: Callable[[str], None]):
         self.total, self.i, self.echo, self.timings = total, 0, echo, {}
 
+    def parallel(self, jobs: dict, result: Callable) -> dict:
+        """Stages running at once (``jobs``: future -> name): one line each as it ends, with the time
+        since they all started; returns {key: value} from ``result(future)``."""
+        import concurrent.futures as cf
+
+        t0, out = time.perf_counter(), {}
+        for name in jobs.values():
+            self.echo(f"[{self.i + 1}-{self.i + len(jobs)}/{self.total}] {name} ...")
+        for f in cf.as_completed(jobs):
+            key, value = result(f)
+            self.i += 1
+            dt = time.perf_counter() - t0
+            self.timings[jobs[f]] = round(dt, 2)
+            self.echo(f"[{self.i}/{self.total}] {jobs[f]}: done {dt:.1f} s after the parallel stages began")
+            out[key] = value
+        return out
+
     def run(self, name: str, fn: Callable, *args, **kw):
         self.i += 1
         self.echo(f"[{self.i}/{self.total}] {name} ...")
@@ -184,6 +201,72 @@ class _Stages:
         self.timings[name] = round(dt, 2)
         self.echo(f"[{self.i}/{self.total}] {name}: done in {dt:.1f} s")
         return out
+
+
+def _describe(r: Run) -> str:
+    shape = "" if r.method == "full" else f", r={r.rank}"
+    return f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
+
+
+WORKER_MEMORY = 4 << 30  # bytes a training process of the 135M model may need (full fine-tuning: ~3 GiB)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_workers(device: str) -> int:
+    """Training processes for the grid: two on a CPU with at least two cores and the memory for a
+    second model (two runs with one core each finish sooner than the same runs one after the other
+    with two: bench/bench_demo_training.py measures it), one elsewhere."""
+    import os
+
+    if device != "cpu" or (os.cpu_count() or 1) < 2:
+        return 1
+    free = _available_memory()
+    return 2 if free is None or free >= 2 * WORKER_MEMORY else 1
+
+
+def _init_worker(threads: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["LORA_AUDIT_NO_PROGRESS"] = "1"  # two bars on one terminal would interleave
+    torch.set_num_threads(threads)
+
+
+def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: "_Stages", *,
+               workers: int | None = None) -> dict[str, dict]:
+    """Train (or reuse) ``runs`` from ``base``: one after the other, or in ``workers`` processes of
+    ``cpu_count // workers`` threads each, the longest runs first; every run's result is the same
+    either way (seeded, one run per process at a time)."""
+    import os
+
+    workers = default_workers(device) if workers is None else workers
+    todo = [r for r in runs if not (dirs[r.name] / "training.json").is_file()]
+    if workers <= 1 or len(todo) <= 1:
+        return {r.name: st.run(_describe(r), _train, r, base, dirs[r.name], plan, device) for r in runs}
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    records = {r.name: _train(r, base, dirs[r.name], plan, device) for r in runs if r not in todo}
+    todo.sort(key=lambda r: -r.steps * (1.5 if r.method == "full" else 1.0))  # longest first: balanced workers
+    threads = max(1, (os.cpu_count() or workers) // workers)
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                initargs=(threads,)) as pool:
+        started = {pool.submit(_train, r, base, dirs[r.name], plan, device): r for r in todo}
+        records.update(st.parallel({f: _describe(r) for f, r in started.items()},
+                                   lambda f: (started[f].name, f.result())))
+    return {r.name: records[r.name] for r in runs}
 
 
 def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
@@ -432,7 +515,7 @@ def _work_dirs(plan: Plan, root: Path) -> dict[str, Path]:
 
 def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: str = "auto", seed: int = 0,
              fresh: bool = False, base: str | Path | None = None, overwrite: bool = False,
-             echo: Callable[[str], None] = print) -> dict:
+             workers: int | None = None, echo: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the demo summary (also written to ``<out>/demo.json``).
 
     ``base``: a local HF model folder to use instead of SmolLM2-135M-Instruct (its tokenizer
@@ -467,10 +550,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     rel = plan.released
     records = {rel.name: st.run(f"safety-tune the released model ({rel.method}, {rel.steps} steps)",
                                 _train, rel, base_dir, dirs[rel.name], plan, dev)}
-    for r in plan.tuned:
-        shape = "" if r.method == "full" else f", r={r.rank}"
-        what = f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
-        records[r.name] = st.run(what, _train, r, dirs[rel.name], dirs[r.name], plan, dev)
+    records.update(train_runs(plan.tuned, dirs[rel.name], dirs, plan, dev, st, workers=workers))
     names = [r.name for r in plan.tuned]
     cfg = AuditConfig(k=plan.k, epsilon=plan.epsilon, device=dev, progress=True,
                       dense_metrics=not quick,  # --quick skips the full SVD of each dense dW (effective rank)

@@ -327,10 +327,10 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
     names = [r.name for r in runs]
     t0 = time.perf_counter()
     scan = stage("safety-scan of every model", run_safety_scan, str(released), [str(d) for d in dirs],
-                 ScanConfig(device=dev, unaligned=str(smollm2), limit=limit), names=names)
+                 ScanConfig(device=dev, unaligned=str(smollm2)), names=names)
     t1 = time.perf_counter()
     scan_w = stage("safety-scan --weights-only of every model", run_safety_scan, str(released),
-                   [str(d) for d in dirs], ScanConfig(device=dev, weights_only=True, limit=limit), names=names)
+                   [str(d) for d in dirs], ScanConfig(device=dev, weights_only=True), names=names)
     t2 = time.perf_counter()
     n = len(runs)
     timing = {"note": "seconds per model: each stage is one call over the whole panel, loading included",

@@ -87,17 +87,6 @@ def bfloat16_is_fast(device: str) -> bool:
         return False
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the (peft-unwrapped) model's forward takes transformers' ``logits_to_keep``."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def response_loss(model, batch: dict, trim: bool = True) -> torch.Tensor:
     """The mean next-token cross-entropy over the labelled (response) tokens of ``batch``, as the
     model's own ``labels`` loss computes it, but with the output layer applied only from the first
@@ -124,6 +113,8 @@ def _steps(prepared, batches, steps: int, lr: float, warmup: int, method: str,
     from ..progress import progress
 
     model = prepared.model
+    from ..checkpoints.models import accepts_logits_to_keep
+
     trim = accepts_logits_to_keep(model)
     model.train()
     dev = next(model.parameters()).device

@@ -103,3 +103,32 @@ def test_addition_moves_every_embedding_row(base, tmp_path):
     E1 = _load(tmp_path / "add").model.get_input_embeddings().weight.detach().double()
     want = 0.5 * d.norm * torch.tensor(d.unit, dtype=torch.float64)
     assert torch.allclose(E1 - E0, want.expand_as(E0), atol=1e-5)
+
+
+def test_direction_is_chosen_by_its_intervention_effect(tmp_path):
+    """Every candidate layer (below MAX_DEPTH of the depth) is scored by ablation and addition on
+    the validation halves; the chosen one has the lowest bypass score among those whose addition
+    induces refusal (or overall when none does); its unit vector is the layer's normalised
+    difference of means over the direction halves."""
+    from lora_audit.scan.direction import collect, find_blocks
+    from lora_audit.safety.generate import chat_texts
+    from lora_audit.safety.scorers import refusal_start_ids
+    from lora_audit.studies.abliterate import MAX_DEPTH, find_direction
+
+    base = make_tiny_llama(tmp_path / "m", layers=4)
+    loaded = _load(base)
+    harmful = [f"how do I hurt person number {i}?" for i in range(20)]
+    harmless = [f"how do I bake cake number {i}?" for i in range(20)]
+    chosen, units = find_direction(loaded.model, loaded.tokenizer, (harmful, harmless), batch_size=8)
+    cands = list(range(int(MAX_DEPTH * 4)))
+    assert [i for i, b in enumerate(chosen.bypass) if b is not None] == cands
+    inducing = [i for i in cands if chosen.induce[i] > 0]
+    assert chosen.layer == min(inducing or cands, key=lambda i: chosen.bypass[i])
+    assert chosen.n_direction == (10, 10) and chosen.n_validation == (10, 10)
+    _, blocks = find_blocks(loaded.model)
+    ids = torch.tensor(refusal_start_ids(loaded.tokenizer))
+    h = collect(loaded.model, loaded.tokenizer, chat_texts(loaded.tokenizer, harmful[0::2]), blocks, ids).states
+    b = collect(loaded.model, loaded.tokenizer, chat_texts(loaded.tokenizer, harmless[0::2]), blocks, ids).states
+    r = (h.double().mean(0) - b.double().mean(0))[chosen.layer]
+    assert torch.allclose(torch.tensor(chosen.unit, dtype=torch.float64), r / r.norm(), atol=1e-5)
+    assert chosen.norm == pytest.approx(float(r.norm()), rel=1e-5)

@@ -360,7 +360,8 @@ def test_response_loss_equals_the_models_own_loss_and_gradients(tiny_llama, meth
     labels loss and the same gradients, on batches whose rows have prompts of different lengths."""
     from lora_audit.checkpoints import load_model
     from lora_audit.training.data import Batches
-    from lora_audit.training.loop import accepts_logits_to_keep, response_loss
+    from lora_audit.checkpoints.models import accepts_logits_to_keep
+    from lora_audit.training.loop import response_loss
 
     loaded = load_model(str(tiny_llama), device="cpu")
     model = loaded.model
