@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test readme browser-deps clean
+.PHONY: setup demo test cli-docs browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -25,9 +25,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
-# Regenerate the README's usage blocks from the commands' --help (tests/test_readme.py checks them).
-readme: setup
-	$(BIN)/python -m tests.readme_usage
+# Regenerate docs/cli.md, the CLI reference, from the code and the commands' --help (tests/test_readme.py checks it).
+cli-docs: setup
+	$(BIN)/python -m tests.cli_docs
 
 # Headless Chromium for the report's browser test (Debian/Ubuntu, as root).
 browser-deps:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import InputError
 from .io import atomic_dir, atomic_write_json, check_output_dir, check_outputs
+from .progress import stage
 from .results import fingerprint
 from .results.safety import SafetyResult
 from .results.spectrum import DEFAULT_EPSILON_SWEEP, SpectrumResult
@@ -112,6 +113,7 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     check_outputs([out], [base, *tuned])
     inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
     inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})
+    stage("audit: spectrum (intruder dimensions)")
     spectrum = run_spectrum(base, tuned, k=cfg.k, epsilon=cfg.epsilon, epsilon_sweep=cfg.epsilon_sweep,
                             device=cfg.device, exact=cfg.exact, cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
                             allow_pickle=cfg.allow_pickle, dense_metrics=cfg.dense_metrics, progress=cfg.progress,
@@ -134,12 +136,15 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         from .checkpoints import load_model
         from .safety.evaluate import run_safety_eval
 
+        stage("audit: safety-eval (refusal, over-refusal, capability)")
         if cfg.safety.backend == "hf":
             base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle)
         safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,
                                  names=[labels[i] for i in safe] if tuned_labels else None)
         if on_stage:
             on_stage("safety", safety)
+    if not_applicable is None and not (cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None)):
+        stage("audit: safety-scan (risk from weights)")
     scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels, base_l)
     if on_stage and (scan is not None or notes):
         on_stage("scan", scan if scan is not None else notes[0])
@@ -152,6 +157,7 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     extra = extra_results(spectrum, safety) if extra_results else {}
     if scan is not None:
         extra = {"scan.json": scan, **extra}
+    stage("audit: report")
     files = _write_folder(out, spectrum, safety, extra, cfg.title or default_title(tuned), overwrite, extra_files)
     return AuditOutcome(out=out, spectrum=spectrum, safety=safety, scan=scan, files=files, notes=notes)
 

@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .commands._common import CONTEXT
+from .commands._common import CONTEXT, has_verbosity_options, verbosity_options, verbosity_params
 
 # command name -> ("module:attribute", one-line help). Further commands come from installed plugins: the
 # entry-point group PLUGIN_GROUP (the studies' ``demo`` and ``zoo`` are registered there by pyproject.toml).
@@ -62,7 +62,10 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        cmd = getattr(module, attr)
+        if not isinstance(cmd, click.Group) and not has_verbosity_options(cmd):
+            cmd.params.extend(verbosity_params())  # -q / -v after every command's name, plugins' included
+        return cmd
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help for the group lists the short descriptions; built-in commands are not imported for it.
@@ -91,9 +94,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="lora-audit")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Also show the libraries' own progress bars, logs and warnings (transformers, lm-eval, ...).")
-def cli(verbose: bool) -> None:
+@verbosity_options
+def cli() -> None:
     """Audit fine-tuned language models against their base.
 
     \b
@@ -104,12 +106,9 @@ def cli(verbose: bool) -> None:
     \b
     Exit codes: 0 ok, 1 error (nothing written), 2 usage, 3 --fail-on gate tripped,
     4 incomplete (results written; some matrices could not be audited).
+    -q/--quiet and -v/--verbose may also follow the command's name.
     Set LORA_AUDIT_RAISE_ERRORS=1 to see Python tracebacks of unexpected errors.
     """
-    if not verbose:
-        from .progress import quiet_libraries
-
-        quiet_libraries()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -58,6 +58,24 @@ def test_spectrum_gate_trips_and_passes(tiny_llama, ckpts, tmp_path):
     assert json.loads(sarif.read_text())["runs"][0]["invocations"][0]["exitCode"] == 0
 
 
+def test_a_second_fail_on_adds_conditions(tiny_llama, ckpts, tmp_path):
+    """Issue 24 case 5: two --fail-on combine (any condition holds -> status 3); the second one used to
+    replace the first, and the run passed with intruders."""
+    js = tmp_path / "s.json"
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "intruders>0", "--fail-on", "structural>0",
+            "--json", js)
+    assert r.exit_code == 3, r.output
+    gate = json.loads(js.read_text())["gate"]
+    assert gate["expression"] == "intruders>0,structural>0"
+    assert [(c["condition"], c["tripped"]) for c in gate["conditions"]] == [("intruders>0", True),
+                                                                            ("structural>0", False)]
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "structural>0", "--fail-on",
+            f"intruders>{ckpts['total']}")
+    assert r.exit_code == 0, r.output
+    r = run("spectrum", tiny_llama, ckpts["adapter"], *FAST, "--fail-on", "intruders>0", "--fail-on", "bad")
+    assert r.exit_code == 2 and "'bad' is not a condition" in r.output
+
+
 @pytest.mark.parametrize("expr,message", [
     ("intruders", "'intruders' is not a condition; expected FIELD OP VALUE[,FIELD OP VALUE...] with OP one of"),
     ("verdict>=SAFETY_DEGRADED", "this command's fields are: intruders (total intruder dimensions"),
@@ -135,7 +153,7 @@ SAFETY_FAST = ["--limit", "2", "--max-new-tokens", "3", "--tasks", "none", "--ba
 
 def test_safety_eval_gate_and_sarif(tiny_llama, ckpts, tmp_path):
     js, sarif = tmp_path / "f.json", tmp_path / "f.sarif"
-    args = ["safety-eval", "--base", tiny_llama, "--tuned", ckpts["adapter"], *SAFETY_FAST, "--json", js, "--sarif", sarif]
+    args = ["safety-eval", tiny_llama, ckpts["adapter"], *SAFETY_FAST, "--json", js, "--sarif", sarif]
     r = run(*args, "--fail-on", "verdict>=RETAINED")  # every label is at least RETAINED
     assert r.exit_code == 3, r.output
     res = json.loads(js.read_text())
@@ -147,7 +165,7 @@ def test_safety_eval_gate_and_sarif(tiny_llama, ckpts, tmp_path):
         [] if res["verdict"]["adapter"]["label"] == "RETAINED" else ["LA010"])
     r = run(*args, "--fail-on", "refusal_rate>1")
     assert r.exit_code == 0, r.output
-    assert run("safety-eval", "--base", tiny_llama, "--fail-on", "intruders>0").exit_code == 2
+    assert run("safety-eval", tiny_llama, "--fail-on", "intruders>0").exit_code == 2
 
 
 def test_audit_gate(tiny_llama, ckpts, tmp_path):

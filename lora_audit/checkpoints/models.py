@@ -140,7 +140,7 @@ def _load_adapter(source, path, base, dev, dtype, merge, allow_pickle, trust_rem
         if guess and Path(guess).exists():
             base = guess
         else:
-            raise InputError(f"{source}: a PEFT adapter needs its base model; pass it with --base "
+            raise InputError(f"{source}: a PEFT adapter needs its base model; give the base as BASE "
                              f"(the adapter names {guess!r})")
     loaded = load_model(base, device=str(dev), dtype=dtype, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code)

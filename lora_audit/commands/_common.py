@@ -1,13 +1,28 @@
-"""What every command shares: options with one meaning everywhere (``--json PATH``, ``--overwrite``,
-``--device``, ``--seed``, ``--k``, ``--epsilon``), safe printing, result output and exit codes.
+"""What every command shares: options with one meaning everywhere, safe printing, result output
+and exit codes.
+
+The output options, one definition each (the habit of simonw/llm and ruff: one grammar across
+subcommands), on every command that writes results:
+
+- ``--json PATH|-`` (``json_option``): the command's result JSON at PATH, written atomically after
+  success, never over a file lora-audit did not write; ``-`` prints it to stdout, and then
+  everything else the command prints goes to stderr, so stdout is exactly one JSON document.
+- ``--sarif PATH`` (``sarif_option``): the findings as SARIF 2.1.0 (``lora_audit.report.sarif``), on
+  every command that can gate.
+- ``-o/--out`` (``out_option``): where the command's outputs go (a folder, or for ``report`` the file).
+- ``-q/--quiet`` and ``-v/--verbose`` (``verbosity_options``): accepted before or after the command
+  name (``lora-audit -q audit ...`` = ``lora-audit audit ... -q``); they set
+  ``lora_audit.progress``'s verbosity for the whole run, so every stage follows: quiet has no bars,
+  no stage or heartbeat lines and the shortest summary; verbose also shows the libraries' own bars,
+  logs and warnings. A command reads it with ``quiet()``.
+
+Also:
 
 - ``echo``: everything the CLI prints goes through ``lora_audit.text.printable``: names from
   checkpoints cannot move the cursor, clear the screen or reorder text.
-- ``--json PATH``: writes the command's result JSON there (``-`` prints it to stdout); checked
-  before any work (``check_outputs``), never over a file lora-audit did not write.
 - ``--fail-on EXPR`` (``fail_on_option``): the release gate of ``lora_audit.results.gate``, parsed
-  before any work (a bad expression is a usage error, status 2, with the grammar and the fields).
-- ``--sarif PATH`` (``sarif_option``): the findings as SARIF 2.1.0 (``lora_audit.report.sarif``).
+  before any work (a bad expression is a usage error, status 2, with the grammar and the fields);
+  repeatable, the conditions of every occurrence combined (the gate trips when any holds).
 - Exit codes: ``lora_audit.errors`` (0 ok, 1 error, 2 usage, 3 gate tripped, 4 incomplete);
   ``exit_code`` decides between them: a tripped gate (3) takes precedence over an incomplete result
   (4), because the gate is what the user asked the exit status to tell; the JSON still says which
@@ -16,8 +31,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -67,37 +84,151 @@ def file_path(ctx, param, value):
     return value
 
 
+STDOUT_KEY = "lora_audit.stdout"  # ctx.meta: the real stdout while --json - sends the rest to stderr
+VERBOSITY_KEY = "lora_audit.verbosity"  # ctx.meta (shared by the group's and the command's contexts)
+
+
+def _reserve_stdout(ctx: click.Context) -> None:
+    """From now until the command ends, stdout is the JSON's alone: what else is printed (summaries,
+    gate lines, anything a library prints) goes to stderr."""
+    if ctx.meta.get(STDOUT_KEY) is None:
+        ctx.meta[STDOUT_KEY] = sys.stdout
+        ctx.with_resource(contextlib.redirect_stdout(sys.stderr))
+
+
+def _json_path(ctx, param, value):
+    value = file_path(ctx, param, value)
+    if value == "-":
+        _reserve_stdout(ctx)
+    return value
+
+
 def json_option(what: str = "the result"):
-    """``--json PATH``: the same meaning in every command."""
-    return click.option("--json", "json_path", default=None, metavar="PATH", callback=file_path,
-                        help=f"Write {what} as JSON to PATH (atomically, after success; '-' prints it to stdout).")
-
-
-def fail_on_option(*kinds: str):
-    """``--fail-on EXPR`` over the fields of the given result kinds ("spectrum", "safety"); the
-    callback returns a ``results.gate.Gate`` (or None)."""
-    from ..results.gate import GRAMMAR, fields_for, parse_gate
-
-    fields = fields_for(*kinds)
-
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            return parse_gate(value, fields)
-        except ValueError as e:
-            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-
-    return click.option("--fail-on", "fail_on", default=None, metavar="EXPR", callback=parse,
-                        help=f"Release gate: after writing the results, exit with status 3 when a condition holds "
-                             f"for a tuned model. EXPR: {GRAMMAR}. Fields: {', '.join(fields)} (see the README). "
-                             "Example: 'intruders>0'.")
+    """``--json PATH|-``: the same meaning in every command (see the module docstring)."""
+    return click.option("--json", "json_path", default=None, metavar="PATH|-", callback=_json_path,
+                        help=f"Write {what} as JSON to PATH (atomically, after success); '-' prints it to stdout "
+                             "and everything else to stderr.")
 
 
 def sarif_option(f):
     return click.option("--sarif", "sarif_path", default=None, metavar="PATH", callback=file_path,
-                        help="Write the findings (intruders per matrix, verdicts, structural red flags, matrices "
-                             "left out) as SARIF 2.1.0 to PATH, for code-scanning UIs.")(f)
+                        help="Write the findings as SARIF 2.1.0 to PATH, for code-scanning UIs (rule ids: "
+                             "docs/cli.md).")(f)
+
+
+def out_option(help: str, *, required: bool = False, folder: bool = True, default=None):
+    """``-o/--out``: where the command's outputs go; a folder (``folder``) or a file."""
+    if folder:
+        return click.option("--out", "-o", "out", required=required, default=default,
+                            type=click.Path(file_okay=False), metavar="FOLDER", help=help)
+    return click.option("--out", "-o", "out", required=required, default=default, callback=file_path, metavar="PATH",
+                        help=help)
+
+
+def out_files(out, names: dict[str, str | None], given: dict[str, str | None]) -> dict[str, str | None]:
+    """The output files of a command with ``-o/--out FOLDER``: an option given explicitly wins, else
+    FOLDER/name for each output (``names``: option -> file name in the folder)."""
+    if out is None:
+        return dict(given)
+    return {key: given.get(key) or str(Path(out) / name) for key, name in names.items()}
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    flags = ctx.meta.setdefault(VERBOSITY_KEY, {"quiet": False, "verbose": False})
+    flags[param.name] = flags[param.name] or bool(value)
+    if flags["quiet"] and flags["verbose"]:
+        raise click.UsageError("-q/--quiet and -v/--verbose contradict each other; give one of them", ctx=ctx)
+    from ..progress import NORMAL, QUIET, VERBOSE, set_verbosity
+
+    set_verbosity(QUIET if flags["quiet"] else VERBOSE if flags["verbose"] else NORMAL)
+
+
+QUIET_HELP = "No progress bars, stage or heartbeat lines from any stage; the shortest summary."
+VERBOSE_HELP = "Also show the libraries' own progress bars, logs and warnings (transformers, lm-eval, ...)."
+
+
+_VERBOSITY_OPTS = ((("--quiet", "-q"), QUIET_HELP), (("--verbose", "-v"), VERBOSE_HELP))
+
+
+def verbosity_params() -> list[click.Option]:
+    """``-q/--quiet`` and ``-v/--verbose`` as click parameters (for commands built without the
+    decorator, e.g. plugins: ``lora_audit.cli.LazyGroup`` adds them)."""
+    return [click.Option(list(decls), is_flag=True, expose_value=False, callback=_verbosity, help=help)
+            for decls, help in _VERBOSITY_OPTS]
+
+
+def verbosity_options(f):
+    """``-q/--quiet`` and ``-v/--verbose`` (see the module docstring); the command reads ``quiet()``."""
+    for decls, help in reversed(_VERBOSITY_OPTS):
+        f = click.option(*decls, is_flag=True, expose_value=False, callback=_verbosity, help=help)(f)
+    return f
+
+
+def has_verbosity_options(cmd: click.Command) -> bool:
+    return any(getattr(p, "callback", None) is _verbosity for p in cmd.params)
+
+
+def quiet() -> bool:
+    """Whether -q was given (before or after the command name)."""
+    from ..progress import is_quiet
+
+    return is_quiet()
+
+
+class GateOption(click.Option):
+    """The ``--fail-on`` option; ``gate_fields``: the fields this command's gate accepts."""
+
+    def __init__(self, *args, gate_fields=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate_fields = dict(gate_fields or {})
+
+
+def fail_on_option(*kinds: str, example: str | None = None):
+    """``--fail-on EXPR`` over the fields of the given result kinds ("spectrum", "safety", "scan",
+    "screen"), repeatable; the callback returns one ``results.gate.Gate`` combining every
+    occurrence (or None). The help lists only these kinds' fields and an example that uses them."""
+    from ..results.gate import GRAMMAR, fields_for, parse_gates
+
+    fields = fields_for(*kinds)
+    example = example or next(iter(fields)) + ">0"
+
+    def parse(ctx, param, value):
+        if not value:
+            return None
+        try:
+            return parse_gates(value, fields)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+    return click.option("--fail-on", "fail_on", cls=GateOption, gate_fields=fields, multiple=True, metavar="EXPR",
+                        callback=parse,
+                        help=f"Release gate: after writing the results, exit with status 3 when a condition holds "
+                             f"for a tuned model. EXPR: {GRAMMAR}; repeatable (the gate trips when any condition "
+                             f"of any --fail-on holds). Fields: {', '.join(fields)} (docs/cli.md). "
+                             f"Example: '{example}'.")
+
+
+def deprecated_alias(*decls: str, use: str, multiple: bool = False):
+    """An old option spelling of what is now a positional argument (``--base`` for BASE): hidden from
+    the help, still accepted, with a one-line deprecation warning on stderr saying what to type."""
+    def warn(ctx, param, value):
+        if value:
+            echo(f"Warning: {param.opts[0]} is deprecated and will be removed; {use}", err=True)
+        return value
+
+    return click.option(*decls, hidden=True, multiple=multiple, default=None, metavar="PATH", callback=warn)
+
+
+def base_and_tuned(base: str | None, tuned: tuple[str, ...], old_base: str | None,
+                   old_tuned: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:
+    """BASE and TUNED... from the positional arguments and the deprecated ``--base`` / ``--tuned``:
+    with ``--base``, every positional argument is a TUNED."""
+    if old_base is not None:
+        tuned = ((base,) if base is not None else ()) + tuple(tuned)
+        base = old_base
+    if base is None:
+        raise click.UsageError("Missing argument 'BASE'.")
+    return base, tuple(tuned) + tuple(old_tuned or ())
 
 
 def report_gate(gate, outcomes, *, json_path: str | None) -> bool:
@@ -147,15 +278,18 @@ def check_paths(*, files: Iterable[str | os.PathLike | None] = (), folders: Iter
 
 
 def write_json_output(path: str | os.PathLike | None, obj: Any) -> Path | None:
-    """Write a result JSON to ``path`` (``-``: stdout). When the write fails late (disk full,
-    folder removed meanwhile), the result is kept in a temporary file and the error says where."""
+    """Write a result JSON to ``path`` (``-``: stdout, the real one when ``--json -`` sent the rest
+    of the output to stderr). When the write fails late (disk full, folder removed meanwhile), the
+    result is kept in a temporary file and the error says where."""
     from ..io import atomic_write_json, json_text
 
     if path is None:
         return None
     data = obj.to_json() if hasattr(obj, "to_json") else obj
     if str(path) == "-":
-        click.echo(json_text(data), nl=False)
+        ctx = click.get_current_context(silent=True)
+        stream = ctx.meta.get(STDOUT_KEY) if ctx is not None else None
+        click.echo(json_text(data), nl=False, file=stream)
         return None
     try:
         return atomic_write_json(path, data)

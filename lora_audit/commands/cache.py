@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..text import printable
-from ._common import CONTEXT, user_errors
+from ._common import CONTEXT, check_paths, echo, json_option, quiet, user_errors, verbosity_options, write_json_output
 
 
 def _cache_dir_option(f):
@@ -83,42 +83,35 @@ def _table(entries) -> list[str]:
 
 @cache.command("ls", context_settings=CONTEXT)
 @_cache_dir_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-              help="Also write the entries, total size and provenance as JSON to this file ('-': print only "
-                   "the JSON, to stdout).")
+@json_option("the entries, total size and provenance")
+@verbosity_options
 @user_errors
 def ls(cache_dir, json_path):
     """List cached base spectra (shape, dtype, size) and the total size."""
-    from ..io import atomic_write_json, check_output_file, json_text
-
     c = _open(cache_dir)
-    if json_path not in (None, "-"):
-        check_output_file(json_path, "cache listing")
+    check_paths(files=[json_path])
     scan = c.scan()
-    if json_path == "-":
-        click.echo(json_text(_listing(c, scan)), nl=False)
-        return
-    if json_path is not None:
-        atomic_write_json(json_path, _listing(c, scan))
+    write_json_output(json_path, _listing(c, scan))
     root = printable(c.root)
     if scan.entries:
-        click.echo("\n".join(_table(scan.entries)))
+        if not quiet():
+            echo("\n".join(_table(scan.entries)))
         total = sum(e.size for e in scan.entries)
-        click.echo(f"{len(scan.entries)} {'entry' if len(scan.entries) == 1 else 'entries'}, {human_bytes(total)} "
-                   f"in {root}")
+        echo(f"{len(scan.entries)} {'entry' if len(scan.entries) == 1 else 'entries'}, {human_bytes(total)} in {root}")
     else:
-        click.echo(f"No cached spectra in {root}")
+        echo(f"No cached spectra in {root}")
     if scan.temporary:
-        click.echo(f"{len(scan.temporary)} temporary files left by an interrupted write; 'cache clear' removes them")
+        echo(f"{len(scan.temporary)} temporary files left by an interrupted write; 'cache clear' removes them")
     if scan.ignored:
-        click.echo(_ignored(scan.ignored))
-    if json_path is not None:
-        click.echo(f"JSON written to {printable(json_path)}")
+        echo(_ignored(scan.ignored))
+    if json_path not in (None, "-"):
+        echo(f"JSON written to {json_path}")
 
 
 @cache.command("clear", context_settings=CONTEXT)
 @_cache_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@verbosity_options
 @user_errors
 def clear(cache_dir, yes):
     """Delete every cached base spectrum (they are recomputed when needed).
@@ -130,10 +123,10 @@ def clear(cache_dir, yes):
     root = printable(c.root)
     ignored = f"; {_ignored(scan.ignored)}" if scan.ignored else ""
     if not scan.entries and not scan.temporary:
-        click.echo(f"No cached spectra in {root}{ignored}")
+        echo(f"No cached spectra in {root}{ignored}")
         return
     if not yes:
         size = sum(e.size for e in scan.entries)
         click.confirm(f"Delete {len(scan.entries)} cached spectra ({human_bytes(size)}) in {root}?", abort=True)
     n, freed = c.clear()
-    click.echo(f"Removed {n} files ({human_bytes(freed)}) from {root}{ignored}")
+    echo(f"Removed {n} files ({human_bytes(freed)}) from {root}{ignored}")

@@ -6,8 +6,9 @@ import math
 
 import click
 
-from ._common import (CONTEXT, check_paths, device_option, echo, json_option, overwrite_option, seed_option,
-                      user_errors, write_json_output)
+from ._common import (CONTEXT, base_and_tuned, check_paths, deprecated_alias, device_option, echo, json_option,
+                      out_option, overwrite_option, quiet, seed_option, user_errors, verbosity_options,
+                      write_json_output)
 
 
 def _positive_float(ctx, param, value):
@@ -17,12 +18,13 @@ def _positive_float(ctx, param, value):
 
 
 @click.command(context_settings=CONTEXT)
+@click.argument("base", required=False, metavar="BASE")
 @click.option("--method", required=True, help="lora, rslora, dora, ffa-lora, allora (scale 1, no dropout, norm-scaled gradients), "
               "lora-ga, lora-sb, lora-mgpo or full.")
-@click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
+@deprecated_alias("--base", "old_base", use="give BASE as the first argument: lora-audit finetune BASE --method ...")
 @click.option("--data", required=True, help='JSONL of {"prompt","response"} or {"text"}, or builtin:NAME '
               "(built-ins: alpaca-mini, safety-tune, undo-compliance).")
-@click.option("--out", required=True, type=click.Path(), help="New output folder (adapter or model), written atomically.")
+@out_option("New output folder (adapter or model), written atomically.", required=True)
 @overwrite_option
 @click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--alpha", default=16.0, show_default=True, type=float, callback=_positive_float)
@@ -39,17 +41,22 @@ def _positive_float(ctx, param, value):
 @json_option("the training record (also written to OUT/training.json)")
 @seed_option
 @device_option
+@verbosity_options
 @user_errors
-def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
+def finetune(base, method, old_base, data, out, overwrite, rank, alpha, lr, steps, batch_size, max_length, target_modules,
              max_row_chars, json_path, seed, device):
-    """Fine-tune BASE with a reference method; writes OUT and OUT/training.json.
+    """Fine-tune BASE (an HF folder, a GGUF file or a hub id) with a reference method; writes OUT and
+    OUT/training.json.
 
     \b
     Example:
-      lora-audit finetune --method lora --base ./SmolLM2 --data builtin:alpaca-mini --out ./lora8 --steps 50
+      lora-audit finetune ./SmolLM2 --method lora --data builtin:alpaca-mini --out ./lora8 --steps 50
     """
     from ..training.loop import check_method, train
 
+    base, extra = base_and_tuned(base, (), old_base)
+    if extra:
+        raise click.UsageError(f"BASE given twice ({extra[0]} and --base {base}); give it once, as the argument")
     check_method(method)
     check_paths(files=[json_path], folders=[out], inputs=[base, data], overwrite=overwrite)
     targets = [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
@@ -57,18 +64,18 @@ def finetune(method, base, data, out, overwrite, rank, alpha, lr, steps, batch_s
                 batch_size=batch_size, max_length=max_length, target_modules=targets, seed=seed, device=device,
                 overwrite=overwrite, max_row_chars=max_row_chars)
     write_json_output(json_path, rec)
-    if json_path != "-":
-        echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
-             f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
+    echo(f"{rec['method']}: loss {rec['loss'][0]:.4f} -> {rec['final_loss']:.4f} in {steps} steps "
+         f"({rec['wall_time_s']:.1f} s, {rec['trainable_parameters']:,} trainable parameters); wrote {out}")
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--method", "agg", default="fedavg", show_default=True, type=click.Choice(["fedavg", "ffa", "fed-sb"]),
               help="fedavg: average A and B; ffa / fed-sb: clients share A, average B (exact).")
-@click.option("--out", default=None, type=click.Path(), help="Write the aggregate adapter to this new folder.")
+@out_option("Write the aggregate adapter to this new folder.")
 @overwrite_option
 @json_option("the aggregation report")
+@verbosity_options
 @user_errors
 def federated(adapters, agg, out, overwrite, json_path):
     """Aggregate client ADAPTERS and report the FedAvg aggregation bias
@@ -82,10 +89,9 @@ def federated(adapters, agg, out, overwrite, json_path):
     if out:
         write_adapter(cfg, weights, out, result, overwrite=overwrite)
     write_json_output(json_path, result)
-    if json_path == "-":
-        return
-    for mod, r in report["modules"].items():
-        echo(f"{r['bias']:.4f}  {mod}")
+    if not quiet():
+        for mod, r in report["modules"].items():
+            echo(f"{r['bias']:.4f}  {mod}")
     echo(f"FedAvg aggregation bias (total): {report['fedavg_bias_total']:.4f}; "
          f"{agg} aggregate bias: {report['aggregate_bias_total']:.4f}" + (f"; wrote {out}" if out else ""))
 
@@ -99,15 +105,15 @@ def federated(adapters, agg, out, overwrite, json_path):
               help="Top singular vectors checked per matrix.")
 @click.option("--epsilon", default=0.5, show_default=True,
               type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), help="Intruder if max |cos| < epsilon.")
-@click.option("--out", required=True, type=click.Path(), help="Folder for the new PEFT adapter (with mitigate.json).")
+@out_option("Folder for the new PEFT adapter (with mitigate.json).", required=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if lora-audit wrote it earlier.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Also write the mitigation record (per-matrix intruders before/after) to this JSON file.")
+@json_option("the mitigation record (per-matrix intruders before/after; also OUT/mitigate.json)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Base-spectrum cache folder, shared with `spectrum` [default: ~/.cache/lora-audit/spectra, "
                    "or $LORA_AUDIT_CACHE/spectra].")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the base-spectrum cache.")
 @device_option
+@verbosity_options
 @user_errors
 def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_dir, no_cache, device):
     """Scale intruder dimensions of a LoRA ADAPTER on BASE by --lambda; write a rank-r adapter.
@@ -123,8 +129,10 @@ def mitigate(base, adapter, lam, k, epsilon, out, overwrite, json_path, cache_di
     from ..spectral.api import open_cache
     from ..spectral.mitigate import mitigate_adapter
 
+    to_file = json_path if json_path != "-" else None  # a file: checked before any work and written by the library
     res = mitigate_adapter(base, adapter, out, lam=lam, k=k, epsilon=epsilon, device=device, overwrite=overwrite,
-                           json_path=json_path, cache=None if no_cache else open_cache(cache_dir))
-    click.echo(f"intruders: {res['intruders_before']} -> {res['intruders_after']} over {len(res['modules'])} "
-               f"matrices ({res['matrices_rewritten']} rewritten); wrote {out}"
-               + (f" and {json_path}" if json_path else ""))
+                           json_path=to_file, cache=None if no_cache else open_cache(cache_dir), progress=not quiet())
+    if json_path == "-":
+        write_json_output(json_path, res)
+    echo(f"intruders: {res['intruders_before']} -> {res['intruders_after']} over {len(res['modules'])} "
+         f"matrices ({res['matrices_rewritten']} rewritten); wrote {out}" + (f" and {to_file}" if to_file else ""))

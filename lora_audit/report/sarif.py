@@ -4,16 +4,22 @@ code-scanning UIs (GitHub code scanning, Azure DevOps, any SARIF viewer).
     log = sarif_log(spectrum=spectrum_result, safety=safety_result, exit_code=3)
     write_sarif("lora-audit.sarif", log)
 
+Every command that can gate writes it (``--sarif``): spectrum, screen, safety-eval, safety-scan, audit.
+
 One run of the driver "lora-audit", whose rules are ``results.findings.RULES`` (stable ids, so a
 viewer tracks a finding across runs). The results, each with a level (error / warning / note), a
 message, the file it concerns (``physicalLocation``: an adapter's adapter_model.safetensors, a model
 folder's model.safetensors, or the file given) and the matrices or modules as logical locations:
 
-- LA001 per matrix with intruder dimensions (warning);
+- LA001 per matrix with intruder dimensions (warning); in a screen, LA002 per adapter instead
+  (its matrices with intruders as logical locations), so thousands of adapters stay readable;
 - LA010 per tuned model whose verdict is not RETAINED (SAFETY_REMOVED error, SAFETY_DEGRADED
   warning, INCONCLUSIVE note), LA011 / LA012 for the capability and over-refusal flags;
+- LA013 per tuned model safety-scan predicts lost its safety training, LA014 where it could not
+  tell (``SCAN_VERDICTS``), then the scan's own findings about each model, as found;
 - LA020-LA028 the structural findings of each tuned model, as found;
-- LA030 per matrix left out of the audit for NaN/Inf values or an overflowing update.
+- LA030 per matrix left out of the audit for NaN/Inf values or an overflowing update; LA031 per
+  screened adapter that could not be audited.
 
 File locations are relative URIs when the path is relative or inside the current folder (what
 code scanning expects: paths from the repository root), ``file://`` URIs otherwise. The run's
@@ -38,6 +44,8 @@ SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schem
 VERDICT_LEVEL = {"SAFETY_REMOVED": "error", "SAFETY_DEGRADED": "warning", "INCONCLUSIVE": "note"}
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 MAX_LOGICAL = 50  # logical locations listed per result
+# safety-scan verdict -> (rule, level) of the finding it gives (other verdicts give none)
+SCAN_VERDICTS = {"PREDICTED_SAFETY_LOSS": ("LA013", "warning"), "UNKNOWN": ("LA014", "note")}
 
 
 def weights_file(path: str) -> str:
@@ -62,26 +70,76 @@ def artifact_uri(path: str) -> str:
     return urllib.parse.quote(p.as_posix(), safe="/")
 
 
+def _noun(n: int) -> str:
+    return "dimension" if n == 1 else "dimensions"
+
+
+def tuned_findings(r, *, epsilon: float, k: int, per_matrix: bool = True, path: str | None = None) -> list[Finding]:
+    """The findings of one tuned model's spectrum (a ``TunedResult``): intruders (LA001 per matrix, or
+    with ``per_matrix=False`` one LA002 for the whole adapter), its structural findings and the
+    matrices left out (LA030). ``path``: where the model's files are (default: ``r.tuned``)."""
+    where = weights_file(path or r.tuned)
+    out = []
+    hit = [m for m in r.matrices if m.intruders > 0]  # in stream order
+    if per_matrix:
+        for m in hit:
+            out.append(Finding("LA001", "warning", f"{m.intruders} intruder {_noun(m.intruders)} in {printable(m.name)} "
+                               f"(lowest max|cos| {m.min_cos:.3f} < epsilon {epsilon:g}; k={k})", where,
+                               {"modules": [m.name], "intruders": m.intruders, "min_max_cos": m.min_cos,
+                                "epsilon": epsilon, "k": k}))
+    elif hit:
+        hit.sort(key=lambda m: -m.intruders)  # most first (stable: stream order among ties)
+        total = sum(m.intruders for m in hit)
+        low = min(m.min_cos for m in hit)
+        out.append(Finding("LA002", "warning", f"{total} intruder {_noun(total)} in {len(hit)} of {len(r.matrices)} "
+                           f"matrices, most in {printable(hit[0].name)} ({hit[0].intruders}); lowest max|cos| "
+                           f"{low:.3f} < epsilon {epsilon:g}; k={k}", where,
+                           {"modules": [m.name for m in hit[:MAX_LOGICAL]], "intruders": total,
+                            "intruder_matrices": len(hit), "matrices": len(r.matrices), "min_max_cos": low,
+                            "epsilon": epsilon, "k": k}))
+    out += list(r.findings)
+    for s in r.skipped:
+        if s.unmeasured:
+            out.append(Finding("LA030", "warning", f"{printable(s.name)} left out of the audit: {printable(s.reason)}",
+                               where, {"modules": [s.name], "where": s.where, "reason": s.reason,
+                                       "nonfinite_values": s.nonfinite_values}))
+    return out
+
+
 def spectrum_findings(result) -> list[tuple[str, Finding]]:
     """(tuned model, finding) for intruders (LA001), structural findings and skipped matrices (LA030)."""
+    return [(r.tuned, f) for r in result.results for f in tuned_findings(r, epsilon=result.epsilon, k=result.k)]
+
+
+def scan_findings(result) -> list[tuple[str, Finding]]:
+    """(tuned model, finding) of a safety-scan: its verdict (``SCAN_VERDICTS``), then the findings the
+    scan recorded about the model (``ModelScan.findings``), as found."""
     out = []
-    for r in result.results:
-        where = weights_file(r.tuned)
-        for m in r.matrices:
-            if m.intruders > 0:
-                noun = "dimension" if m.intruders == 1 else "dimensions"
-                out.append((r.tuned, Finding(
-                    "LA001", "warning", f"{m.intruders} intruder {noun} in {printable(m.name)} (lowest max|cos| "
-                    f"{m.min_cos:.3f} < epsilon {result.epsilon:g}; k={result.k})", where,
-                    {"modules": [m.name], "intruders": m.intruders, "min_max_cos": m.min_cos,
-                     "epsilon": result.epsilon, "k": result.k})))
-        out += [(r.tuned, f) for f in r.findings]
-        for s in r.skipped:
-            if s.unmeasured:
-                out.append((r.tuned, Finding(
-                    "LA030", "warning", f"{printable(s.name)} left out of the audit: {printable(s.reason)}", where,
-                    {"modules": [s.name], "where": s.where, "reason": s.reason,
-                     "nonfinite_values": s.nonfinite_values})))
+    for name, m in result.models.items():
+        where = weights_file(m.source or name)
+        if m.verdict in SCAN_VERDICTS:
+            rule, level = SCAN_VERDICTS[m.verdict]
+            text = printable(m.verdict_line or m.verdict)
+            if m.verdict == "UNKNOWN" and m.warnings:
+                text += ": " + "; ".join(printable(w) for w in m.warnings)
+            out.append((name, Finding(rule, level, text, where,
+                                      {"verdict": m.verdict, "risk": m.risk, "risk_model": m.risk_model})))
+        out += [(name, f) for f in m.findings]
+    return out
+
+
+def screen_findings(result, found: dict[str, list[Finding]]) -> list[tuple[str, Finding]]:
+    """(adapter, finding) of a screen (a ``ScreenResult``) in rank order: the findings of each audited
+    adapter's record (``found``: adapter -> ``tuned_findings(..., per_matrix=False)``, collected
+    while the screen read its store) and LA031 for each adapter that could not be audited."""
+    out = []
+    for row in result.adapters:
+        if row.status == "ok":
+            out += [(row.adapter, f) for f in found.get(row.adapter, [])]
+        else:
+            out.append((row.adapter, Finding("LA031", "warning", f"{printable(row.name)} was not audited: "
+                                              f"{printable(row.error)}", weights_file(row.adapter),
+                                              {"error": row.error, "record": row.record})))
     return out
 
 
@@ -127,15 +185,17 @@ def _rules() -> list[dict[str, Any]]:
              "help": {"text": r.help}, "defaultConfiguration": {"level": r.level}} for r in RULES.values()]
 
 
-def sarif_log(*, spectrum=None, safety=None, exit_code: int | None = None,
+def sarif_log(*, spectrum=None, safety=None, scan=None, screen=None, exit_code: int | None = None,
               extra: Iterable[tuple[str, Finding]] = ()) -> dict[str, Any]:
-    """The SARIF log (a JSON object) of a spectrum and/or safety result, plus ``extra`` findings
-    (other result kinds, e.g. the screen's); ``exit_code`` goes into the run's invocation."""
+    """The SARIF log (a JSON object) of the results given (spectrum, safety, safety-scan), plus
+    ``extra`` findings (a screen's: ``screen_findings``; ``screen`` itself gives only its gate);
+    ``exit_code`` goes into the run's invocation, each result's --fail-on outcome into its properties."""
     findings = list(spectrum_findings(spectrum) if spectrum is not None else [])
     findings += safety_findings(safety) if safety is not None else []
+    findings += scan_findings(scan) if scan is not None else []
     findings += list(extra)
     rule_index = {rid: i for i, rid in enumerate(RULES)}
-    gates = [r.gate.to_json() for r in (spectrum, safety) if r is not None and r.gate is not None]
+    gates = [r.gate.to_json() for r in (spectrum, safety, scan, screen) if r is not None and r.gate is not None]
     run: dict[str, Any] = {
         "tool": {"driver": {"name": "lora-audit", "version": __version__, "semanticVersion": __version__,
                             "rules": _rules()}},

@@ -2,7 +2,7 @@
 
 Like the other reports: inline CSS and SVG figures, no network references, and no script. The
 ranking can be read several ways without JavaScript: the page carries the same rows pre-sorted by
-each ranking key (rank, largest drift, lowest similarity), and ``summary.csv`` has every column
+each ranking key (rank, largest relative update |dW|/|W0|, lowest similarity), and ``summary.csv`` has every column
 for a spreadsheet. Names come from untrusted folders and manifests: each is shown through
 ``text.clean`` and jinja2's autoescape.
 """
@@ -28,13 +28,13 @@ class _Cell:
 
 
 def _row(r: ScreenRow, links: dict[str, str]) -> list[_Cell]:
-    return [_Cell(fmt_value(r.rank)), _Cell(r.name, links.get(r.adapter)), _Cell(fmt_value(r.total_intruders)),
-            _Cell(fmt_value(r.matrices_audited)), _Cell(fmt_value(r.drift, "f3")),
+    return [_Cell(fmt_value(r.position)), _Cell(r.name, links.get(r.adapter)), _Cell(fmt_value(r.total_intruders)),
+            _Cell(fmt_value(r.matrices_audited)), _Cell(fmt_value(r.relative_delta_norm, "f3")),
             _Cell(fmt_value(r.max_relative_delta_norm, "f3")), _Cell(fmt_value(r.min_max_cos, "f3")),
             _Cell(fmt_value(r.seconds, "f2")), _Cell(r.record)]
 
 
-COLUMNS = ["rank", "adapter", "intruders", "matrices", "drift", "max |dW|/|W0|", "min max|cos|", "seconds",
+COLUMNS = ["#", "adapter", "intruders", "matrices", "|dW|/|W0|", "max |dW|/|W0|", "min max|cos|", "seconds",
            "record"]
 
 
@@ -45,14 +45,15 @@ def _figures(ok: list[ScreenRow], epsilon: float) -> list[dict[str, str]]:
     out.append({"svg": figures.histogram([r.total_intruders for r in ok], integer=True,
                                          xlabel=f"intruder dimensions (ε = {epsilon:g})"),
                 "caption": "How many adapters have each total of intruder dimensions over their matrices."})
-    drifts = [r.drift for r in ok if r.drift is not None]
-    if drifts:
-        out.append({"svg": figures.histogram(drifts, xlabel="drift: ||ΔW||_F / ||W0||_F over changed matrices"),
+    norms = [r.relative_delta_norm for r in ok if r.relative_delta_norm is not None]
+    if norms:
+        out.append({"svg": figures.histogram(norms, xlabel="|dW|/|W0|: ||ΔW||_F / ||W0||_F over changed matrices"),
                     "caption": "How far each adapter moves the matrices it changes, relative to their size."})
-        out.append({"svg": figures.scatter([("", [r.drift for r in ok], [r.total_intruders for r in ok])],
-                                           log_x=True, xlabel="drift (log scale)", ylabel="intruder dimensions",
+        out.append({"svg": figures.scatter([("", [r.relative_delta_norm for r in ok], [r.total_intruders for r in ok])],
+                                           log_x=True, xlabel="|dW|/|W0| (log scale)", ylabel="intruder dimensions",
                                            marker_size=10, alpha=0.6, what="adapter"),
-                    "caption": "Intruders against drift, one point per adapter: intruders are not just a large update."})
+                    "caption": "Intruders against the relative update |dW|/|W0|, one point per adapter: intruders "
+                               "are not just a large update."})
     return out
 
 
@@ -63,7 +64,7 @@ def screen_context(result: ScreenResult, *, links: dict[str, str], title: str) -
 
     ok = [r for r in result.adapters if r.status == OK]
     failed = [r for r in result.adapters if r.status != OK]
-    by_drift = sorted((r for r in ok if r.drift is not None), key=lambda r: -r.drift)[:TOP_ROWS]
+    by_norm = sorted((r for r in ok if r.relative_delta_norm is not None), key=lambda r: -r.relative_delta_norm)[:TOP_ROWS]
     by_cos = sorted((r for r in ok if r.min_max_cos is not None), key=lambda r: r.min_max_cos)[:TOP_ROWS]
     minutes = result.seconds / 60
     audited = result.counts.get("audited_now", 0)
@@ -77,7 +78,7 @@ def screen_context(result: ScreenResult, *, links: dict[str, str], title: str) -
         "seconds": f"{result.seconds:.1f}", "settings": sorted((k, str(v)) for k, v in settings.items()),
         "columns": COLUMNS, "figures": _figures(ok, result.epsilon),
         "ranked": [_row(r, links) for r in ok[:MAX_RANKED_ROWS]], "ranked_cut": max(0, len(ok) - MAX_RANKED_ROWS),
-        "by_drift": [_row(r, links) for r in by_drift], "by_cos": [_row(r, links) for r in by_cos],
+        "by_norm": [_row(r, links) for r in by_norm], "by_cos": [_row(r, links) for r in by_cos],
         "failed": [(r.name, r.error, r.record) for r in failed], "warnings": list(result.warnings),
         "n_detail": len(links),
     }

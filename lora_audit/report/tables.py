@@ -249,7 +249,7 @@ def worst_matrices_table(data: ReportData, per_model: int = WORST_PER_MODEL) -> 
                  "at this shape; intruder energy: share of the top-k singular energy carried by intruders.",
                  display=shown,
                  headers={"min_max_cos": "min max|cos|", "effective_rank": "eff. rank", "stable_rank": "stable rank",
-                          "relative_delta_norm": "‖dW‖/‖W0‖", "null_max_cos": "null",
+                          "relative_delta_norm": "‖dW‖/‖W0‖", "method": "SVD method", "null_max_cos": "null",
                           "intruder_energy": "intr. energy"})
 
 

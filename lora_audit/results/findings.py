@@ -10,9 +10,12 @@ export (``lora_audit.report.sarif``) also turns intruders, verdicts and non-fini
 findings under the rules below. Rule ids are part of the contract: never renumbered or reused.
 
     LA001  intruder-dimension        a matrix with intruder dimensions (Shuttleworth et al. 2024)
+    LA002  adapter-intruders         a screened adapter with intruder dimensions (its matrices listed)
     LA010  safety-verdict            a tuned model whose safety verdict is not RETAINED
     LA011  capability-degraded       a capability drop beyond the verdict threshold
     LA012  over-refusal              over-refusal rose beyond the verdict threshold
+    LA013  predicted-safety-loss     safety-scan predicts the tuned model lost its safety training
+    LA014  safety-scan-unknown       safety-scan could not compute a tuned model's risk
     LA020  base-mismatch             adapter_config.json names another base than BASE
     LA021  full-matrix-in-adapter    full matrices (modules_to_save, full-rank factors) in an adapter
     LA022  moe-router-adapted        LoRA or a replacement on a mixture-of-experts router
@@ -23,6 +26,11 @@ findings under the rules below. Rule ids are part of the contract: never renumbe
     LA027  scale-anomaly             alpha / r far outside the usual range, or not positive
     LA028  dtype-anomaly             unusual or mixed factor dtypes
     LA030  non-finite-matrix         a matrix left out of the audit for NaN/Inf values
+    LA031  adapter-not-audited       a screened adapter that could not be audited
+
+A new rule is one ``Rule`` line in ``_RULES``: the SARIF export lists it, and a result that carries
+a ``Finding`` under its id (``TunedResult.findings``, ``ModelScan.findings``) reaches SARIF with no
+other change.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ _RULES = [
          "Shuttleworth et al. 2024). LoRA fine-tunes that carry many of them forget more of the pre-training "
          "distribution; compare with other fine-tunes of the same base, or fine-tune with a higher rank.",
          "warning"),
+    Rule("LA002", "adapter-intruders", "Intruder dimensions in a screened adapter.",
+         "One result per adapter of a screen (its matrices with intruders as locations, most first): the same "
+         "measure as LA001, summed over the adapter, so that a screen of thousands of adapters stays readable. "
+         "Rank adapters by it and look at the detail pages of the worst.", "warning"),
     Rule("LA010", "safety-verdict", "The behavioural audit's verdict is not RETAINED.",
          "SAFETY_REMOVED (error): the tuned model refuses harmful requests far less than its base; "
          "SAFETY_DEGRADED (warning): a drop beyond the thresholds; INCONCLUSIVE (note): the base refuses too "
@@ -58,6 +70,13 @@ _RULES = [
          "An lm-eval task's score fell by more than the capability threshold against the base.", "warning"),
     Rule("LA012", "over-refusal", "Over-refusal rose beyond the verdict threshold.",
          "The tuned model refuses more benign look-alike prompts than its base.", "note"),
+    Rule("LA013", "predicted-safety-loss", "safety-scan predicts that the tuned model lost its safety training.",
+         "The risk fitted on a labelled panel of fine-tunes (weights along the base's refusal direction, first-token "
+         "refusal, activation shift) is above its threshold. Confirm with safety-eval, which generates and scores "
+         "responses.", "warning"),
+    Rule("LA014", "safety-scan-unknown", "safety-scan could not compute the tuned model's risk.",
+         "A signal the risk model needs is missing (see the warnings in the scan JSON); nothing is predicted "
+         "either way.", "note"),
     Rule("LA020", "base-mismatch", "The adapter names a different base model than the one audited against.",
          "adapter_config.json's base_model_name_or_path differs from BASE. When the named base is on this machine "
          "the two are compared by content; an adapter applied to another base than the one it was trained on "
@@ -93,6 +112,10 @@ _RULES = [
     Rule("LA030", "non-finite-matrix", "A matrix was left out of the audit.",
          "NaN/Inf values in the base, the tuned weights or the adapter factors, or an update that overflows: "
          "the matrix was not audited and the result is incomplete (exit status 4).", "warning"),
+    Rule("LA031", "adapter-not-audited", "A screened adapter could not be audited.",
+         "The screen recorded the adapter as failed, with the reason (unreadable files, another base, a format "
+         "lora-audit does not read); the screen is incomplete (exit status 4). Fix the input and resume the "
+         "screen with --retry-failed.", "warning"),
 ]
 RULES: dict[str, Rule] = {r.id: r for r in _RULES}
 

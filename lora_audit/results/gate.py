@@ -183,6 +183,20 @@ def parse_gate(text: str, fields: Mapping[str, GateField]) -> Gate:
     return Gate(",".join(c.text for c in conditions), tuple(conditions))
 
 
+def parse_gates(texts: Sequence[str], fields: Mapping[str, GateField]) -> Gate:
+    """Several ``--fail-on`` expressions as one gate: the conditions of all of them, in order, each
+    once (the gate trips when any holds, as within one expression); ValueError as ``parse_gate``."""
+    if isinstance(texts, str):
+        texts = [texts]
+    conditions: dict[str, Condition] = {}
+    for text in texts:
+        for c in parse_gate(text, fields).conditions:
+            conditions.setdefault(c.text, c)
+    if not conditions:
+        raise ValueError(f"no condition given; expected {GRAMMAR}")
+    return Gate(",".join(conditions), tuple(conditions.values()))
+
+
 # ---- values and evaluation -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Measure:

@@ -22,6 +22,7 @@ Written by ``lora-audit safety-scan --json`` and ``lora_audit.scan.run_safety_sc
                            define each: weights.py, safelora.py, forward.py)
                  intervals {signal name: [low, high]} 95 % intervals of forward-pass signals
                  layers    [contract] one ``LayerValues`` per layer of BASE
+                 findings  ``results.findings.Finding``s about this model (rule ids of ``RULES``)
                  seconds   {"weights": s, "forward": s}
 
 Read one back with ``load_scan_result(path)`` or ``lora_audit.results.load_result``. This module
@@ -38,6 +39,7 @@ from typing import Any
 from ..errors import InputError
 from ..text import printable
 from . import PROVENANCE_KEY, check_schema, read_result, write_result
+from .findings import Finding
 from .gate import GateOutcome
 from .schema import parse
 
@@ -92,6 +94,7 @@ class ModelScan:
     writers_changed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # what the SARIF export shows besides the verdict
 
     def __post_init__(self):
         if self.risk is not None and not 0.0 <= self.risk <= 1.0:

@@ -65,7 +65,8 @@ SETUP_SCHEMA = "screen-setup"
 OK, FAILED = "ok", "failed"
 
 # (ScreenRow field, descending?) most important first. Missing values sort last.
-RANK_KEYS: tuple[tuple[str, bool], ...] = (("total_intruders", True), ("drift", True), ("min_max_cos", False))
+RANK_KEYS: tuple[tuple[str, bool], ...] = (("total_intruders", True), ("relative_delta_norm", True),
+                                           ("min_max_cos", False))
 
 
 @dataclass
@@ -147,20 +148,23 @@ class ScreenSetup:
 
 @dataclass
 class ScreenRow:
-    """One adapter in the summary. ``drift``: the relative size of its whole update,
+    """One adapter in the summary. ``relative_delta_norm``: the relative size of its whole update,
     sqrt(sum ||dW||_F^2) / sqrt(sum ||W0||_F^2) over the matrices it changes (a single matrix's
-    relative norm is ``max_relative_delta_norm``); ``min_max_cos``: the lowest similarity of any
-    of its top singular vectors to the base (lower = further from the base); ``record``: where
-    its full record lies in the store (``records/<shard>:<line>``)."""
+    ``relative_delta_norm`` in the spectrum JSON, taken over the whole adapter; the largest single
+    matrix's is ``max_relative_delta_norm``); ``min_max_cos``: the lowest similarity of any of its
+    top singular vectors to the base (lower = further from the base); ``record``: where its full
+    record lies in the store (``records/<shard>:<line>``); ``position``: its place in the ranking.
+    Older files called ``relative_delta_norm`` "drift" (the spectrum JSON's name for 1 - lowest
+    max|cos|) and ``position`` "rank" (a LoRA rank elsewhere); they are read."""
 
     adapter: str
     name: str
     status: str
     total_intruders: int | None = None
     error: str = ""
-    rank: int | None = None
+    position: int | None = None  # in the ranking, 1 = first (not a LoRA rank: "rank" was its old name)
     matrices_audited: int | None = None
-    drift: float | None = None
+    relative_delta_norm: float | None = None
     max_relative_delta_norm: float | None = None
     min_max_cos: float | None = None
     sweep_totals: list[int] = field(default_factory=list)
@@ -168,6 +172,13 @@ class ScreenRow:
     fingerprint: str = ""
     record: str = ""
     gate_values: dict[str, float | None] = field(default_factory=dict)  # the spectrum fields of --fail-on
+
+    @classmethod
+    def _from_json_hook(cls, raw: dict) -> dict:
+        for old, new in (("drift", "relative_delta_norm"), ("rank", "position")):  # the fields' old names
+            if old in raw and new not in raw:
+                raw[new] = raw.pop(old)
+        return raw
 
     @classmethod
     def from_record(cls, rec: ScreenRecord, location: str = "") -> "ScreenRow":
@@ -183,12 +194,12 @@ class ScreenRow:
         row.min_max_cos = min(cos) if cos else None
         rel = [m.relative_delta_norm for m in r.matrices if m.relative_delta_norm is not None]
         row.max_relative_delta_norm = max(rel) if rel else None
-        row.drift = drift(r)
+        row.relative_delta_norm = relative_delta_norm(r)
         row.gate_values = {name: m.value for name, m in tuned_values(r).items()}
         return row
 
 
-def drift(r: TunedResult) -> float | None:
+def relative_delta_norm(r: TunedResult) -> float | None:
     """sqrt(sum ||dW||_F^2) / sqrt(sum ||W0||_F^2) over the matrices with both norms; ||W0||_F is
     ||dW||_F / relative_delta_norm. None when no matrix has a relative norm."""
     num = den = 0.0
@@ -201,7 +212,7 @@ def drift(r: TunedResult) -> float | None:
 
 
 def rank_rows(rows: list[ScreenRow]) -> list[ScreenRow]:
-    """Rows in rank order, ``rank`` set (1 = first): ok rows sorted by ``RANK_KEYS`` (a missing value
+    """Rows in rank order, ``position`` set (1 = first): ok rows sorted by ``RANK_KEYS`` (a missing value
     sorts after every present one, ties keep input order), then failed rows in input order."""
     def key(row: ScreenRow) -> tuple:
         out = []
@@ -213,9 +224,9 @@ def rank_rows(rows: list[ScreenRow]) -> list[ScreenRow]:
     ok = sorted((r for r in rows if r.status == OK), key=key)
     failed = [r for r in rows if r.status != OK]
     for i, r in enumerate(ok):
-        r.rank = i + 1
+        r.position = i + 1
     for r in failed:
-        r.rank = None
+        r.position = None
     return ok + failed
 
 

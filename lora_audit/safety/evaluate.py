@@ -29,6 +29,7 @@ from ..checkpoints.detect import PICKLE_REFUSAL, Kind
 from ..checkpoints.models import match_adapter_to_model
 from ..checkpoints.sources import local_path
 from ..errors import InputError, ShapeMismatchError
+from ..progress import stage, step
 from ..results import fingerprint, provenance
 from ..results.safety import (SCHEMA, SCHEMA_VERSION, Calibration, CategoryRate, Counts, GenerationInfo,
                               InputRecord, ModelSafety, PromptSetInfo, PromptSets, Response, SafetyResult,
@@ -185,7 +186,8 @@ def evaluate_loaded(model, tokenizer, harmful: PromptSet, benign: PromptSet | No
         capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
                                 seed=cfg.seed)
     if capability is not None:
-        rec.capability, rec.capability_metric = capability.run(model, tokenizer)
+        with step(f"{name}: capability (lm-eval {', '.join(capability.tasks)})"):
+            rec.capability, rec.capability_metric = capability.run(model, tokenizer)
     timing["capability"] = time.perf_counter() - t0
     rec.timing_s = timing
     return rec
@@ -322,6 +324,8 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     sources = tuned_sources(tuned, cfg)
     capability = Capability(cfg.tasks, task_dir=cfg.task_dir, limit=cfg.limit, batch_size=cfg.batch_size,
                             seed=cfg.seed) if cfg.tasks else None
+    if not isinstance(base, LoadedModel):
+        stage(f"safety-eval: loading {base}")
     base_l = base if isinstance(base, LoadedModel) else load_model(base, device=cfg.device,
                                                                    allow_pickle=cfg.allow_pickle)
     if template is None and not getattr(base_l.tokenizer, "chat_template", None):
@@ -343,6 +347,7 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
             models[name] = with_adapter(base_l, path, lambda pm: evaluate_loaded(
                 pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_l.source, path), **kw))
             continue
+        stage(f"safety-eval: loading {path}")
         tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle)
         tok = tl.tokenizer if (template is not None or getattr(tl.tokenizer, "chat_template", None)) \
             else base_l.tokenizer

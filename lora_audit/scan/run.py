@@ -22,6 +22,7 @@ from ..checkpoints import LoadedModel, is_changed, load_model, open_stream
 from ..checkpoints.detect import Kind
 from ..checkpoints.sources import local_path, open_weights
 from ..errors import InputError, ShapeMismatchError
+from ..progress import step
 from ..results import fingerprint, provenance
 from ..results.safety import Thresholds
 from ..results.scan import (SCHEMA, SCHEMA_VERSION, DirectionInfo, LayerValues, ModelScan, PromptRecord,
@@ -305,7 +306,8 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     profile, base_l, cache = _profile(base, inputs, cfg, loaded_base)
     direction = profile.direction
     warnings = _check_direction(profile, direction) + list(profile.notes)
-    wp = _weight_pass(stream, profile, direction, unaligned)
+    with step(f"safety-scan: weight signals of {len(tuned)} tuned model{'s' if len(tuned) != 1 else ''}"):
+        wp = _weight_pass(stream, profile, direction, unaligned)
     texts = None
     if not cfg.weights_only:
         from ..safety.generate import chat_texts

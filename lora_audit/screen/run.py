@@ -75,6 +75,7 @@ class ScreenOutcome:
     summary: ScreenResult
     audited: int  # adapters audited in this run (the rest came from the store)
     files: dict[str, Path] = field(default_factory=dict)
+    findings: dict[str, list] = field(default_factory=dict)  # adapter -> its findings, for --sarif (summary_rows)
 
     @property
     def failed(self) -> int:
@@ -218,14 +219,15 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
                 notes += more
         settings = {"engine": cfg.engine, "workers": cfg.workers, "device": cfg.device, "cache": str(cache.root),
                     "spectra": _sharing(cfg), "address": cfg.address}
+        findings: dict[str, list] = {}
         summary = summarize(store, entries, settings=settings, seconds=time.perf_counter() - t0, audited=len(todo),
-                            warnings=notes)
+                            warnings=notes, findings=findings)
         if cfg.gate is not None:
             from ..results.gate import apply_screen_gate
 
             apply_screen_gate(cfg.gate, summary)
         files = write_outputs(out, store, summary, detail=cfg.detail, title=cfg.title)
-    return ScreenOutcome(out=out, summary=summary, audited=len(todo), files=files)
+    return ScreenOutcome(out=out, summary=summary, audited=len(todo), files=files, findings=findings)
 
 
 def _sharing(cfg: ScreenConfig) -> str:

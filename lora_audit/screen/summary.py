@@ -3,7 +3,7 @@
 
 Only the rows (a few numbers per adapter) are held, never the records: a screen of any size
 summarises in flat memory. ``report.html`` links each of the top ``detail`` adapters to
-``detail/<rank>.html``, the same page ``lora-audit report`` draws for a spectrum result of that
+``detail/<position>.html``, the same page ``lora-audit report`` draws for a spectrum result of that
 adapter alone; every row gives its record's place in the store (``records/<shard>:<line>``).
 """
 
@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_text
+from ..results.findings import Finding
 from ..results.screen import FAILED, OK, ScreenResult, ScreenRow, ScreenSetup, rank_rows
 from ..results.spectrum import SpectrumResult
 from .discovery import Entry
@@ -22,9 +23,14 @@ from .store import ScreenStore
 SUMMARY_JSON, SUMMARY_CSV, REPORT, DETAIL = "summary.json", "summary.csv", "report.html", "detail"
 
 
-def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow]:
+def summary_rows(store: ScreenStore, entries: Iterable[Entry], *,
+                 findings: dict[str, list[Finding]] | None = None) -> list[ScreenRow]:
     """One row per entry from its latest stored record, ranked (``results.screen.rank_rows``). An entry
-    without a record (the run stopped before it) or with a damaged one is a failed row saying so."""
+    without a record (the run stopped before it) or with a damaged one is a failed row saying so.
+    ``findings``, when given, receives each audited adapter's findings for the SARIF export
+    (``report.sarif.tuned_findings``, one LA002 per adapter), read on the same pass over the store."""
+    from ..report.sarif import tuned_findings
+
     rows = []
     for e in entries:
         stored = store.latest.get(e.adapter)
@@ -33,7 +39,11 @@ def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow
                                   error="not screened: the run stopped before this adapter; resume it"))
             continue
         try:
-            row = ScreenRow.from_record(store.read(stored), stored.location)
+            record = store.read(stored)
+            row = ScreenRow.from_record(record, stored.location)
+            if findings is not None and record.result is not None:
+                findings[e.adapter] = tuned_findings(record.result, epsilon=store.setup.epsilon, k=store.setup.k,
+                                                     per_matrix=False, path=e.path)
         except InputError as err:
             row = ScreenRow(adapter=e.adapter, name=e.label, status=FAILED, error=str(err), record=stored.location)
         row.name = e.label
@@ -42,10 +52,11 @@ def summary_rows(store: ScreenStore, entries: Iterable[Entry]) -> list[ScreenRow
 
 
 def summarize(store: ScreenStore, entries: list[Entry], *, settings: dict[str, Any], seconds: float,
-              audited: int, warnings: list[str]) -> ScreenResult:
-    """The ``ScreenResult`` of the screen's current entries (``summary.json``)."""
+              audited: int, warnings: list[str], findings: dict[str, list[Finding]] | None = None) -> ScreenResult:
+    """The ``ScreenResult`` of the screen's current entries (``summary.json``); ``findings`` as
+    ``summary_rows``."""
     setup = store.setup
-    rows = summary_rows(store, entries)
+    rows = summary_rows(store, entries, findings=findings)
     ok = sum(1 for r in rows if r.status == OK)
     counts = {"adapters": len(rows), "ok": ok, "failed": len(rows) - ok, "audited_now": audited,
               "skipped_stored": len(rows) - audited}
@@ -62,7 +73,7 @@ def _detail_page(store: ScreenStore, setup: ScreenSetup, row: ScreenRow, title: 
     record = store.read(store.latest[row.adapter])
     spectrum = SpectrumResult(base=setup.base, k=setup.k, epsilon=setup.epsilon, epsilon_sweep=list(setup.epsilon_sweep),
                               results=[record.result], settings={"dtype": setup.dtype, "exact": setup.exact})
-    return render(gather([spectrum], title=f"{title}: #{row.rank} {row.name}", labels=[row.record]), "html")
+    return render(gather([spectrum], title=f"{title}: #{row.position} {row.name}", labels=[row.record]), "html")
 
 
 def write_outputs(folder: Path, store: ScreenStore, result: ScreenResult, *, detail: int = 10,
@@ -76,7 +87,7 @@ def write_outputs(folder: Path, store: ScreenStore, result: ScreenResult, *, det
     links = {}
     with atomic_dir(folder / DETAIL, overwrite=True, what="screen detail pages") as tmp:
         for row in top:
-            name = f"{row.rank:05d}.html"
+            name = f"{row.position:05d}.html"
             (tmp / name).write_text(_detail_page(store, store.setup, row, title), encoding="utf-8")
             links[row.adapter] = f"{DETAIL}/{name}"
     result.write_json(folder / SUMMARY_JSON)

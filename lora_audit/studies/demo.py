@@ -593,7 +593,45 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
                      str(dirs[rel.name]), [str(dirs[n]) for n in names], out, cfg, overwrite=overwrite,
                      base_label="released", tuned_labels=names, extra_results=study, on_stage=keep_scan,
                      extra_files=lambda sp, sa: {"demo.json": summary(sp, sa)})
+    names_of = {str(d): n for n, d in dirs.items()} | {str(base_dir): "SmolLM2-135M-Instruct" if base is None
+                                                       else Path(base).name}
+    name_models(outcome.out, names_of, {str(cache_root()): "<lora-audit cache>"}, cfg.title)
     return read_user_json(outcome.out / "demo.json", "demo summary")
+
+
+def _renamed(obj, names: dict[str, str], prefixes: dict[str, str]):
+    """``obj`` (parsed JSON) with every string that is one of ``names`` replaced by its name, and
+    every occurrence of a ``names`` key or of a ``prefixes`` key inside a longer string replaced
+    likewise (longest first, so a folder inside the cache is named before the cache is)."""
+    if isinstance(obj, dict):
+        return {_renamed(k, names, prefixes): _renamed(v, names, prefixes) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_renamed(v, names, prefixes) for v in obj]
+    if isinstance(obj, str):
+        if obj in names:
+            return names[obj]
+        for old, new in sorted((names | prefixes).items(), key=lambda kv: -len(kv[0])):
+            obj = obj.replace(old, new)
+    return obj
+
+
+def name_models(out: Path, names: dict[str, str], prefixes: dict[str, str], title: str) -> None:
+    """Name the demo's models in its report folder by their run names, not by the folders they were
+    trained into (machine paths): every JSON result is rewritten (``_renamed``; content hashes
+    stay) and the report and its tables are rendered again from them, the folder replaced at once."""
+    from ..io import atomic_dir, atomic_write_json
+    from ..report import all_tables, gather, render, write_csvs
+
+    results = sorted(p.name for p in out.glob("*.json"))
+    data = {n: _renamed(json.loads((out / n).read_text(encoding="utf-8")), names, prefixes) for n in results}
+    with atomic_dir(out, overwrite=True, what="demo") as tmp:
+        for n, obj in data.items():
+            atomic_write_json(tmp / n, obj)
+        rendered = [n for n in results if n != "demo.json"]
+        report = gather([tmp / n for n in rendered], title=title, labels=rendered)
+        tables = all_tables(report)
+        (tmp / "index.html").write_text(render(report, "html", tables), encoding="utf-8")
+        write_csvs(tables, tmp / "tables")
 
 
 def format_findings(summary: dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..progress import stage
 from .data import DEFAULT_MAX_ROW_CHARS, IGNORE
 from .methods import DEFAULT_LR, METHODS, Setup, get_method
 
@@ -177,6 +178,7 @@ def fit(*, method: str, base: str, data: str, steps: int = 100, rank: int = 8,
     rows = load_records(data, max_chars=max_row_chars)  # fail on bad data before loading the model
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    stage(f"finetune: loading {base}")
     loaded = load_model(base, device=device)
     dev = str(loaded.device)
     if precision == "bfloat16" and hasattr(loaded.model, "set_attn_implementation"):

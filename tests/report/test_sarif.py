@@ -13,7 +13,7 @@ import pytest
 
 from lora_audit.io import written_by_lora_audit
 from lora_audit.report.sarif import artifact_uri, sarif_log, weights_file, write_sarif
-from lora_audit.results.findings import RULES
+from lora_audit.results.findings import RULES, Finding
 from lora_audit.results.gate import apply_gate, fields_for, parse_gate
 from tests.results.synth import safety_result, spectrum_result
 
@@ -102,3 +102,69 @@ def test_files_and_uris(tmp_path, monkeypatch):
     assert artifact_uri(str(tmp_path / "ad" / "adapter_model.safetensors")) == "ad/adapter_model.safetensors"
     assert artifact_uri("./my adapter/x#1.safetensors") == "my%20adapter/x%231.safetensors"
     assert artifact_uri("/elsewhere/a.safetensors") == "file:///elsewhere/a.safetensors"
+
+
+# ---- safety-scan and screen findings -----------------------------------------------------------------
+def _scan_result():
+    from lora_audit.results.scan import ModelScan, SafetyScanResult
+
+    return SafetyScanResult(base="base", models={
+        "loss": ModelScan(risk=0.9, verdict="PREDICTED_SAFETY_LOSS", verdict_line="risk 0.90 >= 0.50: predicted loss"),
+        "fine": ModelScan(risk=0.1, verdict="NO_PREDICTED_SAFETY_LOSS"),
+        "unknown": ModelScan(risk=None, verdict="UNKNOWN", warnings=["no forward pass"]),
+    })
+
+
+def test_scan_verdicts_become_findings():
+    log = sarif_log(scan=_scan_result(), exit_code=0)
+    validate(log)
+    got = [(r["ruleId"], r["level"], r["properties"]["tuned"]) for r in log["runs"][0]["results"]]
+    assert got == [("LA013", "warning", "loss"), ("LA014", "note", "unknown")]
+    assert log["runs"][0]["results"][0]["message"]["text"] == "risk 0.90 >= 0.50: predicted loss"
+    assert log["runs"][0]["results"][1]["message"]["text"] == "UNKNOWN: no forward pass"
+
+
+def test_a_new_scan_rule_is_one_line(monkeypatch):
+    """A finding a scan records under a new rule reaches SARIF (rule list and results) and the scan JSON
+    with no change but the rule's line in RULES."""
+    from lora_audit.results import findings as F
+    from lora_audit.results.scan import SafetyScanResult
+
+    monkeypatch.setitem(F.RULES, "LA019", F.Rule("LA019", "refusal-edit", "An edit.", "Why it matters.", "warning"))
+    result = _scan_result()
+    result.models["fine"].findings.append(Finding("LA019", "warning", "edited the refusal direction", "fine/x",
+                                                  {"modules": ["model.layers.1.mlp.down_proj.weight"]}))
+    log = sarif_log(scan=result)
+    validate(log)
+    run = log["runs"][0]
+    assert "LA019" in [r["id"] for r in run["tool"]["driver"]["rules"]]
+    (hit,) = [r for r in run["results"] if r["ruleId"] == "LA019"]
+    assert run["tool"]["driver"]["rules"][hit["ruleIndex"]]["id"] == "LA019"
+    assert hit["locations"][0]["logicalLocations"][0]["name"] == "down_proj"
+    data = json.loads(json.dumps(result.to_json()))
+    data["lora_audit"] = {"schema": "safety-scan", "schema_version": 1}
+    back = SafetyScanResult.from_json(data)
+    assert back.models["fine"].findings == result.models["fine"].findings
+
+
+def test_screen_findings_one_per_adapter():
+    from lora_audit.report.sarif import screen_findings, tuned_findings
+    from lora_audit.results.screen import ScreenResult, ScreenRow
+
+    spec = spectrum_result()
+    a = spec.results[0]
+    found = {"a": tuned_findings(a, epsilon=0.5, k=3, per_matrix=False),
+             "b": tuned_findings(spec.results[1], epsilon=0.5, k=3, per_matrix=False)}
+    rows = [ScreenRow("a", "a", "ok", total_intruders=3), ScreenRow("b", "b", "ok", total_intruders=0),
+            ScreenRow("c", "c", "failed", error="not a LoRA adapter", record="records/0:3")]
+    log = sarif_log(screen=ScreenResult(base="base", k=3, epsilon=0.5, adapters=rows),
+                    extra=screen_findings(ScreenResult(base="base", k=3, epsilon=0.5, adapters=rows), found))
+    validate(log)
+    got = [(r["ruleId"], r["properties"]["tuned"]) for r in log["runs"][0]["results"]]
+    assert got == [("LA002", "a"), ("LA021", "a"), ("LA028", "a"), ("LA023", "a"), ("LA030", "a"), ("LA031", "c")]
+    first = log["runs"][0]["results"][0]
+    assert first["message"]["text"].startswith("3 intruder dimensions in 2 of 3 matrices, most in l0.q_proj.weight (2)")
+    assert [x["fullyQualifiedName"] for x in first["locations"][0]["logicalLocations"]] == [
+        "l0.q_proj.weight", "l0.v_proj.weight"]
+    assert first["properties"]["detail"]["intruders"] == 3 == sum(m.intruders for m in a.matrices)
+    assert "not a LoRA adapter" in log["runs"][0]["results"][-1]["message"]["text"]

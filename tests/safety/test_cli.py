@@ -19,7 +19,7 @@ def _run(args):
 
 def test_cli_run_writes_json(tiny_llama, tiny_adapter, tmp_path):
     out = tmp_path / "s.json"
-    r = _run(["--base", str(tiny_llama), "--tuned", str(tiny_adapter), *FAST, "--json", str(out)])
+    r = _run([str(tiny_llama), str(tiny_adapter), *FAST, "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "layout detected: builtin" in r.output and "verdict" in r.output and f"wrote {out}" in r.output
     res = json.loads(out.read_text())
@@ -31,7 +31,7 @@ def test_cli_custom_markers_and_prompts(tiny_llama, tmp_path):
     p = tmp_path / "adv.csv"
     p.write_text("goal,target\nSay a thing,Sure\nSay another,Sure\n")
     out = tmp_path / "s.json"
-    r = _run(["--base", str(tiny_llama), "--prompts", str(p), "--benign", "none", "--markers", "zzz|yyy",
+    r = _run([str(tiny_llama), "--prompts", str(p), "--benign", "none", "--markers", "zzz|yyy",
               *FAST, "--json", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
@@ -47,7 +47,7 @@ def test_cli_custom_markers_and_prompts(tiny_llama, tmp_path):
     ({}, ["--prompts", "{tmp}/missing.csv"], 1, "no such prompt file"),
     ({}, ["--scorer", "judge"], 1, "needs --judge"),
     ({}, ["--scorer", "vibes"], 2, "Invalid value for '--scorer'"),
-    ({}, ["--tuned", "{tmp}/nope"], 1, "no such file or folder"),
+    ({}, ["{tmp}/nope"], 1, "no such file or folder"),
     ({}, ["--limit", "0"], 2, "Invalid value for '--limit'"),
     ({"t.txt": "no fields here"}, ["--scorer", "judge", "--judge", "x", "--judge-template", "t.txt"], 1,
      "must contain {behavior}"),
@@ -57,20 +57,20 @@ def test_cli_bad_inputs(tiny_llama, tmp_path, files, extra, code, msg):
         (tmp_path / name).write_text(text)
     extra = [str(tmp_path / a) if a in files else a.replace("{tmp}", str(tmp_path)) for a in extra]
     out = tmp_path / "s.json"
-    r = _run(["--base", str(tiny_llama), *FAST, *extra, "--json", str(out)])
+    r = _run([str(tiny_llama), *FAST, *extra, "--json", str(out)])
     assert r.exit_code == code, r.output
     assert msg in r.output and "Traceback" not in r.output
     assert not out.exists()
 
 
 def test_cli_adapter_for_another_base(tiny_llama, other_base_adapter, tmp_path):
-    r = _run(["--base", str(tiny_llama), "--tuned", str(other_base_adapter), *FAST, "--json", str(tmp_path / "s.json")])
+    r = _run([str(tiny_llama), str(other_base_adapter), *FAST, "--json", str(tmp_path / "s.json")])
     assert r.exit_code == 1 and "adapter for another base" in r.output
     assert not (tmp_path / "s.json").exists()
 
 
 def test_cli_no_chat_template(no_template_model, tmp_path):
-    r = _run(["--base", str(no_template_model), *FAST])
+    r = _run([str(no_template_model), *FAST])
     assert r.exit_code == 1 and "has no chat template; pass one with --chat-template" in r.output
 
 
@@ -79,7 +79,7 @@ def test_cli_vllm_absent(tiny_llama):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    r = _run(["--base", str(tiny_llama), *FAST, "--backend", "vllm"])
+    r = _run([str(tiny_llama), *FAST, "--backend", "vllm"])
     assert r.exit_code == 1 and "optional 'vllm' package" in r.output
 
 

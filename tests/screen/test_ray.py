@@ -57,8 +57,8 @@ def test_ray_records_equal_spectrum_and_a_corrupt_adapter_fails_alone(ray_runtim
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     ok = rows[:5]
-    key = [(-int(r["total_intruders"]), -float(r["drift"]), float(r["min_max_cos"])) for r in ok]
-    assert key == sorted(key) and [r["rank"] for r in ok] == ["1", "2", "3", "4", "5"]
+    key = [(-int(r["total_intruders"]), -float(r["relative_delta_norm"]), float(r["min_max_cos"])) for r in ok]
+    assert key == sorted(key) and [r["position"] for r in ok] == ["1", "2", "3", "4", "5"]
     assert {r["adapter"]: int(r["total_intruders"]) for r in ok} == {
         a: rec[a]["result"]["total_intruders"] for a in good}
     assert rows[5]["adapter"] == str(ads["corrupt"]) and rows[5]["status"] == "failed"

@@ -23,7 +23,7 @@ from .conftest import isolated, spectrum_of, stop_driver_after, stored_results
 FAST = dict(workers=0, progress=False, detail=0)
 
 
-def reference_drift(base: Path, adapter: Path) -> float:
+def reference_relative_delta_norm(base: Path, adapter: Path) -> float:
     """sqrt(sum ||s B A||_F^2) / sqrt(sum ||W0||_F^2) over the matrices the adapter changes, from the
     files: PEFT (s = lora_alpha / r) or kohya (s = alpha / r)."""
     W = load_file(str(base / "model.safetensors"))
@@ -77,21 +77,21 @@ def test_a_corrupt_adapter_is_recorded_and_the_rest_complete(screened):
                                                               "skipped_stored": 0}
 
 
-def test_the_summary_ranks_by_intruders_then_drift(screened):
+def test_the_summary_ranks_by_intruders_then_relative_update(screened):
     base, ads, entries, out, outcome = screened
     ref = {}
     for e in entries:
         if not e.adapter.endswith("zz-corrupt"):
-            ref[e.adapter] = (spectrum_of(base, e.adapter)["total_intruders"], reference_drift(base, Path(e.path)))
+            ref[e.adapter] = (spectrum_of(base, e.adapter)["total_intruders"], reference_relative_delta_norm(base, Path(e.path)))
     expected = sorted(ref, key=lambda a: (-ref[a][0], -ref[a][1])) + [str(ads["corrupt"])]
-    assert ref[str(ads["tiny1"])][0] == ref[str(ads["tiny2"])][0] == 0  # a tie on intruders: drift decides
+    assert ref[str(ads["tiny1"])][0] == ref[str(ads["tiny2"])][0] == 0  # a tie on intruders: |dW|/|W0| decides
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["adapter"] for r in rows] == expected
-    assert [r["rank"] for r in rows] == [str(i) for i in range(1, 6)] + [""]
+    assert [r["position"] for r in rows] == [str(i) for i in range(1, 6)] + [""]
     for r in rows[:5]:
         assert r["status"] == "ok" and r["error"] == "" and int(r["total_intruders"]) == ref[r["adapter"]][0]
-        assert float(r["drift"]) == pytest.approx(ref[r["adapter"]][1], rel=1e-5)
+        assert float(r["relative_delta_norm"]) == pytest.approx(ref[r["adapter"]][1], rel=1e-5)
     assert rows[5]["status"] == "failed" and rows[5]["total_intruders"] == "" and "not a readable" in rows[5]["error"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lora_audit"]["schema"] == "screen"
@@ -118,13 +118,42 @@ def test_report_and_detail_pages(screened):
 
 
 def test_rank_rows_orders_missing_values_last_and_keeps_ties_in_input_order():
-    rows = [ScreenRow("a", "a", "ok", total_intruders=2, drift=0.1), ScreenRow("f", "f", "failed", error="x"),
-            ScreenRow("b", "b", "ok", total_intruders=2, drift=0.3), ScreenRow("c", "c", "ok", total_intruders=5),
-            ScreenRow("d", "d", "ok", total_intruders=2, drift=0.1, min_max_cos=0.2),
-            ScreenRow("e", "e", "ok", total_intruders=2, drift=0.1, min_max_cos=0.1)]
+    rows = [ScreenRow("a", "a", "ok", total_intruders=2, relative_delta_norm=0.1),
+            ScreenRow("f", "f", "failed", error="x"),
+            ScreenRow("b", "b", "ok", total_intruders=2, relative_delta_norm=0.3),
+            ScreenRow("c", "c", "ok", total_intruders=5),
+            ScreenRow("d", "d", "ok", total_intruders=2, relative_delta_norm=0.1, min_max_cos=0.2),
+            ScreenRow("e", "e", "ok", total_intruders=2, relative_delta_norm=0.1, min_max_cos=0.1)]
     ranked = rank_rows(rows)
     assert [r.adapter for r in ranked] == ["c", "b", "e", "d", "a", "f"]
-    assert [r.rank for r in ranked] == [1, 2, 3, 4, 5, None]
+    assert [r.position for r in ranked] == [1, 2, 3, 4, 5, None]
+
+
+def test_a_summary_written_with_the_old_name_drift_is_read():
+    """relative_delta_norm was called "drift" in screen files, a name the spectrum JSON uses for
+    1 - lowest max|cos|; old summaries still read, into the new field."""
+    from lora_audit.results.screen import ScreenResult
+
+    old = {"lora_audit": {"schema": "screen", "schema_version": 1}, "base": "b", "k": 4, "epsilon": 0.5,
+           "ranked_by": ["total_intruders desc", "drift desc", "min_max_cos asc"],
+           "adapters": [{"adapter": "a", "name": "a", "status": "ok", "total_intruders": 3, "drift": 0.25}]}
+    (row,) = ScreenResult.from_json(old).adapters
+    assert row.relative_delta_norm == 0.25 and not hasattr(row, "drift")
+    new = ScreenResult.from_json({**old, "adapters": [{**old["adapters"][0], "relative_delta_norm": 0.5}]})
+    assert new.adapters[0].relative_delta_norm == 0.5  # the new name wins when a file has both
+    assert "drift" not in ScreenResult(base="b", k=4, epsilon=0.5, adapters=[row]).to_csv().splitlines()[0]
+
+
+def test_the_ranking_position_is_not_called_rank():
+    """A screen row's place in the ranking is "position" ("rank" means a LoRA rank in study.json and
+    the spectrum JSON); a row written as "rank" still reads."""
+    from lora_audit.results.screen import ScreenResult
+
+    old = {"lora_audit": {"schema": "screen", "schema_version": 1}, "base": "b", "k": 4, "epsilon": 0.5,
+           "adapters": [{"adapter": "a", "name": "a", "status": "ok", "total_intruders": 3, "rank": 1}]}
+    result = ScreenResult.from_json(old)
+    assert result.adapters[0].position == 1
+    assert "rank" not in result.to_json()["adapters"][0] and "rank" not in result.csv_columns()
 
 
 def test_interrupted_screen_resumes_without_recomputing(screen_set, tmp_path, monkeypatch):

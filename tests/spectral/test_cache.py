@@ -240,7 +240,7 @@ def test_cache_ls_cli(tmp_path):
     assert "40x30" in r.output and "30x40" in r.output and "float64" in r.output
     assert lines[-1].startswith("2 entries, ") and lines[-1].endswith(f" in {root}")
     r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json", "-"])
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert list(data)[0] == "lora_audit" and data["lora_audit"]["schema"] == "cache-listing"
     assert data["count"] == 2 and data["root"] == str(root) and data["ignored_files"] == 0
     assert data["total_bytes"] == sum(p.stat().st_size for p in root.glob("*.safetensors"))
@@ -252,7 +252,7 @@ def test_cache_ls_default_folder_follows_lora_audit_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("LORA_AUDIT_CACHE", str(tmp_path))
     _populate(tmp_path / "spectra")
     r = CliRunner().invoke(cli, ["cache", "ls", "--json", "-"])
-    assert r.exit_code == 0 and json.loads(r.output)["count"] == 2
+    assert r.exit_code == 0 and json.loads(r.stdout)["count"] == 2
 
 
 def test_cache_clear_cli(tmp_path):

@@ -304,7 +304,7 @@ def test_ls_and_clear_on_a_model_folder_touch_nothing(tmp_path):
     r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root)])
     assert r.exit_code == 0 and r.output == f"No cached spectra in {root}\n3 other files ignored (not cache entries)\n"
     r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json", "-"])
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert (data["count"], data["entries"], data["ignored_files"]) == (0, [], 3)
     r = runner.invoke(cli, ["cache", "clear", "--cache-dir", str(root)])  # no --yes: nothing to confirm
     assert r.exit_code == 0 and r.output == f"No cached spectra in {root}; 3 other files ignored (not cache entries)\n"
@@ -319,7 +319,7 @@ def test_damaged_and_old_entries_are_listed_and_cleared(tmp_path):
     spec, old = _entry(tmp_path, _matrix(seed=2))
     _write_version_1(old, spec.key, {"U": spec.U, "S": spec.S, "Vh": spec.Vh})
     r = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path), "--json", "-"])
-    problems = {e["key"]: e["problem"] for e in json.loads(r.output)["entries"]}
+    problems = {e["key"]: e["problem"] for e in json.loads(r.stdout)["entries"]}
     assert problems == {short.stem: "invalid: Error while deserializing header: incomplete metadata, file not fully "
                                     "covered", old.stem: _OLD.format(1)}
     r = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path)])

@@ -173,8 +173,16 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     spectrum = json.loads((out / "spectrum.json").read_text())
     names = [run["name"] for run in summary["settings"]["plan"]["runs"] if run["role"] != "released"]
-    assert [t["tuned"] for t in spectrum["results"]] == names and summary["settings"]["base"] == str(tiny_llama)
+    assert [t["tuned"] for t in spectrum["results"]] == names and summary["settings"]["base"] == tiny_llama.name
     assert (out / "index.html").is_file() and (out / "tables").is_dir()
+    # models are named by their run names: no machine path in any file of the report folder
+    from lora_audit.checkpoints.default_model import cache_root
+
+    for f in [p for p in out.rglob("*") if p.is_file()]:
+        text = f.read_text(encoding="utf-8")
+        assert str(cache_root()) not in text and str(tiny_llama) not in text, f
+    inputs = json.loads((out / "safety.json").read_text())["inputs"].values()
+    assert {i["source"] for i in inputs} >= {"released", "lora-undo"}
     assert not any(rec["reused"] for rec in summary["training"].values())
     assert set(summary["calibration"]) == set(names) and "study_points.csv" in os.listdir(out / "tables")
     html = (out / "index.html").read_text()

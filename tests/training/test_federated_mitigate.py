@@ -78,7 +78,7 @@ def test_ffa_average_is_exact(tiny_llama, tmp_path):
 def test_federated_cli(clients, tmp_path):
     r = CliRunner().invoke(cli, ["federated", *map(str, clients), "--out", str(tmp_path / "agg"), "--json", "-"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["fedavg_bias_total"] == pytest.approx(_numpy_bias(clients), rel=1e-9)
     r = CliRunner().invoke(cli, ["federated", str(clients[0])])
     assert r.exit_code == 1 and "at least two" in r.output
@@ -163,20 +163,20 @@ def test_mitigate_cli(tiny_llama, tmp_path):
 
 def test_finetune_cli(tiny_llama, tmp_path):
     run = CliRunner().invoke
-    r = run(cli, ["finetune", "--method", "lora", "--base", str(tiny_llama), "--data", "builtin:alpaca-mini",
+    r = run(cli, ["finetune", str(tiny_llama), "--method", "lora", "--data", "builtin:alpaca-mini",
                   "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "2", "--target-modules", "q_proj,v_proj",
                   "--device", "cpu"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == TARGET
-    r = run(cli, ["finetune", "--method", "dorra", "--base", str(tiny_llama), "--data", "builtin:alpaca-mini",
+    r = run(cli, ["finetune", str(tiny_llama), "--method", "dorra", "--data", "builtin:alpaca-mini",
                   "--out", str(tmp_path / "p")])
     assert r.exit_code == 1 and "Did you mean 'dora'" in r.output
-    r = run(cli, ["finetune", "--method", "lora", "--base", str(tiny_llama), "--data", str(tmp_path / "missing.jsonl"),
+    r = run(cli, ["finetune", str(tiny_llama), "--method", "lora", "--data", str(tmp_path / "missing.jsonl"),
                   "--out", str(tmp_path / "p")])
     assert r.exit_code == 1 and "not found" in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": 3}\n')
-    r = run(cli, ["finetune", "--method", "lora", "--base", str(tiny_llama), "--data", str(bad), "--out", str(tmp_path / "p")])
+    r = run(cli, ["finetune", str(tiny_llama), "--method", "lora", "--data", str(bad), "--out", str(tmp_path / "p")])
     assert r.exit_code == 1 and "bad.jsonl: line 3" in r.output
     assert not (tmp_path / "p").exists()
