@@ -100,7 +100,9 @@ QUICK_GRID = (
     Series("full fine-tuning", "full", (1e-4,)),
 )
 # steps of the released model, of every study point, and of the undo run
-STEPS = {"full": {"released": 60, "study": 40, "undo": 24}, "quick": {"released": 8, "study": 30, "undo": 12}}
+# steps of every study point and of the undo run; the released model's are its recipe's (``RELEASED``),
+# 8 in --quick
+STEPS = {"full": {"study": 40, "undo": 24}, "quick": {"released": 8, "study": 30, "undo": 12}}
 # The safety side evaluates the undo run and, in the full demo, the middle point of the LoRA r=8
 # and of the full fine-tuning range.
 SAFETY_POINTS = {"full": ("lora-r8-lr1.5e-3", "full-lr3e-5"), "quick": ()}
@@ -129,7 +131,7 @@ class Plan:
         parent = None if run.role == "released" else self.run_key(self.released)
         train = {"run": run.training(), "batch_size": self.batch_size, "max_length": self.max_length,
                  "seed": self.seed, "version": __version__, "parent": parent, "precision": self.precision,
-                 "data": data_fingerprint((run.data,)) if run.data.startswith("builtin:") else None}
+                 "data": data_fingerprint(tuple(run.data.split("+"))) if run.data.startswith("builtin:") else None}
         return hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def key(self) -> str:
@@ -143,6 +145,15 @@ class Plan:
     @property
     def tuned(self) -> list[Run]:
         return [r for r in self.runs if r.role != "released"]
+
+
+RELEASED = "v1-150s-5e-5"  # the recipe of the released model (``studies.released``), chosen by its goal and cost
+
+
+def released_recipe():
+    from .released import RECIPES
+
+    return next(r for r in RECIPES if r.name == RELEASED)
 
 
 def training_precision(device: str) -> str:
@@ -160,7 +171,10 @@ def make_plan(quick: bool = False, seed: int = 0, precision: str = "float32") ->
     mode = "quick" if quick else "full"
     steps = STEPS[mode]
     grid = QUICK_GRID if quick else GRID
-    released = Run("released", "full", "builtin:safety-tune", steps["released"], lr=5e-5, role="released")
+    recipe = released_recipe()
+    data = recipe.data[0] if len(recipe.data) == 1 else "+".join(recipe.data)
+    released = Run("released", "full", data, recipe.steps if not quick else steps["released"], lr=recipe.lr,
+                   role="released", max_length=recipe.max_length if recipe.max_length != 64 else None)
     study = tuple(Run(s.run_name(lr), s.method, STUDY_DATA, steps["study"], rank=s.rank or 8, alpha=s.alpha or 16.0,
                       lr=lr, series=s.name) for s in grid for lr in s.lrs)
     undo = Run("lora-undo", "lora", "builtin:undo-compliance", steps["undo"], rank=8, alpha=16.0, lr=1e-3, role="undo")
@@ -274,7 +288,13 @@ def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
 
     if (out / "training.json").is_file():  # atomic_dir: a present folder is complete
         return json.loads((out / "training.json").read_text(encoding="utf-8")) | {"reused": True}
-    return train(method=run.method, base=str(base), data=run.data, out=out, steps=run.steps, rank=run.rank,
+    data = run.data
+    if "+" in data:  # several built-in sets, concatenated (a released-model recipe)
+        from .released import concatenated, data_fingerprint
+
+        specs = tuple(data.split("+"))
+        data = str(concatenated(specs, out.parent / "data" / f"{data_fingerprint(specs)}.jsonl"))
+    return train(method=run.method, base=str(base), data=data, out=out, steps=run.steps, rank=run.rank,
                  alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=run.max_length or plan.max_length,
                  target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device,
                  precision=plan.precision)

@@ -81,11 +81,8 @@ def bfloat16_is_fast(device: str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device != "cpu":
         return False
-    try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or bool(
-            torch._C._cpu._is_amx_tile_supported() or torch._C._cpu._is_avx512_bf16_supported())
-    except AttributeError:  # an older torch without these probes
-        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(p()) for p in probes if p is not None)  # torch's own CPU feature probes (private, may go)
 
 
 def response_loss(model, batch: dict, trim: bool = True) -> torch.Tensor:
