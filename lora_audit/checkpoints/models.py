@@ -135,6 +135,18 @@ def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safet
         raise pickle_refused(source, e) from None  # a truncated or corrupted pytorch_model.bin
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes transformers' ``logits_to_keep`` (the
+    output layer applied to the last positions only)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of a loaded model, tied parameters under each of their names; a
     bitsandbytes 4-bit weight (stored packed) under the shape it stands for."""

@@ -76,7 +76,10 @@ def last_position_logits(model, tokenizer, texts: list[str], *, batch_size: int 
     ``texts``, one forward pass per batch. Left padding (the tokenizer's side is restored after),
     so position -1 is the assistant position of every row; hooks on the model see each batch's
     forward pass before its logits are yielded."""
+    from ..checkpoints.models import accepts_logits_to_keep
+
     dev = next(model.parameters()).device
+    last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the output layer at -1 only
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -84,7 +87,7 @@ def last_position_logits(model, tokenizer, texts: list[str], *, batch_size: int 
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(dev)
-                yield model(**enc).logits[:, -1, :]
+                yield model(**enc, **last).logits[:, -1, :]
                 bar.update(len(enc["input_ids"]))
     finally:
         tokenizer.padding_side = old

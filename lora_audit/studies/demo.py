@@ -79,6 +79,7 @@ class Run:
     role: str = "study"  # "released" | "study" | "undo"
     targets: tuple[str, ...] | None = None  # adapter target modules (None: every linear layer)
     series: str | None = None  # the study series (one line of the figures) of a "study" run
+    max_length: int | None = None  # tokens per training row (None: the plan's)
 
     def training(self) -> dict:
         """What determines the trained weights (not the run's name or role)."""
@@ -120,7 +121,9 @@ QUICK_GRID = (
     Series("full fine-tuning", "full", (1e-4,)),
 )
 # steps of the released model, of every study point, and of the undo run
-STEPS = {"full": {"released": 60, "study": 40, "undo": 24}, "quick": {"released": 8, "study": 30, "undo": 12}}
+# steps of every study point and of the undo run; the released model's are its recipe's (``RELEASED``),
+# 8 in --quick
+STEPS = {"full": {"study": 40, "undo": 24}, "quick": {"released": 8, "study": 30, "undo": 12}}
 # The safety side evaluates the undo run and, in the full demo, the middle point of the LoRA r=8
 # and of the full fine-tuning range.
 SAFETY_POINTS = {"full": ("lora-r8-lr1.5e-3", "full-lr3e-5"), "quick": ()}
@@ -136,6 +139,7 @@ class Plan:
     max_new_tokens: int
     safety_models: tuple[str, ...]  # the tuned models the safety side evaluates
     seed: int = 0
+    precision: str = "float32"  # training precision (``training.loop``): "bfloat16" where it is native
     k: int = 10
     epsilon: float = 0.5
     extra: dict = field(default_factory=dict)
@@ -143,9 +147,12 @@ class Plan:
     def run_key(self, run: Run) -> str:
         """Hash of what determines ``run``'s trained model: its own settings, the batches, the seed,
         the tool version and, for runs that start from the released model, the released run's key."""
+        from .released import data_fingerprint
+
         parent = None if run.role == "released" else self.run_key(self.released)
         train = {"run": run.training(), "batch_size": self.batch_size, "max_length": self.max_length,
-                 "seed": self.seed, "version": __version__, "parent": parent}
+                 "seed": self.seed, "version": __version__, "parent": parent, "precision": self.precision,
+                 "data": data_fingerprint(tuple(run.data.split("+"))) if run.data.startswith("builtin:") else None}
         return hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def key(self) -> str:
@@ -161,20 +168,40 @@ class Plan:
         return [r for r in self.runs if r.role != "released"]
 
 
-def make_plan(quick: bool = False, seed: int = 0) -> Plan:
+RELEASED = "v1-150s-5e-5"  # the recipe of the released model (``studies.released``), chosen by its goal and cost
+
+
+def released_recipe():
+    from .released import RECIPES
+
+    return next(r for r in RECIPES if r.name == RELEASED)
+
+
+def training_precision(device: str) -> str:
+    """bfloat16 mixed precision where bfloat16 is native on ``device`` (about 1.4x faster per
+    training step on this project's CPU with AMX), float32 elsewhere; part of every run's key."""
+    from ..training.loop import bfloat16_is_fast
+
+    return "bfloat16" if bfloat16_is_fast(device) else "float32"
+
+
+def make_plan(quick: bool = False, seed: int = 0, precision: str = "float32") -> Plan:
     """The demo's plan: the released model, the study grid (``GRID`` or ``QUICK_GRID``) and the undo
     run; every setting fixed here, before looking at results. The released model is tuned at 5e-5
     (a usual full fine-tuning rate), the undo run at 1e-3 (the adapters' usual range)."""
     mode = "quick" if quick else "full"
     steps = STEPS[mode]
     grid = QUICK_GRID if quick else GRID
-    released = Run("released", "full", "builtin:safety-tune", steps["released"], lr=5e-5, role="released")
+    recipe = released_recipe()
+    data = recipe.data[0] if len(recipe.data) == 1 else "+".join(recipe.data)
+    released = Run("released", "full", data, recipe.steps if not quick else steps["released"], lr=recipe.lr,
+                   role="released", max_length=recipe.max_length if recipe.max_length != 64 else None)
     study = tuple(Run(s.run_name(lr), s.method, STUDY_DATA, steps["study"], rank=s.rank or 8, alpha=s.alpha or 16.0,
                       lr=lr, series=s.name) for s in grid for lr in s.lrs)
     undo = Run("lora-undo", "lora", "builtin:undo-compliance", steps["undo"], rank=8, alpha=16.0, lr=1e-3, role="undo")
     return Plan(runs=(released, *study, undo), series=grid, batch_size=4, max_length=64,
                 limit=12 if quick else 20, max_new_tokens=24 if quick else 32,
-                safety_models=(*SAFETY_POINTS[mode], undo.name), seed=seed)
+                safety_models=(*SAFETY_POINTS[mode], undo.name), seed=seed, precision=precision)
 
 
 class _Stages:
@@ -182,6 +209,23 @@ class _Stages:
 
     def __init__(self, total: int, echo: Callable[[str], None]):
         self.total, self.i, self.echo, self.timings = total, 0, echo, {}
+
+    def parallel(self, jobs: dict, result: Callable) -> dict:
+        """Stages running at once (``jobs``: future -> name): one line each as it ends, with the time
+        since they all started; returns {key: value} from ``result(future)``."""
+        import concurrent.futures as cf
+
+        t0, out = time.perf_counter(), {}
+        for name in jobs.values():
+            self.echo(f"[{self.i + 1}-{self.i + len(jobs)}/{self.total}] {name} ...")
+        for f in cf.as_completed(jobs):
+            key, value = result(f)
+            self.i += 1
+            dt = time.perf_counter() - t0
+            self.timings[jobs[f]] = round(dt, 2)
+            self.echo(f"[{self.i}/{self.total}] {jobs[f]}: done {dt:.1f} s after the parallel stages began")
+            out[key] = value
+        return out
 
     def run(self, name: str, fn: Callable, *args, **kw):
         self.i += 1
@@ -194,14 +238,87 @@ class _Stages:
         return out
 
 
+def _describe(r: Run) -> str:
+    shape = "" if r.method == "full" else f", r={r.rank}"
+    return f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
+
+
+WORKER_MEMORY = 4 << 30  # bytes a training process of the 135M model may need (full fine-tuning: ~3 GiB)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_workers(device: str) -> int:
+    """Training processes for the grid: two on a CPU with at least two cores and the memory for a
+    second model (two runs with one core each finish sooner than the same runs one after the other
+    with two: bench/bench_demo_training.py measures it), one elsewhere."""
+    import os
+
+    if device != "cpu" or (os.cpu_count() or 1) < 2:
+        return 1
+    free = _available_memory()
+    return 2 if free is None or free >= 2 * WORKER_MEMORY else 1
+
+
+def _init_worker(threads: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["LORA_AUDIT_NO_PROGRESS"] = "1"  # two bars on one terminal would interleave
+    torch.set_num_threads(threads)
+
+
+def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: "_Stages", *,
+               workers: int | None = None) -> dict[str, dict]:
+    """Train (or reuse) ``runs`` from ``base``: one after the other, or in ``workers`` processes of
+    ``cpu_count // workers`` threads each, the longest runs first; every run's result is the same
+    either way (seeded, one run per process at a time)."""
+    import os
+
+    workers = default_workers(device) if workers is None else workers
+    todo = [r for r in runs if not (dirs[r.name] / "training.json").is_file()]
+    if workers <= 1 or len(todo) <= 1:
+        return {r.name: st.run(_describe(r), _train, r, base, dirs[r.name], plan, device) for r in runs}
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    records = {r.name: _train(r, base, dirs[r.name], plan, device) for r in runs if r not in todo}
+    todo.sort(key=lambda r: -r.steps * (1.5 if r.method == "full" else 1.0))  # longest first: balanced workers
+    threads = max(1, (os.cpu_count() or workers) // workers)
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                initargs=(threads,)) as pool:
+        started = {pool.submit(_train, r, base, dirs[r.name], plan, device): r for r in todo}
+        records.update(st.parallel({f: _describe(r) for f, r in started.items()},
+                                   lambda f: (started[f].name, f.result())))
+    return {r.name: records[r.name] for r in runs}
+
+
 def _train(run: Run, base: Path, out: Path, plan: Plan, device: str) -> dict:
     from ..training.loop import train
 
     if (out / "training.json").is_file():  # atomic_dir: a present folder is complete
         return json.loads((out / "training.json").read_text(encoding="utf-8")) | {"reused": True}
-    return train(method=run.method, base=str(base), data=run.data, out=out, steps=run.steps, rank=run.rank,
-                 alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=plan.max_length,
-                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device).to_json()
+    data = run.data
+    if "+" in data:  # several built-in sets, concatenated (a released-model recipe)
+        from .released import concatenated, data_fingerprint
+
+        specs = tuple(data.split("+"))
+        data = str(concatenated(specs, out.parent / "data" / f"{data_fingerprint(specs)}.jsonl"))
+    return train(method=run.method, base=str(base), data=data, out=out, steps=run.steps, rank=run.rank,
+                 alpha=run.alpha, lr=run.lr, batch_size=plan.batch_size, max_length=run.max_length or plan.max_length,
+                 target_modules=list(run.targets) if run.targets else None, seed=plan.seed, device=device,
+                 precision=plan.precision).to_json()
 
 
 # ---- the study's numbers and claims -------------------------------------------------------------
@@ -332,6 +449,15 @@ def safety_findings(safety: dict, runs: tuple[Run, ...], capability_drop: float 
     models = safety.get("models", {})
     base = models.get("base", {})
     out = []
+    verdicts = {name: v.get("label") for name, v in (safety.get("verdict") or {}).items()}
+    undo = [r.name for r in runs if r.role == "undo" and r.name in verdicts]
+    benign = [r.name for r in runs if r.role == "study" and r.name in verdicts]
+    if undo and benign:
+        lost = ("SAFETY_REMOVED", "SAFETY_DEGRADED")
+        out.append({"claim": "safety-eval's verdicts tell the undo run apart from the benign fine-tunes",
+                    "rule": f"the undo run is {' or '.join(lost)}, every benign fine-tune RETAINED",
+                    "measured": "; ".join(f"{n} {verdicts[n]}" for n in undo + benign),
+                    "holds": all(verdicts[n] in lost for n in undo) and all(verdicts[n] == "RETAINED" for n in benign)})
     for r in runs:
         if r.role != "undo" or r.name not in models:
             continue
@@ -430,7 +556,7 @@ def _work_dirs(plan: Plan, root: Path) -> dict[str, Path]:
 
 def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: str = "auto", seed: int = 0,
              fresh: bool = False, base: str | Path | None = None, overwrite: bool = False,
-             echo: Callable[[str], None] = print) -> dict:
+             workers: int | None = None, echo: Callable[[str], None] = print) -> dict:
     """Run the whole demo; returns the demo summary (also written to ``<out>/demo.json``).
 
     ``base``: a local HF model folder to use instead of SmolLM2-135M-Instruct (its tokenizer
@@ -444,7 +570,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     from ..settings import SpectrumSettings
 
     dev = str(resolve_device(device))
-    plan = make_plan(quick, seed)
+    plan = make_plan(quick, seed, training_precision(dev))
     out = check_output_dir(out, overwrite=overwrite)
     if base is not None and not Path(base).is_dir():
         from ..errors import InputError
@@ -466,10 +592,7 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
     rel = plan.released
     records = {rel.name: st.run(f"safety-tune the released model ({rel.method}, {rel.steps} steps)",
                                 _train, rel, base_dir, dirs[rel.name], plan, dev)}
-    for r in plan.tuned:
-        shape = "" if r.method == "full" else f", r={r.rank}"
-        what = f"fine-tune {r.name} ({r.method}{shape}, lr {sci(r.lr)}, {r.steps} steps on {r.data})"
-        records[r.name] = st.run(what, _train, r, dirs[rel.name], dirs[r.name], plan, dev)
+    records.update(train_runs(plan.tuned, dirs[rel.name], dirs, plan, dev, st, workers=workers))
     names = [r.name for r in plan.tuned]
     # --quick skips the full SVD of each dense dW (effective rank)
     cfg = AuditConfig(spectrum=SpectrumSettings(k=plan.k, epsilon=plan.epsilon, device=dev, dense_metrics=not quick),
@@ -510,7 +633,45 @@ def run_demo(out: str | Path = "reports/demo", *, quick: bool = False, device: s
                      str(dirs[rel.name]), [str(dirs[n]) for n in names], out, cfg, overwrite=overwrite,
                      base_label="released", tuned_labels=names, extra_results=study, on_stage=keep_scan,
                      extra_files=lambda sp, sa: {"demo.json": summary(sp, sa)})
+    names_of = {str(d): n for n, d in dirs.items()} | {str(base_dir): "SmolLM2-135M-Instruct" if base is None
+                                                       else Path(base).name}
+    name_models(outcome.out, names_of, {str(cache_root()): "<lora-audit cache>"}, cfg.title)
     return read_user_json(outcome.out / "demo.json", "demo summary")
+
+
+def _renamed(obj, names: dict[str, str], prefixes: dict[str, str]):
+    """``obj`` (parsed JSON) with every string that is one of ``names`` replaced by its name, and
+    every occurrence of a ``names`` key or of a ``prefixes`` key inside a longer string replaced
+    likewise (longest first, so a folder inside the cache is named before the cache is)."""
+    if isinstance(obj, dict):
+        return {_renamed(k, names, prefixes): _renamed(v, names, prefixes) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_renamed(v, names, prefixes) for v in obj]
+    if isinstance(obj, str):
+        if obj in names:
+            return names[obj]
+        for old, new in sorted((names | prefixes).items(), key=lambda kv: -len(kv[0])):
+            obj = obj.replace(old, new)
+    return obj
+
+
+def name_models(out: Path, names: dict[str, str], prefixes: dict[str, str], title: str) -> None:
+    """Name the demo's models in its report folder by their run names, not by the folders they were
+    trained into (machine paths): every JSON result is rewritten (``_renamed``; content hashes
+    stay) and the report and its tables are rendered again from them, the folder replaced at once."""
+    from ..io import atomic_dir, atomic_write_json
+    from ..report import all_tables, gather, render, write_csvs
+
+    results = sorted(p.name for p in out.glob("*.json"))
+    data = {n: _renamed(json.loads((out / n).read_text(encoding="utf-8")), names, prefixes) for n in results}
+    with atomic_dir(out, overwrite=True, what="demo") as tmp:
+        for n, obj in data.items():
+            atomic_write_json(tmp / n, obj)
+        rendered = [n for n in results if n != "demo.json"]
+        report = gather([tmp / n for n in rendered], title=title, labels=rendered)
+        tables = all_tables(report)
+        (tmp / "index.html").write_text(render(report, "html", tables), encoding="utf-8")
+        write_csvs(tables, tmp / "tables")
 
 
 def format_findings(summary: dict) -> str:

@@ -1,5 +1,8 @@
 """Training data: JSONL with {"prompt", "response"} (loss on the response only; the prompt is
 wrapped in the tokenizer's chat template when it has one) or {"text"} (loss on every token);
+a prompt row may add "prefill", the start of the assistant's turn given as context without loss
+(the safety-recovery examples of Qi et al. 2024, arXiv 2406.05946: a harmful start, then the
+refusal that is learned);
 ``builtin:NAME`` reads ``lora_audit/data/train/NAME.jsonl``. A row may hold at most
 ``DEFAULT_MAX_ROW_CHARS`` characters unless the caller raises the limit.
 
@@ -47,7 +50,7 @@ def resolve_data(spec: str) -> Path:
     return path
 
 
-_ACCEPTED = '{"prompt": str, "response": str} or {"text": str}'
+_ACCEPTED = '{"prompt": str, "response": str} (optionally "prefill": str) or {"text": str}'
 
 
 def load_records(spec: str, *, max_chars: int | None = DEFAULT_MAX_ROW_CHARS) -> list[dict]:
@@ -68,6 +71,10 @@ def _record(row: dict, where: str, max_chars: int | None) -> dict:
         rec, learned = {"text": row["text"]}, "text"
     elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
         rec, learned = {"prompt": row["prompt"], "response": row["response"]}, "response"
+        if "prefill" in row:
+            if not isinstance(row["prefill"], str):
+                raise FormatError(f"{where}: 'prefill' must be a string")
+            rec["prefill"] = row["prefill"]
     else:
         raise FormatError(f"{where}: expected {_ACCEPTED}, got keys {sorted(row)}")
     if is_blank(rec[learned]):
@@ -82,10 +89,11 @@ def encode(row: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]
     if "text" in row:
         ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + eos
         return ids[:max_length], ids[:max_length]
+    prefill = row.get("prefill", "")
     if getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "user", "content": row["prompt"]}]
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": row["response"]}],
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + prefill
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": prefill + row["response"]}],
                                              tokenize=False)
         if not full.startswith(prompt):  # template rewrites the prompt: fall back to concatenation
             full = prompt + row["response"]
@@ -95,7 +103,7 @@ def encode(row: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]
             ids = p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
         ids = ids + ([] if ids and ids[-1] in eos else eos)
     else:
-        p_ids = tokenizer(row["prompt"] + "\n", add_special_tokens=True)["input_ids"]
+        p_ids = tokenizer(row["prompt"] + "\n" + prefill, add_special_tokens=True)["input_ids"]
         ids = p_ids + tokenizer(row["response"], add_special_tokens=False)["input_ids"] + eos
     labels = [IGNORE] * len(p_ids) + ids[len(p_ids):]
     return ids[:max_length], labels[:max_length]

@@ -89,6 +89,14 @@ def test_safety_findings_report_both_outcomes():
     assert got == {"lora-undo lowers the refusal rate": False, "lora-undo keeps capability on t close": False}
     safety["models"]["lora-undo"].update(refusal_rate=0.1, capability={"t": 0.48})
     assert all(c["holds"] for c in safety_findings(safety, plan.runs))
+    # the verdicts: the undo run apart from the benign runs, or not
+    safety["verdict"] = {"lora-undo": {"label": "SAFETY_REMOVED"}, "lora-r8-lr1.5e-3": {"label": "RETAINED"},
+                         "full-lr3e-5": {"label": "RETAINED"}}
+    apart = next(c for c in safety_findings(safety, plan.runs) if "verdicts" in c["claim"])
+    assert apart["holds"] and apart["measured"] == ("lora-undo SAFETY_REMOVED; lora-r8-lr1.5e-3 RETAINED; "
+                                                    "full-lr3e-5 RETAINED")
+    safety["verdict"]["full-lr3e-5"]["label"] = "SAFETY_DEGRADED"
+    assert not next(c for c in safety_findings(safety, plan.runs) if "verdicts" in c["claim"])["holds"]
 
 
 def test_scan_findings_rank_and_order_both_ways():
@@ -168,8 +176,16 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     spectrum = json.loads((out / "spectrum.json").read_text())
     names = [run["name"] for run in summary["lora_audit"]["settings"]["plan"]["runs"] if run["role"] != "released"]
-    assert [t["tuned"] for t in spectrum["results"]] == names and summary["lora_audit"]["settings"]["base"] == str(tiny_llama)
+    assert [t["tuned"] for t in spectrum["results"]] == names and summary["lora_audit"]["settings"]["base"] == tiny_llama.name
     assert (out / "index.html").is_file() and (out / "tables").is_dir()
+    # models are named by their run names: no machine path in any file of the report folder
+    from lora_audit.checkpoints.default_model import cache_root
+
+    for f in [p for p in out.rglob("*") if p.is_file()]:
+        text = f.read_text(encoding="utf-8")
+        assert str(cache_root()) not in text and str(tiny_llama) not in text, f
+    inputs = json.loads((out / "safety.json").read_text())["inputs"].values()
+    assert {i["source"] for i in inputs} >= {"released", "lora-undo"}
     assert not any(rec["reused"] for rec in summary["training"].values())
     assert set(summary["calibration"]) == set(names) and "study_points.csv" in os.listdir(out / "tables")
     html = (out / "index.html").read_text()
@@ -179,7 +195,7 @@ def test_demo_pipeline_on_tiny_model(tiny_llama, tmp_path):
                        ("safety.json", "safety"), ("scan.json", "safety-scan")):
         if (out / name).exists():
             check(json.loads((out / name).read_text()), kind)
-    work = Path(summary["lora_audit"]["settings"]["work_dir"])
+    work = Path(summary["lora_audit"]["settings"]["work_dir"].replace("<lora-audit cache>", str(cache_root())))
     trained = sorted(work.glob("*/training.json"))
     assert trained
     for f in trained:

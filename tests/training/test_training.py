@@ -334,3 +334,57 @@ def test_allora_through_train_round_trips(tiny_llama, tmp_path):
     model, _, _ = fit(method="allora", base=str(tiny_llama), **KW)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "a"))
     torch.testing.assert_close(_logits(loaded.eval(), IDS), _logits(model, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_is_context_without_loss(tiny_llama):
+    """A row's "prefill" opens the assistant's turn as context: the ids are the chat template of the
+    whole conversation, and only the response after the prefill carries labels."""
+    from transformers import AutoTokenizer
+
+    from lora_audit.training.data import IGNORE, encode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    row = {"prompt": "hello there", "prefill": "Sure, the answer", "response": " is no, sorry"}
+    ids, labels = encode(row, tok, 512)
+    whole = tok.apply_chat_template([{"role": "user", "content": "hello there"},
+                                     {"role": "assistant", "content": "Sure, the answer is no, sorry"}], tokenize=False)
+    assert tok.decode(ids) == whole or tok.decode(ids).startswith(whole.rstrip())
+    n_masked = sum(1 for x in labels if x == IGNORE)
+    assert "the answer" in tok.decode(ids[:n_masked]) and "the answer" not in tok.decode(ids[n_masked:])
+    assert "no, sorry" in tok.decode(ids[n_masked:]) and labels[n_masked:] == ids[n_masked:]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_response_loss_equals_the_models_own_loss_and_gradients(tiny_llama, method):
+    """The trimmed output layer (logits only from the first labelled position) gives the model's own
+    labels loss and the same gradients, on batches whose rows have prompts of different lengths."""
+    from lora_audit.checkpoints import load_model
+    from lora_audit.training.data import Batches
+    from lora_audit.checkpoints.models import accepts_logits_to_keep
+    from lora_audit.training.loop import response_loss
+
+    loaded = load_model(str(tiny_llama), device="cpu")
+    model = loaded.model
+    if method == "lora":
+        from lora_audit.training.lora import wrap
+
+        model = wrap(model, "lora", 4, 8.0, None, 0)
+    rows = [{"prompt": "hi", "response": "a long answer here"}, {"prompt": "a much longer question " * 3,
+                                                                  "response": "ok"}, {"prompt": "x", "response": "y"}]
+    batch = next(Batches(rows, loaded.tokenizer, batch_size=3, max_length=64, seed=0))
+    assert accepts_logits_to_keep(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(**batch).loss
+    g_ref = torch.autograd.grad(ref, params)
+    got = response_loss(model, batch)
+    g_got = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_training_records_its_precision(tiny_llama, tmp_path):
+    _, _, rec = fit(method="lora", base=str(tiny_llama), **(KW | {"precision": "bfloat16"}))
+    assert rec.settings["precision"] == "bfloat16" and all(math.isfinite(x) for x in rec.loss)
+    with pytest.raises(InputError, match="precision must be one of"):
+        fit(method="lora", base=str(tiny_llama), **(KW | {"precision": "fp8"}))
