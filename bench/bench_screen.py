@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
-from bench_spectrum import write_adapter, write_base  # noqa: E402
+import record
+from bench_spectrum import write_adapter, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = (4, 8, 16, 32)

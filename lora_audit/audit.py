@@ -18,9 +18,10 @@ lora-audit did not write (``lora_audit.io.atomic_dir``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import InputError
 from .io import atomic_dir, check_output_dir, check_outputs

@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 

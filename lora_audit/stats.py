@@ -30,7 +30,7 @@ inside the functions: the CLI's ``--help`` and the report do not pay for them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

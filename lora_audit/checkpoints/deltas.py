@@ -31,7 +31,7 @@ class Dense:
         """dW = W1 - W0."""
         return self.tuned - base
 
-    def to(self, device=None, dtype=None) -> "Dense":
+    def to(self, device=None, dtype=None) -> Dense:
         return Dense(self.tuned.to(device=device, dtype=dtype))
 
 
@@ -58,7 +58,7 @@ class LowRank:
     def merged(self, base: Tensor) -> Tensor:
         return base + self.update(base).to(base.dtype)
 
-    def to(self, device=None, dtype=None) -> "LowRank":
+    def to(self, device=None, dtype=None) -> LowRank:
         return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype))
 
 
@@ -87,7 +87,7 @@ class DoRA:
     def update(self, base: Tensor) -> Tensor:
         return self.merged(base) - base
 
-    def to(self, device=None, dtype=None) -> "DoRA":
+    def to(self, device=None, dtype=None) -> DoRA:
         return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype),
                        magnitude=self.magnitude.to(device=device, dtype=dtype))
 

@@ -13,17 +13,17 @@ import io
 import itertools
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 from ..text import printable
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from ..text import sci  # noqa: E402
+from ..text import sci
 
 # Okabe-Ito, without yellow (too light on white) first.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]

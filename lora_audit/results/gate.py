@@ -47,8 +47,9 @@ import functools
 import math
 import operator
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ..errors import InputError
 from ..text import printable

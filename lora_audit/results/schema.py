@@ -105,12 +105,12 @@ DiffInterval = Annotated[list[float], Interval(SIGNED_UNIT)]
 
 
 # ---- parsing --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extra(cls: type) -> dict[str, Any]:
     """``cls.JSON_EXTRA`` with its string annotations resolved in the class's module."""
     raw = getattr(cls, "JSON_EXTRA", None) or {}

@@ -166,7 +166,7 @@ class ScreenRow:
         return raw
 
     @classmethod
-    def from_record(cls, rec: ScreenRecord, location: str = "") -> "ScreenRow":
+    def from_record(cls, rec: ScreenRecord, location: str = "") -> ScreenRow:
         row = cls(adapter=rec.adapter, name=rec.name, status=rec.status, error=rec.error, seconds=rec.seconds,
                   fingerprint=rec.fingerprint, record=location)
         r = rec.result

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import string
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -76,7 +76,7 @@ class Residual:
                 "embeddings": list(self.embeddings)}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Residual":
+    def from_meta(cls, meta: dict) -> Residual:
         return cls(blocks=str(meta["blocks"]), n_layers=int(meta["n_layers"]), d_model=int(meta["d_model"]),
                    writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]],
                    embeddings=[str(e) for e in meta.get("embeddings", [])])

@@ -138,7 +138,7 @@ class ScreenStore:
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | os.PathLike, setup: ScreenSetup, *, resume: bool = False,
-             overwrite: bool = False) -> "ScreenStore":
+             overwrite: bool = False) -> ScreenStore:
         """Create the screen folder, or continue it (``resume``: its setup must equal ``setup``), or
         replace an earlier lora-audit folder (``overwrite``). OutputError/InputError saying which
         option to use otherwise, before anything is written."""
@@ -294,7 +294,7 @@ class ScreenStore:
                 os.close(fd)
                 setattr(self, name, None)
 
-    def __enter__(self) -> "ScreenStore":
+    def __enter__(self) -> ScreenStore:
         return self
 
     def __exit__(self, *exc) -> None:

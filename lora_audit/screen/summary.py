@@ -9,8 +9,9 @@ adapter alone; every row gives its record's place in the store (``records/<shard
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_text

@@ -9,8 +9,8 @@ shared by ``lora-audit spectrum``, ``lora-audit audit``, the screen's workers an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..settings import SpectrumSettings
 

@@ -250,7 +250,7 @@ class SpectrumCache:
     def _store_quietly(self, key: str, dtype: torch.dtype, shape: tuple[int, int], spec: BaseSpectrum) -> None:
         try:
             self.store_spectrum(key, dtype, shape, spec)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a cache write never fails the audit
             warnings.warn(f"could not write spectrum cache entry {key[:16]}... to {self.root} ({e}); "
                           "the audit is unaffected", CacheWarning, stacklevel=1)
             self.write_errors += 1

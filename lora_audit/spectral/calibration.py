@@ -22,7 +22,7 @@ No torch: the report reads these without it (the integral is ``stats.expected_ma
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..stats import expected_max_abs_normal, mean_chi
 

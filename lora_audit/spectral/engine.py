@@ -36,9 +36,10 @@ the screens run on one thread in each (``blas.one_thread`` says why).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -304,9 +305,9 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
     def work(group: MatrixGroup, device: torch.device, found: _Prepared | None) -> tuple[str, list[Outcome]]:
         of = spectrum_of
         if found is not None and found.held:
-            of = lambda W0, d: _on_device(found.spectrum, d)  # noqa: E731
+            of = lambda W0, d: _on_device(found.spectrum, d)
         elif found is not None:
-            of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)  # noqa: E731
+            of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)
         return group.name, audit_group(group, settings, device, of, found.projections if found is not None else None)
 
     return (prepare if lookup is not None or base_spectra is not None else None), work
@@ -362,7 +363,7 @@ def audit(stream: Iterable[MatrixGroup], settings: SpectrumSettings | None = Non
         _finish(res, planned, len(settings.epsilon_sweep), info=_per_tuned(stream, "info", i),
                 warnings=_per_tuned(stream, "warnings", i))
     run_settings = {**settings.to_json(), "device": ",".join(str(d) for d in run_on), "dtype": settings.dtype_name,
-                    "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
+                    "cache": getattr(cache, "root", None) and str(cache.root),
                     "matrices_in_stream": planned, **(extra_settings or {})}
     return SpectrumResult(base=base_label, k=settings.k, epsilon=settings.epsilon,
                           epsilon_sweep=list(settings.epsilon_sweep), results=results, settings=run_settings,

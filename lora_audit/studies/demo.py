@@ -33,9 +33,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from .. import __version__
 from ..results.base import Result
@@ -279,7 +280,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: "_Stages", *,
+def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: _Stages, *,
                workers: int | None = None) -> dict[str, dict]:
     """Train (or reuse) ``runs`` from ``base``: one after the other, or in ``workers`` processes of
     ``cpu_count // workers`` threads each, the longest runs first; every run's result is the same
