@@ -115,7 +115,7 @@ def main() -> int:
               f"{7 * args.layers} linear layers; lambda {args.lam}; {torch.get_num_threads()} torch threads")
         run_lora_audit(base, adapter, root / "warm", args.lam, root / "spectra")  # fills the cache
         peft_s, cold_s, warm_s = [], [], []
-        for i in range(args.repeat):
+        for _ in range(args.repeat):
             peft_s.append(run_peft(base, adapter, root / "peft", args.lam))
             secs, rec = run_lora_audit(base, adapter, root / "ours", args.lam, None)
             cold_s.append(secs)

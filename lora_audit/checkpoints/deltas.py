@@ -12,7 +12,6 @@ materialising W0 + s·B·A.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -92,7 +91,7 @@ class DoRA:
                        magnitude=self.magnitude.to(device=device, dtype=dtype))
 
 
-Delta = Union[Dense, LowRank, DoRA]
+Delta = Dense | LowRank | DoRA
 
 
 @dataclass

@@ -56,7 +56,7 @@ def fingerprint(path: str | os.PathLike, *, max_files: int = 256, content_limit:
     files = _files(p, max_files)
     sizes = [f.stat().st_size for f in files]
     by_content = sum(sizes) <= content_limit
-    for f, size in zip(files, sizes):
+    for f, size in zip(files, sizes, strict=True):
         rel = f.relative_to(p) if p.is_dir() else f.name
         if by_content:
             h.update(os.fsencode(f"{rel}\0{size}\0"))

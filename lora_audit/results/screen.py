@@ -254,7 +254,8 @@ class ScreenResult(Result):
         out = []
         for r in self.adapters:
             row = {k: v for k, v in asdict(r).items() if k != "sweep_totals"}
-            for e, c in zip(self.epsilon_sweep, r.sweep_totals):
+            # not strict: a result read from a file may carry a shorter sweep; the row has what is there
+            for e, c in zip(self.epsilon_sweep, r.sweep_totals, strict=False):
                 row[f"intruders_eps_{e:g}"] = c
             out.append(row)
         return out

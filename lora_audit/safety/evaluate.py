@@ -146,7 +146,7 @@ def score_prompt_set(model, tokenizer, ps: PromptSet, cfg: EvalConfig, *, chat_t
         kw_refused = [keyword(r) for r in responses]
     judge_ans: list[str | None] = [None] * len(prompts)
     if cfg.scorer == "judge":
-        judge_ans = S.judge_answers(judge[0], judge[1], list(zip(prompts, responses)), batch_size=cfg.batch_size,
+        judge_ans = S.judge_answers(judge[0], judge[1], list(zip(prompts, responses, strict=True)), batch_size=cfg.batch_size,
                                     template=judge_template)
         refused = [None if a == "unknown" else a == "no" for a in judge_ans]
     else:
@@ -360,9 +360,9 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
     base_local = base_l.path or base_l.source  # vllm reads the pinned local snapshot, not the hub id again
     models = {"base": evaluate_loaded(base_l.model, base_l.tokenizer, harmful, benign, cfg, name="base",
                                       vllm_source=(base_local, None), **kw)}
-    for name, (path, kind) in zip(names, sources):
+    for name, (path, kind) in zip(names, sources, strict=True):
         if kind == Kind.PEFT_ADAPTER:
-            models[name] = with_adapter(base_l, path, lambda pm: evaluate_loaded(
+            models[name] = with_adapter(base_l, path, lambda pm, name=name, path=path: evaluate_loaded(
                 pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_local, path), **kw))
             continue
         stage(f"safety-eval: loading {path}")
@@ -399,7 +399,7 @@ def _assemble(cfg: EvalConfig, base_l: LoadedModel, tuned: list[str], names: lis
     if cfg.backend == "vllm":
         settings["tensor_parallel_size"] = cfg.tensor_parallel_size
     inputs = {"base": InputRecord(base_l.source, fingerprint(base_l.source), "base")}
-    inputs.update({n: InputRecord(s, fingerprint(s), k.value) for n, s, k in zip(names, tuned, kinds)})
+    inputs.update({n: InputRecord(s, fingerprint(s), k.value) for n, s, k in zip(names, tuned, kinds, strict=True)})
 
     def info(ps: PromptSet) -> PromptSetInfo:
         return PromptSetInfo(source=ps.source, layout=ps.layout, n=len(ps), notes=list(ps.notes))

@@ -189,7 +189,7 @@ def _read_csv(p: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple
             elif len(rec) != len(header):
                 raise FormatError(_field_count_message(p, line, reader.line_num, len(rec), header))
             else:
-                rows.append((line, dict(zip(header, rec))))
+                rows.append((line, dict(zip(header, rec, strict=True))))
     except csv.Error as e:
         opened = open_quote_line(text, start, delimiter)
         if opened is None:

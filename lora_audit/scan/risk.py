@@ -69,7 +69,7 @@ def risk_of(model: RiskModelInfo, signals: dict[str, float | None]) -> float | N
     score is not finite (a risk file's weights are checked on load, ``load_risk_models``, so that
     takes signals far outside anything a panel produced)."""
     terms = [model.intercept]
-    for name, kind, mean, scale, w in zip(model.features, model.transforms, model.mean, model.scale, model.weights):
+    for name, kind, mean, scale, w in zip(model.features, model.transforms, model.mean, model.scale, model.weights, strict=True):
         x = signals.get(name)
         if x is None or not math.isfinite(x):
             return None
@@ -129,7 +129,7 @@ def fit_risk_model(name: str, features: list[tuple[str, str]], rows: list[dict],
     scored = [i for i, h in enumerate(held) if h is not None]
     model.fit = {"n": len(rows), "positives": sum(labels), "label": f"refusal drop >= {LABEL_DROP:g}",
                  "l2": l2, "auroc_in_sample": auroc(inside, labels),
-                 "accuracy_in_sample": sum((s >= THRESHOLD) == y for s, y in zip(inside, labels)) / len(rows),
+                 "accuracy_in_sample": sum((s >= THRESHOLD) == y for s, y in zip(inside, labels, strict=True)) / len(rows),
                  "auroc_leave_one_method_out": auroc([held[i] for i in scored], [labels[i] for i in scored]),
                  "leave_one_method_out": per_method,
                  "held_out_risk": {names[i]: held[i] for i in range(len(rows))}}

@@ -321,7 +321,7 @@ def _weight_pass(stream, profile: BaseProfile, direction: Direction, unaligned) 
     total = time.perf_counter() - t_all
     shared = (total - sum(own)) / max(n, 1)  # reading, attributed evenly
     signals = [aggregate(s, direction.stable, res.d_model) for s in stats]
-    for sig, w in zip(signals, warns):
+    for sig, w in zip(signals, warns, strict=True):
         if sig.matrices_changed and not sig.writers_changed:
             w.append("no matrix writing into the residual stream changed (an adapter on attention inputs only?): "
                      "nothing was written along the refusal direction directly, and the weight-only signals are 0; "
@@ -492,7 +492,7 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     risk_model = inputs.risk_model if inputs.risk_status.validated else None
     base_share = float((profile.harmful.scores > 0).double().mean())
     load_tuned = forward_s = 0.0
-    for i, (name, path, kind) in enumerate(zip(names, tuned, inputs.kinds)):
+    for i, (name, path, kind) in enumerate(zip(names, tuned, inputs.kinds, strict=True)):
         t0 = time.perf_counter()
         fw, tl_s = (None, 0.0) if texts is None else _forward(base_l, path, kind, texts, profile, cfg)
         t_fw = time.perf_counter() - t0

@@ -56,7 +56,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], settings: Spectr
     labels = list(tuned_labels) if tuned_labels else list(stream.tuned)  # adapter sets give one per member
     result = audit(stream, settings, cache=cache, progress=progress, base_label=base_label or str(base),
                    tuned_labels=labels, base_spectra=base_spectra, extra_settings={**hub_settings([base, *tuned]), **(extra_settings or {})})
-    found = dict(zip(tuned, findings))
-    for r, spec_path in zip(result.results, stream.sources):
+    found = dict(zip(tuned, findings, strict=True))
+    for r, spec_path in zip(result.results, stream.sources, strict=True):
         r.findings = list(found.get(spec_path, []))
     return result

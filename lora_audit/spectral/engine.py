@@ -384,7 +384,7 @@ def _collect(stream, work, prepare, run_on, prefetch: int, labels: list[str] | N
                 results = [TunedResult(tuned=f"tuned[{i}]") for i in range(len(outcomes))]
             if len(outcomes) != len(results):
                 raise ValueError(f"{name}: {len(outcomes)} deltas for {len(results)} tuned models")
-            for res, out in zip(results, outcomes):
+            for res, out in zip(results, outcomes, strict=True):
                 if out.matrix is not None:
                     res.matrices.append(out.matrix)
                 if out.skipped is not None:

@@ -35,6 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -380,7 +381,7 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
             out.append((StudyClaim(f"{s.name}: intruders grow with the learning rate",
                                    "the count never falls from one learning rate to the next higher one, and is "
                                    "higher at the highest than at the lowest", _counts(pts),
-                                   all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]), pts))
+                                   all(b >= a for a, b in pairwise(c)) and c[-1] > c[0]), pts))
     lora, rs = (next((s for s in adapters if s.method == m), None) for m in ("lora", "rslora"))
     if lora and rs:
         pairs = [(p, q) for p in of[lora.name] for q in of[rs.name] if p.lr == q.lr]

@@ -443,7 +443,7 @@ def test_mixlora_set(tiny_llama, tmp_path):
     out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
     labels = [r["tuned"] for r in out["results"]]
     assert labels == [f"{folder}#shared"] + [f"{folder}#expert{e}" for e in range(3)]
-    for res, member in zip(out["results"], ["shared", "expert0", "expert1", "expert2"]):
+    for res, member in zip(out["results"], ["shared", "expert0", "expert1", "expert2"], strict=True):
         assert_matches(res, reference(base_w, {**base_w, **merged[member]}))
         assert res["info"]["adapter_set"]["router"]["num_experts"] == 3
     p = "model.layers.1.mlp.down_proj.weight"
@@ -474,7 +474,7 @@ def test_xlora_set(tiny_llama, tmp_path):
     out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
     assert [r["tuned"] for r in out["results"]] == [f"{folder}#math", f"{folder}#code"]
     base_w = state(AutoModelForCausalLM.from_pretrained(tiny_llama))
-    for res, name in zip(out["results"], experts):
+    for res, name in zip(out["results"], experts, strict=True):
         tuned_w = peft_merged_state(AutoModelForCausalLM.from_pretrained(tiny_llama), folder / name)
         assert_matches(res, reference(base_w, tuned_w, skip=lambda n: "embed" in n or "lm_head" in n))
         assert res["info"]["adapter_set"]["format"] == "xlora"
