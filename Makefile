@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test cli-docs schemas browser-deps clean
+.PHONY: setup demo test lint cli-docs schemas browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# The linter and the type checker, as CI runs them (configured in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check lora_audit tests bench
+	$(BIN)/mypy lora_audit
 
 # Regenerate docs/cli.md, the CLI reference, from the code and the commands' --help (tests/test_readme.py checks it).
 cli-docs: setup

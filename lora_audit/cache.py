@@ -194,7 +194,7 @@ def raw_bytes(t: Tensor) -> memoryview:
     t = t.contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
         t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _hasher(secret: bytes | None, largest: int) -> blake3.blake3:

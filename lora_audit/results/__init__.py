@@ -79,7 +79,7 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     return read_user_json(path, "result JSON")
 
 
-def result_kinds() -> dict[str, type]:
+def result_kinds() -> dict[str, type[Result]]:
     """schema name -> result class, for every kind ``load_result`` reads (the kinds a report renders,
     and the screen summary)."""
     from .safety import SafetyResult

@@ -43,6 +43,7 @@ This module reads results only (no model code, no torch).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -239,7 +240,7 @@ class ConditionOutcome:
     op: str
     threshold: float
     tripped: bool
-    models: list[ModelCheck] = field(default_factory=list)
+    models: list[ModelCheck] = dataclasses.field(default_factory=list)  # `field` is a column name in this class
 
 
 @dataclass

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from ..errors import InputError
 from .base import Result
@@ -61,7 +61,8 @@ SCHEMA = "screen"
 SCHEMA_VERSION = 1
 RECORD_SCHEMA = "screen-record"
 SETUP_SCHEMA = "screen-setup"
-OK, FAILED = "ok", "failed"
+OK: Final = "ok"  # Final: the checker reads them as the literals ScreenRecord.status takes
+FAILED: Final = "failed"
 
 # (ScreenRow field, descending?) most important first. Missing values sort last.
 RANK_KEYS: tuple[tuple[str, bool], ...] = (("total_intruders", True), ("relative_delta_norm", True),

@@ -205,7 +205,7 @@ def judge_answers(model, tokenizer, pairs: list[tuple[str, str | None]], *, batc
     dev = next(model.parameters()).device
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out = []
+    out: list[str] = []
     try:
         with progress(total=len(pairs), desc="judge", unit="prompt") as bar:
             for i in range(0, len(pairs), batch_size):

@@ -84,7 +84,7 @@ class Residual:
     def is_embedding(self, name: str) -> bool:
         """Whether the checkpoint parameter ``name`` is one of the stream's embedding tables (with or
         without a wrapper prefix)."""
-        known = set()
+        known: set[str] = set()
         for e in self.embeddings:
             parts = f"{e}.weight".split(".")
             known.update(".".join(parts[i:]) for i in range(len(parts) - 1))

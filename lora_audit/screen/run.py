@@ -199,7 +199,7 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
         todo = pending(store, entries, retry_failed=cfg.retry_failed)
         if todo:
             with engine:
-                stream, names = touched_matrices(base_local, todo, include_embeddings=s.include_embeddings,
+                stream, names = touched_matrices(base_local, todo, include_embeddings=s.include_embeddings,  # type: ignore[arg-type]
                                                  dtype=s.torch_dtype, progress=cfg.progress)
                 notes += list(getattr(stream, "base_warnings", None) or [])
                 put = engine.put if _sharing(cfg) == "object-store" else None

@@ -49,7 +49,7 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], settings: Spectr
     resolve_device(settings.device)  # DeviceError before any loading
     cache = open_cache(settings.cache_dir) if settings.use_cache else None
     tuned = [str(t) for t in tuned]
-    stream = open_stream(base, tuned, include_embeddings=settings.include_embeddings, dtype=settings.torch_dtype,
+    stream = open_stream(base, tuned, include_embeddings=settings.include_embeddings, dtype=settings.torch_dtype,  # type: ignore[arg-type]
                          allow_pickle=settings.allow_pickle)
     # after the stream: PEFT's default targets depend on the base's model type, as the stream read it
     findings = [check_structure(t, base=base, base_config=stream.base_source.config) for t in tuned]

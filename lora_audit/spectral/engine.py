@@ -142,8 +142,8 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
     if top.singular_values.numel() == 0:
         return Outcome(skipped=finding(group.name, "tuned", ZERO_TUNED))
     rec = _matrix_result(group, base, delta, top, metrics, settings, notes)
-    bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [
-        rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])
+    bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [  # type: ignore[arg-type]
+        rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])  # type: ignore[list-item]
     if bad:
         dtype = settings.dtype_name
         return Outcome(skipped=finding(group.name, "update", f"the audit in {dtype} gave {bad} NaN/Inf number(s) "
@@ -305,7 +305,7 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
     def work(group: MatrixGroup, device: torch.device, found: _Prepared | None) -> tuple[str, list[Outcome]]:
         of = spectrum_of
         if found is not None and found.held:
-            of = lambda W0, d: _on_device(found.spectrum, d)
+            of = lambda W0, d: _on_device(found.spectrum, d)  # type: ignore[arg-type]
         elif found is not None:
             of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)
         return group.name, audit_group(group, settings, device, of, found.projections if found is not None else None)
