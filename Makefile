@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint cli-docs schemas browser-deps clean
+.PHONY: setup demo test lint docs cli-docs schemas browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ lint: setup
 	$(BIN)/ruff check lora_audit tests bench
 	$(BIN)/mypy lora_audit
 
+# The documentation site (MkDocs Material, mkdocs.yml) into site/; --strict fails on a broken link or a page
+# missing from the navigation (tests/test_docs.py runs the same build).
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
+
 # Regenerate docs/cli.md, the CLI reference, from the code and the commands' --help (tests/test_readme.py checks it).
 cli-docs: setup
 	$(BIN)/python -m tests.cli_docs
@@ -44,4 +49,4 @@ browser-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site

@@ -28,7 +28,7 @@ SHOWN = 10
             required=True)
 @json_option("the summary (as FOLDER/summary.json)")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine; ray: Ray tasks (pip install 'lora-audit[ray]').")
+              help="local: worker processes on this machine; ray: Ray tasks (pip install 'lora-auditor[ray]').")
 @click.option("--address", default=None,
               help="With --engine ray: the cluster to join (auto, HOST:6379 or ray://HOST:10001) "
                    "[default: a running runtime, else a new local one].")

@@ -113,7 +113,7 @@ def generate(model, tokenizer, texts: list[str], settings: GenSettings, *, is_re
     return (out, ids) if return_ids else out
 
 
-VLLM_MISSING = ("--backend vllm needs the optional 'vllm' package (pip install 'lora-audit[vllm]'; "
+VLLM_MISSING = ("--backend vllm needs the optional 'vllm' package (pip install 'lora-auditor[vllm]'; "
                 "it needs a CUDA GPU). The default --backend hf runs everywhere.")
 
 

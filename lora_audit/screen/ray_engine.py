@@ -1,6 +1,6 @@
 """The Ray engine of ``lora-audit screen``: one Ray task per adapter (Ray's own task API).
 
-Ray is an optional extra (``pip install 'lora-audit[ray]'``), imported only here, only for
+Ray is an optional extra (``pip install 'lora-auditor[ray]'``), imported only here, only for
 ``--engine ray``. The engine
 
 - joins the running Ray runtime when there is one (a test, a notebook), else connects to the
@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import InputError
 from .worker import ATTEMPTS, Job, WorkerSpec, audit_adapter, error_text, failed_record
 
-RAY_EXTRA = "pip install 'lora-audit[ray]'"
+RAY_EXTRA = "pip install 'lora-auditor[ray]'"
 
 
 def import_ray():

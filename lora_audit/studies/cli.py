@@ -38,7 +38,8 @@ def demo(out, overwrite, quick, fresh, base, json_path, seed, device):
     three learning rates, full fine-tuning at three), and with LoRA on compliance examples (the
     safety-undo attack); audit all of them against the released model (intruder dimensions with
     calibrated statistics; refusal, over-refusal and lm-eval capability for the undo run and one
-    point per method; safety-scan's risk for every model) and write the report OUT/index.html
+    point per method; safety-scan's refusal edits and first-token proxy for every model) and write
+    the report OUT/index.html
     with the study's figures (intruders and lowest max|cos| against the learning rate) and
     claims. Trained models are cached per run and reused; --fresh retrains.
 

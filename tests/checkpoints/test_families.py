@@ -3,8 +3,8 @@
 Each test builds a tiny base from a config (no download), writes the adapter in the listed format,
 runs `lora-audit spectrum` and compares every matrix's intruder count and max|cos| (to 1e-4) with
 the float64 two-SVD reference on weights merged independently (``tests.checkpoints.families``).
-``FAMILIES`` lists what these tests cover; the README's "What it reads" table is generated from it
-(``readme_table``) and checked by ``test_readme_table_is_generated_from_the_tests``.
+``FAMILIES`` lists what these tests cover; the table "What the tests cover, by family" of docs/formats.md
+is generated from it (``readme_table``) and checked by ``test_readme_table_is_generated_from_the_tests``.
 """
 
 from __future__ import annotations
@@ -673,7 +673,7 @@ def test_audit_runs_the_weight_side_and_says_the_behavioural_side_does_not_apply
         assert md.startswith("# lora-audit report") and tuned.name in md
 
 
-# ---- the README's table of inputs, generated from what the tests cover -------------------------------------
+# ---- docs/formats.md's table of inputs, generated from what the tests cover -------------------------------------
 # Rows covered by other test files: (family, base, tuned, "file::test", ...).
 OTHER_ROWS = [
     ("decoder-only causal LMs", "Llama, GPT-2 (Conv1D weights analysed transposed): Hugging Face folders, single "
@@ -713,18 +713,19 @@ def readme_table() -> str:
 
 
 def _readme() -> Path:
-    return Path(__file__).resolve().parents[2] / "README.md"
+    """The page that holds the table (it was the README's once; the names stay)."""
+    return Path(__file__).resolve().parents[2] / "docs" / "formats.md"
 
 
 def write_readme_table() -> None:
-    """Replace the generated table in README.md (between README_START and README_END)."""
+    """Replace the generated table in docs/formats.md (between README_START and README_END)."""
     text = _readme().read_text(encoding="utf-8")
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     _readme().write_text(text[:start] + readme_table() + text[end:], encoding="utf-8")
 
 
 def test_readme_table_is_generated_from_the_tests():
-    """Every test the table names exists, and README.md holds exactly the generated table."""
+    """Every test the table names exists, and docs/formats.md holds exactly the generated table."""
     import importlib
 
     for *_, tests in [(f, b, a, tuple(f"tests/checkpoints/test_families.py::{t}" for t in ts))
@@ -734,7 +735,7 @@ def test_readme_table_is_generated_from_the_tests():
             module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
             assert callable(getattr(module, name, None)), t
     text = _readme().read_text(encoding="utf-8")
-    assert readme_table() in text, "README.md's inputs table is stale: run python -m tests.checkpoints.test_families"
+    assert readme_table() in text, "docs/formats.md's inputs table is stale: run python -m tests.checkpoints.test_families"
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_missing_ray_is_a_clear_error(screen_set, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     res = _run(base, ads["tiny1"], "--out", tmp_path / "s", "--engine", "ray")
     assert res.exit_code == 1
-    assert "--engine ray needs Ray, which is not installed: pip install 'lora-audit[ray]'" in res.output
+    assert "--engine ray needs Ray, which is not installed: pip install 'lora-auditor[ray]'" in res.output
     assert not (tmp_path / "s").exists()
 
 
