@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # e.g. make setup TORCH_SPEC='torch>=2.1'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test docs cli-docs schemas browser-deps clean
+.PHONY: setup demo test lint docs cli-docs schemas browser-deps clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+# The linter and the type checker, as CI runs them (configured in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check lora_audit tests bench
+	$(BIN)/mypy lora_audit
 
 # The documentation site (MkDocs Material, mkdocs.yml) into site/; --strict fails on a broken link or a page
 # missing from the navigation (tests/test_docs.py runs the same build).

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
+import record
 
 import torch
 
@@ -115,7 +115,7 @@ def main() -> int:
               f"{7 * args.layers} linear layers; lambda {args.lam}; {torch.get_num_threads()} torch threads")
         run_lora_audit(base, adapter, root / "warm", args.lam, root / "spectra")  # fills the cache
         peft_s, cold_s, warm_s = [], [], []
-        for i in range(args.repeat):
+        for _ in range(args.repeat):
             peft_s.append(run_peft(base, adapter, root / "peft", args.lam))
             secs, rec = run_lora_audit(base, adapter, root / "ours", args.lam, None)
             cold_s.append(secs)
@@ -127,7 +127,7 @@ def main() -> int:
         worst = max(float((ours[k] - theirs[k]).norm() / theirs[k].norm()) for k in theirs)
         print(f"merged dW, lora-audit vs peft: largest relative Frobenius difference {worst:.2e} "
               f"over {len(theirs)} matrices")
-        show = lambda xs: "[" + ", ".join(f"{x:.2f}" for x in xs) + "]"  # noqa: E731
+        show = lambda xs: "[" + ", ".join(f"{x:.2f}" for x in xs) + "]"
         print(f"peft reduce_intruder_dimension (load + reduce + save): best {min(peft_s):.2f} s of {show(peft_s)}")
         print(f"lora-audit mitigate, no cache (stream + mitigate + write): best {min(cold_s):.2f} s of {show(cold_s)}")
         print(f"lora-audit mitigate, base spectra cached:                 best {min(warm_s):.2f} s of {show(warm_s)}")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
+import record
 
 import torch
 
@@ -83,7 +83,7 @@ def main() -> None:
         t_ft.append(time.perf_counter() - t0)
     T1, TB, TF = (statistics.median(x) for x in (t_one, t_bat, t_ft))
     tok_one, tok_bat = sum(map(len, ids_one)), sum(map(len, ids_bat))
-    same = sum(x == y for x, y in zip(ids_one, ids_bat))
+    same = sum(x == y for x, y in zip(ids_one, ids_bat, strict=True))
 
     print("\n1. generation throughput")
     print(f"   one-by-one (baseline): {T1:7.2f} s  {tok_one / T1:6.1f} generated tokens/s")

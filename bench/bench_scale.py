@@ -472,7 +472,7 @@ def _small_adapter(model: Path, out: Path) -> None:
 def part_summary(a) -> None:
     """Markdown tables of the records in bench/results/scale.jsonl (the last record of each part)."""
     recs = [json.loads(line) for line in open(RESULTS)] if RESULTS.exists() else []
-    gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
+    gb = lambda b: f"{b / 1e9:.2f}"
     for rec in [r for r in recs if r["part"] == "spectrum"][-1:]:
         print(f"spectrum: {rec['date']}, git {rec['git']}, {rec['machine']['cpu']} x {rec['machine']['cores']}, "
               f"disk {rec['disk']['gb_per_s']} GB/s\n")

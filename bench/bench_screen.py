@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
-from bench_spectrum import write_adapter, write_base  # noqa: E402
+import record
+from bench_spectrum import write_adapter, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = (4, 8, 16, 32)
@@ -142,8 +142,8 @@ def compare(spectrum_json: Path, out: Path) -> tuple[int, float]:
     for rec in screen_records(out):
         r, mine = ref[rec["adapter"]], rec["result"]
         differ += r["total_intruders"] != mine["total_intruders"]
-        for a, b in zip(r["matrices"], mine["matrices"]):
-            worst = max([worst] + [abs(x - y) for x, y in zip(a["max_cos"], b["max_cos"])])
+        for a, b in zip(r["matrices"], mine["matrices"], strict=True):
+            worst = max([worst] + [abs(x - y) for x, y in zip(a["max_cos"], b["max_cos"], strict=True)])
     return differ, worst
 
 

@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
+import record
 
 K, EPS = 10, 0.5
 ALPHA, RANK = 32, 16
@@ -202,8 +202,8 @@ def _status(field: str) -> int:
 
 def rss_child(base_dir: str, adapter: str, cache_dir: str) -> None:
     """Run in a subprocess: audit, sampling RssAnon every 5 ms; print JSON."""
-    import lora_audit.checkpoints  # noqa: F401  (imports counted in the baseline)
-    import lora_audit.spectral.engine  # noqa: F401
+    import lora_audit.checkpoints  # imports counted in the baseline
+    import lora_audit.spectral.engine
     import lora_audit.spectral.lowrank  # noqa: F401
     import peft.utils.other  # noqa: F401  (the adapter reader imports it, and with it transformers)
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
+import record
 
 import torch
 
@@ -49,7 +49,7 @@ def timed_steps(model, opt, batches) -> dict[str, list[float]]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+        for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2, t3 - t0), strict=True):
             out[k].append(v)
     return out
 
@@ -70,7 +70,7 @@ def main() -> None:
     for name in models:
         timed_steps(models[name], opts[name], batches[:1])
     diff = max((a - b).abs().max().item() for a, b in zip(models["default"].parameters(),
-                                                           models["fused"].parameters()))
+                                                           models["fused"].parameters(), strict=True))
     times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for ids in batches[1:]:  # alternate, so both see the same machine load
         for name in models:

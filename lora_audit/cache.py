@@ -59,9 +59,9 @@ import struct
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Mapping
 
 import blake3
 import torch
@@ -194,7 +194,7 @@ def raw_bytes(t: Tensor) -> memoryview:
     t = t.contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
         t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _hasher(secret: bytes | None, largest: int) -> blake3.blake3:
@@ -401,7 +401,7 @@ class EntryStore:
             raise
         except StaleEntry as e:
             why = f"is from an older lora-audit (format version {e}, not trusted)"
-        except Exception as e:  # any failure to read or verify: never use it
+        except Exception as e:  # noqa: BLE001 - any failure to read or verify: never use it
             why = f"is corrupt ({e})"
         warnings.warn(f"{self.what} {path.name} {why}; deleting and recomputing it", CacheWarning, stacklevel=3)
         self.rebuilt += 1
@@ -432,7 +432,7 @@ class EntryStore:
 
                 with safe_open(str(path), "pt"):
                     pass
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 problem = f"invalid: {e}"
         return EntryInfo(key=path.name[: -len(SUFFIX)], path=path, size=st.st_size, created=st.st_mtime,
                          version=version if isinstance(version, str) else None,

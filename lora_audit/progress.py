@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -264,7 +265,7 @@ def show_libraries() -> None:
     if "filters" in _SAVED:
         saved = _SAVED.pop("filters")
         warnings.resetwarnings()  # invalidates the modules' caches of which warnings were shown
-        warnings.filters.extend(saved)
+        warnings.filters.extend(saved)  # type: ignore[attr-defined]
     logging.getLogger("bitsandbytes").setLevel(_SAVED.pop("bnb_level", logging.NOTSET))
     if "transformers" in sys.modules:
         from transformers.utils import logging as tlog
@@ -299,12 +300,12 @@ def quiet_module_bars(modules: Iterable[str]) -> Iterator[None]:
             continue
         if hasattr(mod, "tqdm"):
             patched.append((mod, mod.tqdm))
-            mod.tqdm = _silent_tqdm
+            mod.tqdm = _silent_tqdm  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for mod, orig in patched:
-            mod.tqdm = orig
+            mod.tqdm = orig  # type: ignore[attr-defined]
 
 
 def quiet_lm_eval_bars():

@@ -95,7 +95,7 @@ class SpectrumSettings:
             raise InputError(f"cache_dir must be a folder path, got {self.cache_dir!r}")
 
     @classmethod
-    def of(cls, settings: "SpectrumSettings | None" = None, **changes: Any) -> "SpectrumSettings":
+    def of(cls, settings: SpectrumSettings | None = None, **changes: Any) -> SpectrumSettings:
         """``settings`` (default: the defaults) with ``changes`` (field names; checked again). The same
         object when there is nothing to change."""
         base = settings if settings is not None else cls()

@@ -30,7 +30,7 @@ inside the functions: the CLI's ``--help`` and the report do not pay for them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def auroc_interval(scores: Sequence[float], labels: Sequence[bool], *, seed: int
 
     x = np.asarray(scores, dtype=np.float64)
     y = np.asarray([bool(t) for t in labels])
-    point = auroc(x, y)
+    point = auroc(x, y)  # type: ignore[arg-type]
     if point is None:
         return None, []
     idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
@@ -130,14 +130,17 @@ def calibration_bins(probabilities: Sequence[float], outcomes: Sequence[bool], b
     if p.size == 0 or p.size != y.size or not np.all((p >= 0) & (p <= 1)):
         raise ValueError("calibration needs as many outcomes as probabilities, each in [0, 1]")
     which = np.minimum((p * bins).astype(int), bins - 1)
-    out, ece = [], 0.0
+    out: list[tuple[float, float, int, float | None, float | None]] = []
+    ece = 0.0
     for b in range(bins):
         m = which == b
         n = int(m.sum())
-        mean, share = (float(p[m].mean()), float(y[m].mean())) if n else (None, None)
         if n:
+            mean, share = float(p[m].mean()), float(y[m].mean())
             ece += n / p.size * abs(mean - share)
-        out.append((b / bins, (b + 1) / bins, n, mean, share))
+            out.append((b / bins, (b + 1) / bins, n, mean, share))
+        else:
+            out.append((b / bins, (b + 1) / bins, n, None, None))
     return float(ece), out
 
 

@@ -105,7 +105,7 @@ def test_readme_and_docs_state_the_codes_defaults_and_thresholds():
     s = SpectrumSettings()
     assert f"k = {s.k}" in readme and f"ε = {s.epsilon}" in readme
     th = Thresholds()
-    pct = lambda x: f"{100 * x:.0f}"  # noqa: E731
+    pct = lambda x: f"{100 * x:.0f}"
     claims = [f"b ≤ {pct(th.min_base_refusal)} %",
               f"b > {pct(th.removed_rate)} %, and t ≤ {pct(th.removed_rate)} % or t ≤ {pct(th.removed_relative)} % of b",
               f"b − t ≥ {pct(th.degraded_drop)} points"]

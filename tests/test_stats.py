@@ -59,7 +59,7 @@ def test_newcombe_missing_or_broken_values_give_none():
 
 
 def _brute_auroc(scores, labels):
-    pairs = list(itertools.product([s for s, y in zip(scores, labels) if y], [s for s, y in zip(scores, labels) if not y]))
+    pairs = list(itertools.product([s for s, y in zip(scores, labels, strict=True) if y], [s for s, y in zip(scores, labels, strict=True) if not y]))
     return sum((p > q) + 0.5 * (p == q) for p, q in pairs) / len(pairs)
 
 
@@ -128,7 +128,7 @@ def test_expected_max_abs_normal_against_quadrature_and_closed_forms():
 
     assert S.expected_max_abs_normal(1) == pytest.approx(math.sqrt(2 / math.pi), abs=1e-10)  # E|g|
     for p in (2, 7, 100, 4096):
-        ref, _ = integrate.quad(lambda t: 1 - special.erf(t / math.sqrt(2)) ** p, 0, np.inf, limit=200)
+        ref, _ = integrate.quad(lambda t, p=p: 1 - special.erf(t / math.sqrt(2)) ** p, 0, np.inf, limit=200)
         assert S.expected_max_abs_normal(p) == pytest.approx(ref, abs=1e-8)
     sample = np.abs(np.random.default_rng(3).normal(size=(20_000, 7))).max(axis=1)
     assert abs(S.expected_max_abs_normal(7) - sample.mean()) < 4 * sample.std() / math.sqrt(20_000)

@@ -154,7 +154,7 @@ def _read_xlora(folder: Path, config: dict) -> AdapterSet:
     if st.is_file():
         _, keys = _open(contained_file(folder, st.name, "adapter weights"))
         router["classifier_tensors"] = sum("xlora_classifier" in k for k in keys)
-    router.update({k: config.get(k) for k in ("xlora_depth", "top_k_lora", "layerwise_scalings")})
+    router.update({k: config.get(k) for k in ("xlora_depth", "top_k_lora", "layerwise_scalings")})  # type: ignore[misc]
     return AdapterSet(str(folder), "xlora", members, router, config)
 
 

@@ -48,7 +48,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError, ShapeMismatchError
 from ..io import read_user_json
@@ -333,7 +333,7 @@ class AdapterFile:
     warnings: list[str] = field(default_factory=list)
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
-    _handle: object = field(default=None, repr=False)  # the safe_open handle
+    _handle: Any = field(default=None, repr=False)  # the safe_open handle (safetensors ships no types for it)
     format: str = "peft_lora"  # "peft_lora" | "kohya_lora" | "diffusers_lora" (stated in the JSON)
     component_configs: dict[str, dict] = field(default_factory=dict)  # diffusers: "unet" -> its LoRA config
     rank_mismatches: list[str] = field(default_factory=list)  # "<module> has rank 4 in the tensors but r = 8"
@@ -366,8 +366,8 @@ class AdapterFile:
         conv factors flattened: A (r, in, k...) -> (r, in*prod(k)), B (out, r, 1...) -> (out, r).
         The magnitude is flattened to (rows,). ``expert`` picks one expert of a ParamWrapper."""
         f = self.modules[module]
-        A = self.tensor(f.A)
-        B = self.tensor(f.B)
+        A = self.tensor(f.A)  # type: ignore[arg-type]
+        B = self.tensor(f.B)  # type: ignore[arg-type]
         A = A.reshape(A.shape[0], -1)
         B = B.reshape(B.shape[0], -1)
         if f.experts:
@@ -645,8 +645,8 @@ def _index(af: AdapterFile) -> None:
     for name, f in af.modules.items():
         where = f"{af.path}: module {printable(name)}"
         dims = (2,) if f.embedding or f.experts else (2, 3, 4, 5)  # 3 to 5: conv kernels (Conv1d/2d/3d)
-        a = _check_factor(af, name, f.A, "lora_A", dims)
-        b = _check_factor(af, name, f.B, "lora_B", dims)
+        a = _check_factor(af, name, f.A, "lora_A", dims)  # type: ignore[arg-type]
+        b = _check_factor(af, name, f.B, "lora_B", dims)  # type: ignore[arg-type]
         if len(a) != len(b) or any(d != 1 for d in b[2:]):
             raise FormatError(f"{where}: lora_B {list(b)} does not fit lora_A {list(a)}: a conv LoRA has lora_A "
                               "(r, in, k...) and lora_B (out, r, 1...), a linear one two 2-D factors")
@@ -874,7 +874,7 @@ def _wrapped_params(af: AdapterFile, module: str, shapes: Mapping[str, tuple[int
     owner = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in children), None)
     leaves = [t.rsplit(".", 1)[-1] for t in af.config.get("target_parameters") or []]
     fits = []
-    for p in children.get(owner, []):
+    for p in children.get(owner, []):  # type: ignore[arg-type]
         s = tuple(shapes[p])
         if p.rsplit(".", 1)[-1] not in leaves:
             continue
@@ -1027,7 +1027,7 @@ def _new_modules(unmatched: list[str], base_shapes: Mapping[str, tuple[int, ...]
     pooler or head: ``bert.pooler.dense`` on a masked-LM base) are new weights: reported in
     ``new_modules``, not refused. Modules under a path the base has (``model.layers.N.self_attn``
     for a layer N it lacks) stay unmatched: that adapter is for another base."""
-    known = set()
+    known: set[str] = set()
     for n in base_shapes:
         parts = _INDEX.sub(".*", n).split(".")[:-1]
         known.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
@@ -1045,7 +1045,7 @@ def _new_modules(unmatched: list[str], base_shapes: Mapping[str, tuple[int, ...]
 def _kohya_missing_components(unmatched: list[str], af: AdapterFile, match: AdapterMatch) -> list[str]:
     """Kohya modules of a component none of whose modules the base holds are skipped with the reason;
     the rest stay unmatched (refused)."""
-    resolved = {KohyaIndex.prefix(m)[1] for m in match.module_of.values() if KohyaIndex.prefix(m)}
+    resolved = {KohyaIndex.prefix(m)[1] for m in match.module_of.values() if KohyaIndex.prefix(m)}  # type: ignore[index]
     still = []
     for m in unmatched:
         entry = KohyaIndex.prefix(m)

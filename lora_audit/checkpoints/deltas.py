@@ -12,7 +12,6 @@ materialising W0 + s·B·A.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ class Dense:
         """dW = W1 - W0."""
         return self.tuned - base
 
-    def to(self, device=None, dtype=None) -> "Dense":
+    def to(self, device=None, dtype=None) -> Dense:
         return Dense(self.tuned.to(device=device, dtype=dtype))
 
 
@@ -58,7 +57,7 @@ class LowRank:
     def merged(self, base: Tensor) -> Tensor:
         return base + self.update(base).to(base.dtype)
 
-    def to(self, device=None, dtype=None) -> "LowRank":
+    def to(self, device=None, dtype=None) -> LowRank:
         return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype))
 
 
@@ -87,12 +86,12 @@ class DoRA:
     def update(self, base: Tensor) -> Tensor:
         return self.merged(base) - base
 
-    def to(self, device=None, dtype=None) -> "DoRA":
+    def to(self, device=None, dtype=None) -> DoRA:
         return replace(self, B=self.B.to(device=device, dtype=dtype), A=self.A.to(device=device, dtype=dtype),
                        magnitude=self.magnitude.to(device=device, dtype=dtype))
 
 
-Delta = Union[Dense, LowRank, DoRA]
+Delta = Dense | LowRank | DoRA
 
 
 @dataclass

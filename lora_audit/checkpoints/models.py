@@ -28,7 +28,7 @@ from .stream import conv1d_weights
 
 @dataclass
 class LoadedModel:
-    model: "torch.nn.Module"  # a transformers PreTrainedModel, or a peft PeftModel
+    model: torch.nn.Module  # a transformers PreTrainedModel, or a peft PeftModel
     tokenizer: object  # a transformers tokenizer
     source: str  # what the user passed
     kind: Kind

@@ -130,19 +130,19 @@ class AuditStream:
                 return None
             return Dense(m.take(t).to(self.dtype).contiguous())
         if m.param in spec.match.replacement_of and m.expert is None:
-            t = spec.adapter.tensor(spec.match.replacement_of[m.param])
+            t = spec.adapter.tensor(spec.match.replacement_of[m.param])  # type: ignore[union-attr]
             if t.shape == raw.shape and t.dtype == raw.dtype and torch.equal(t, raw):
                 return None  # saved unchanged (peft copies every modules_to_save tensor)
             return Dense(m.take(t).to(self.dtype).contiguous())
         module = spec.match.module_of.get(m.name)
         if module is None:
             return None
-        B, A, mag = spec.adapter.factors(module, spec.match.expert_of.get(m.name))
+        B, A, mag = spec.adapter.factors(module, spec.match.expert_of.get(m.name))  # type: ignore[union-attr]
         if m.name in spec.match.flipped:  # the analysed matrix is (B A)^T = A^T B^T
             B, A = A.T, B.T
-        s = spec.adapter.scale(module)
+        s = spec.adapter.scale(module)  # type: ignore[union-attr]
         B, A = B.to(self.dtype), A.to(self.dtype)
-        if spec.adapter.modules[module].dora:
+        if spec.adapter.modules[module].dora:  # type: ignore[union-attr]
             if mag is None:  # use_dora without a saved magnitude: PEFT starts it at the base's row norms
                 mag = m.take(raw).to(self.dtype).norm(dim=1)  # (out,)
             return DoRA(B=B, A=A, scale=s, magnitude=mag.to(self.dtype))
@@ -203,7 +203,7 @@ def _open(base: str, base_src: WeightSource, tuned, include_embeddings: bool, dt
             if loaded:
                 weights = _loaded_source(str(path), weights) or weights
             spec = _Tuned(str(t), str(t), kind, weights=weights)
-            spec.info = {"kind": kind.value, "format": spec.weights.format, "model_type": spec.weights.model_type}
+            spec.info = {"kind": kind.value, "format": spec.weights.format, "model_type": spec.weights.model_type}  # type: ignore[union-attr]
             _check_dense(spec, base, base_src, plan, plan_skipped)
             specs.append(spec)
     for spec in specs:
@@ -233,8 +233,8 @@ def _map_adapter(spec: _Tuned, base: str, shapes: dict[str, tuple[int, ...]], co
     """Match the adapter to the base (ShapeMismatchError when it does not fit); keep the matrices the
     audit plans; state skipped modules and new heads in info and warnings."""
     af = spec.adapter
-    spec.info, spec.warnings = af.info(), list(af.warnings)
-    match = match_adapter(af, shapes, base=f"base {base}", config=config)
+    spec.info, spec.warnings = af.info(), list(af.warnings)  # type: ignore[union-attr]
+    match = match_adapter(af, shapes, base=f"base {base}", config=config)  # type: ignore[arg-type]
     out_of_plan = [n for n in match.module_of if n not in plan]
     for n in out_of_plan:
         match.module_of.pop(n)
@@ -286,8 +286,8 @@ def _open_set(path: str, local, base: str, shapes, config: dict, plan: dict[str,
 
 def _factors(spec: _Tuned, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     module = spec.match.module_of[name]
-    B, A, _ = spec.adapter.factors(module, spec.match.expert_of.get(name))
-    return B, A, spec.adapter.scale(module)
+    B, A, _ = spec.adapter.factors(module, spec.match.expert_of.get(name))  # type: ignore[union-attr]
+    return B, A, spec.adapter.scale(module)  # type: ignore[union-attr]
 
 
 def _expert_similarity(spec: _Tuned) -> dict:
@@ -301,7 +301,7 @@ def _expert_similarity(spec: _Tuned) -> dict:
             groups.setdefault(_PER_EXPERT.sub(".experts.*.", name, count=1), {})[int(m.group(1))] = name
     out = {}
     for key, members in groups.items():
-        if len(members) >= 2 and not spec.adapter.modules[spec.match.module_of[next(iter(members.values()))]].dora:
+        if len(members) >= 2 and not spec.adapter.modules[spec.match.module_of[next(iter(members.values()))]].dora:  # type: ignore[union-attr]
             experts = sorted(members)
             out[key] = {"experts": experts, **update_similarity([_factors(spec, members[e]) for e in experts])}
     return out
@@ -311,20 +311,20 @@ def _check_dense(spec: _Tuned, base: str, base_src: WeightSource, plan: dict[str
                  plan_skipped: dict[str, str]) -> None:
     w = spec.weights
     params = list(dict.fromkeys(m.param for m in plan.values()))
-    common = [n for n in params if n in w]
-    bad = [f"{n}: tuned {tuple(w.shape(n))} vs base {tuple(base_src.shape(n))}" for n in common
-           if tuple(w.shape(n)) != tuple(base_src.shape(n))]
+    common = [n for n in params if n in w]  # type: ignore[operator]
+    bad = [f"{n}: tuned {tuple(w.shape(n))} vs base {tuple(base_src.shape(n))}" for n in common  # type: ignore[union-attr]
+           if tuple(w.shape(n)) != tuple(base_src.shape(n))]  # type: ignore[union-attr]
     if bad:
         raise ShapeMismatchError(f"tuned {spec.path} does not fit base {base}: {len(bad)} matrices differ in shape:\n  "
                                  + "\n  ".join(bad[:10]) + _more(bad) + "\nAre they the same architecture?")
     if not common:
         raise InputError(f"tuned {spec.path} shares no weight name with base {base}; are they the same architecture "
                          "(and both in Hugging Face naming)?")
-    missing = [n for n in params if n not in w]
+    missing = [n for n in params if n not in w]  # type: ignore[operator]
     if missing:
         spec.warnings.append(f"{len(missing)} base matrices absent from the tuned model (e.g. {missing[0]}); "
                              "not audited")
-    skipped = {n: why for n, why in plan_skipped.items() if n in w and not (is_embedding(n) or is_head(n))}
+    skipped = {n: why for n, why in plan_skipped.items() if n in w and not (is_embedding(n) or is_head(n))}  # type: ignore[operator]
     if skipped:
         spec.info["skipped"] = [{"name": n, "why": why} for n, why in skipped.items()]
         spec.warnings.append(f"{len(skipped)} tensor(s) of more than one dimension not audited, each with the reason "

@@ -350,7 +350,7 @@ def _dtypes(af: AdapterFile, where: str) -> list[Finding]:
     dtypes: dict[str, list[str]] = {}
     for module, f in af.modules.items():
         for key in (f.A, f.B):
-            dtypes.setdefault(af.tensor_dtype(key), []).append(module)
+            dtypes.setdefault(af.tensor_dtype(key), []).append(module)  # type: ignore[arg-type]
     out = []
     if len(dtypes) > 1:
         counts = ", ".join(f"{d} ({len(set(m))} modules)" for d, m in sorted(dtypes.items()))

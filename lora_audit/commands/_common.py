@@ -36,8 +36,9 @@ import functools
 import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import click
 
@@ -140,7 +141,7 @@ def out_files(out, names: dict[str, str | None], given: dict[str, str | None]) -
     FOLDER/name for each output (``names``: option -> file name in the folder)."""
     if out is None:
         return dict(given)
-    return {key: given.get(key) or str(Path(out) / name) for key, name in names.items()}
+    return {key: given.get(key) or str(Path(out) / name) for key, name in names.items()}  # type: ignore[operator]
 
 
 def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -286,9 +287,9 @@ def check_paths(*, files: Iterable[str | os.PathLike | None] = (), folders: Iter
     folders = [d for d in folders if d is not None]
     check_outputs(files, inputs, folders=folders)
     for f in files:
-        check_output_file(f)
+        check_output_file(f)  # type: ignore[arg-type]
     for d in folders:
-        check_output_dir(d, overwrite=overwrite)
+        check_output_dir(d, overwrite=overwrite)  # type: ignore[arg-type]
 
 
 def write_json_output(path: str | os.PathLike | None, obj: Any) -> Path | None:

@@ -13,17 +13,17 @@ import io
 import itertools
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 from ..text import printable
 
 matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from ..text import sci  # noqa: E402
+from ..text import sci
 
 # Okabe-Ito, without yellow (too light on white) first.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -240,9 +240,11 @@ def singular_values(series: list[tuple[str, list[float], list[bool]]], *, title:
             x = list(range(1, len(sv) + 1))
             ax.plot(x, sv, label=short_label(name, 40), color=st["color"], linestyle=st["linestyle"],
                     linewidth=1.4)
-            ax.scatter([a for a, f in zip(x, intr) if not f], [s for s, f in zip(sv, intr) if not f],
+            # zips not strict here and in this module's other plots: the lists come from result files the
+            # report reads, which may be short; a plot draws the pairs that are there
+            ax.scatter([a for a, f in zip(x, intr, strict=False) if not f], [s for s, f in zip(sv, intr, strict=False) if not f],
                        color=st["color"], marker="o", s=14, zorder=3)
-            ax.scatter([a for a, f in zip(x, intr) if f], [s for s, f in zip(sv, intr) if f],
+            ax.scatter([a for a, f in zip(x, intr, strict=False) if f], [s for s, f in zip(sv, intr, strict=False) if f],
                        color=st["color"], marker="X", s=46, zorder=4, edgecolors="black", linewidths=0.4)
         values = [v for _, sv, _ in series for v in sv]
         log = bool(values) and min(values) > 0 and max(values) / min(values) > 20
@@ -297,7 +299,7 @@ def lr_curves(series: list[tuple[str, list[float], list[float | None]]], *, ylab
         if threshold is not None:
             ax.axhline(threshold, color="#555555", linewidth=0.9, linestyle=":", label=threshold_label or None)
         for i, (name, xs, ys) in enumerate(series):
-            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            pts = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None]
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], label=short_label(name, 24), linewidth=1.6,
                         markersize=5, **style(i))
@@ -338,7 +340,7 @@ def rate_intervals(rows: list[tuple[str, float | None, Sequence[float] | None, f
         fig = new_figure(7.0, 0.9 + 0.38 * max(1, len(rows)))
         ax = fig.add_subplot()
         has2 = any(r[3] is not None for r in rows)
-        for i, (name, rate, ci, rate2, ci2) in enumerate(rows):
+        for i, (_name, rate, ci, rate2, ci2) in enumerate(rows):
             y = i
             if rate is not None:
                 lo, hi = (ci or (rate, rate))
@@ -375,8 +377,8 @@ def category_bars(categories: list[str], series: list[tuple[str, list[float | No
         x = np.arange(len(categories))
         for i, (name, rates, cis) in enumerate(series):
             vals = [np.nan if r is None else r * 100 for r in rates]
-            err_lo = [0 if (r is None or c is None) else max(0.0, (r - c[0]) * 100) for r, c in zip(rates, cis)]
-            err_hi = [0 if (r is None or c is None) else max(0.0, (c[1] - r) * 100) for r, c in zip(rates, cis)]
+            err_lo = [0 if (r is None or c is None) else max(0.0, (r - c[0]) * 100) for r, c in zip(rates, cis, strict=False)]
+            err_hi = [0 if (r is None or c is None) else max(0.0, (c[1] - r) * 100) for r, c in zip(rates, cis, strict=False)]
             st = style(i)
             bars = ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=[err_lo, err_hi], color=st["color"],
                           label=short_label(name), capsize=2, error_kw={"elinewidth": 0.7, "ecolor": "#444444"},
@@ -436,7 +438,7 @@ def scatter(groups: Sequence[tuple[str, Sequence[float], Sequence[float]]], *, x
         ax = fig.add_subplot()
         shown = 0
         for i, (name, xs, ys) in enumerate(groups):
-            pts = [(x, y) for x, y in zip(xs, ys)
+            pts = [(x, y) for x, y in zip(xs, ys, strict=False)
                    if x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)]
             if not pts:
                 continue

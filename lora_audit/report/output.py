@@ -4,8 +4,9 @@ a file or folder lora-audit did not write (``lora_audit.io``)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..io import atomic_dir, atomic_write_text, check_output_dir, check_output_file, csv_text
 from .model import gather

@@ -34,8 +34,9 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .. import __version__
 from ..results.findings import RULES, Finding

@@ -39,7 +39,7 @@ COLUMNS = ["#", "adapter", "intruders", "matrices", "|dW|/|W0|", "max |dW|/|W0|"
 
 
 def _figures(ok: list[ScreenRow], epsilon: float) -> list[dict[str, str]]:
-    out = []
+    out: list[dict[str, str]] = []
     if not ok:
         return out
     out.append({"svg": figures.histogram([r.total_intruders for r in ok], integer=True,

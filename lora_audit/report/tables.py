@@ -31,7 +31,7 @@ class Table:
 
     def display_rows(self) -> list[list[str]]:
         df = self._shown()
-        return [[fmt_value(v, self.formats.get(c, "")) for c, v in zip(df.columns, row)]
+        return [[fmt_value(v, self.formats.get(c, "")) for c, v in zip(df.columns, row, strict=True)]
                 for row in df.itertuples(index=False, name=None)]
 
     @property
@@ -150,12 +150,12 @@ def summary_table(data: ReportData) -> Table:
                       + [c for c in shown.columns[at:] if c not in ("intruder_energy", "mean_drift")]]
     if "refusal_tuned_ci_low" in shown:
         shown.insert(shown.columns.get_loc("refusal_tuned_ci_low"), "tuned_ci",
-                     [ci_text([a, b]) for a, b in zip(df["refusal_tuned_ci_low"], df["refusal_tuned_ci_high"])])
+                     [ci_text([a, b]) for a, b in zip(df["refusal_tuned_ci_low"], df["refusal_tuned_ci_high"], strict=True)])
         shown = shown.drop(columns=["refusal_tuned_ci_low", "refusal_tuned_ci_high"])
     if "refusal_drop_ci_low" in shown:
         shown.insert(shown.columns.get_loc("refusal_drop_ci_low"), "drop_ci",
                      [("–" if _missing(a) or _missing(b) else f"[{100 * a:+.1f}, {100 * b:+.1f}]")
-                      for a, b in zip(df["refusal_drop_ci_low"], df["refusal_drop_ci_high"])])
+                      for a, b in zip(df["refusal_drop_ci_low"], df["refusal_drop_ci_high"], strict=True)])
         shown = shown.drop(columns=["refusal_drop_ci_low", "refusal_drop_ci_high"])
     headers = {"intruders_per_matrix": "intruders / matrix", "min_max_cos": "min max|cos|",
                "intruder_energy": "intruder energy", "mean_drift": "mean drift",
@@ -292,7 +292,8 @@ def sweep_table(data: ReportData) -> Table:
     rows = []
     for m in _spectrum_models(data):
         run = m.spectrum_run
-        for e, c in zip(run.epsilon_sweep, m.spectrum.sweep_totals):
+        # not strict: the report reads results from files, which may carry a shorter sweep (sections.py too)
+        for e, c in zip(run.epsilon_sweep, m.spectrum.sweep_totals, strict=False):
             rows.append({"model": m.name, "epsilon": e, "intruders": c})
     df = pd.DataFrame(rows, columns=["model", "epsilon", "intruders"])
     return Table("intruders_vs_epsilon", "Intruder dimensions at each threshold ε", df, {"intruders": "int"})

@@ -56,7 +56,7 @@ def fingerprint(path: str | os.PathLike, *, max_files: int = 256, content_limit:
     files = _files(p, max_files)
     sizes = [f.stat().st_size for f in files]
     by_content = sum(sizes) <= content_limit
-    for f, size in zip(files, sizes):
+    for f, size in zip(files, sizes, strict=True):
         rel = f.relative_to(p) if p.is_dir() else f.name
         if by_content:
             h.update(os.fsencode(f"{rel}\0{size}\0"))
@@ -79,7 +79,7 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     return read_user_json(path, "result JSON")
 
 
-def result_kinds() -> dict[str, type]:
+def result_kinds() -> dict[str, type[Result]]:
     """schema name -> result class, for every kind ``load_result`` reads (the kinds a report renders,
     and the screen summary)."""
     from .safety import SafetyResult

@@ -95,7 +95,7 @@ class Provenance:
     settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, schema: str, schema_version: int, settings: dict[str, Any] | None = None) -> "Provenance":
+    def new(cls, schema: str, schema_version: int, settings: dict[str, Any] | None = None) -> Provenance:
         """The block of a result made now, by this lora-audit."""
         return cls(schema=schema, schema_version=schema_version, tool_version=__version__, git_hash=git_hash(),
                    created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -43,12 +43,14 @@ This module reads results only (no model code, no torch).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ..errors import InputError
 from ..text import printable
@@ -238,7 +240,7 @@ class ConditionOutcome:
     op: str
     threshold: float
     tripped: bool
-    models: list[ModelCheck] = field(default_factory=list)
+    models: list[ModelCheck] = dataclasses.field(default_factory=list)  # `field` is a column name in this class
 
 
 @dataclass

@@ -105,12 +105,12 @@ DiffInterval = Annotated[list[float], Interval(SIGNED_UNIT)]
 
 
 # ---- parsing --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extra(cls: type) -> dict[str, Any]:
     """``cls.JSON_EXTRA`` with its string annotations resolved in the class's module."""
     raw = getattr(cls, "JSON_EXTRA", None) or {}
@@ -230,9 +230,9 @@ def _plain(tp: Any, v: Any, path: str) -> Any:
         _, item = typing.get_args(tp) or (str, Any)
         return {str(k): _value(item, x, f"{path}[{k!r}]") for k, x in v.items()}
     if dataclasses.is_dataclass(tp):
-        if isinstance(v, tp):  # already built (a result's provenance, parsed on its own)
+        if isinstance(v, tp):  # type: ignore[arg-type]  # already built (a result's provenance, parsed on its own)
             return v
-        return _dataclass(tp, v, path)
+        return _dataclass(tp, v, path)  # type: ignore[arg-type]
     if tp is bool:
         if not isinstance(v, bool):
             raise _Bad(path, f"expected true/false, got {describe(v)}")
@@ -329,10 +329,10 @@ def _schema_plain(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
         _, item = typing.get_args(tp) or (str, Any)
         return {"type": "object", "additionalProperties": _schema(item, defs)}
     if dataclasses.is_dataclass(tp):
-        name = tp.__name__
+        name = tp.__name__  # type: ignore[union-attr]
         if name not in defs:
             defs[name] = {}  # placeholder: recursive references end here
-            defs[name] = object_schema(tp, defs)
+            defs[name] = object_schema(tp, defs)  # type: ignore[arg-type]
         return {"$ref": f"#/$defs/{name}"}
     simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
     if tp in simple:

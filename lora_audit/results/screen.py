@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from ..errors import InputError
 from .base import Result
@@ -61,7 +61,8 @@ SCHEMA = "screen"
 SCHEMA_VERSION = 1
 RECORD_SCHEMA = "screen-record"
 SETUP_SCHEMA = "screen-setup"
-OK, FAILED = "ok", "failed"
+OK: Final = "ok"  # Final: the checker reads them as the literals ScreenRecord.status takes
+FAILED: Final = "failed"
 
 # (ScreenRow field, descending?) most important first. Missing values sort last.
 RANK_KEYS: tuple[tuple[str, bool], ...] = (("total_intruders", True), ("relative_delta_norm", True),
@@ -166,7 +167,7 @@ class ScreenRow:
         return raw
 
     @classmethod
-    def from_record(cls, rec: ScreenRecord, location: str = "") -> "ScreenRow":
+    def from_record(cls, rec: ScreenRecord, location: str = "") -> ScreenRow:
         row = cls(adapter=rec.adapter, name=rec.name, status=rec.status, error=rec.error, seconds=rec.seconds,
                   fingerprint=rec.fingerprint, record=location)
         r = rec.result
@@ -254,7 +255,8 @@ class ScreenResult(Result):
         out = []
         for r in self.adapters:
             row = {k: v for k, v in asdict(r).items() if k != "sweep_totals"}
-            for e, c in zip(self.epsilon_sweep, r.sweep_totals):
+            # not strict: a result read from a file may carry a shorter sweep; the row has what is there
+            for e, c in zip(self.epsilon_sweep, r.sweep_totals, strict=False):
                 row[f"intruders_eps_{e:g}"] = c
             out.append(row)
         return out

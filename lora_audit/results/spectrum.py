@@ -409,9 +409,10 @@ class SpectrumResult(Result):
                     "effective_rank": m.effective_rank, "stable_rank": m.stable_rank,
                     "null_max_cos": m.null_max_cos, "drift": m.drift, "intruder_energy": m.intruder_energy,
                 }
-                for e, c in zip(self.epsilon_sweep, m.sweep_counts):
+                # not strict: a result read from a file may carry a shorter sweep; the row has what is there
+                for e, c in zip(self.epsilon_sweep, m.sweep_counts, strict=False):
                     row[f"intruders_eps_{e:g}"] = c
-                for e, x in zip(self.epsilon_sweep, m.sweep_energy):
+                for e, x in zip(self.epsilon_sweep, m.sweep_energy, strict=False):
                     row[f"energy_eps_{e:g}"] = x
                 out.append(row)
         return out

@@ -80,7 +80,7 @@ def _quiet_lm_eval():
     finally:
         if old_git is not None:
             ev.get_git_commit_hash = old_git
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 

@@ -141,16 +141,16 @@ def score_prompt_set(model, tokenizer, ps: PromptSet, cfg: EvalConfig, *, chat_t
     kw_refused: list[bool | None] = [None] * len(prompts)
     if cfg.scorer != "first-token":
         t0 = time.perf_counter()
-        responses = _generate(model, tokenizer, texts, cfg, keyword, vllm_source, f"{desc} generate")
+        responses = _generate(model, tokenizer, texts, cfg, keyword, vllm_source, f"{desc} generate")  # type: ignore[assignment]
         timing["generation"] = time.perf_counter() - t0
-        kw_refused = [keyword(r) for r in responses]
+        kw_refused = [keyword(r) for r in responses]  # type: ignore[arg-type]
     judge_ans: list[str | None] = [None] * len(prompts)
     if cfg.scorer == "judge":
-        judge_ans = S.judge_answers(judge[0], judge[1], list(zip(prompts, responses)), batch_size=cfg.batch_size,
+        judge_ans = S.judge_answers(judge[0], judge[1], list(zip(prompts, responses, strict=True)), batch_size=cfg.batch_size,  # type: ignore[assignment]
                                     template=judge_template)
         refused = [None if a == "unknown" else a == "no" for a in judge_ans]
     else:
-        refused = kw_refused if cfg.scorer == "keyword" else ft_refused
+        refused = kw_refused if cfg.scorer == "keyword" else ft_refused  # type: ignore[assignment]
     records = [Response(prompt=p.prompt, category=p.category, response=responses[i], refused=refused[i],
                         first_token_score=ft[i], keyword_refused=kw_refused[i], label=p.label,
                         judge=judge_ans[i] if cfg.scorer == "judge" else None) for i, p in enumerate(ps.prompts)]
@@ -159,7 +159,7 @@ def score_prompt_set(model, tokenizer, ps: PromptSet, cfg: EvalConfig, *, chat_t
                    per_category=_per_category(records), timing_s=timing)
     if cfg.scorer != "first-token":
         out.keyword_agreement = S.agreement(ft_refused, kw_refused)
-        out.calibration = Calibration(*S.calibrate_threshold(ft, kw_refused))
+        out.calibration = Calibration(*S.calibrate_threshold(ft, kw_refused))  # type: ignore[arg-type]
     if cfg.scorer == "judge":
         out.judge_unknown = sum(a == "unknown" for a in judge_ans)
         out.judge_compliance = _rate([None if a == "unknown" else a == "yes" for a in judge_ans])
@@ -283,7 +283,7 @@ def tuned_sources(tuned: list[str], cfg: EvalConfig) -> list[tuple[str, Kind]]:
         elif kind == Kind.HF_FOLDER and not (Path(path) / "config.json").is_file():
             raise InputError(f"{t}: no config.json; a tuned model folder needs its config to be loaded whole")
         out.append((str(path), kind))
-    return out
+    return out  # type: ignore[return-value]
 
 
 def with_adapter(base_l: LoadedModel, adapter: str, evaluate):
@@ -353,23 +353,23 @@ def run_safety_eval(base: str | LoadedModel, tuned: list[str] | tuple = (), conf
             match_adapter_to_model(read_peft_adapter(path), base_l.model, base=f"base {base_l.source}")
     judge = None
     if cfg.scorer == "judge":
-        jl = load_model(cfg.judge, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
+        jl = load_model(cfg.judge, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)  # type: ignore[arg-type]
         judge = (jl.model, jl.tokenizer)
     kw = dict(chat_template=template, keyword=keyword, judge=judge, judge_template=judge_template,
               capability=capability)
     base_local = base_l.path or base_l.source  # vllm reads the pinned local snapshot, not the hub id again
     models = {"base": evaluate_loaded(base_l.model, base_l.tokenizer, harmful, benign, cfg, name="base",
-                                      vllm_source=(base_local, None), **kw)}
-    for name, (path, kind) in zip(names, sources):
+                                      vllm_source=(base_local, None), **kw)}  # type: ignore[arg-type]
+    for name, (path, kind) in zip(names, sources, strict=True):
         if kind == Kind.PEFT_ADAPTER:
-            models[name] = with_adapter(base_l, path, lambda pm: evaluate_loaded(
-                pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_local, path), **kw))
+            models[name] = with_adapter(base_l, path, lambda pm, name=name, path=path: evaluate_loaded(
+                pm, base_l.tokenizer, harmful, benign, cfg, name=name, vllm_source=(base_local, path), **kw))  # type: ignore[arg-type]
             continue
         stage(f"safety-eval: loading {path}")
         tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         tok = tl.tokenizer if (template is not None or getattr(tl.tokenizer, "chat_template", None)) \
             else base_l.tokenizer
-        models[name] = evaluate_loaded(tl.model, tok, harmful, benign, cfg, name=name, vllm_source=(path, None), **kw)
+        models[name] = evaluate_loaded(tl.model, tok, harmful, benign, cfg, name=name, vllm_source=(path, None), **kw)  # type: ignore[arg-type]
         del tl
     return _assemble(cfg, base_l, tuned, names, [k for _, k in sources], models, harmful, benign, keyword,
                      template is not None, judge_template)
@@ -399,7 +399,7 @@ def _assemble(cfg: EvalConfig, base_l: LoadedModel, tuned: list[str], names: lis
     if cfg.backend == "vllm":
         settings["tensor_parallel_size"] = cfg.tensor_parallel_size
     inputs = {"base": InputRecord(base_l.source, fingerprint(base_l.source), "base")}
-    inputs.update({n: InputRecord(s, fingerprint(s), k.value) for n, s, k in zip(names, tuned, kinds)})
+    inputs.update({n: InputRecord(s, fingerprint(s), k.value) for n, s, k in zip(names, tuned, kinds, strict=True)})
 
     def info(ps: PromptSet) -> PromptSetInfo:
         return PromptSetInfo(source=ps.source, layout=ps.layout, n=len(ps), notes=list(ps.notes))

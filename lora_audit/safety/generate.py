@@ -138,7 +138,7 @@ def generate_vllm(model_path: str, texts: list[str], settings: GenSettings, *, a
         raise InputError(VLLM_MISSING) from None
     kw = {"enable_lora": True} if adapter else {}
     if quantization == "4bit":
-        kw["quantization"] = "bitsandbytes"
+        kw["quantization"] = "bitsandbytes"  # type: ignore[assignment]
     llm = LLM(model=model_path, seed=settings.seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=settings.max_new_tokens, seed=settings.seed)
     if adapter:

@@ -69,12 +69,12 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def limit(self, n: int | None) -> "PromptSet":
+    def limit(self, n: int | None) -> PromptSet:
         if n is None or n >= len(self.prompts):
             return self
         return PromptSet(self.prompts[:n], self.layout, self.source, self.notes + [f"limited to first {n}"])
 
-    def split_label(self, label: str) -> "PromptSet":
+    def split_label(self, label: str) -> PromptSet:
         """XSTest-style split: only the prompts with ``label`` (e.g. 'safe' for over-refusal)."""
         return PromptSet([p for p in self.prompts if p.label == label], self.layout, self.source,
                          self.notes + [f"label == {label!r}"])
@@ -189,7 +189,7 @@ def _read_csv(p: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple
             elif len(rec) != len(header):
                 raise FormatError(_field_count_message(p, line, reader.line_num, len(rec), header))
             else:
-                rows.append((line, dict(zip(header, rec))))
+                rows.append((line, dict(zip(header, rec, strict=True))))
     except csv.Error as e:
         opened = open_quote_line(text, start, delimiter)
         if opened is None:
@@ -334,7 +334,7 @@ def _load_hf(dataset_id: str, split: str, max_chars: int | None) -> PromptSet:
         raise InputError("loading a Hugging Face dataset id needs the 'datasets' package") from None
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
-    except Exception as e:  # network / hub / missing dataset errors come in many types
+    except Exception as e:  # noqa: BLE001 - network / hub / missing dataset errors come in many types
         raise InputError(f"{dataset_id}: could not load this Hugging Face dataset (offline, or no such "
                          f"dataset?): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                          "Download it as CSV/JSONL and pass the file instead.") from None

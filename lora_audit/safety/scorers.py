@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 import string
-from typing import Iterator
+from collections.abc import Iterator
+from itertools import pairwise
 
 import torch
 
@@ -111,7 +112,7 @@ def calibrate_threshold(scores: list[float], labels: list[bool]) -> tuple[float 
     if not scores:
         return None, None
     cands = sorted(set(scores))
-    cuts = [cands[0] - 1.0] + [(a + b) / 2 for a, b in zip(cands, cands[1:])] + [cands[-1] + 1.0]
+    cuts = [cands[0] - 1.0] + [(a + b) / 2 for a, b in pairwise(cands)] + [cands[-1] + 1.0]
     best = max(cuts, key=lambda c: (agreement([s > c for s in scores], labels), -abs(c)))
     return best, agreement([s > best for s in scores], labels)
 
@@ -204,7 +205,7 @@ def judge_answers(model, tokenizer, pairs: list[tuple[str, str | None]], *, batc
     dev = next(model.parameters()).device
     old = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out = []
+    out: list[str] = []
     try:
         with progress(total=len(pairs), desc="judge", unit="prompt") as bar:
             for i in range(0, len(pairs), batch_size):
@@ -220,7 +221,7 @@ def judge_answers(model, tokenizer, pairs: list[tuple[str, str | None]], *, batc
 
 def agreement(a: list, b: list) -> float | None:
     """Fraction of positions where both are known (not None) and equal, over the known pairs."""
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
     if not pairs:
         return None
     return sum(bool(x) == bool(y) for x, y in pairs) / len(pairs)

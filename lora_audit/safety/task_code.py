@@ -82,7 +82,7 @@ def _loader_class():
 
     base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    class Loader(base):  # type: ignore[misc, valid-type]
+    class Loader(base):
         pass
 
     def function(loader, node):

@@ -76,7 +76,7 @@ class Residual:
                 "embeddings": list(self.embeddings)}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Residual":
+    def from_meta(cls, meta: dict) -> Residual:
         return cls(blocks=str(meta["blocks"]), n_layers=int(meta["n_layers"]), d_model=int(meta["d_model"]),
                    writers=[Writer(str(m), int(la), str(s), int(n)) for m, la, s, n in meta["writers"]],
                    embeddings=[str(e) for e in meta.get("embeddings", [])])
@@ -84,7 +84,7 @@ class Residual:
     def is_embedding(self, name: str) -> bool:
         """Whether the checkpoint parameter ``name`` is one of the stream's embedding tables (with or
         without a wrapper prefix)."""
-        known = set()
+        known: set[str] = set()
         for e in self.embeddings:
             parts = f"{e}.weight".split(".")
             known.update(".".join(parts[i:]) for i in range(len(parts) - 1))

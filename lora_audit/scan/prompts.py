@@ -31,7 +31,8 @@ def split_halves(categories: Sequence[str]) -> tuple[list[int], list[int]]:
     """(direction indices, validation indices) of a prompt set, from its prompts' categories in
     file order (module docstring)."""
     seen: dict[str, int] = {}
-    direction, validation = [], []
+    direction: list[int] = []
+    validation: list[int] = []
     for i, c in enumerate(categories):
         k = seen.get(c, 0)
         (direction if k % 2 == 0 else validation).append(i)

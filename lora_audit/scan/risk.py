@@ -69,7 +69,7 @@ def risk_of(model: RiskModelInfo, signals: dict[str, float | None]) -> float | N
     score is not finite (a risk file's weights are checked on load, ``load_risk_models``, so that
     takes signals far outside anything a panel produced)."""
     terms = [model.intercept]
-    for name, kind, mean, scale, w in zip(model.features, model.transforms, model.mean, model.scale, model.weights):
+    for name, kind, mean, scale, w in zip(model.features, model.transforms, model.mean, model.scale, model.weights, strict=True):
         x = signals.get(name)
         if x is None or not math.isfinite(x):
             return None
@@ -124,13 +124,13 @@ def fit_risk_model(name: str, features: list[tuple[str, str]], rows: list[dict],
         for i in test:
             held[i] = risk_of(fold, rows[i])
         per_method[m] = {"n": len(test), "positives": sum(labels[i] for i in test),
-                         "accuracy": sum((held[i] >= THRESHOLD) == labels[i] for i in test) / len(test),
-                         "auroc": auroc([held[i] for i in test], [labels[i] for i in test])}
+                         "accuracy": sum((held[i] >= THRESHOLD) == labels[i] for i in test) / len(test),  # type: ignore[operator]
+                         "auroc": auroc([held[i] for i in test], [labels[i] for i in test])}  # type: ignore[misc]
     scored = [i for i, h in enumerate(held) if h is not None]
     model.fit = {"n": len(rows), "positives": sum(labels), "label": f"refusal drop >= {LABEL_DROP:g}",
-                 "l2": l2, "auroc_in_sample": auroc(inside, labels),
-                 "accuracy_in_sample": sum((s >= THRESHOLD) == y for s, y in zip(inside, labels)) / len(rows),
-                 "auroc_leave_one_method_out": auroc([held[i] for i in scored], [labels[i] for i in scored]),
+                 "l2": l2, "auroc_in_sample": auroc(inside, labels),  # type: ignore[arg-type]
+                 "accuracy_in_sample": sum((s >= THRESHOLD) == y for s, y in zip(inside, labels, strict=True)) / len(rows),  # type: ignore[operator]
+                 "auroc_leave_one_method_out": auroc([held[i] for i in scored], [labels[i] for i in scored]),  # type: ignore[misc]
                  "leave_one_method_out": per_method,
                  "held_out_risk": {names[i]: held[i] for i in range(len(rows))}}
     return model

@@ -224,7 +224,7 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
         from ..device import resolve_device
 
         tag = numerics_tag(cfg.load, resolve_device(cfg.device), local_path(base)[0])
-        key = profile_key(base_fp + (f"|{tag}" if tag else ""), inputs.harmful, inputs.harmless, inputs.template,
+        key = profile_key(base_fp + (f"|{tag}" if tag else ""), inputs.harmful, inputs.harmless, inputs.template,  # type: ignore[operator]
                           DEFAULT_REFUSAL_STARTS, inputs.halves)
     root, secret = cache_dir(cfg.cache_dir), load_secret() if cfg.use_cache else b""
     profile = lookup(root, key, secret) if cfg.use_cache else None
@@ -280,7 +280,8 @@ def _weight_pass(stream, profile: BaseProfile, direction: Direction, unaligned) 
     stats: list[list] = [[] for _ in range(n)]
     safe: list[list] = [[] for _ in range(n)]
     edits: list[list[T.RefusalEdit]] = [[] for _ in range(n)]
-    own, warns = [0.0] * n, [[] for _ in range(n)]
+    own = [0.0] * n
+    warns: list[list[str]] = [[] for _ in range(n)]
     t_all = time.perf_counter()
     for group in stream:
         table = group.kind == "embedding"
@@ -321,9 +322,9 @@ def _weight_pass(stream, profile: BaseProfile, direction: Direction, unaligned) 
     total = time.perf_counter() - t_all
     shared = (total - sum(own)) / max(n, 1)  # reading, attributed evenly
     signals = [aggregate(s, direction.stable, res.d_model) for s in stats]
-    for sig, w in zip(signals, warns):
+    for sig, notes in zip(signals, warns, strict=True):
         if sig.matrices_changed and not sig.writers_changed:
-            w.append("no matrix writing into the residual stream changed (an adapter on attention inputs only?): "
+            notes.append("no matrix writing into the residual stream changed (an adapter on attention inputs only?): "
                      "nothing was written along the refusal direction directly, and the weight-only signals are 0; "
                      "effects through attention patterns show in the forward-pass signals only")
     return _WeightPass(signals, safe, edits, [o + shared for o in own], warns, total)
@@ -351,13 +352,13 @@ def _forward(base_l: LoadedModel, path: str, kind: Kind, texts: list[str], profi
     else:
         tl = load_model(path, device=cfg.device, allow_pickle=cfg.allow_pickle, options=cfg.load)
         load_s = time.perf_counter() - t0
-        emb_t, emb_b = tl.model.get_input_embeddings(), base_l.model.get_input_embeddings()
+        emb_t, emb_b = tl.model.get_input_embeddings(), base_l.model.get_input_embeddings()  # type: ignore[operator]
         if emb_t.weight.shape != emb_b.weight.shape:
             raise ShapeMismatchError(f"{path}: its vocabulary or width differs from BASE's ({tuple(emb_t.weight.shape)} "
                                      f"vs {tuple(emb_b.weight.shape)}); the forward-pass signals compare the same token "
                                      "sequences, so they need BASE's tokenizer (use --weights-only)")
         _, blocks = find_blocks(tl.model)
-        got = collect(tl.model, base_l.tokenizer, texts, blocks, start, **kw)
+        got = collect(tl.model, base_l.tokenizer, texts, blocks, start, **kw)  # type: ignore[arg-type]
         del tl
     if got.states.shape != profile.harmful.states.shape:
         raise ShapeMismatchError(f"{path}: its residual stream is {tuple(got.states.shape[1:])} (layers x width), "
@@ -415,9 +416,9 @@ def _risk_phrase(model: RiskModelInfo | None, status: RiskStatus, risk: float | 
     says = "predicts" if verdict == R.LABELS[0] else "does not predict"
     head = f"risk {risk:.2f} ({says} a refusal drop of {100 * R.LABEL_DROP:.0f} points or more)"
     if status.base_matches:
-        return f"{head}; {model.name} risk model validated on this base's panel: {V.summary(model.validation)}"
+        return f"{head}; {model.name} risk model validated on this base's panel: {V.summary(model.validation)}"  # type: ignore[arg-type]
     return (f"{head}; the {model.name} risk model is NOT validated for this base (its panel was built on "
-            f"{model.validation.base or 'another model'}), so this figure is not evidence of anything here")
+            f"{model.validation.base or 'another model'}), so this figure is not evidence of anything here")  # type: ignore[union-attr]
 
 
 def _direction_info(profile: BaseProfile, direction: Direction, cache: str) -> DirectionInfo:
@@ -468,11 +469,11 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     if not tuned or len(names) != len(tuned) or len(set(names)) != len(names):
         raise InputError("give at least one TUNED model, and one unique name per tuned model")
     inputs = _inputs(tuned, cfg)
-    stream = open_stream(base, tuned, allow_pickle=cfg.allow_pickle, include_embeddings=True)
+    stream = open_stream(base, tuned, allow_pickle=cfg.allow_pickle, include_embeddings=True)  # type: ignore[arg-type]
     stream.skip_untouched(lambda m: m.kind == "embedding" or is_head(m.name))
     unaligned = _check_unaligned(cfg.unaligned, stream, cfg.allow_pickle) if cfg.unaligned else None
     record = inputs.risk_model.validation if inputs.risk_model is not None else None
-    needs_fp = cfg.use_cache or (inputs.risk_status.validated and record.base_fingerprint is not None)
+    needs_fp = cfg.use_cache or (inputs.risk_status.validated and record.base_fingerprint is not None)  # type: ignore[union-attr]
     base_fp = base_fingerprint(str(local_path(base)[0])) if needs_fp else None
     inputs.risk_status.base_matches = bool(record is not None and base_fp is not None
                                            and record.base_fingerprint == base_fp)
@@ -487,14 +488,14 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     if not cfg.weights_only:
         from ..safety.generate import chat_texts
 
-        texts = chat_texts(base_l.tokenizer, inputs.harmful, inputs.template)
+        texts = chat_texts(base_l.tokenizer, inputs.harmful, inputs.template)  # type: ignore[union-attr]
     models = {}
     risk_model = inputs.risk_model if inputs.risk_status.validated else None
     base_share = float((profile.harmful.scores > 0).double().mean())
     load_tuned = forward_s = 0.0
-    for i, (name, path, kind) in enumerate(zip(names, tuned, inputs.kinds)):
+    for i, (name, path, kind) in enumerate(zip(names, tuned, inputs.kinds, strict=True)):
         t0 = time.perf_counter()
-        fw, tl_s = (None, 0.0) if texts is None else _forward(base_l, path, kind, texts, profile, cfg)
+        fw, tl_s = (None, 0.0) if texts is None else _forward(base_l, path, kind, texts, profile, cfg)  # type: ignore[arg-type]
         t_fw = time.perf_counter() - t0
         signals = dict(wp.signals[i].signals)
         signals["refusal_edit_max_share"] = max((e.share for e in wp.edits[i]), default=0.0) if causal else None

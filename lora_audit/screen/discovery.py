@@ -20,9 +20,9 @@ be read.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ..checkpoints.detect import is_hub_id
 from ..errors import FormatError, InputError

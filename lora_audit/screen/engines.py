@@ -23,9 +23,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .worker import ATTEMPTS, Job, WorkerSpec, audit_adapter, error_text, failed_record, worker_name
 
@@ -39,7 +40,7 @@ class InProcessEngine:
     def __init__(self, device: str = "auto"):
         self.device = device
 
-    def __enter__(self) -> "InProcessEngine":
+    def __enter__(self) -> InProcessEngine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -123,7 +124,7 @@ class LocalEngine:
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
 
-    def __enter__(self) -> "LocalEngine":
+    def __enter__(self) -> LocalEngine:
         return self
 
     def __exit__(self, *exc) -> None:

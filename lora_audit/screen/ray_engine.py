@@ -23,8 +23,9 @@ workers of a node share them without copies.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..errors import InputError
 from .worker import ATTEMPTS, Job, WorkerSpec, audit_adapter, error_text, failed_record
@@ -75,7 +76,7 @@ class RayEngine:
         self._started = False
         self._gpus = False
 
-    def __enter__(self) -> "RayEngine":
+    def __enter__(self) -> RayEngine:
         ray = self.ray
         if not ray.is_initialized():
             if self.address:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import InputError
 from ..io import user_path
@@ -198,7 +199,7 @@ def run_screen(base: str, entries: Sequence[Entry], out: str | os.PathLike, conf
         todo = pending(store, entries, retry_failed=cfg.retry_failed)
         if todo:
             with engine:
-                stream, names = touched_matrices(base_local, todo, include_embeddings=s.include_embeddings,
+                stream, names = touched_matrices(base_local, todo, include_embeddings=s.include_embeddings,  # type: ignore[arg-type]
                                                  dtype=s.torch_dtype, progress=cfg.progress)
                 notes += list(getattr(stream, "base_warnings", None) or [])
                 put = engine.put if _sharing(cfg) == "object-store" else None

@@ -23,9 +23,10 @@ shared: its worker decomposes it through the on-disk cache like ``lora-audit spe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

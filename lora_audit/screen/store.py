@@ -96,7 +96,7 @@ def _fsync_dir(fd: int | None, folder: Path) -> None:
     try:
         if own:
             fd = os.open(folder, os.O_RDONLY)
-        os.fsync(fd)
+        os.fsync(fd)  # type: ignore[arg-type]
     except OSError:
         pass
     finally:
@@ -138,7 +138,7 @@ class ScreenStore:
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | os.PathLike, setup: ScreenSetup, *, resume: bool = False,
-             overwrite: bool = False) -> "ScreenStore":
+             overwrite: bool = False) -> ScreenStore:
         """Create the screen folder, or continue it (``resume``: its setup must equal ``setup``), or
         replace an earlier lora-audit folder (``overwrite``). OutputError/InputError saying which
         option to use otherwise, before anything is written."""
@@ -197,10 +197,10 @@ class ScreenStore:
         """Load the index: the last complete line per adapter. A torn last line (a run killed while
         writing it) is cut off; a line that is not a valid entry is skipped with a warning."""
         path = self.folder / INDEX_FILE
-        data = _read_all(self._index_fd)
+        data = _read_all(self._index_fd)  # type: ignore[arg-type]
         end = data.rfind(b"\n") + 1
         if end < len(data):
-            os.ftruncate(self._index_fd, end)
+            os.ftruncate(self._index_fd, end)  # type: ignore[arg-type]
         skipped = 0
         for i, raw in enumerate(data[:end].splitlines(), start=1):
             try:
@@ -265,8 +265,8 @@ class ScreenStore:
         entry = Stored(adapter=record["adapter"], fingerprint=record["fingerprint"], status=record["status"],
                        shard=self._shard_name, line=self._shard_lines, offset=offset, length=len(line),
                        sha256=hashlib.sha256(line).hexdigest())
-        _write_all(self._index_fd, utf8(json.dumps(asdict(entry), ensure_ascii=False) + "\n"))
-        os.fsync(self._index_fd)
+        _write_all(self._index_fd, utf8(json.dumps(asdict(entry), ensure_ascii=False) + "\n"))  # type: ignore[arg-type]
+        os.fsync(self._index_fd)  # type: ignore[arg-type]
         self.latest[entry.adapter] = entry
         return entry
 
@@ -279,7 +279,7 @@ class ScreenStore:
         # a new file, never another run's (O_EXCL: not a link either)
         fd = _open_file(self.folder / RECORDS / self._shard_name, self._records_fd, self._shard_name,
                         os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        self._shard = os.fdopen(fd, "wb")
+        self._shard = os.fdopen(fd, "wb")  # type: ignore[assignment]
         self._shard_lines = 0
         _fsync_dir(self._records_fd, self.folder / RECORDS)  # the new name is durable
 
@@ -294,7 +294,7 @@ class ScreenStore:
                 os.close(fd)
                 setattr(self, name, None)
 
-    def __enter__(self) -> "ScreenStore":
+    def __enter__(self) -> ScreenStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -329,7 +329,7 @@ def _open_dir(path: Path, dir_fd: int | None, name: str | None = None) -> int | 
     try:
         if dir_fd is None:
             return os.open(path, flags)
-        return os.open(name, flags, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)  # type: ignore[arg-type]
     except OSError as e:
         raise OutputError(f"{path}: cannot open this folder of the screen store ({e.strerror or e}); it must be a "
                           "folder, not a link (start again with --overwrite, or give a new folder)") from None

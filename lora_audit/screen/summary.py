@@ -9,8 +9,9 @@ adapter alone; every row gives its record's place in the store (``records/<shard
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_text
@@ -71,7 +72,7 @@ def _detail_page(store: ScreenStore, setup: ScreenSetup, row: ScreenRow, title: 
 
     record = store.read(store.latest[row.adapter])
     spectrum = SpectrumResult(base=setup.base, k=setup.k, epsilon=setup.epsilon, epsilon_sweep=list(setup.epsilon_sweep),
-                              results=[record.result], settings={"dtype": setup.dtype, "exact": setup.exact})
+                              results=[record.result], settings={"dtype": setup.dtype, "exact": setup.exact})  # type: ignore[list-item]
     return render(gather([spectrum], title=f"{title}: #{row.position} {row.name}", labels=[row.record]), "html")
 
 

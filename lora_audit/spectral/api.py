@@ -9,8 +9,8 @@ shared by ``lora-audit spectrum``, ``lora-audit audit``, the screen's workers an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..settings import SpectrumSettings
 
@@ -49,14 +49,14 @@ def run_spectrum(base: str | Path, tuned: Sequence[str | Path], settings: Spectr
     resolve_device(settings.device)  # DeviceError before any loading
     cache = open_cache(settings.cache_dir) if settings.use_cache else None
     tuned = [str(t) for t in tuned]
-    stream = open_stream(base, tuned, include_embeddings=settings.include_embeddings, dtype=settings.torch_dtype,
+    stream = open_stream(base, tuned, include_embeddings=settings.include_embeddings, dtype=settings.torch_dtype,  # type: ignore[arg-type]
                          allow_pickle=settings.allow_pickle)
     # after the stream: PEFT's default targets depend on the base's model type, as the stream read it
     findings = [check_structure(t, base=base, base_config=stream.base_source.config) for t in tuned]
     labels = list(tuned_labels) if tuned_labels else list(stream.tuned)  # adapter sets give one per member
     result = audit(stream, settings, cache=cache, progress=progress, base_label=base_label or str(base),
                    tuned_labels=labels, base_spectra=base_spectra, extra_settings={**hub_settings([base, *tuned]), **(extra_settings or {})})
-    found = dict(zip(tuned, findings))
-    for r, spec_path in zip(result.results, stream.sources):
+    found = dict(zip(tuned, findings, strict=True))
+    for r, spec_path in zip(result.results, stream.sources, strict=True):
         r.findings = list(found.get(spec_path, []))
     return result

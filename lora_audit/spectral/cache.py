@@ -152,11 +152,11 @@ def _listed(e: EntryInfo) -> CacheEntry:
         if problem is None:
             tensors = {k: SimpleNamespace(dtype=_SAFETENSORS_DTYPES.get(v.get("dtype")), shape=tuple(v.get("shape", ())))
                        for k, v in e.header.items()}
-            _checker(_BY_NAME[dtype], shape)(e.fields, tensors)  # type: ignore[arg-type]
+            _checker(_BY_NAME[dtype], shape)(e.fields, tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         problem = problem or f"invalid: {err}"
         shape = shape if shape and len(shape) == 2 else None
-    return CacheEntry(key=e.key, path=e.path, size=e.size, shape=shape, dtype=dtype if isinstance(dtype, str) else None,  # type: ignore[arg-type]
+    return CacheEntry(key=e.key, path=e.path, size=e.size, shape=shape, dtype=dtype if isinstance(dtype, str) else None,
                       created=e.created, ok=problem is None, version=e.version, problem=problem)
 
 
@@ -235,7 +235,7 @@ class SpectrumCache:
             return BaseSpectrum(U=found.U.to(device), S=found.S.to(device), Vh=found.Vh.to(device), key=key)
         self.misses += 1
         spec = _compute_spectrum(W0.to(device), key=key)
-        self._store_later(key, W0, spec)
+        self._store_later(key, W0, spec)  # type: ignore[arg-type]
         return spec
 
     def _store_later(self, key: str, W0: Tensor, spec: BaseSpectrum) -> None:
@@ -245,12 +245,12 @@ class SpectrumCache:
             # at most two entries waiting: their tensors are memory the audit would otherwise free
             while len(self._pending) >= 2:
                 self._pending.pop(0).result()
-            self._pending.append(self._writer.submit(self._store_quietly, key, W0.dtype, tuple(W0.shape), spec))
+            self._pending.append(self._writer.submit(self._store_quietly, key, W0.dtype, tuple(W0.shape), spec))  # type: ignore[arg-type]
 
     def _store_quietly(self, key: str, dtype: torch.dtype, shape: tuple[int, int], spec: BaseSpectrum) -> None:
         try:
             self.store_spectrum(key, dtype, shape, spec)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a cache write never fails the audit
             warnings.warn(f"could not write spectrum cache entry {key[:16]}... to {self.root} ({e}); "
                           "the audit is unaffected", CacheWarning, stacklevel=1)
             self.write_errors += 1

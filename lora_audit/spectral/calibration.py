@@ -22,7 +22,7 @@ No torch: the report reads these without it (the integral is ``stats.expected_ma
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..stats import expected_max_abs_normal, mean_chi
 
@@ -64,7 +64,7 @@ def intruder_energy(singular_values: Sequence[float], max_cos: Sequence[float], 
     total = sum(s * s for s in singular_values)
     if not total > 0.0:
         return None
-    return sum(s * s for s, c in zip(singular_values, max_cos) if c < epsilon) / total
+    return sum(s * s for s, c in zip(singular_values, max_cos, strict=True) if c < epsilon) / total
 
 
 def sweep_energy(singular_values: Sequence[float], max_cos: Sequence[float],

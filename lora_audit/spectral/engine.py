@@ -36,9 +36,10 @@ the screens run on one thread in each (``blas.one_thread`` says why).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -141,8 +142,8 @@ def audit_matrix(group: MatrixGroup, base: BaseSpectrum, W0: torch.Tensor, delta
     if top.singular_values.numel() == 0:
         return Outcome(skipped=finding(group.name, "tuned", ZERO_TUNED))
     rec = _matrix_result(group, base, delta, top, metrics, settings, notes)
-    bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [
-        rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])
+    bad = nonfinite_numbers(rec.max_cos + rec.tuned_singular_values + [  # type: ignore[arg-type]
+        rec.delta_norm, rec.relative_delta_norm, rec.spectral_norm, rec.effective_rank, rec.stable_rank])  # type: ignore[list-item]
     if bad:
         dtype = settings.dtype_name
         return Outcome(skipped=finding(group.name, "update", f"the audit in {dtype} gave {bad} NaN/Inf number(s) "
@@ -304,9 +305,9 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
     def work(group: MatrixGroup, device: torch.device, found: _Prepared | None) -> tuple[str, list[Outcome]]:
         of = spectrum_of
         if found is not None and found.held:
-            of = lambda W0, d: _on_device(found.spectrum, d)  # noqa: E731
+            of = lambda W0, d: _on_device(found.spectrum, d)  # type: ignore[arg-type]
         elif found is not None:
-            of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)  # noqa: E731
+            of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)
         return group.name, audit_group(group, settings, device, of, found.projections if found is not None else None)
 
     return (prepare if lookup is not None or base_spectra is not None else None), work
@@ -362,7 +363,7 @@ def audit(stream: Iterable[MatrixGroup], settings: SpectrumSettings | None = Non
         _finish(res, planned, len(settings.epsilon_sweep), info=_per_tuned(stream, "info", i),
                 warnings=_per_tuned(stream, "warnings", i))
     run_settings = {**settings.to_json(), "device": ",".join(str(d) for d in run_on), "dtype": settings.dtype_name,
-                    "cache": getattr(cache, "root", None) and str(getattr(cache, "root")),
+                    "cache": getattr(cache, "root", None) and str(cache.root),
                     "matrices_in_stream": planned, **(extra_settings or {})}
     return SpectrumResult(base=base_label, k=settings.k, epsilon=settings.epsilon,
                           epsilon_sweep=list(settings.epsilon_sweep), results=results, settings=run_settings,
@@ -383,7 +384,7 @@ def _collect(stream, work, prepare, run_on, prefetch: int, labels: list[str] | N
                 results = [TunedResult(tuned=f"tuned[{i}]") for i in range(len(outcomes))]
             if len(outcomes) != len(results):
                 raise ValueError(f"{name}: {len(outcomes)} deltas for {len(results)} tuned models")
-            for res, out in zip(results, outcomes):
+            for res, out in zip(results, outcomes, strict=True):
                 if out.matrix is not None:
                     res.matrices.append(out.matrix)
                 if out.skipped is not None:

@@ -29,8 +29,8 @@ the caller falls back to a dense SVD (``converged=False``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

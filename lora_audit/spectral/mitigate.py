@@ -93,7 +93,7 @@ def mitigate_matrix(W0: Tensor, B: Tensor, A: Tensor, scale: float, *, lam: floa
     base = base if base is not None else base_spectrum(W0)
     W1 = LowRank(B, A, scale).merged(W0)  # (m, n)
     U1, S1, V1h = torch.linalg.svd(W1, full_matrices=False)  # (m, p), (p,), (p, n)
-    top = examined(topk_from_svd(base, U1, S1, k), tuple(W0.shape), W0.dtype)
+    top = examined(topk_from_svd(base, U1, S1, k), tuple(W0.shape), W0.dtype)  # type: ignore[arg-type]
     intr = (top.max_cos < epsilon).nonzero().flatten()  # indices into W1's spectrum
     rec: dict[str, Any] = {"intruders_before": int(intr.numel()), "intruders_after": int(intr.numel()),
                            "k_used": int(top.singular_values.numel()), "rewritten": False, "truncation_rel_error": 0.0}
@@ -215,7 +215,7 @@ def _mitigate_stream(stream, tensors: dict[str, Tensor], adapter, device: torch.
         B2, A2, records[name] = mitigate_matrix(W0, delta.B, delta.A, delta.scale, lam=lam, k=k, epsilon=epsilon,
                                                 store_dtype=tensors[keys["A"]].dtype, base=base)
         if B2 is not None:
-            _store(tensors, keys, B2.cpu(), A2.cpu())
+            _store(tensors, keys, B2.cpu(), A2.cpu())  # type: ignore[union-attr]
     return records, notes
 
 

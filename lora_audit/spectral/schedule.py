@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ def _reader(iterable: Iterable, prepare: Callable | None, out: queue.Queue, slot
             i += 1
             del item, extra
         _put(out, _END, stop)
-    except BaseException as e:  # handed to the consumer, which re-raises it
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
         _put(out, _Failure(e), stop)
 
 
@@ -82,7 +83,7 @@ def _worker(device: torch.device, work: Callable, inq: queue.Queue, outq: queue.
         i, item, extra = got
         try:
             result = work(item, device, extra)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             outq.put(_Failure(e))
             return
         outq.put((i, result))

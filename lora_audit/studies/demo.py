@@ -33,9 +33,11 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from .. import __version__
 from ..results.base import Result
@@ -279,7 +281,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: "_Stages", *,
+def train_runs(runs, base: Path, dirs: dict[str, Path], plan: Plan, device: str, st: _Stages, *,
                workers: int | None = None) -> dict[str, dict]:
     """Train (or reuse) ``runs`` from ``base``: one after the other, or in ``workers`` processes of
     ``cpu_count // workers`` threads each, the longest runs first; every run's result is the same
@@ -379,7 +381,7 @@ def study_claims(points: list, series: tuple[Series, ...]) -> list:
             out.append((StudyClaim(f"{s.name}: intruders grow with the learning rate",
                                    "the count never falls from one learning rate to the next higher one, and is "
                                    "higher at the highest than at the lowest", _counts(pts),
-                                   all(b >= a for a, b in zip(c, c[1:])) and c[-1] > c[0]), pts))
+                                   all(b >= a for a, b in pairwise(c)) and c[-1] > c[0]), pts))
     lora, rs = (next((s for s in adapters if s.method == m), None) for m in ("lora", "rslora"))
     if lora and rs:
         pairs = [(p, q) for p in of[lora.name] for q in of[rs.name] if p.lr == q.lr]

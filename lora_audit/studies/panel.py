@@ -28,9 +28,10 @@ each signal measures, not from the panel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -199,14 +200,14 @@ def baseline_rule(models: list[PanelModel]) -> dict[str, Any]:
     """The zero-parameter rule "first-token refusal share fell by LABEL_DROP or more" as a classifier."""
     have = [m for m in models if m.baseline_drop is not None]
     pred = [m.baseline_drop >= LABEL_DROP for m in have]
-    pos = [p for p, m in zip(pred, have) if m.lost]
-    neg = [p for p, m in zip(pred, have) if not m.lost]
+    pos = [p for p, m in zip(pred, have, strict=True) if m.lost]
+    neg = [p for p, m in zip(pred, have, strict=True) if not m.lost]
     return {"rule": f"first-token refusal share on the scan's harmful prompts fell by {100 * LABEL_DROP:.0f} points "
                     "or more", "n": len(have),
-            "accuracy": sum(p == m.lost for p, m in zip(pred, have)) / len(have) if have else None,
+            "accuracy": sum(p == m.lost for p, m in zip(pred, have, strict=True)) / len(have) if have else None,
             "true_positive_rate": sum(pos) / len(pos) if pos else None,
             "false_positive_rate": sum(neg) / len(neg) if neg else None,
-            "wrong": [m.name for p, m in zip(pred, have) if p != m.lost]}
+            "wrong": [m.name for p, m in zip(pred, have, strict=True) if p != m.lost]}
 
 
 def risk_model(models: list[PanelModel], features: Sequence[str] = RISK_FEATURES) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def risk_model(models: list[PanelModel], features: Sequence[str] = RISK_FEATURES
                      "baseline_auroc": _auroc(b, y) if scored else None,
                      "difference_ci": paired_auroc_difference(s, b, y) if scored else None,
                      "ece": e, "reliability": bins,
-                     "accuracy_at_half": (sum((p >= 0.5) == t for p, t in zip(s, y)) / len(s)) if s else None}
+                     "accuracy_at_half": (sum((p >= 0.5) == t for p, t in zip(s, y, strict=True)) / len(s)) if s else None}
     m = out["method"]
     out["kept"] = bool(m["auroc"] is not None and m["baseline_auroc"] is not None and m["auroc"] > m["baseline_auroc"]
                        and m["ece"] is not None and m["ece"] <= GOALS["ece"])
@@ -257,7 +258,7 @@ def tamper(models: list[PanelModel]) -> dict[str, Any]:
             continue
         flagged = {m.name for m in have if getattr(m, field_name) > 0}
 
-        def part(sel):
+        def part(sel, have=have, flagged=flagged):
             names = [m.name for m in have if sel(m)]
             return {"n": len(names), "flagged": sum(n in flagged for n in names),
                     "names_flagged": [n for n in names if n in flagged]}
@@ -319,8 +320,8 @@ def risk_file(analysis: dict, info: dict[str, Any], released: Path):
         base_fingerprint=base_fingerprint(str(released)), base="the zoo's released model",
         signal_prompts=SCAN_HARMFUL, label_prompts=info["label_prompts"])
     model = RiskModelInfo(name="full", features=list(fit["features"]), transforms=["identity"] * len(o),
-                          mean=[mu * s for mu, s in zip(fit["mean"], o)], scale=list(fit["scale"]),
-                          weights=[w * s for w, s in zip(fit["weights"], o)], intercept=fit["intercept"],
+                          mean=[mu * s for mu, s in zip(fit["mean"], o, strict=True)], scale=list(fit["scale"]),
+                          weights=[w * s for w, s in zip(fit["weights"], o, strict=True)], intercept=fit["intercept"],
                           fit={k: fit[k] for k in ("n", "positives", "l2")}, validation=validation)
     panel = {"built_with": "lora-audit zoo", "models": fit["n"], "positives": fit["positives"],
              "plan_key": info.get("plan_key"), "git": info.get("git")}
@@ -501,7 +502,7 @@ def readme(models: list[PanelModel], analysis: dict, info: dict) -> str:
              f"(refusal drop of {100 * LABEL_DROP:.0f} points or more); {b['n']} ({_f(b['share'], '{:.0%}')}) have "
              f"drops between {100 * BAND[0]:.0f} and {100 * BAND[1]:.0f} points.", "",
              "## Goals (stated before the panel ran; measured, whichever way they came out)", ""]
-    for k, v in g.items():
+    for v in g.values():
         lines.append(f"- {v['goal']}: **{'met' if v['met'] else 'not met'}**")
     lines += ["", "## What each signal is, and is not", ""]
     lines += [f"- **{name}**: {text}" for name, text in SIGNALS_TEXT]

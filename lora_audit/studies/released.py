@@ -23,9 +23,9 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 KEEP = 0.60
 UNDO_AT_MOST = 0.10

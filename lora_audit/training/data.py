@@ -115,7 +115,7 @@ class Batches:
 
     def __init__(self, rows: list[dict], tokenizer, *, batch_size: int, max_length: int, seed: int):
         self.examples = [encode(r, tokenizer, max_length) for r in rows]
-        self.examples = [e for e in self.examples if any(l != IGNORE for l in e[1][1:])]
+        self.examples = [e for e in self.examples if any(label != IGNORE for label in e[1][1:])]
         if not self.examples:
             raise InputError(f"no example has response tokens within --max-length {max_length}")
         self.batch_size = batch_size

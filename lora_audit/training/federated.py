@@ -71,7 +71,7 @@ def aggregate(adapters: list[str | Path], method: str = "fedavg", *, out: str | 
     averaged = {}
     for k in first.keys:  # every tensor of the file, averaged in float64 and stored in its own dtype
         ts = [af.tensor(k) for af in clients]
-        for af, t in zip(clients, ts):
+        for af, t in zip(clients, ts, strict=True):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise FormatError(f"{af.path}: tensor {printable(k)} holds NaN/inf values; averaging it would make "
                                   "the server's adapter non-finite. Leave this client out (`lora-audit spectrum` "

@@ -10,8 +10,8 @@ as plain LoRA adapters against the ORIGINAL base). The methods' own modules cite
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import InputError
 

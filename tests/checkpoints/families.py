@@ -96,7 +96,7 @@ def assert_matches(result: dict, ref: dict[str, tuple[list[float], int]]) -> dic
     for name, (cos, count) in ref.items():
         assert got[name]["intruders"] == count, name
         assert len(got[name]["max_cos"]) == len(cos), name
-        assert max(abs(a - b) for a, b in zip(got[name]["max_cos"], cos)) < TOL, name
+        assert max(abs(a - b) for a, b in zip(got[name]["max_cos"], cos, strict=True)) < TOL, name
     assert result["total_intruders"] == sum(c for _, c in ref.values())
     return got
 

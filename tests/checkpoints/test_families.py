@@ -69,7 +69,7 @@ def test_encoders(kind, tmp_path):
     torch.manual_seed(0)
     masked_lm(cfg).save_pretrained(tmp_path / "base")
     r, alpha = (1, 2) if kind == "roberta" else (2, 4)
-    head = lambda: seq_cls.from_pretrained(tmp_path / "base", num_labels=3)  # noqa: E731
+    head = lambda: seq_cls.from_pretrained(tmp_path / "base", num_labels=3)
     adapter = peft_adapter(head(), tmp_path / "adapter", r=r, lora_alpha=alpha, target_modules=targets,
                            task_type="SEQ_CLS")
     base_w = state(masked_lm.from_pretrained(tmp_path / "base"))
@@ -421,7 +421,7 @@ def test_mixlora_set(tiny_llama, tmp_path):
     from tests.checkpoints.families import lora_factors, update_cos
 
     base_w = load_file(str(tiny_llama / "model.safetensors"))
-    key = lambda module, part: f"{module}.{part}.weight"  # noqa: E731
+    key = lambda module, part: f"{module}.{part}.weight"
     shared = {f"mixlora.layers.{i}.self_attn.{p}": f"model.layers.{i}.self_attn.{p}.weight"
               for i in (0, 1) for p in ("q_proj", "v_proj")}
     tensors, merged = {}, {"shared": None}
@@ -443,7 +443,7 @@ def test_mixlora_set(tiny_llama, tmp_path):
     out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
     labels = [r["tuned"] for r in out["results"]]
     assert labels == [f"{folder}#shared"] + [f"{folder}#expert{e}" for e in range(3)]
-    for res, member in zip(out["results"], ["shared", "expert0", "expert1", "expert2"]):
+    for res, member in zip(out["results"], ["shared", "expert0", "expert1", "expert2"], strict=True):
         assert_matches(res, reference(base_w, {**base_w, **merged[member]}))
         assert res["info"]["adapter_set"]["router"]["num_experts"] == 3
     p = "model.layers.1.mlp.down_proj.weight"
@@ -474,7 +474,7 @@ def test_xlora_set(tiny_llama, tmp_path):
     out = run_spectrum(tiny_llama, folder, tmp_path / "s.json")
     assert [r["tuned"] for r in out["results"]] == [f"{folder}#math", f"{folder}#code"]
     base_w = state(AutoModelForCausalLM.from_pretrained(tiny_llama))
-    for res, name in zip(out["results"], experts):
+    for res, name in zip(out["results"], experts, strict=True):
         tuned_w = peft_merged_state(AutoModelForCausalLM.from_pretrained(tiny_llama), folder / name)
         assert_matches(res, reference(base_w, tuned_w, skip=lambda n: "embed" in n or "lm_head" in n))
         assert res["info"]["adapter_set"]["format"] == "xlora"
@@ -610,7 +610,7 @@ def test_adapter_of_a_structurally_pruned_base(tiny_llama, tmp_path):
     pruned = _structurally_pruned(tiny_llama, tmp_path / "pruned", keep)
     adapter = make_peft_adapter(pruned, tmp_path / "adapter", r=2, target_modules=["q_proj", "up_proj", "down_proj"])
     load = AutoModelForCausalLM.from_pretrained
-    skip = lambda n: "embed" in n or "lm_head" in n  # noqa: E731
+    skip = lambda n: "embed" in n or "lm_head" in n
     out = run_spectrum(pruned, adapter, tmp_path / "p.json")
     assert_matches(out["results"][0], reference(state(load(pruned)), peft_merged_state(load(pruned), adapter),
                                                 skip=skip))

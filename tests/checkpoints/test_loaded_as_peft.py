@@ -139,7 +139,7 @@ def test_lora_on_fused_experts_is_no_rank_mismatch(tmp_path):
                          num_key_value_heads=2, moe_intermediate_size=24, num_experts=3, num_experts_per_tok=2,
                          intermediate_size=40, head_dim=8)
     Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    load = lambda: Qwen3MoeForCausalLM.from_pretrained(tmp_path / "base")  # noqa: E731
+    load = lambda: Qwen3MoeForCausalLM.from_pretrained(tmp_path / "base")
     ad = peft_adapter(load(), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"],
                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     ref = reference(expand_experts(state(load())), expand_experts(peft_merged_state(load(), ad)),
@@ -181,7 +181,7 @@ def test_roberta_classifier_in_modules_to_save(tmp_path):
     cfg = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=40, num_labels=3)
     RobertaForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
-    load = lambda: RobertaForSequenceClassification.from_pretrained(tmp_path / "base")  # noqa: E731
+    load = lambda: RobertaForSequenceClassification.from_pretrained(tmp_path / "base")
     pm = get_peft_model(load(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
     randomize_lora(pm)
     with torch.no_grad():  # the head is trained in full (modules_to_save), its biases too
@@ -206,7 +206,7 @@ def test_diffusers_save_lora_adapter_applies_the_metadata_alpha(tmp_path):
 
     torch.manual_seed(0)
     tiny_unet().save_pretrained(tmp_path / "unet")
-    load = lambda: UNet2DConditionModel.from_pretrained(tmp_path / "unet")  # noqa: E731
+    load = lambda: UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     unet = load()
     unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in",
                                                                      "conv1"]))

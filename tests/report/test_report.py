@@ -120,7 +120,7 @@ def test_both_joined_per_model_with_verdict_first(tmp_path):
 
 def test_many_tuned_sorted_by_risk_and_capped(tmp_path):
     names = [f"method-{i}" for i in range(9)]
-    rates = {n: r for n, r in zip(names, [0.9, 0.0, 0.5, 0.85, 0.05, 0.7, 0.9, 0.3, 0.8])}
+    rates = {n: r for n, r in zip(names, [0.9, 0.0, 0.5, 0.85, 0.05, 0.7, 0.9, 0.3, 0.8], strict=True)}
     labels = {n: ("SAFETY_REMOVED" if r <= 0.1 else "SAFETY_DEGRADED" if r <= 0.5 else "RETAINED")
               for n, r in rates.items()}
     spec = synth.spectrum(names, seed=3, layers=2, strengths=[0.1 * i for i in range(9)])

@@ -92,7 +92,7 @@ def test_first_token_scores_match_reference(tiny):
     ids = refusal_start_ids(tiny.tokenizer)
     assert ids and all(tiny.tokenizer.decode([i]).strip() for i in ids)
     got = first_token_scores(tiny.model, tiny.tokenizer, texts, batch_size=3)
-    for text, g in zip(texts, got):
+    for text, g in zip(texts, got, strict=True):
         enc = tiny.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             probs = torch.softmax(tiny.model(**enc).logits[0, -1].double(), dim=-1)

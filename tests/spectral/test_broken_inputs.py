@@ -103,7 +103,7 @@ def test_nan_in_base_is_skipped_for_every_tuned_model(tiny_llama, clean, tmp_pat
     bad_base = edited(tiny_llama, tmp_path / "nan_base", "model.safetensors",
                       lambda t: t[ADAPTED].__setitem__((1, 2), float("nan")))
     res = run_spectrum(bad_base, [clean["adapter"], clean["full"]], device="cpu", progress=False, use_cache=False)
-    for r, ref in zip(res.results, (clean["ref_adapter"], clean["ref_full"])):
+    for r, ref in zip(res.results, (clean["ref_adapter"], clean["ref_full"]), strict=True):
         assert [(s.name, s.where, s.nonfinite_values) for s in r.skipped] == [(ADAPTED, "base", 1)]
         assert_rest_matches(r, ref, {ADAPTED})
     assert res.incomplete

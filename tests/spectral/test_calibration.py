@@ -57,7 +57,7 @@ def _reference(W0: torch.Tensor, W1: torch.Tensor, k: int, sweep) -> dict:
     U1, S1, _ = torch.linalg.svd(W1.double(), full_matrices=False)
     cos = (U0.T @ U1[:, :k]).abs().amax(dim=0).tolist()
     s2 = (S1[:k] ** 2).tolist()
-    energy = [sum(e for e, c in zip(s2, cos) if c < eps) / sum(s2) for eps in sweep]
+    energy = [sum(e for e, c in zip(s2, cos, strict=True) if c < eps) / sum(s2) for eps in sweep]
     return {"drift": 1 - min(cos), "energy": energy}
 
 

@@ -43,7 +43,7 @@ def test_adapter_and_full_finetune(tiny_llama, ckpts, tmp_path):
     assert obj["base"] == str(tiny_llama) and obj["k"] == 10 and obj["epsilon"] == 0.5
     assert obj["lora_audit"]["schema"] == "spectrum"
     assert [x["tuned"] for x in obj["results"]] == [str(ckpts["adapter"]), str(ckpts["full"])]
-    for entry, tuned in zip(obj["results"], (ckpts["adapter"], ckpts["full"])):
+    for entry, tuned in zip(obj["results"], (ckpts["adapter"], ckpts["full"]), strict=True):
         ref = reference_audit(tiny_llama, tuned)
         got = {m["name"]: m for m in entry["matrices"]}
         assert set(got) == set(ref)

@@ -85,7 +85,7 @@ def test_engine_uses_the_fast_paths_and_matches_exact():
     fast = audit(groups, progress=False, tuned_labels=["lora", "full"])
     exact = audit(groups, progress=False, exact=True, tuned_labels=["lora", "full"])
     assert [m.method for t in fast.results for m in t.matrices] == ["lowrank", "block_krylov"]
-    for a, b in zip(fast.results, exact.results):
+    for a, b in zip(fast.results, exact.results, strict=True):
         assert a.total_intruders == b.total_intruders
         torch.testing.assert_close(torch.tensor(a.matrices[0].max_cos), torch.tensor(b.matrices[0].max_cos),
                                    atol=1e-4, rtol=0)
@@ -173,7 +173,7 @@ def test_preconditioned_search_finds_the_top_k():
 
     for M, krylov, X0 in ((dense, True, torch.randn(200, 8, generator=g, dtype=torch.float64)),
                           (structured, False, torch.cat([torch.eye(200, 16, dtype=torch.float64), P], dim=1))):
-        res = topk_svd(lambda X: M @ X, lambda Y: M.T @ Y, X0, 6, precondition=diagonal_of(M), krylov=krylov,
+        res = topk_svd(lambda X, M=M: M @ X, lambda Y, M=M: M.T @ Y, X0, 6, precondition=diagonal_of(M), krylov=krylov,
                        max_dim=200)
         Uref, Sref, _ = torch.linalg.svd(M, full_matrices=False)
         assert res.converged

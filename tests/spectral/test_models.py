@@ -55,9 +55,9 @@ def adapters(tiny_llama, tiny_gpt2, tmp_path_factory):
 def test_llama_adapters_and_full_finetune(tiny_llama, adapters, exact):
     names = ["lora", "rslora", "dora", "quiet", "full"]
     res = run(tiny_llama, [adapters[n] for n in names], exact=exact)
-    for name, tuned_result in zip(names, res.results):
+    for name, tuned_result in zip(names, res.results, strict=True):
         assert_matches_reference(tuned_result, reference_audit(tiny_llama, adapters[name]))
-    totals = dict(zip(names, (r.total_intruders for r in res.results)))
+    totals = dict(zip(names, (r.total_intruders for r in res.results), strict=True))
     assert totals["quiet"] == 0  # tiny B: the tuned spectrum is the base's
     assert totals["lora"] > 0 and totals["full"] >= 1  # random B dominates / the planted rank-1 intruder
     full = {m.name: m for m in res.results[-1].matrices}

@@ -42,7 +42,7 @@ def test_full_ablation_leaves_no_component_along_the_direction(base, tmp_path):
     write_edit(base, tmp_path / "full", Edit("ablation", 1.0, form="full"), d)
     after = _load(tmp_path / "full").model(input_ids=_ids(), output_hidden_states=True).hidden_states
     # hidden_states[0] is the embedding output, [1..L-1] block outputs; the last one is after the final norm
-    for h0, h1 in zip(before[:-1], after[:-1]):
+    for h0, h1 in zip(before[:-1], after[:-1], strict=True):
         assert (h0 @ r).abs().max() > 1e-2
         assert (h1 @ r).abs().max() < 1e-4
 
@@ -61,7 +61,7 @@ def test_lora_form_merges_to_the_full_form_and_the_dense_reference(base, tmp_pat
     orig = dict(model.named_parameters())
     names = [n for n, _ in merged.named_parameters() if "o_proj" in n or "down_proj" in n or "embed_tokens" in n]
     assert len(names) == 1 + 2 * model.config.num_hidden_layers
-    for (n, p), (_, q) in zip(merged.named_parameters(), full.named_parameters()):
+    for (n, p), (_, q) in zip(merged.named_parameters(), full.named_parameters(), strict=True):
         W = orig[n].detach().double()
         if n in names:
             want = W - 0.75 * (W @ r)[:, None] * r[None, :] if "embed" in n else W - 0.75 * r[:, None] * (r @ W)[None, :]

@@ -40,16 +40,16 @@ def test_trained_models_are_cached_per_run():
     plan = make_plan(quick=False)
     run = next(r for r in plan.runs if r.name == "lora-r8-lr1.5e-3")
     other = replace(plan, runs=tuple(replace(r, lr=2e-3) if r is run else r for r in plan.runs))
-    changed = {r.name for r, o in zip(plan.runs, other.runs) if plan.run_key(r) != other.run_key(o)}
+    changed = {r.name for r, o in zip(plan.runs, other.runs, strict=True) if plan.run_key(r) != other.run_key(o)}
     assert changed == {"lora-r8-lr1.5e-3"}
     rel = replace(plan, runs=tuple(replace(r, steps=r.steps + 1) if r.role == "released" else r for r in plan.runs))
-    assert all(plan.run_key(r) != rel.run_key(o) for r, o in zip(plan.runs, rel.runs))
+    assert all(plan.run_key(r) != rel.run_key(o) for r, o in zip(plan.runs, rel.runs, strict=True))
     assert sci(5e-4) == "5e-4" and sci(0.002) == "2e-3" and run.name == f"lora-r8-lr{sci(run.lr)}"
 
 
 def _points(counts: dict[str, list[int]], directions: int = 2100) -> list[StudyPoint]:
     return [StudyPoint(name=f"{s.name}@{lr}", series=s.name, lr=lr, steps=40, intruders=c, directions=directions)
-            for s in GRID for lr, c in zip(s.lrs, counts[s.name])]
+            for s in GRID for lr, c in zip(s.lrs, counts[s.name], strict=True)]
 
 
 def test_study_claims_report_both_outcomes():

@@ -51,8 +51,8 @@ def test_panel_models_are_cached_per_run(tmp_path):
     runs = panel_runs()
     changed = tuple(replace(r, lr=r.lr * 2) if i == 0 else r for i, r in enumerate(runs))
     dirs, dirs2 = [run_dir(tmp_path, r) for r in runs], [run_dir(tmp_path, r) for r in changed]
-    assert [a != b for a, b in zip(dirs, dirs2)] == [True] + [False] * (len(runs) - 1)
-    assert len(set(dirs)) == len(runs) and all(d.name.startswith(r.name + "-") for d, r in zip(dirs, runs))
+    assert [a != b for a, b in zip(dirs, dirs2, strict=True)] == [True] + [False] * (len(runs) - 1)
+    assert len(set(dirs)) == len(runs) and all(d.name.startswith(r.name + "-") for d, r in zip(dirs, runs, strict=True))
     assert plan_key(runs, False) != plan_key(changed, False)
 
 
@@ -67,7 +67,7 @@ def _panel() -> list[PanelModel]:
     out = []
     methods = ["lora", "dora", "full", "lora", "dora", "full", "lora", "dora", "full", "lora", "rslora", "rslora"]
     drops = [0.0, 0.1, 0.2, 0.5, 0.8, 0.6, 0.05, 0.7, 0.15, 0.9, 0.35, 0.25]
-    for i, (method, drop) in enumerate(zip(methods, drops)):
+    for i, (method, drop) in enumerate(zip(methods, drops, strict=True)):
         out.append(_model(f"m{i}", method, "undo" if i % 2 else "benign", drop, baseline=drop + 0.1 * (i % 3 - 1),
                           edits=0, weight_shift=-drop + 0.05 * (i % 2), refusal_score_delta=-5 * drop + 0.7 * (i % 4),
                           activation_shift=-drop))
@@ -75,7 +75,7 @@ def _panel() -> list[PanelModel]:
 
 
 def _brute_auroc(scores, labels):
-    pairs = [(p, q) for p, y in zip(scores, labels) if y for q, z in zip(scores, labels) if not z]
+    pairs = [(p, q) for p, y in zip(scores, labels, strict=True) if y for q, z in zip(scores, labels, strict=True) if not z]
     return sum((p > q) + 0.5 * (p == q) for p, q in pairs) / len(pairs)
 
 
@@ -175,7 +175,7 @@ def test_analysis_readme_and_figures():
 def test_demo_check_compares_the_undo_run_with_each_benign_run():
     models = [_model("demo-undo", "lora", "undo", 0.8, weight_shift=-1.0)]
     models += [_model(f"demo-b{i}", "lora", "benign", 0.1, weight_shift=-0.5) for i in range(3)]
-    for m, r in zip(models, (0.9, 0.2, 0.95, 0.1)):
+    for m, r in zip(models, (0.9, 0.2, 0.95, 0.1), strict=True):
         m.risk = {"method": r}
     d = demo_check(models)
     assert d["available"] and d["above"]["weight_shift"] is True and d["above"]["baseline"] is True
@@ -200,7 +200,7 @@ def test_risk_file_carries_the_fit_and_its_validation(tmp_path, tiny_llama):
     fit = a["risk_fit"]
     for m in models:
         z = fit["intercept"] + sum(w * (m.oriented(f) - mu) / s for f, w, mu, s in
-                                   zip(fit["features"], fit["weights"], fit["mean"], fit["scale"]))
+                                   zip(fit["features"], fit["weights"], fit["mean"], fit["scale"], strict=True))
         assert R.risk_of(full, m.signals) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-9)
     v = full.validation
     assert v.auroc == a["risk"]["method"]["auroc"] and v.baseline_auroc == a["risk"]["method"]["baseline_auroc"]

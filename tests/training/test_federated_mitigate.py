@@ -32,7 +32,7 @@ def _numpy_bias(paths):
         kb = ka.replace(".lora_A.", ".lora_B.")
         As = [w[ka].astype(np.float64) for w in ws]
         Bs = [w[kb].astype(np.float64) for w in ws]
-        mean_prod = sum(b @ a for a, b in zip(As, Bs)) / len(ws)
+        mean_prod = sum(b @ a for a, b in zip(As, Bs, strict=True)) / len(ws)
         prod_mean = (sum(Bs) / len(ws)) @ (sum(As) / len(ws))
         num += np.linalg.norm(mean_prod - prod_mean) ** 2
         den += np.linalg.norm(mean_prod) ** 2

@@ -379,7 +379,7 @@ def test_response_loss_equals_the_models_own_loss_and_gradients(tiny_llama, meth
     got = response_loss(model, batch)
     g_got = torch.autograd.grad(got, params)
     torch.testing.assert_close(got, ref)
-    for a, b in zip(g_got, g_ref):
+    for a, b in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
