@@ -117,6 +117,15 @@ def test_readme_and_docs_state_the_codes_defaults_and_thresholds():
     assert f"fell by ≥ {th.capability_drop}" in readme and f"rose by ≥ {pct(th.over_refusal_rise)} points" in readme
 
 
+def test_readme_random_direction_figures_are_the_codes():
+    """The README's max|cos| of a random direction (m = 576, 4096) is calibration.null_max_cos's."""
+    from lora_audit.spectral.calibration import null_max_cos
+
+    readme = _readme()
+    for m in (576, 4096):
+        assert f"{null_max_cos(m, m):.2f} at m = {m}" in readme or f"{null_max_cos(m, m):.2f} at {m}" in readme, m
+
+
 def test_mkdocs_build_is_strict_clean(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")

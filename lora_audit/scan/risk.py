@@ -146,7 +146,8 @@ def default_risk_file() -> Path:
 
 
 def _check_model(p: Path, key: str, m: RiskModelInfo) -> None:
-    """InputError naming the file and the field for a risk model no scan can use as written."""
+    """InputError naming the file and the field for a risk model no scan can use as written (the
+    field types and ranges, scale > 0 and 0 < threshold < 1 included, are checked by the parse)."""
     from ..results.scan import SIGNAL_MODES
 
     where = f"{p}: models[{key!r}]"
@@ -172,16 +173,12 @@ def _check_model(p: Path, key: str, m: RiskModelInfo) -> None:
                              "scan does not make")
         if m.transforms[i] not in ("identity", "log1p"):
             raise InputError(f"{where}.transforms[{i}]: {m.transforms[i]!r} is not identity or log1p")
-        if not m.scale[i] > 0:
-            raise InputError(f"{where}.scale[{i}]: {m.scale[i]} must be above 0")
         coef = m.weights[i] / m.scale[i]
         if not math.isfinite(coef) or abs(coef) > MAX_COEFFICIENT or abs(m.mean[i]) > MAX_COEFFICIENT:
             raise InputError(f"{where}.weights[{i}] / scale[{i}] = {m.weights[i]:g} / {m.scale[i]:g}, mean "
                              f"{m.mean[i]:g}: beyond {MAX_COEFFICIENT:g} in size, any signal would overflow the score")
     if abs(m.intercept) > MAX_INTERCEPT:
         raise InputError(f"{where}.intercept: {m.intercept:g} is beyond {MAX_INTERCEPT:g} in size")
-    if not 0 < m.threshold < 1:
-        raise InputError(f"{where}.threshold: {m.threshold} must lie between 0 and 1")
 
 
 def load_risk_models(path: str | os.PathLike | None = None) -> tuple[dict[str, RiskModelInfo], dict]:
