@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -209,7 +210,8 @@ def _check_direction(profile: BaseProfile, direction: Direction, cfg: ScanConfig
     return out
 
 
-def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | None, base_fp: str | None
+def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | None, base_fp: str | None,
+             base_path: Path
              ) -> tuple[BaseProfile, LoadedModel | None, str, float]:
     """(the base profile from the cache or computed (and stored), the loaded BASE when it was needed,
     the cache outcome, the seconds spent loading BASE)."""
@@ -223,7 +225,7 @@ def _profile(base: str, inputs: _Inputs, cfg: ScanConfig, base_l: LoadedModel | 
     if cfg.use_cache:
         from ..device import resolve_device
 
-        tag = numerics_tag(cfg.load, resolve_device(cfg.device), local_path(base)[0])
+        tag = numerics_tag(cfg.load, resolve_device(cfg.device), base_path)
         key = profile_key(base_fp + (f"|{tag}" if tag else ""), inputs.harmful, inputs.harmless, inputs.template,  # type: ignore[operator]
                           DEFAULT_REFUSAL_STARTS, inputs.halves)
     root, secret = cache_dir(cfg.cache_dir), load_secret() if cfg.use_cache else b""
@@ -474,10 +476,11 @@ def run_safety_scan(base: str, tuned: list[str] | tuple = (), config: ScanConfig
     unaligned = _check_unaligned(cfg.unaligned, stream, cfg.allow_pickle) if cfg.unaligned else None
     record = inputs.risk_model.validation if inputs.risk_model is not None else None
     needs_fp = cfg.use_cache or (inputs.risk_status.validated and record.base_fingerprint is not None)  # type: ignore[union-attr]
-    base_fp = base_fingerprint(str(local_path(base)[0])) if needs_fp else None
+    base_path = local_path(base)[0]  # a hub reference's pinned snapshot
+    base_fp = base_fingerprint(str(base_path)) if needs_fp else None
     inputs.risk_status.base_matches = bool(record is not None and base_fp is not None
                                            and record.base_fingerprint == base_fp)
-    profile, base_l, cache, load_s = _profile(base, inputs, cfg, loaded_base, base_fp)
+    profile, base_l, cache, load_s = _profile(base, inputs, cfg, loaded_base, base_fp, base_path)
     direction = profile.direction
     causal = profile.refusal_unit is not None
     warnings = _check_direction(profile, direction, cfg,
