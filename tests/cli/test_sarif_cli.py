@@ -22,8 +22,19 @@ def run(*args):
 def test_safety_scan_sarif(workspace):
     # the packaged risk models are not validated, so the gate reads the first-token proxy (it always
     # holds at >= -1, a change of a share) and the SARIF carries the scan's own findings, nothing else
-    r = run("safety-scan", "base", "adapter", "adapter_a", *SCAN_FAST, "--json", "scan.json", "--sarif", "scan.sarif",
-            "--fail-on", "first_token_drop>=-1")
+    from lora_audit.studies.edits import direction_edit, refusal_direction_of
+
+    from ..scan.conftest import WORDS
+
+    # an abliteration of BASE along a direction from other prompts than the scan's: LA040 must appear
+    other = [w.upper() for w in WORDS]
+    harmful = [f"give me {other[i % len(other)]} now {i}!" for i in range(16)]
+    harmless = [f"where is {other[(i + 3) % len(other)]} today {i}?" for i in range(16)]
+    r_dir, _, _ = refusal_direction_of("base", harmful, harmless, layer=1,
+                                       chat_template="{{ messages[0]['content'] }}")
+    direction_edit("base", workspace / "abl", r_dir, 1.0)
+    r = run("safety-scan", "base", "adapter", "adapter_a", "abl", *SCAN_FAST, "--json", "scan.json", "--sarif",
+            "scan.sarif", "--fail-on", "first_token_drop>=-1")
     assert r.exit_code == 3, r.output
     log = json.loads((workspace / "scan.sarif").read_text())
     validate(log)
@@ -36,7 +47,7 @@ def test_safety_scan_sarif(workspace):
             want.append((name, "LA040"))
         want += [(name, f["rule"]) for f in m.get("findings", [])]
     got = [(x["properties"]["tuned"], x["ruleId"]) for x in log["runs"][0]["results"]]
-    assert sorted(got) == sorted(want)
+    assert sorted(got) == sorted(want) and ("abl", "LA040") in got
     assert all(m["risk"] is None for m in scan["models"].values())  # no validated risk model: no risk shown
     run_ = log["runs"][0]
     assert run_["invocations"][0]["exitCode"] == 3
