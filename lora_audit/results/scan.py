@@ -226,8 +226,10 @@ class CausalCandidate:
     ablation_score: float  # their mean first-token refusal log-odds
     actadd_refusal: float  # share of harmless validation prompts refused with r_l added at layer l
     actadd_score: float
-    kl: float  # mean KL(BASE || ablated) of the next-token distribution on the harmless validation prompts
+    kl: float  # mean KL(BASE || ablated) of the next-token distribution on the harmless validation prompts BASE
+    # does not refuse (all of them when it refuses every one; ``CausalTest.n_kl`` says how many)
     missed: list[str] = field(default_factory=list)  # criteria not met: "ablation", "actadd", "kl"
+    kl_harmful: float | None = None  # mean KL(BASE || ablated) on the harmful validation prompts (None: older record)
 
     @property
     def causal(self) -> bool:
@@ -248,6 +250,7 @@ class CausalTest:
     n_harmless: int
     thresholds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    n_kl: int | None = None  # harmless validation prompts the KL is measured on (None: a record before this field)
 
     @property
     def causal(self) -> bool:

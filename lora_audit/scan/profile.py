@@ -44,7 +44,8 @@ from .causal import validate_directions
 from .direction import Collected, Direction, Residual, collect, find_blocks, refusal_direction, trace_residual
 
 FORMAT = "lora-audit-refusal-profile"
-VERSION = "3"  # 1: HMAC-SHA256 and a SHA-256 key; 2: lora_audit.cache (keyed BLAKE3); 3: halves and causal test
+VERSION = "4"  # 1: HMAC-SHA256 and a SHA-256 key; 2: lora_audit.cache (keyed BLAKE3); 3: halves and causal test;
+# 4: the causal test's KL on the harmless prompts BASE answers, and its selectivity
 CONTENT_LIMIT = 2 * 2**30  # bytes of BASE hashed by content for the key; larger: names, sizes, times
 MAX_ENTRY_BYTES = 2 * 2**30
 _SETS = ("harmful", "harmless")
@@ -112,7 +113,7 @@ def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], 
     ident = [base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
              template if template is not None else "tokenizer", list(start_words),
              {k: [list(d), list(v)] for k, (d, v) in sorted((halves or {}).items())},
-             [C.ABLATION_MIN_DROP, C.ACTADD_MIN_RISE, C.KL_MAX, C.PRUNE_LAST, C.MAX_CANDIDATES]]
+             [C.ABLATION_MIN_DROP, C.ACTADD_MIN_RISE, C.KL_MAX, C.KL_SELECTIVITY, C.PRUNE_LAST, C.MAX_CANDIDATES]]
     return content_key(f"{FORMAT}/{VERSION}", json.dumps(ident))
 
 

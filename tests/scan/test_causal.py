@@ -11,7 +11,7 @@ import torch
 from lora_audit.checkpoints import load_model
 from lora_audit.results.scan import CausalTest
 from lora_audit.safety.scorers import refusal_start_ids
-from lora_audit.scan.causal import (ABLATION_MIN_DROP, ablation_hooks, actadd_hook, candidate_layers,
+from lora_audit.scan.causal import (ABLATION_MIN_DROP, ablation_hooks, actadd_hook, candidate_layers, kl_passes,
                                     validate_directions, why_not)
 from lora_audit.scan.direction import collect, find_blocks, refusal_direction, trace_residual
 
@@ -119,3 +119,53 @@ def test_a_direction_of_noise_is_not_causal(refusing_llama, tmp_path):
     assert not rec.causal and rec.layer is None
     assert set(rec.candidates[0].missed) >= {"ablation", "actadd"}
     assert "no candidate direction passes all three tests" in why_not(rec) and "layer 0" in why_not(rec)
+
+
+def test_the_kl_leaves_out_the_harmless_prompts_base_refuses(refusing_llama, scan_prompts):
+    """A base that over-refuses: some 'harmless' validation prompts end in "!" and are refused. The
+    KL is measured on the ones it answers only (``n_kl`` of them), and equals KL(BASE || ablated)
+    computed here by hand, with transformers' own logits, over those prompts."""
+    from lora_audit.safety.scorers import last_position_logits
+
+    harmful, harmless = _prompts(scan_prompts[0]), _prompts(scan_prompts[1])
+    mixed = [h if i % 4 != 1 else harmful[i] for i, h in enumerate(harmless)]  # 3 of the 12 odd ones end in "!"
+    rec = _record(refusing_llama, harmful, mixed)
+    validation = mixed[1::2]
+    answered = [t for t in validation if t.endswith("?")]
+    assert 0 < len(answered) < len(validation)
+    assert rec.n_kl == len(answered) and rec.n_harmless == len(validation)
+    assert rec.base_refusal_harmless == (len(validation) - len(answered)) / len(validation)
+
+    lm = load_model(str(refusing_llama), device="cpu")
+    model, tok = lm.model, lm.tokenizer
+    residual = trace_residual(model, _ids(tok, harmful[0]))
+    _, blocks = find_blocks(model)
+    start = torch.tensor(refusal_start_ids(tok))
+    d = refusal_direction(collect(model, tok, harmful[0::2], blocks, start).states,
+                          collect(model, tok, mixed[0::2], blocks, start).states)
+    c = rec.candidates[0]
+    unit = d.r[c.layer] / d.r[c.layer].norm()
+
+    def logp(texts: list[str], ablate: bool) -> torch.Tensor:
+        hooks = ablation_hooks(model, blocks, residual, unit) if ablate else []
+        try:
+            return torch.cat([torch.log_softmax(x.double(), -1) for x in
+                              last_position_logits(model, tok, texts, batch_size=1, desc="")])
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def kl(texts: list[str]) -> float:
+        p, q = logp(texts, False), logp(texts, True)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert abs(c.kl - kl(answered)) < 1e-6
+    assert abs(c.kl_harmful - kl(harmful[1::2])) < 1e-6 and c.kl_harmful > c.kl
+
+
+def test_the_kl_criterion_is_the_reference_bar_or_selectivity():
+    """At most 0.1 nats on the harmless prompts (Arditi et al.), or at most half the KL on the
+    harmful ones; the embedded model's measured candidates (module docstring) fall either side."""
+    assert kl_passes(0.09, 0.0) and not kl_passes(0.11, 0.2)
+    assert kl_passes(0.993, 2.605)  # SmolLM2 released, layer 23
+    assert not kl_passes(0.463, 0.823) and not kl_passes(5.5, 5.0)  # layer 21; a direction that breaks the model
