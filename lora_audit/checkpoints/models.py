@@ -113,7 +113,22 @@ def load_model(source: str | os.PathLike, *, base: str | os.PathLike | None = No
     if not opts.places_itself:
         model.to(dev)
     model.eval()
+    contiguous_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind, path=str(path), options=opts)
+
+
+def contiguous_head_input(model) -> None:
+    """Give the output layer a contiguous input. transformers hands it ``hidden[:, -k:, :]`` (a
+    strided view) whenever only the last positions' logits are wanted (``logits_to_keep``: generation,
+    the first-token scores). On the CPU, torch's 16-bit linear with a strided 3-D input and a weight
+    that does not require grad (peft freezes the base) converts the whole weight for every call:
+    measured, +0.39 GB transient per call for a 49k x 1024 bfloat16 output layer (the peak of a
+    bfloat16 safety-eval with an adapter), 0 with a contiguous input; the logits are the same."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and not getattr(head, "_lora_audit_contiguous", False):
+        head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:])
+                                       if args and isinstance(args[0], torch.Tensor) else None)
+        head._lora_audit_contiguous = True
 
 
 def _from_pretrained(source: str, folder: Path, *, dtype: torch.dtype, use_safetensors: bool,

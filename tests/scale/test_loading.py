@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lora_audit.checkpoints import load_model
 from lora_audit.checkpoints import loading as L
-from lora_audit.checkpoints.models import match_adapter_to_model
+from lora_audit.checkpoints.models import contiguous_head_input, match_adapter_to_model
 from lora_audit.checkpoints.adapters import read_peft_adapter
 from lora_audit.cli import cli
 from lora_audit.errors import DeviceError, InputError
@@ -77,6 +77,30 @@ def test_load_model_in_a_dtype(bf16_llama, dtype):
     loaded = load_model(str(bf16_llama), device="cpu", dtype=dtype)
     assert loaded.dtype == getattr(torch, dtype)
     assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_the_output_layer_reads_a_contiguous_input_and_gives_the_same_logits(bf16_llama, tmp_path):
+    """``logits_to_keep`` hands the output layer a strided view of the last position; load_model makes
+    it contiguous (torch's CPU 16-bit linear converts the whole frozen weight for a strided input).
+    The logits equal those of the plain transformers model, loaded here without lora-audit."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    lm = load_model(str(bf16_llama), device="cpu", dtype="bfloat16")
+    ad = make_peft_adapter(bf16_llama, tmp_path / "ad", seed=3, init_scale=0.5)
+    pm = PeftModel.from_pretrained(lm.model, str(ad), is_trainable=False).eval()  # freezes the base, as safety-eval
+    head = lm.model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))  # runs after load_model's
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(bf16_llama), dtype=torch.bfloat16),
+                                    str(ad), is_trainable=False).eval()
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = pm(input_ids=ids, logits_to_keep=1).logits, ref(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [True] and got.shape == (3, 1, want.shape[-1])
+    assert torch.equal(got, want)
+    contiguous_head_input(lm.model)  # applied again: still one hook of its own
+    assert len(head._forward_pre_hooks) == 2
 
 
 def test_safety_eval_in_bfloat16_records_the_dtype(tiny_llama, adapter, tmp_path):
