@@ -64,7 +64,9 @@ def demo(out, overwrite, quick, fresh, base, json_path, seed, device):
 @click.option("--quick", is_flag=True, help="A small panel (6 fine-tunes, 12 prompts per set): minutes, for a try.")
 @click.option("--fresh", is_flag=True, help="Retrain the panel's models instead of reusing cached ones.")
 @click.option("--write-risk-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help="Also write the fitted risk models there (the packaged file is lora_audit/data/scan/risk.json).")
+              help="Also write the risk model fitted on the panel there, with its held-out validation record, kept or "
+                   "not: safety-scan shows its risk only when that record passes (the packaged file is "
+                   "lora_audit/data/scan/risk.json).")
 @overwrite_option
 @device_option
 @user_errors

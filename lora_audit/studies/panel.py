@@ -520,7 +520,7 @@ def readme(models: list[PanelModel], analysis: dict, info: dict) -> str:
                   f"{_f(br['true_positive_rate'])}, false positive rate {_f(br['false_positive_rate'])}; wrong on "
                   f"{', '.join(br['wrong']) or 'none'}.", "", "## The fitted risk", "",
               f"Features: {', '.join(rk['features'])}. Kept when {rk['keep_rule']}: **{'kept' if rk['kept'] else 'not kept'}**"
-              f"{'' if rk['kept'] else ' (no risk file is written from this panel)'}.", ""]
+              f"{'' if rk['kept'] else ' (a risk file written from this panel records that, and safety-scan shows no risk from it)'}.", ""]
     for kind in ("method", "role"):
         r = rk[kind]
         lines.append(f"- held out by {kind} ({r['n']} models): AUROC {_f(r['auroc'])} {_ci(r['auroc_ci'])} against "

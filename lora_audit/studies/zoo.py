@@ -282,8 +282,9 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
                 overwrite: bool = False, risk_file: str | Path | None = None,
                 echo: Callable[[str], None] = print) -> str:
     """Build (or reuse), label, scan and analyse the panel; write OUT (panel.json, README.md,
-    figures/) and, with ``risk_file``, the risk file (only when the fitted risk is kept,
-    ``panel.KEEP_RULE``). Returns a short text summary."""
+    figures/) and, with ``risk_file``, the risk file: the risk fitted on the whole panel with its
+    held-out validation record, whether or not it is kept (``panel.KEEP_RULE``); safety-scan shows
+    its risk only when that record passes (``scan.validation``). Returns a short text summary."""
     from ..checkpoints.default_model import cache_root, default_model_dir
     from ..device import resolve_device
     from ..io import atomic_dir, atomic_write_text, check_output_dir, check_output_file
@@ -353,8 +354,9 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
         (tmp / "figures").mkdir()
         for name, svg in figs.items():
             atomic_write_text(tmp / "figures" / f"{name}.svg", svg)
-    if risk_file is not None and analysis["risk_fit"] is not None:
-        P.risk_file(analysis, info, released).write_json(risk_file)
+    if risk_file is not None:  # kept or not: safety-scan shows a risk only when its validation record passes
+        fit = analysis["risk_fit"] or P.fit_full(models)
+        P.risk_file({**analysis, "risk_fit": fit}, info, released).write_json(risk_file)
     return _summary(analysis, out, time.perf_counter() - t_all)
 
 

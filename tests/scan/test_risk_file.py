@@ -89,13 +89,16 @@ def test_risk_is_never_a_silent_zero():
     assert R.risk_of(small, {"refusal_score_delta": 800.0}) == pytest.approx(math.exp(-800) / (1 + math.exp(-800)))
 
 
-def test_packaged_models_are_not_validated_and_say_why():
+def test_packaged_model_is_not_validated_and_says_why():
+    """The packaged file is the 45-model panel's fit (reports/zoo): the zero-parameter baseline already
+    separates that panel perfectly, so the fitted risk cannot beat it and is not shown."""
     models, _ = R.load_risk_models()
-    assert set(models) == {"weights_only", "full"}
-    for m in models.values():
-        problems = V.problems(m.validation)
-        assert problems and any("prompts that made the labels" in p for p in problems)
-    assert any("is not 0.05 above the baseline" in p for p in V.problems(models["weights_only"].validation))
+    assert set(models) == {"full"}
+    v = models["full"].validation
+    problems = V.problems(v)
+    assert v.n == 45 and v.baseline_auroc == 1.0 and v.signal_prompts != v.label_prompts
+    assert any("is not 0.05 above the baseline" in p for p in problems)
+    assert any("expected calibration error" in p for p in problems)
 
 
 def test_validation_statistics_against_references():

@@ -261,7 +261,7 @@ def test_fail_on_over_scan_fields(refusing_llama, scan_prompts, scan_adapter, tm
     out = tmp_path / "scan.json"
     r = CliRunner().invoke(cli, args + ["--json", str(out), "--fail-on", "risk>0.5"])
     assert r.exit_code == 1 and "no validated full risk model" in r.output and not out.exists(), r.output
-    assert "signals were read on the prompts that made the labels" in r.output
+    assert "is not 0.05 above the baseline" in r.output  # the packaged panel's own figures
     r = CliRunner().invoke(cli, args + ["--json", str(out), "--weights-only", "--fail-on", "first_token_drop>0.3"])
     assert r.exit_code == 1 and "a --weights-only scan makes none" in r.output and not out.exists(), r.output
     risk = write_validated_risk(tmp_path / "risk.json")
