@@ -84,7 +84,8 @@ def test_actadd_adds_the_vector_to_what_the_next_block_reads(refusing_llama, sca
     assert torch.allclose(seen[1], seen[0] + v, atol=1e-5)  # block 0's output at every position, plus v
 
 
-def _record(model_dir, harmful, harmless) -> CausalTest:
+def _setup(model_dir, harmful, harmless):
+    """(model, tokenizer, residual, blocks, refusal-start ids, direction from the even prompts)."""
     lm = load_model(str(model_dir), device="cpu")
     model, tok = lm.model, lm.tokenizer
     residual = trace_residual(model, _ids(tok, harmful[0]))
@@ -92,6 +93,11 @@ def _record(model_dir, harmful, harmless) -> CausalTest:
     start = torch.tensor(refusal_start_ids(tok))
     d = refusal_direction(collect(model, tok, harmful[0::2], blocks, start).states,
                           collect(model, tok, harmless[0::2], blocks, start).states)
+    return model, tok, residual, blocks, start, d
+
+
+def _record(model_dir, harmful, harmless) -> CausalTest:
+    model, tok, residual, blocks, start, d = _setup(model_dir, harmful, harmless)
     return validate_directions(model, tok, harmful[1::2], harmless[1::2], residual, blocks, d.r, start, batch_size=5)
 
 
@@ -136,13 +142,7 @@ def test_the_kl_leaves_out_the_harmless_prompts_base_refuses(refusing_llama, sca
     assert rec.n_kl == len(answered) and rec.n_harmless == len(validation)
     assert rec.base_refusal_harmless == (len(validation) - len(answered)) / len(validation)
 
-    lm = load_model(str(refusing_llama), device="cpu")
-    model, tok = lm.model, lm.tokenizer
-    residual = trace_residual(model, _ids(tok, harmful[0]))
-    _, blocks = find_blocks(model)
-    start = torch.tensor(refusal_start_ids(tok))
-    d = refusal_direction(collect(model, tok, harmful[0::2], blocks, start).states,
-                          collect(model, tok, mixed[0::2], blocks, start).states)
+    model, tok, residual, blocks, _, d = _setup(refusing_llama, harmful, mixed)
     c = rec.candidates[0]
     unit = d.r[c.layer] / d.r[c.layer].norm()
 
