@@ -31,8 +31,9 @@ they are above 0):
             candidate above 0.1 also passes when it is selective: its KL on the harmful validation
             prompts is at least ``KL_SELECTIVITY`` (2) times its KL on the harmless ones, i.e. it
             changes what BASE does with harmful requests at least twice as much as what it does with
-            harmless ones. Directions that break the model (KL of several nats on both sets) still
-            fail. Both KLs are recorded per candidate.
+            harmless ones, and its harmless KL stays at most ``KL_CEILING`` (2 nats): on that model
+            the candidates whose ablation breaks its answers move the harmless distribution by 4-6.7
+            nats, the causal one by 0.99-1.33. Both KLs are recorded per candidate.
 
 A candidate meeting all three is causal. Candidates are the layers before the last ``PRUNE_LAST``
 of the depth (the reference's 20 %: a direction read just before the unembedding can move the first
@@ -62,7 +63,8 @@ from .direction import Residual
 ABLATION_MIN_DROP = 0.30  # share of harmful validation prompts refused: ablation must lower it by 30 points
 ACTADD_MIN_RISE = 0.30  # share of harmless validation prompts refused: actadd must raise it by 30 points
 KL_MAX = 0.10  # mean KL(BASE || ablated) on the harmless validation prompts (the reference's threshold) ...
-KL_SELECTIVITY = 2.0  # ... or at most 1/KL_SELECTIVITY of the ablation's KL on the harmful ones
+KL_SELECTIVITY = 2.0  # ... or at most 1/KL_SELECTIVITY of the ablation's KL on the harmful ones,
+KL_CEILING = 2.0  # and at most this many nats
 PRUNE_LAST = 0.20  # the last 20 % of the layers are not candidates
 MAX_CANDIDATES = 16
 
@@ -85,12 +87,14 @@ def effects(rec: CausalTest, c: CausalCandidate) -> str:
             f"prompts refused (needs a {100 * ABLATION_MIN_DROP:.0f}-point drop{missed('ablation')}), addition "
             f"{100 * rec.base_refusal_harmless:.0f}% -> {100 * c.actadd_refusal:.0f}% of the harmless ones (needs "
             f"+{100 * ACTADD_MIN_RISE:.0f} points{missed('actadd')}), KL {c.kl:.3f} on the harmless ones (at most "
-            f"{KL_MAX}, or 1/{KL_SELECTIVITY:g} of the {_kl_h(c)} on the harmful ones{missed('kl')})")
+            f"{KL_MAX}, or 1/{KL_SELECTIVITY:g} of the {_kl_h(c)} on the harmful ones and at most {KL_CEILING:g}"
+            f"{missed('kl')})")
 
 
 def kl_passes(kl: float, kl_harmful: float) -> bool:
-    """The KL criterion (module docstring): at most ``KL_MAX`` on the harmless prompts, or selective."""
-    return kl <= KL_MAX or KL_SELECTIVITY * kl <= kl_harmful
+    """The KL criterion (module docstring): at most ``KL_MAX`` on the harmless prompts, or selective
+    and at most ``KL_CEILING``."""
+    return kl <= KL_MAX or (kl <= KL_CEILING and KL_SELECTIVITY * kl <= kl_harmful)
 
 
 def _kl_h(c: CausalCandidate) -> str:
@@ -170,7 +174,8 @@ def validate_directions(model: nn.Module, tokenizer, harmful: list[str], harmles
                        base_score=float(base_h.mean()), base_refusal_harmless=float((base_b > 0).double().mean()),
                        base_score_harmless=float(base_b.mean()), n_harmful=len(harmful), n_harmless=len(harmless),
                        thresholds={"ablation_min_drop": ABLATION_MIN_DROP, "actadd_min_rise": ACTADD_MIN_RISE,
-                                   "kl_max": KL_MAX, "kl_selectivity": KL_SELECTIVITY, "prune_last": PRUNE_LAST})
+                                   "kl_max": KL_MAX, "kl_selectivity": KL_SELECTIVITY, "kl_ceiling": KL_CEILING,
+                                   "prune_last": PRUNE_LAST})
     kl_on = base_b <= 0  # the harmless prompts BASE answers (module docstring)
     if not bool(kl_on.any()):
         kl_on = torch.ones_like(kl_on)

@@ -113,7 +113,7 @@ def profile_key(base_fingerprint: str, harmful: list[str], harmless: list[str], 
     ident = [base_fingerprint, prompt_hash(harmful), prompt_hash(harmless),
              template if template is not None else "tokenizer", list(start_words),
              {k: [list(d), list(v)] for k, (d, v) in sorted((halves or {}).items())},
-             [C.ABLATION_MIN_DROP, C.ACTADD_MIN_RISE, C.KL_MAX, C.KL_SELECTIVITY, C.PRUNE_LAST, C.MAX_CANDIDATES]]
+             [C.ABLATION_MIN_DROP, C.ACTADD_MIN_RISE, C.KL_MAX, C.KL_SELECTIVITY, C.KL_CEILING, C.PRUNE_LAST, C.MAX_CANDIDATES]]
     return content_key(f"{FORMAT}/{VERSION}", json.dumps(ident))
 
 

@@ -165,7 +165,9 @@ def test_the_kl_leaves_out_the_harmless_prompts_base_refuses(refusing_llama, sca
 
 def test_the_kl_criterion_is_the_reference_bar_or_selectivity():
     """At most 0.1 nats on the harmless prompts (Arditi et al.), or at most half the KL on the
-    harmful ones; the embedded model's measured candidates (module docstring) fall either side."""
+    harmful ones and at most 2 nats; the embedded model's measured candidates (module docstring)
+    fall either side."""
     assert kl_passes(0.09, 0.0) and not kl_passes(0.11, 0.2)
     assert kl_passes(0.993, 2.605)  # SmolLM2 released, layer 23
     assert not kl_passes(0.463, 0.823) and not kl_passes(5.5, 5.0)  # layer 21; a direction that breaks the model
+    assert not kl_passes(5.5, 12.0)  # selective, but moving the harmless answers by 5.5 nats breaks them
