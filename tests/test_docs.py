@@ -134,3 +134,16 @@ def test_mkdocs_build_is_strict_clean(tmp_path):
                         "-d", str(tmp_path / "site")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / "cli" / "index.html").is_file()
+
+
+def test_readme_panel_figures_are_the_committed_panels():
+    """The README's tamper-detection figures are reports/zoo/panel.json's, in both scan modes."""
+    import json
+
+    tamper = json.loads((ROOT / "reports" / "zoo" / "panel.json").read_text(encoding="utf-8"))["tamper"]
+    text = " ".join(_readme().split())
+    for mode in ("refusal_edits", "refusal_edits_weights_only"):
+        t = tamper[mode]
+        v, b = t["verified_abliterations"], t["benign"]
+        assert v["flagged"] == v["n"] and b["flagged"] == 0 and t["undo"]["flagged"] == 0
+        assert f"flagged {v['flagged']} of {v['n']} abliterations" in text and f"0 of {b['n']} benign" in text

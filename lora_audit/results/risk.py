@@ -30,7 +30,7 @@ class RiskModelFile(Result):
     SCHEMA: ClassVar[str] = "scan-risk"
     SCHEMA_VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "lora-audit risk model file"
-    WRITTEN_BY: ClassVar[str] = "zoo --risk-file (lora_audit/data/scan/risk.json)"
+    WRITTEN_BY: ClassVar[str] = "zoo --write-risk-file (lora_audit/data/scan/risk.json)"
 
     models: dict[str, RiskModelInfo]
     panel: dict[str, Any] = field(default_factory=dict)

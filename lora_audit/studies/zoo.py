@@ -355,11 +355,13 @@ def build_panel(out: str | Path = "reports/zoo", *, quick: bool = False, fresh: 
         for name, svg in figs.items():
             atomic_write_text(tmp / "figures" / f"{name}.svg", svg)
     if risk_file is not None:  # kept or not: safety-scan shows a risk only when its validation record passes
+        from ..text import printable
+
         try:
             fit = analysis["risk_fit"] or P.fit_full(models)
             record = P.risk_file({**analysis, "risk_fit": fit}, info, released)
         except ValueError as e:  # e.g. a panel with one class: no held-out AUROC, no record
-            echo(f"no risk file written to {risk_file}: {e}")
+            echo(f"no risk file written to {printable(risk_file)}: {e}")
         else:
             record.write_json(risk_file)
     return _summary(analysis, out, time.perf_counter() - t_all)
