@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     import io
     import warnings
 
+    from . import startup
     from .errors import EXIT_ERROR, LoraAuditError
     from .text import printable
+
+    if argv is None:  # this process's own command line (not a caller's in-process run)
+        startup.hold()  # until the work begins: startup says why
 
     def say(text: str) -> None:
         click.echo(printable(text, multiline=True), err=True)

@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from .startup import release
+
 T = TypeVar("T")
 
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
@@ -113,6 +115,7 @@ def duration(seconds: float) -> str:
 
 def stage(text: str) -> None:
     """The line of a stage that has no bar (loading a model), when lines are on."""
+    release()  # a stage is work: the start-up is over (lora_audit.startup)
     if lines_enabled():
         _say(f"-- {text}")
 
@@ -217,6 +220,7 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     """A tqdm bar on stderr, or stage and heartbeat lines where no bar can be drawn (``Heartbeat``),
     or nothing (quiet); usable as an iterator wrapper or with ``.update(n)``. ``initial``: work done
     before the bar starts (counted, but not in the rate and the time left)."""
+    release()  # a bar means work: the start-up is over (lora_audit.startup)
     if lines_enabled():
         return Heartbeat(iterable, total=total, desc=desc, unit=unit, initial=initial)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial,

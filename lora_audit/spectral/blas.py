@@ -16,7 +16,7 @@ consumes in the fast orientation again. Same numbers as ``A @ X`` up to rounding
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from collections.abc import Iterator
 
 import torch
@@ -29,7 +29,28 @@ def mm(A: Tensor, X: Tensor) -> Tensor:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
+def threads(n: int) -> Iterator[None]:
+    """Run torch's CPU kernels called from this thread on ``n`` threads inside this block, then
+    restore the count this thread had.
+
+    torch's count is per thread once that thread has read or set it, but a thread that has not yet
+    done so takes whatever another thread set last: measured here, the main thread's first
+    ``one_thread`` block read 1 while the reader thread was inside its own, "restored" 1, and every
+    base SVD of a cold audit then ran on one core (1.9 s instead of 1.2 s a 2048-wide matrix on 2
+    cores). So the heavy work is run under ``threads(n)`` with the count the caller had before the
+    reader thread started (``engine.audit``), not with whatever the thread reads later."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def one_thread() -> AbstractContextManager[None]:
     """Run torch's CPU kernels called from this thread on one thread inside this block.
 
     The LoRA path's kernels are small (QR and eigh of 2048 x 50 blocks, products with 16 columns):
@@ -38,16 +59,6 @@ def one_thread() -> Iterator[None]:
     2048 x 20 block took 0.2 ms on one thread and 40-50 ms on two, one LoRA search 0.1 s against
     0.8-4.7 s, and a whole screen spent 330 s of 490 in QR. One thread also makes the results the
     same bits whatever torch's thread count (BLAS sums in another order on more threads).
-
-    torch's thread count is per thread once a thread has run parallel work (OpenMP's and MKL's
-    settings are thread-local), so this sets and restores the calling thread's own count; the
-    reader thread and the main thread each use it for their part."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    The reader thread and the main thread each use it for their part (``threads`` says how the
+    count is kept per thread)."""
+    return threads(1)

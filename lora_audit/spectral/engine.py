@@ -35,6 +35,7 @@ the screens run on one thread in each (``blas.one_thread`` says why).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -47,10 +48,11 @@ from ..checkpoints.deltas import Delta, Dense, DoRA, LowRank, MatrixGroup, is_ch
 from ..device import resolve_device
 from ..errors import InputError
 from ..progress import progress as progress_bar
+from ..startup import release
 from ..results.spectrum import MatrixResult, SkippedMatrix, SpectrumResult, TunedResult, split_name
 from ..settings import SpectrumSettings
 from . import calibration, schedule
-from .blas import one_thread
+from .blas import one_thread, threads
 from .exact import base_spectrum, exact_topk, examined
 from .metrics import UpdateMetrics, count_intruders, intruder_details, sweep_counts, update_metrics
 from .schedule import devices_for
@@ -198,16 +200,20 @@ def _cos_top_base(top: TopK, k: int) -> list[list[float]] | None:
 
 def audit_group(group: MatrixGroup, settings: SpectrumSettings, device: torch.device,
                 spectrum_of: Callable[[torch.Tensor, torch.device], BaseSpectrum],
-                projections: Mapping[int, Any] | None = None) -> list[Outcome]:
+                projections: Mapping[int, Any] | None = None, *, finite_base: bool = False) -> list[Outcome]:
     """Screen W0, then every tuned model's delta; decompose W0 once (the first time a delta
     needs it) and audit every delta that passes against it. One Outcome per tuned model, in order.
     A base with NaN/Inf values is a finding for every tuned model that has a delta there.
-    ``projections``: {delta index: ``lowrank.project``} computed by the reader thread."""
+    ``projections``: {delta index: ``lowrank.project``} computed by the reader thread.
+    ``finite_base``: W0 is known to be finite and ``spectrum_of`` costs no SVD (its content key
+    found a verified cache entry with finite singular values: ``_prepare``), so W0's screen and
+    norm pass are skipped (||W0||_F = ||S0||_2) and a LoRA audit never reads W0's values."""
     W0 = group.base.to(device=device, dtype=settings.torch_dtype)  # (m, n)
-    with one_thread():  # reductions over W0 (the screens): blas.one_thread says why
-        bad_base = screen_base(group.name, W0)
-    if bad_base is not None:
-        return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
+    if not finite_base:
+        with one_thread():  # reductions over W0 (the screens): blas.one_thread says why
+            bad_base = screen_base(group.name, W0)
+        if bad_base is not None:
+            return [Outcome(skipped=None if d is None else replace(bad_base)) for d in group.deltas]
     decomposed: list[tuple[BaseSpectrum, float]] = []
 
     def base_of() -> tuple[BaseSpectrum, float]:
@@ -217,16 +223,18 @@ def audit_group(group: MatrixGroup, settings: SpectrumSettings, device: torch.de
         return decomposed[0]
 
     projections = projections or {}
-    return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of, projections.get(i))
+    return [Outcome() if d is None else _audit_delta(group, W0, d, settings, base_of, projections.get(i),
+                                                     finite_base=finite_base)
             for i, d in enumerate(group.deltas)]
 
 
 def _audit_delta(group: MatrixGroup, W0: torch.Tensor, delta: Delta, settings: SpectrumSettings,
-                 base_of: Callable[[], tuple[BaseSpectrum, float]], projection=None) -> Outcome:
+                 base_of: Callable[[], tuple[BaseSpectrum, float]], projection=None, *,
+                 finite_base: bool = False) -> Outcome:
     """Screen one delta (``findings.screen_delta``) and audit it when it passes."""
     delta = delta.to(device=W0.device, dtype=settings.torch_dtype)
     with one_thread():
-        changed, found = screen_delta(group.name, W0, delta)
+        changed, found = screen_delta(group.name, W0, delta, base_norm=base_of()[1] if finite_base else None)
     if not changed:
         return Outcome()
     if found is not None:
@@ -253,6 +261,7 @@ class _Prepared:
     spectrum: BaseSpectrum | None
     held: bool = False
     projections: dict[int, Any] = field(default_factory=dict)
+    finite: bool = False  # W0 is known finite: see audit_group's finite_base
 
 
 def _projections(group: MatrixGroup, base: BaseSpectrum, settings: SpectrumSettings) -> dict[int, Any]:
@@ -275,11 +284,13 @@ def _projections(group: MatrixGroup, base: BaseSpectrum, settings: SpectrumSetti
 
 
 def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseSpectrum] | None = None, *,
-             project: bool = False) -> tuple[Callable | None, Callable]:
+             project: bool = False, n_threads: int | None = None) -> tuple[Callable | None, Callable]:
     """(prepare, work) for ``schedule.run``: ``prepare`` (in the reader thread) takes a base
     spectrum held in memory (``base_spectra``), or with a SpectrumCache hashes W0 and reads its
     cached spectrum, and with ``project`` (spectra and work on the CPU) projects the group's LoRA
-    deltas onto it; ``work`` audits one group on one device."""
+    deltas onto it; ``work`` audits one group on one device, on ``n_threads`` torch threads (the
+    caller's count before the reader started: ``blas.threads`` says why) but for the small kernels."""
+    n_threads = n_threads or torch.get_num_threads()
     spectrum_of = _spectrum_function(cache)
     lookup = getattr(cache, "lookup", None)
 
@@ -295,9 +306,13 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
             if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
                 return None
             W0 = group.base.to(dtype=settings.torch_dtype)
-            if count_nonfinite(W0):
-                return None
             found = _Prepared(*lookup(W0))  # key, spectrum or None, on the CPU
+            # An entry is written only for the spectrum of a screened, finite W0 with these very
+            # bytes (the key is their BLAKE3 hash, the entry is authenticated): finite singular
+            # values there prove W0 finite, and neither thread needs to read W0 to screen it.
+            found.finite = found.spectrum is not None and math.isfinite(float(found.spectrum.S.double().norm()))
+            if not found.finite and count_nonfinite(W0):
+                return None
         if project and found.spectrum is not None:
             found.projections = _projections(group, found.spectrum, settings)
         return found
@@ -308,7 +323,15 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
             of = lambda W0, d: _on_device(found.spectrum, d)  # type: ignore[arg-type]
         elif found is not None:
             of = lambda W0, d: cache.base_spectrum(W0, d, key=found.key, found=found.spectrum)
-        return group.name, audit_group(group, settings, device, of, found.projections if found is not None else None)
+
+        def on_every_thread(W0: torch.Tensor, d: torch.device) -> BaseSpectrum:
+            with threads(n_threads):  # whatever the small blocks before it left: blas.threads says why
+                return of(W0, d)
+
+        with threads(n_threads):  # the dense paths use every thread the caller had too
+            return group.name, audit_group(group, settings, device, on_every_thread,
+                                           found.projections if found is not None else None,
+                                           finite_base=found is not None and found.finite)
 
     return (prepare if lookup is not None or base_spectra is not None else None), work
 
@@ -348,12 +371,14 @@ def audit(stream: Iterable[MatrixGroup], settings: SpectrumSettings | None = Non
     Raises:
         InputError: bad settings, or a stream with no matrix at all.
     """
+    release()  # the audit is the work: the start-up is over (lora_audit.startup)
     settings = SpectrumSettings.of(settings, **changes)
     run_on = devices_for(resolve_device(settings.device), devices)
     base_label = base_label if base_label is not None else str(getattr(stream, "base", "base"))
     labels = list(tuned_labels) if tuned_labels is not None else _labels(stream, _n_tuned(stream))
     total = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
-    prepare, work = _workers(settings, cache, base_spectra, project=all(d.type == "cpu" for d in run_on))
+    prepare, work = _workers(settings, cache, base_spectra, project=all(d.type == "cpu" for d in run_on),
+                             n_threads=torch.get_num_threads())  # read here, before the reader thread starts
     results, n_groups = _collect(stream, work, prepare, run_on, prefetch, labels, total=total, progress=progress,
                                  cache=cache)
     if results is None or (n_groups == 0 and not total):

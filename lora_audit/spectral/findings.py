@@ -74,18 +74,19 @@ def screen_values(name: str, delta: Delta) -> SkippedMatrix | None:
     return None
 
 
-def screen_delta(name: str, W0: Tensor, delta: Delta) -> tuple[bool, SkippedMatrix | None]:
+def screen_delta(name: str, W0: Tensor, delta: Delta, *,
+                 base_norm: float | None = None) -> tuple[bool, SkippedMatrix | None]:
     """(changed, finding) for one delta on a finite W0: changed is False when the delta leaves
     W0 exactly as it is; finding is None when the matrix can be audited. The stored values are
     checked before ``is_changed`` (which a NaN would fool: a delta with NaN counts as changed),
-    the update after it."""
+    the update after it. ``base_norm``: ||W0||_F when it is known already (from W0's spectrum)."""
     found = screen_values(name, delta)
     if found is None and not is_changed(delta, W0):
         return False, None
-    return True, found or screen_update(name, W0, delta)
+    return True, found or screen_update(name, W0, delta, base_norm=base_norm)
 
 
-def screen_update(name: str, W0: Tensor, delta: Delta) -> SkippedMatrix | None:
+def screen_update(name: str, W0: Tensor, delta: Delta, *, base_norm: float | None = None) -> SkippedMatrix | None:
     """A finding when W1 = W0 + dW or dW, formed in W0's dtype as the audit forms them, holds
     NaN/Inf values or has a Frobenius norm beyond the dtype's largest number (then so may its
     singular values): an update that overflows, e.g. lora_alpha 1e39 in float32, or a DoRA row of
@@ -98,7 +99,7 @@ def screen_update(name: str, W0: Tensor, delta: Delta) -> SkippedMatrix | None:
     big = torch.finfo(W0.dtype).max
     if isinstance(delta, Dense) and not bool(delta.tuned.any()):
         return finding(name, "tuned", ZERO_TUNED)
-    if not isinstance(delta, DoRA) and _norm_bound(W0, delta) <= big / 2:
+    if not isinstance(delta, DoRA) and _norm_bound(W0, delta, base_norm) <= big / 2:
         return None
     W1, dW = delta.merged(W0), delta.update(W0)  # (m, n) each, in W0's dtype
     n = int((~(torch.isfinite(W1) & torch.isfinite(dW))).sum())
@@ -114,13 +115,14 @@ def screen_update(name: str, W0: Tensor, delta: Delta) -> SkippedMatrix | None:
     return finding(name, "tuned", ZERO_TUNED) if not bool(W1.any()) else None
 
 
-def _norm_bound(W0: Tensor, delta: Dense | LowRank) -> float:
+def _norm_bound(W0: Tensor, delta: Dense | LowRank, base_norm: float | None = None) -> float:
     """An upper bound on ||W0||_F + ||W1||_F (>= both Frobenius norms the audit forms); inf when a
     norm overflows the dtype (then the update is materialised and checked).
 
     Frobenius norms by one reduction each (torch.linalg.vector_norm: 0.6 ms on a 2048 x 2048
-    float32 matrix, where the max |W0_ij| this used before cost 15 ms, an |W0| copy and a pass)."""
-    w0 = float(torch.linalg.vector_norm(W0))
+    float32 matrix, where the max |W0_ij| this used before cost 15 ms, an |W0| copy and a pass);
+    ``base_norm`` (||W0||_F = ||S0||_2, known from a cached spectrum) spares even that pass."""
+    w0 = float(torch.linalg.vector_norm(W0)) if base_norm is None else float(base_norm)
     if isinstance(delta, Dense):
         return w0 + float(torch.linalg.vector_norm(delta.tuned))
     B, A = delta.B.double(), delta.A.double()

@@ -64,14 +64,20 @@ def _orth_against(X: Tensor, Q: Tensor | None, drop_tol: float) -> Tensor:
             X = X - mm(Q, mm(Q.T, X))  # (m, d) @ (d, b) -> (m, b)
     norms = X.norm(dim=0)
     new = norms > drop_tol * before  # columns (nearly) inside span(Q) carry nothing new
-    X = X[:, new] / norms[new]
+    X = X / norms if bool(new.all()) else X[:, new] / norms[new]  # (boolean indexing copies: only when needed)
     if X.shape[1] == 0:
         return X
     evals, V = torch.linalg.eigh(mm(X.T, X))  # (b, b), ascending; singular values^2 of X
-    keep = evals > (drop_tol ** 2) * max(float(evals[-1]), 1e-300)
-    X = mm(X, V[:, keep] / evals[keep].sqrt())  # orthonormal to ~eps / drop_tol
-    X, _ = torch.linalg.qr(X)
-    return X.contiguous()  # QR returns column-major: products with it hit slow BLAS paths (15x here)
+    keep = int((evals <= (drop_tol ** 2) * max(float(evals[-1]), 1e-300)).sum())  # the first `keep` are dropped
+    X = mm(X, V[:, keep:] / evals[keep:].sqrt())  # orthonormal to ~eps / drop_tol
+    # A Cholesky QR pass cleans the last bits: X^T X = I + O(eps / drop_tol) is well conditioned,
+    # so X L^-T is orthonormal to working precision (Cholesky QR's error grows with cond(X)^2 = 1
+    # here). Two small products and a triangular solve: a quarter of a Householder QR of X (1 ms
+    # for 2048 x 52 in float64 on one thread here), with no column-major result to copy.
+    L, info = torch.linalg.cholesky_ex(mm(X.T, X))  # (b, b)
+    if int(info):  # not positive definite: only with NaN/Inf in X; QR carries them to the residual check
+        return torch.linalg.qr(X)[0].contiguous()
+    return torch.linalg.solve_triangular(L, X.T, upper=False).T.contiguous()  # X L^-T
 
 
 def shifted_diagonal(D2: Tensor, s: Tensor) -> Tensor:
@@ -113,10 +119,10 @@ def topk_svd(mv: MatVec, rmv: MatVec, X0: Tensor, k: int, *, tol: float = 1e-8, 
         # costs accuracy only for singular values far below s_1, and the residual below checks
         # the top k exactly.
         evals, W = torch.linalg.eigh(G)  # ascending
-        top = torch.flip(torch.arange(max(0, evals.shape[0] - k), evals.shape[0], device=G.device), [0])
-        s = evals[top].clamp_min(0).sqrt()
+        first = max(0, evals.shape[0] - k)
+        s = evals[first:].flip(0).clamp_min(0).sqrt()  # the top k, descending
         kk = int((s > 0).sum())
-        s, Wk = s[:kk], W[:, top[:kk]]  # (kk,), (d, kk)
+        s, Wk = s[:kk], W[:, first:].flip(1)[:, :kk]  # (kk,), (d, kk)
         Y = mm(Q, Wk)  # (m, d) @ (d, kk) -> (m, kk)
         V = mm(Z, Wk) / s  # (n, kk): right vectors v_j = M^T y_j / s_j
         R = mv(V) - Y * s  # (m, kk): M v_j - s_j y_j

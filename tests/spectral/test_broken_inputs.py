@@ -200,3 +200,15 @@ def test_count_nonfinite_equals_counting_the_mask(dtype):
         t = t.to(dtype)
         assert count_nonfinite(t) == int((~torch.isfinite(t)).sum()), name
     assert count_nonfinite(torch.empty(0, 3, dtype=dtype)) == 0
+
+
+def test_nan_in_base_is_a_finding_with_a_cache_too(tiny_llama, clean, tmp_path):
+    """A cached run skips W0's screen only when W0's key finds a verified entry with finite singular
+    values (engine._prepare); a NaN base never gets one, so the finding is the same cold and warm."""
+    bad_base = edited(tiny_llama, tmp_path / "nan_base", "model.safetensors",
+                      lambda t: t[ADAPTED].__setitem__((1, 2), float("nan")))
+    for _ in ("cold", "warm"):
+        res = run_spectrum(bad_base, [clean["adapter"]], device="cpu", progress=False, cache_dir=tmp_path / "cache")
+        (r,) = res.results
+        assert [(s.name, s.where, s.nonfinite_values) for s in r.skipped] == [(ADAPTED, "base", 1)]
+        assert_rest_matches(r, clean["ref_adapter"], {ADAPTED})

@@ -207,3 +207,34 @@ def test_float32_projections_agree_with_float64_ones(m, n, r, scale):
     a, b = lowrank_topk(base, d, 10), lowrank_topk(as64, d64, 10)
     assert a.converged and b.converged
     torch.testing.assert_close(a.max_cos.double(), b.max_cos, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("inside", [0.0, 1e-4, 1e-7])
+def test_orthonormalisation_against_a_basis(inside):
+    """krylov._orth_against (Gram-Schmidt twice, an eigen-basis of the Gram matrix that drops dependent
+    columns, a Cholesky QR pass): new columns orthonormal and orthogonal to Q to working precision,
+    even for blocks that lie nearly inside span(Q); exactly dependent ones are dropped, and so is
+    a column with a NaN."""
+    from lora_audit.spectral.krylov import _orth_against
+
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(500, 40, generator=g, dtype=torch.float64))[0].contiguous()
+    X = Q[:, :12] @ torch.randn(12, 12, generator=g, dtype=torch.float64) \
+        + inside * torch.randn(500, 12, generator=g, dtype=torch.float64)
+    X = torch.cat([X, X[:, :3] * 2.0], dim=1)  # three columns that repeat others
+    drop = 100 * torch.finfo(torch.float64).eps ** 0.5
+    N = _orth_against(X, Q, drop_tol=drop)
+    if inside == 0.0 or inside < drop:
+        assert N.shape[1] == 0  # nothing outside span(Q) above the tolerance
+        return
+    assert N.shape[1] == 12  # the repeated columns carry nothing new
+    eye = torch.eye(12, dtype=torch.float64)
+    assert float((N.T @ N - eye).abs().max()) < 1e-13
+    assert float((Q.T @ N).abs().max()) < 1e-13
+    # N spans the part of X outside Q
+    R = X - Q @ (Q.T @ X)
+    assert float((R - N @ (N.T @ R)).norm() / R.norm()) < 1e-10
+    bad = X.clone()
+    bad[0, 0] = float("nan")  # a NaN column has no norm to compare: it is dropped, not propagated
+    out = _orth_against(bad, None, drop_tol=drop)
+    assert out.shape[1] == 12 and bool(torch.isfinite(out).all())  # 15 columns, 12 independent
