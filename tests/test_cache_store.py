@@ -118,3 +118,129 @@ def test_raw_bytes_of_every_dtype(dtype):
     t = torch.arange(10).to(dtype)
     assert bytes(raw_bytes(t)) == bytes(t.view(torch.uint8).numpy()) and len(raw_bytes(t)) == 10 * t.element_size()
     assert bytes(raw_bytes(t[::2])) == bytes(t[::2].contiguous().view(torch.uint8).numpy())
+
+
+# ---- the verification memo: an entry verified in full is not hashed again while its file is unchanged
+def _memo_store(tmp_path, monkeypatch, margin_ns=0, **kw):
+    import lora_audit.cache as cache
+
+    monkeypatch.setattr(cache, "MEMO_MARGIN_NS", margin_ns)
+    return _store(tmp_path, **kw)
+
+
+def _count_macs(monkeypatch):
+    import lora_audit.cache as cache
+
+    calls = []
+    real = cache.entry_mac
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cache, "entry_mac", counted)
+    return calls
+
+
+def test_memo_spares_the_hash_of_an_unchanged_entry(tmp_path, monkeypatch):
+    key = "a" * 64
+    _memo_store(tmp_path, monkeypatch).write(key, _tensors(), {"note": "x"})
+    macs = _count_macs(monkeypatch)
+    first = _store(tmp_path)
+    assert first.get(key) is not None and len(macs) == 1  # verified in full
+    first.save_memo()
+    assert first.memo_path.is_file()
+    again = _store(tmp_path)  # another process: reads the memo file
+    entry = again.get(key)
+    assert len(macs) == 1 and again.memo_hits == 1  # not hashed again
+    for name, t in _tensors().items():
+        assert torch.equal(entry.tensors[name], t)
+    with pytest.warns(CacheWarning, match="corrupt"):  # the caller's check still runs
+        assert again.get(key, check=lambda fields, tensors: (_ for _ in ()).throw(ValueError("no"))) is None
+
+
+def _memoised(tmp_path, monkeypatch, key="b" * 64):
+    store = _memo_store(tmp_path, monkeypatch)
+    path = store.write(key, _tensors(), {"note": "x"})
+    assert store.get(key) is not None
+    store.save_memo()
+    return path
+
+
+def test_memo_does_not_cover_an_entry_edited_in_place(tmp_path, monkeypatch):
+    import time
+
+    path = _memoised(tmp_path, monkeypatch)
+    time.sleep(0.05)  # past a timestamp tick: the MARGIN (0 here) is what covers edits within one
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # same size, same name
+    with open(path, "r+b") as fh:
+        fh.write(bytes(data))
+    store = _store(tmp_path)
+    with pytest.warns(CacheWarning, match="MAC does not verify"):
+        assert store.get("b" * 64) is None
+    assert store.memo_hits == 0
+
+
+def test_memo_does_not_cover_a_replaced_entry(tmp_path, monkeypatch):
+    import os
+
+    path = _memoised(tmp_path, monkeypatch)
+    forged = bytearray(path.read_bytes())
+    forged[-1] ^= 1
+    (tmp_path / "forged").write_bytes(bytes(forged))
+    os.replace(tmp_path / "forged", path)  # another inode under the entry's name
+    with pytest.warns(CacheWarning, match="MAC does not verify"):
+        assert _store(tmp_path).get("b" * 64) is None
+
+
+@pytest.mark.parametrize("how", ["edited record", "other key", "not JSON", "other version"])
+def test_a_forged_or_foreign_memo_is_not_used(tmp_path, monkeypatch, how):
+    _memoised(tmp_path, monkeypatch)
+    memo = tmp_path / "test-format.verified.json"
+    doc = json.loads(memo.read_text())
+    if how == "edited record":
+        doc["entries"]["b" * 64][2] += 1
+        memo.write_text(json.dumps(doc))
+    elif how == "other key":
+        other = EntryStore(tmp_path, "test-format", "7", secret=bytes(32))
+        memo.write_text(json.dumps({**doc, "mac": other._memo_mac(doc["entries"])}))
+    elif how == "not JSON":
+        memo.write_bytes(b"\xff" * 10)
+    else:
+        doc["version"] = "0"
+        memo.write_text(json.dumps(doc))
+    macs = _count_macs(monkeypatch)
+    store = _store(tmp_path)
+    assert store.get("b" * 64) is not None
+    assert len(macs) == 1 and store.memo_hits == 0  # verified in full
+
+
+def test_a_fresh_entry_is_not_remembered(tmp_path):
+    store = _store(tmp_path)  # the default margin: a file changed within 2 s may share its ctime with an edit
+    store.write("c" * 64, _tensors())
+    assert store.get("c" * 64) is not None
+    store.save_memo()
+    assert not store.memo_path.exists()
+
+
+def test_memo_is_the_caches_own_and_a_foreign_file_is_left_alone(tmp_path, monkeypatch):
+    _memoised(tmp_path, monkeypatch)
+    store = _store(tmp_path)
+    found = store.scan()
+    assert found.memo == tmp_path / "test-format.verified.json" and found.ignored == 0
+    size = found.memo.stat().st_size + sum(e.size for e in found.entries)
+    assert store.clear() == (2, size)
+    assert not found.memo.exists()
+    # a file of that name the cache did not write: never used, replaced or deleted
+    foreign = tmp_path / "test-format.verified.json"
+    foreign.write_text('{"format": "someone else"}')
+    key = "d" * 64
+    store = _memo_store(tmp_path, monkeypatch)
+    store.write(key, _tensors())
+    assert store.get(key) is not None
+    store.save_memo()
+    assert foreign.read_text() == '{"format": "someone else"}'
+    assert store.scan().ignored == 1 and store.scan().memo is None
+    store.clear()
+    assert foreign.exists()

@@ -17,7 +17,9 @@ Integrity: entries are written atomically, and every read is verified (``lora_au
 safetensors checks the header and the payload's extent, the metadata must name this format,
 ``VERSION`` and the key, the fields the dtype and shape the reader expects, the tensors must be
 U (m, p), S (p,), Vh (p, n) of that dtype, and the MAC, recomputed over all of it as read (one
-pass over the memory-mapped file), must equal the one stored. A truncated, bit-flipped,
+pass over the memory-mapped file), must equal the one stored (an entry verified so before,
+whose file has not changed since, is not hashed again: the verification memo of
+``lora_audit.cache``, which says why that is sound). A truncated, bit-flipped,
 mislabelled, renamed, forged or older-format entry is reported with a ``CacheWarning``, deleted
 and recomputed: never used. Format versions: 1 carried a CRC-32, 2 an HMAC-SHA256 and a SHA-256
 key; 3 (this one) keyed BLAKE3 and a BLAKE3 key, four times faster to verify. Entries of
@@ -256,8 +258,9 @@ class SpectrumCache:
             self.write_errors += 1
 
     def flush(self) -> None:
-        """Wait until every entry handed to the background writer is on disk (or has failed), and
-        stop the writer thread (a new one starts with the next miss)."""
+        """Wait until every entry handed to the background writer is on disk (or has failed), stop
+        the writer thread (a new one starts with the next miss), and save the verification memo
+        (``lora_audit.cache``: the entries verified in full this time are not hashed again)."""
         with self._lock:
             pending, self._pending = self._pending, []
             writer, self._writer = self._writer, None
@@ -265,6 +268,7 @@ class SpectrumCache:
             f.result()
         if writer is not None:
             writer.shutdown(wait=True)
+        self.entry_store.save_memo()
 
     def store(self, key: str, W0: Tensor, spec: BaseSpectrum) -> Path:
         """Write one entry now, atomically (a reader never sees half a file). Only W0's dtype and
@@ -283,7 +287,7 @@ class SpectrumCache:
         temporary files, and the number of other files. Only regular files (not links) whose
         name and header prove them the cache's own count as entries."""
         found = self.entry_store.scan()
-        return CacheScan([_listed(e) for e in found.entries], found.temporary, found.ignored)
+        return CacheScan([_listed(e) for e in found.entries], found.temporary, found.ignored, found.memo)
 
     def entries(self) -> list[CacheEntry]:
         """The entries of ``scan()``."""
