@@ -16,7 +16,10 @@ default threads:
                 left singular vectors over ALL of W0's, intruder if < 0.5 (Shuttleworth et al.)
     cold        lora-audit spectrum BASE ADAPTER --json OUT, empty cache (computes and stores
                 every base spectrum)
-    cached      the same with the cache the cold run wrote (``--repeats`` runs, the median)
+    cached      the same with the cache the cold run wrote (``--repeats`` runs, the median); the
+                first of them verifies every entry in full and writes the verification memo
+                (lora_audit.cache), the others read the entries without hashing them again
+    unmemoised  cached runs with the memo deleted before each: every entry hashed (keyed BLAKE3)
     start-up    python -c "import torch": the floor of any process that computes with torch
 
 "work" = cached - start-up. The intruder counts of every lora-audit run must equal the
@@ -118,6 +121,9 @@ def staged_child(out: str, argv: list[str]) -> None:
     wall seconds per stage, summed over calls. Runs as its own process; the import of the CLI is
     timed as a stage too."""
     t_start = time.perf_counter()
+    from lora_audit import startup
+
+    startup.hold()  # as the console script does (lora_audit.startup)
     cpu: dict[str, float] = defaultdict(float)
     wall: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -148,7 +154,16 @@ def staged_child(out: str, argv: list[str]) -> None:
     timed(stream.AuditStream, "_group", "read W0 and the adapter factors", "reader")
     timed(engine, "count_nonfinite", "screen W0 for NaN/Inf (one reduction)", "reader")
     timed(cache, "tensor_key", "hash W0 (BLAKE3 content key)", "reader")
-    timed(store.EntryStore, "read", "read + verify the cached spectrum (keyed BLAKE3)", "reader")
+    timed(store.EntryStore, "read", "read the cached spectrum (keyed BLAKE3 unless the memo covers it)", "reader")
+    memo = {"hits": 0}
+    has = store.EntryStore._memo_has
+
+    def memo_has(self, key, identity):
+        found = has(self, key, identity)
+        memo["hits"] += found
+        return found
+
+    store.EntryStore._memo_has = memo_has
     # main thread: per matrix
     timed(engine, "screen_base", "screen W0", "main")
     timed(engine, "screen_delta", "screen the update (norm bounds)", "main")
@@ -165,7 +180,7 @@ def staged_child(out: str, argv: list[str]) -> None:
         rc = int(e.code or 0)
     stages = {k: {"cpu_s": cpu[k], "wall_s": wall[k], "calls": calls[k]} for k in cpu}
     Path(out).write_text(json.dumps({"rc": rc, "import_s": t_imported - t_start, "total_s": time.perf_counter() - t_start,
-                                     "stages": stages}))
+                                     "stages": stages, "memo_hits": memo["hits"]}))
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -196,6 +211,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="cached whole processes (the median is judged)")
     ap.add_argument("--cold-runs", type=int, default=1)
+    ap.add_argument("--unmemoised-runs", type=int, default=3, help="cached runs with the verification memo deleted first")
     ap.add_argument("--reference-runs", type=int, default=1, help="0: no reference (no ratios)")
     ap.add_argument("--reference-matrices", type=int, default=0,
                     help="run the reference on the first N changed matrices only and scale its time to all of "
@@ -274,6 +290,17 @@ def _bench(tmp: Path, args, run: dict) -> int:
     for i in range(args.repeats):
         cached.append(_timed_run(spectrum + ["--json", str(tmp / f"cached-{i}.json")], env))
         same(f"cached-{i}", tmp / f"cached-{i}.json")
+    unmemoised = []
+    for i in range(args.unmemoised_runs):
+        for memo in (tmp / "cache").glob("*.verified.json"):
+            memo.unlink()
+        unmemoised.append(_timed_run(spectrum + ["--json", str(tmp / f"unmemoised-{i}.json")], env))
+        same(f"unmemoised-{i}", tmp / f"unmemoised-{i}.json")
+    if unmemoised:
+        print(f"lora-audit, base cached, every entry hashed (memo deleted before each run): "
+              f"median {statistics.median(unmemoised):.2f} s of {', '.join(f'{c:.2f}' for c in unmemoised)}")
+        figures["unmemoised_s"] = unmemoised
+        _timed_run(spectrum + ["--json", str(tmp / "rememo.json")], env)  # writes the memo again for the stages
     med = statistics.median(cached)
     work = med - startup
     print(f"lora-audit, base cached, whole process: median {med:.2f} s of {', '.join(f'{c:.2f}' for c in cached)}; "
@@ -299,6 +326,10 @@ def _bench(tmp: Path, args, run: dict) -> int:
                 ("  of which work (minus `import torch`)", f"{work:.2f} s", "", "", f"< {GOAL_WORK} s", v["work"]),
                 ("lora-audit spectrum, cold cache", f"{statistics.median(cold):.1f} s", f"{ref:.1f} s", f"{r_cold:.1f}x",
                  f">= {GOAL_COLD}x", v["cold"])]
+        if unmemoised:
+            um = statistics.median(unmemoised)
+            rows.insert(3, ("  the same, every entry hashed (no verification memo; median)", f"{um:.2f} s", f"{ref:.1f} s",
+                            f"{ref / um:.0f}x", "", ""))
 
     # where the time goes: one more cached process, its stages timed
     out = tmp / "stages.json"
@@ -312,8 +343,9 @@ def _bench(tmp: Path, args, run: dict) -> int:
     for key, s in sorted(st["stages"].items(), key=lambda kv: (kv[0].split(":")[0] != "reader", -kv[1]["cpu_s"])):
         print(f"  {key:<62} cpu {s['cpu_s']:6.3f} s  wall {s['wall_s']:6.3f} s  "
               f"{1000 * s['cpu_s'] / n_matrices:6.1f} ms cpu per matrix  ({s['calls']} calls)")
-    print("  (the reader thread runs one matrix ahead of the main thread; hashing also runs on BLAKE3's own "
-          "threads, whose CPU time the reader's thread time does not include)")
+    print(f"  (the reader thread runs one matrix ahead of the main thread; hashing also runs on BLAKE3's own "
+          f"threads, whose CPU time the reader's thread time does not include; the verification memo spared "
+          f"{st.get('memo_hits', 0)} of {n_matrices} entries their keyed hash)")
     figures["stages"] = {"whole_s": whole, **st}
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     if not args.no_record:
