@@ -7,7 +7,7 @@ weights) and ``--adapters`` PEFT adapters with mixed ranks (4, 8, 16, 32), targe
 q+o+up) and update sizes (a random 0.05 to 1.5 of each matrix's top singular value: some
 matrices get intruders, some do not). Written to a temporary folder, deleted afterwards.
 
-Every case is a whole CLI process (``python -m lora_audit.cli ...``), with the base spectra
+Every case is a whole CLI process (``python -m lora_audit ...``, as the console script runs), with the base spectra
 cached first (the goal is stated for a cached base):
 
     spectrum        lora-audit spectrum BASE A1 ... AN --json   (one process, every TUNED at once)
@@ -257,7 +257,7 @@ def _bench(tmp: Path, args, context: dict) -> int:
     print(f"built a base of {args.layers} x 3 matrices {args.width} wide and {len(adapters)} adapters "
           f"(mean {size / 2**20:.1f} MiB) in {time.perf_counter() - t:.0f} s; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
-    cli = [sys.executable, "-m", "lora_audit.cli"]
+    cli = [sys.executable, "-m", "lora_audit"]
     (tmp / "small").mkdir()
     small = []  # the first N/4 adapters, in a folder of their own (links)
     for a in adapters[: max(1, args.adapters // 4)]:

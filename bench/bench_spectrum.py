@@ -340,7 +340,7 @@ def main() -> int:
             """One whole `lora-audit spectrum` process: (per tuned model {matrix: intruders}, seconds)."""
             out = root / "cli.json"
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(root / "base"), *map(str, tuned),
+            subprocess.run([sys.executable, "-m", "lora_audit", "spectrum", str(root / "base"), *map(str, tuned),
                             "--cache-dir", str(cache_dir), "--device", "cpu", "-q", "--json", str(out), *extra],
                            check=True, capture_output=True, env=_child_env())
             secs = time.perf_counter() - t
@@ -349,7 +349,8 @@ def main() -> int:
 
         # 0. start-up of a process: the reference needs torch + safetensors; lora-audit its modules
         start_ref = min(startup("import torch, safetensors.torch") for _ in range(2))
-        start_ours = min(startup("import torch, lora_audit.cli, lora_audit.spectral.engine, lora_audit.checkpoints")
+        start_ours = min(startup("from lora_audit import startup; startup.hold(); "  # as the console script does
+                                 "import torch, lora_audit.cli, lora_audit.spectral.engine, lora_audit.checkpoints")
                          for _ in range(2))
         figures["startup_s"] = {"reference": start_ref, "lora_audit": start_ours}
         print(f"process start-up (Python + imports): reference {start_ref:.2f}s, lora-audit {start_ours:.2f}s")

@@ -32,8 +32,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
-
 from .startup import release
 
 T = TypeVar("T")
@@ -223,6 +221,8 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     release()  # a bar means work: the start-up is over (lora_audit.startup)
     if lines_enabled():
         return Heartbeat(iterable, total=total, desc=desc, unit=unit, initial=initial)
+    from tqdm.auto import tqdm  # here, not at the top: a quiet run never draws a bar (30 ms of imports)
+
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial,
                 disable=not progress_enabled(), file=sys.stderr, dynamic_ncols=True)
 
@@ -283,6 +283,8 @@ def show_libraries() -> None:
 
 
 def _silent_tqdm(*args, **kwargs):
+    from tqdm.auto import tqdm
+
     kwargs["disable"] = True
     return tqdm(*args, **kwargs)
 

@@ -139,7 +139,7 @@ def test_base_mismatch_warning(tiny_llama, ckpts, tmp_path):
 
 def test_real_subprocess_exit_status(tiny_llama, ckpts):
     """The console entry point (not CliRunner) passes the gate's status to the shell."""
-    cmd = [sys.executable, "-m", "lora_audit.cli", "spectrum", str(tiny_llama), str(ckpts["adapter"]), *FAST, "-q"]
+    cmd = [sys.executable, "-m", "lora_audit", "spectrum", str(tiny_llama), str(ckpts["adapter"]), *FAST, "-q"]
     env = {**os.environ, "LORA_AUDIT_NO_PROGRESS": "1"}
     tripped = subprocess.run(cmd + ["--fail-on", "intruders>0"], capture_output=True, text=True, timeout=300, env=env)
     assert tripped.returncode == 3, tripped.stderr

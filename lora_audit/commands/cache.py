@@ -52,8 +52,9 @@ def cache():
     decomposes (keyed by a hash of the matrix's contents), so auditing further adapters of the
     same base skips the expensive half of the work. Entries are authenticated with a secret key
     kept outside the cache folder (~/.config/lora-audit/cache-key, or $LORA_AUDIT_CACHE_KEY_FILE)
-    and verified on every read; a damaged, stale or forged one is recomputed. Only files that are
-    provably cache entries are listed or deleted.
+    and verified when read (an entry verified before whose file has not changed since is not
+    hashed again); a damaged, stale or forged one is recomputed. Only files that are provably
+    the cache's own are listed or deleted.
     """
 
 

@@ -145,7 +145,7 @@ def test_out_of_memory_is_a_clean_error(tiny_llama, ckpts, tmp_path, monkeypatch
 
 def test_real_subprocess(tiny_llama, ckpts, tmp_path):
     js = tmp_path / "sub.json"
-    p = subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(tiny_llama), str(ckpts["adapter"]),
+    p = subprocess.run([sys.executable, "-m", "lora_audit", "spectrum", str(tiny_llama), str(ckpts["adapter"]),
                         "--json", str(js), "--device", "cpu", "--exact"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "LORA_AUDIT_NO_PROGRESS": "1"})
     assert p.returncode == 0, p.stderr
@@ -153,7 +153,7 @@ def test_real_subprocess(tiny_llama, ckpts, tmp_path):
     ref = reference_audit(tiny_llama, ckpts["adapter"])
     assert obj["results"][0]["total_intruders"] == sum(c for _, c in ref.values())
     assert "Intruder dimensions" in p.stdout
-    bad = subprocess.run([sys.executable, "-m", "lora_audit.cli", "spectrum", str(tiny_llama), str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "lora_audit", "spectrum", str(tiny_llama), str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and "Traceback" not in bad.stderr
 
