@@ -52,7 +52,7 @@ in one more authenticated file, ``<root>/<format>.verified.json``::
      "mac": keyed BLAKE3(secret, JSON [format, memo version, entries])}
 
 and a later read of an entry whose file has the identity recorded (before and after it is
-mapped) does not hash it again: the header, metadata and the caller's ``check`` are still read
+mapped) does not hash it again (on POSIX systems only: ``MEMO_SOUND``): the header, metadata and the caller's ``check`` are still read
 and checked. What makes that sound: changing a file's bytes, renaming or linking it sets its
 ctime to the current time, and no unprivileged process can set a ctime back (``utime`` sets
 only the access and modification times), so an edited or replaced entry never has the identity
@@ -108,6 +108,10 @@ _TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\.safetensors\.[a-z0-9_]{8}\.tmp")
 MEMO_SUFFIX = ".verified.json"
 MEMO_VERSION = "1"
 MEMO_MARGIN_NS = 2_000_000_000  # a file changed this recently is not remembered (module docstring)
+# POSIX systems set st_ctime to the time of the last change of the file (its bytes, name or links);
+# on Windows st_ctime is the creation time, which an edit does not touch and mtime can be set back:
+# there the memo is not used, and every entry is hashed on every read.
+MEMO_SOUND = os.name == "posix"
 _MEMO_MAX_BYTES = 64 << 20
 
 
@@ -430,13 +434,15 @@ class EntryStore:
 
     # ---- the verification memo (module docstring) ----------------------------------------------
     def _memo_has(self, key: str, identity: list[int]) -> bool:
+        if not MEMO_SOUND:
+            return False
         with self._memo_lock:
             if self._memo is None:
                 self._memo = self._read_memo()
             return self._memo.get(key) == identity
 
     def _remember(self, key: str, st: os.stat_result) -> None:
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < MEMO_MARGIN_NS:
+        if not MEMO_SOUND or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < MEMO_MARGIN_NS:
             return  # changed within a timestamp tick or two of now: an edit might keep this identity
         with self._memo_lock:
             self._memo_new[key] = _identity(st)

@@ -244,3 +244,14 @@ def test_memo_is_the_caches_own_and_a_foreign_file_is_left_alone(tmp_path, monke
     assert store.scan().ignored == 1 and store.scan().memo is None
     store.clear()
     assert foreign.exists()
+
+
+def test_memo_is_not_used_where_ctime_is_not_a_change_time(tmp_path, monkeypatch):
+    """On Windows st_ctime is the creation time: an edit with mtime set back would keep the identity."""
+    import lora_audit.cache as cache
+
+    _memoised(tmp_path, monkeypatch)
+    monkeypatch.setattr(cache, "MEMO_SOUND", False)
+    macs = _count_macs(monkeypatch)
+    store = _store(tmp_path)
+    assert store.get("b" * 64) is not None and len(macs) == 1 and store.memo_hits == 0
