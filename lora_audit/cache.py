@@ -469,7 +469,9 @@ class EntryStore:
         """The verified records of the memo file; {} when there is none, or it is damaged, forged,
         of another version or written with another key file."""
         doc = self._memo_file()
-        entries = doc.get("entries") if doc is not None and doc.get("version") == MEMO_VERSION else None
+        if doc is None or doc.get("version") != MEMO_VERSION:
+            return {}
+        entries = doc.get("entries")
         if not isinstance(entries, dict) or not all(
                 isinstance(k, str) and isinstance(v, list) and len(v) == 5
                 and all(type(x) is int for x in v) for k, v in entries.items()):

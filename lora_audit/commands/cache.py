@@ -116,13 +116,13 @@ def ls(cache_dir, json_path):
 def clear(cache_dir, yes):
     """Delete every cached base spectrum (they are recomputed when needed).
 
-    Only cache entries and the cache's own temporary files are deleted; any other file in the
-    folder is left alone."""
+    Only cache entries, the cache's verification memo and its own temporary files are deleted;
+    any other file in the folder is left alone."""
     c = _open(cache_dir)
     scan = c.scan()
     root = printable(c.root)
     ignored = f"; {_ignored(scan.ignored)}" if scan.ignored else ""
-    if not scan.entries and not scan.temporary:
+    if not scan.entries and not scan.temporary and scan.memo is None:
         echo(f"No cached spectra in {root}{ignored}")
         return
     if not yes:

@@ -365,3 +365,23 @@ def test_warm_run_projects_lora_factors_in_the_reader_thread(tmp_path, monkeypat
     warm = audit(groups, device="cpu", progress=False, cache=SpectrumCache(tmp_path))
     assert threads == ["lora-audit-reader"] * 3
     assert [m.max_cos for m in warm.results[0].matrices] == [m.max_cos for m in plain.results[0].matrices]
+
+
+def test_a_cached_audit_writes_the_verification_memo_and_clear_removes_it(tmp_path, monkeypatch):
+    import lora_audit.cache as store
+
+    monkeypatch.setattr(store, "MEMO_MARGIN_NS", 0)  # entries this young are not remembered by default
+    root = tmp_path / "spectra"
+    _populate(root)
+    cache = SpectrumCache(root)
+    first = cache.base_spectrum(_matrix(40, 30), "cpu")  # a hit, verified in full and remembered
+    cache.flush()
+    memo = root / "lora-audit-spectrum.verified.json"
+    assert memo.is_file() and cache.scan().memo == memo and cache.scan().ignored == 0
+    again = SpectrumCache(root)
+    second = again.base_spectrum(_matrix(40, 30), "cpu")
+    assert again.entry_store.memo_hits == 1 and torch.equal(first.U, second.U) and torch.equal(first.S, second.S)
+    for p in root.glob("*.safetensors"):  # a folder left with the memo alone is cleared too
+        p.unlink()
+    r = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(root), "--yes"])
+    assert r.exit_code == 0 and "Removed 1 files" in r.output and not memo.exists()
