@@ -49,14 +49,19 @@ it). So a store remembers which entries it has verified in full, by the identity
 in one more authenticated file, ``<root>/<format>.verified.json``::
 
     {"format", "version", "entries": {key: [st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]},
-     "mac": keyed BLAKE3(secret, JSON [format, memo version, entries])}
+     "sources": {record: [st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, content key]},
+     "mac": keyed BLAKE3(secret, JSON [format, memo version, entries, sources])}
 
 and a later read of an entry whose file has the identity recorded (before and after it is
-mapped) does not hash it again (on POSIX systems only: ``MEMO_SOUND``): the header, metadata and the caller's ``check`` are still read
-and checked. What makes that sound: changing a file's bytes, renaming or linking it sets its
+mapped) does not hash it again (on POSIX systems only: ``MEMO_SOUND``): the header, metadata and
+the caller's ``check`` are still read and checked. "sources" does the same for the content keys
+callers compute from other files (the spectrum cache: a base matrix's key, for a tensor stored
+as it is in a model's safetensors file, by ``source_key`` / ``remember_source``): while that
+file keeps the identity it had when it was opened and hashed, its key is the one remembered,
+and the matrix is not read again. What makes that sound: changing a file's bytes, renaming or linking it sets its
 ctime to the current time, and no unprivileged process can set a ctime back (``utime`` sets
 only the access and modification times), so an edited or replaced entry never has the identity
-recorded and is verified in full. Timestamps have a granularity (a clock tick, or a second or
+recorded and is verified (or hashed) in full. Timestamps have a granularity (a clock tick, or a second or
 two on some file systems), so, as git does for its index, a file changed less than
 ``MEMO_MARGIN_NS`` before it was verified is not remembered: an edit within the same tick could
 keep its ctime. The memo is written by ``save_memo`` (the spectrum cache calls it at the end of an
@@ -360,8 +365,10 @@ class EntryStore:
         self._secret = secret
         self.rebuilt = 0
         self.memo_path = self.root / f"{fmt}{MEMO_SUFFIX}"
-        self._memo: dict[str, list[int]] | None = None  # read at the first read of an entry
-        self._memo_new: dict[str, list[int]] = {}  # remembered by this process, not yet saved
+        self._memo: dict[str, list] | None = None  # read at the first use of the memo
+        self._sources: dict[str, list] | None = None
+        self._memo_new: dict[str, list] = {}  # remembered by this process, not yet saved
+        self._sources_new: dict[str, list] = {}
         self._memo_lock = threading.Lock()  # reads run in the audit's reader thread
         self.memo_hits = 0  # reads that the memo spared a hash (for tests and the bench)
 
@@ -433,25 +440,55 @@ class EntryStore:
         return Entry(key=key, fields=fields, tensors=tensors)
 
     # ---- the verification memo (module docstring) ----------------------------------------------
+    def _memo_loaded(self) -> None:
+        if self._memo is None:
+            self._memo, self._sources = self._read_memo()
+
     def _memo_has(self, key: str, identity: list[int]) -> bool:
         if not MEMO_SOUND:
             return False
         with self._memo_lock:
-            if self._memo is None:
-                self._memo = self._read_memo()
-            return self._memo.get(key) == identity
+            self._memo_loaded()
+            return self._memo.get(key) == identity  # type: ignore[union-attr]
+
+    @staticmethod
+    def _settled(identity: list[int]) -> bool:
+        """The file last changed at least MEMO_MARGIN_NS ago (its mtime and ctime: identity[3:5])."""
+        return MEMO_SOUND and time.time_ns() - max(identity[3], identity[4]) >= MEMO_MARGIN_NS
 
     def _remember(self, key: str, st: os.stat_result) -> None:
-        if not MEMO_SOUND or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < MEMO_MARGIN_NS:
+        identity = _identity(st)
+        if not self._settled(identity):
             return  # changed within a timestamp tick or two of now: an edit might keep this identity
         with self._memo_lock:
-            self._memo_new[key] = _identity(st)
+            self._memo_new[key] = identity
             if self._memo is not None:
-                self._memo[key] = _identity(st)
+                self._memo[key] = identity
 
-    def _memo_mac(self, entries: Mapping[str, list[int]]) -> str:
+    def source_key(self, record: str, identity: list[int]) -> str | None:
+        """The content key remembered for ``record`` (the caller's name for one tensor of one file,
+        with how it was read) while that file still has ``identity``; None if none is remembered."""
+        if not MEMO_SOUND:
+            return None
+        with self._memo_lock:
+            self._memo_loaded()
+            found = self._sources.get(record)  # type: ignore[union-attr]
+        return found[5] if found is not None and found[:5] == identity else None
+
+    def remember_source(self, record: str, identity: list[int], key: str) -> None:
+        """Remember that ``record``, read from a file of ``identity``, has the content key ``key``
+        (computed from its bytes), unless the file changed too recently to be sure of it."""
+        if not self._settled(identity):
+            return
+        with self._memo_lock:
+            self._memo_loaded()
+            self._sources_new[record] = [*identity, key]
+            self._sources[record] = [*identity, key]  # type: ignore[index]
+
+    def _memo_mac(self, entries: Mapping[str, list], sources: Mapping[str, list]) -> str:
         h = blake3.blake3(key=self.secret())
-        h.update(json.dumps([self.format, MEMO_VERSION, dict(sorted(entries.items()))]).encode())
+        h.update(json.dumps([self.format, MEMO_VERSION, dict(sorted(entries.items())),
+                             dict(sorted(sources.items()))]).encode())
         return MAC_PREFIX + h.hexdigest()
 
     def _memo_file(self) -> dict | None:
@@ -465,36 +502,49 @@ class EntryStore:
             return None
         return doc if isinstance(doc, dict) and doc.get("format") == self.format else None
 
-    def _read_memo(self) -> dict[str, list[int]]:
-        """The verified records of the memo file; {} when there is none, or it is damaged, forged,
-        of another version or written with another key file."""
+    def _read_memo(self) -> tuple[dict[str, list], dict[str, list]]:
+        """(verified entries, remembered source keys) of the memo file; both empty when there is
+        none, or it is damaged, forged, of another version or written with another key file."""
         doc = self._memo_file()
         if doc is None or doc.get("version") != MEMO_VERSION:
-            return {}
-        entries = doc.get("entries")
-        if not isinstance(entries, dict) or not all(
-                isinstance(k, str) and isinstance(v, list) and len(v) == 5
-                and all(type(x) is int for x in v) for k, v in entries.items()):
-            return {}
-        if not secrets.compare_digest(self._memo_mac(entries).encode(), str(doc.get("mac")).encode()):
-            return {}
-        return entries
+            return {}, {}
+        entries, sources = doc.get("entries"), doc.get("sources")
+
+        def ints(v) -> bool:
+            return isinstance(v, list) and len(v) >= 5 and all(type(x) is int for x in v[:5])
+
+        if not (isinstance(entries, dict) and isinstance(sources, dict)
+                and all(isinstance(k, str) and ints(v) and len(v) == 5 for k, v in entries.items())
+                and all(isinstance(k, str) and ints(v) and len(v) == 6 and isinstance(v[5], str)
+                        for k, v in sources.items())):
+            return {}, {}
+        if not secrets.compare_digest(self._memo_mac(entries, sources).encode(), str(doc.get("mac")).encode()):
+            return {}, {}
+        return entries, sources
 
     def save_memo(self) -> None:
-        """Add what this process verified to the memo file (merged with what is there now, records
-        of entries no longer present dropped), atomically. Not written over a file of that name
-        that is not a memo of this format; a folder that cannot be written is no error (the next
-        audit verifies in full)."""
+        """Add what this process verified and remembered to the memo file (merged with what is there
+        now; records of entries no longer present dropped), atomically. Not written over a file of
+        that name that is not a memo of this format; a folder that cannot be written is no error
+        (the next audit verifies and hashes in full)."""
         with self._memo_lock:
             new, self._memo_new = self._memo_new, {}
-        if not new:
+            new_sources, self._sources_new = self._sources_new, {}
+        if not new and not new_sources:
             return
         if self.memo_path.exists() and self._memo_file() is None:
             return  # not ours: never replaced
-        entries = {k: v for k, v in {**self._read_memo(), **new}.items() if self.path_for(k).is_file()}
-        doc = {"format": self.format, "version": MEMO_VERSION, "entries": entries, "mac": self._memo_mac(entries)}
+        entries, sources = self._read_memo()
+        entries = {k: v for k, v in {**entries, **new}.items() if self.path_for(k).is_file()}
+        sources = {**sources, **new_sources}
+        doc = {"format": self.format, "version": MEMO_VERSION, "entries": entries, "sources": sources,
+               "mac": self._memo_mac(entries, sources)}
+        data = json.dumps(doc, sort_keys=True).encode()
+        if len(data) > _MEMO_MAX_BYTES:  # too many source files remembered: keep the entries' records
+            doc.update(sources={}, mac=self._memo_mac(entries, {}))
+            data = json.dumps(doc, sort_keys=True).encode()
         try:
-            atomic_write_bytes(self.memo_path, json.dumps(doc, sort_keys=True).encode())
+            atomic_write_bytes(self.memo_path, data)
         except OSError:
             pass
 
@@ -598,6 +648,14 @@ class EntryStore:
 def _identity(st: os.stat_result) -> list[int]:
     """What a file's bytes cannot change without changing (the verification memo's record)."""
     return [int(st.st_dev), int(st.st_ino), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns)]
+
+
+def file_identity(path: str | os.PathLike) -> list[int] | None:
+    """``_identity`` of the file at ``path`` (following links), or None when it cannot be stat'ed."""
+    try:
+        return _identity(os.stat(path))
+    except OSError:
+        return None
 
 
 def created_utc(seconds: float) -> str:

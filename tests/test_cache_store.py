@@ -204,7 +204,7 @@ def test_a_forged_or_foreign_memo_is_not_used(tmp_path, monkeypatch, how):
         memo.write_text(json.dumps(doc))
     elif how == "other key":
         other = EntryStore(tmp_path, "test-format", "7", secret=bytes(32))
-        memo.write_text(json.dumps({**doc, "mac": other._memo_mac(doc["entries"])}))
+        memo.write_text(json.dumps({**doc, "mac": other._memo_mac(doc["entries"], doc["sources"])}))
     elif how == "not JSON":
         memo.write_bytes(b"\xff" * 10)
     else:

@@ -61,6 +61,14 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def origin(self, name: str) -> tuple[Path, list[int], str] | None:
+        """(file, the file's identity when it was opened, the tensor's name in it) when ``get(name)``
+        is that file's stored tensor as it is, memory-mapped from a file whose identity (device,
+        inode, size, mtime_ns, ctime_ns: ``lora_audit.cache.file_identity``) did not change while it
+        was opened; else None. Lets the spectrum cache find a matrix's content key without reading
+        it again while the file is unchanged (``spectral.cache.SpectrumCache.lookup``)."""
+        return None
+
     def stored_dtype(self, name: str) -> str | None:
         """The safetensors dtype name a tensor is stored in ("F8_E4M3", "U8", ...), when known
         without reading it."""
@@ -89,14 +97,20 @@ class SafetensorsSource(WeightSource):
         from safetensors import safe_open
 
         self.path, self.config = path, config or {}
+        from ..cache import file_identity
+
         self._handles = {}
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._identity: dict[Path, list[int] | None] = {}
         for f in files:
             if not f.is_file():
                 raise FormatError(f"{path}: shard {f.name} named in the index is missing")
             try:
+                before = file_identity(f)
                 h = safe_open(str(f), framework="pt")
+                after = file_identity(f)  # the same: the file mapped is the file stat'ed
+                self._identity[f] = before if before == after else None
                 keys = list(h.keys())
                 shapes = {k: tuple(h.get_slice(k).get_shape()) for k in keys}
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -121,6 +135,11 @@ class SafetensorsSource(WeightSource):
 
     def stored_dtype(self, name: str) -> str | None:
         return self._handles[self._where[name]].get_slice(name).get_dtype()
+
+    def origin(self, name: str) -> tuple[Path, list[int], str] | None:
+        f = self._where[name]
+        identity = self._identity.get(f)
+        return (f, identity, name) if identity is not None else None
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -266,6 +285,10 @@ class PipelineSource(WeightSource):
         comp, n = self._where[name]
         return self.parts[comp].get(n)
 
+    def origin(self, name: str) -> tuple[Path, list[int], str] | None:
+        comp, n = self._where[name]
+        return self.parts[comp].origin(n)
+
     def dequantization(self, name: str) -> dict | None:
         comp, n = self._where[name]
         return self.parts[comp].dequantization(n)
@@ -295,6 +318,9 @@ class LogicalSource(WeightSource):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes.get(name) or self.inner.shape(name)
+
+    def origin(self, name: str) -> tuple[Path, list[int], str] | None:
+        return None if name in self._pieces else self.inner.origin(name)  # a piece is derived, not stored
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._pieces:

@@ -116,9 +116,14 @@ class AuditStream:
         W0 = m.take(raw).to(self.dtype).contiguous()
         deltas: list[Delta | None] = [self._delta(spec, m, raw) for spec in self._specs]
         note = self.base_source.note(m.param)
+        dequantization = self.base_source.dequantization(m.param)
+        # W0 is the stored tensor's very bytes (no slice, reshape, transpose, conversion or de-quantisation)
+        as_stored = (m.expert is None and raw.dim() == 2 and not m.transposed and raw.dtype == self.dtype
+                     and dequantization is None and W0.data_ptr() == raw.data_ptr())
         return MatrixGroup(name=m.name, base=W0, deltas=deltas, kind=m.kind, transposed=m.transposed,
                            notes=[note] if note else [], reshaped_from=m.reshaped_from, expert=m.expert,
-                           dequantization=self.base_source.dequantization(m.param))
+                           dequantization=dequantization,
+                           origin=self.base_source.origin(m.param) if as_stored else None)
 
     def _delta(self, spec: _Tuned, m: Matrix, raw: torch.Tensor) -> Delta | None:
         if spec.weights is not None:

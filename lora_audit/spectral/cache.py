@@ -19,7 +19,9 @@ safetensors checks the header and the payload's extent, the metadata must name t
 U (m, p), S (p,), Vh (p, n) of that dtype, and the MAC, recomputed over all of it as read (one
 pass over the memory-mapped file), must equal the one stored (an entry verified so before,
 whose file has not changed since, is not hashed again: the verification memo of
-``lora_audit.cache``, which says why that is sound). A truncated, bit-flipped,
+``lora_audit.cache``, which says why that is sound). The memo also keeps each base matrix's key
+by the model file it is stored in as it is (``SpectrumCache.key_of``): a later audit of the same,
+unchanged file neither reads nor hashes the matrix to find its entry. A truncated, bit-flipped,
 mislabelled, renamed, forged or older-format entry is reported with a ``CacheWarning``, deleted
 and recomputed: never used. Format versions: 1 carried a CRC-32, 2 an HMAC-SHA256 and a SHA-256
 key; 3 (this one) keyed BLAKE3 and a BLAKE3 key, four times faster to verify. Entries of
@@ -76,7 +78,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from ..cache import CacheScan, CacheWarning, EntryInfo, EntryStore, content_key, created_utc
+from ..cache import CacheScan, CacheWarning, EntryInfo, EntryStore, content_key, created_utc, file_identity
 from .exact import base_spectrum as _compute_spectrum
 from .types import BaseSpectrum
 
@@ -202,11 +204,36 @@ class SpectrumCache:
     def path_for(self, key: str) -> Path:
         return self.entry_store.path_for(key)
 
-    def lookup(self, W0: Tensor, *, key: str | None = None) -> tuple[str, BaseSpectrum | None]:
+    def lookup(self, W0: Tensor, *, key: str | None = None, origin: tuple | None = None
+               ) -> tuple[str, BaseSpectrum | None]:
         """(key, verified spectrum on the CPU) or (key, None) on a miss. A bad entry is warned
-        about, deleted and reported as a miss. Safe to call from a background thread."""
-        key = key or tensor_key(W0)
+        about, deleted and reported as a miss. Safe to call from a background thread. ``origin``:
+        W0's ``MatrixGroup.origin`` (the file it is stored in as it is), which lets ``key_of`` take
+        its key from the verification memo instead of hashing it."""
+        key = key or self.key_of(W0, origin)
         return key, self.load(key, W0.dtype, (int(W0.shape[0]), int(W0.shape[1])))
+
+    def key_of(self, W0: Tensor, origin: tuple | None = None) -> str:
+        """``tensor_key(W0)``. When W0 is a file's stored tensor as it is (``origin`` = (file, the
+        file's identity when it was opened, the tensor's name in it)) and the file still has that
+        identity, the key the verification memo remembers for that tensor of that file is the
+        same hash, without reading W0 again (``lora_audit.cache``: a file's bytes cannot change
+        without its identity changing); otherwise the key is computed, and remembered."""
+        if origin is None:
+            return tensor_key(W0)
+        path, opened, stored = origin
+        record = content_key("lora-audit-spectrum-source/1", str(Path(path).resolve()), stored, _KEY_SCHEME,
+                             _DTYPES.get(W0.dtype, str(W0.dtype)), json.dumps(list(W0.shape)))
+        same = file_identity(path) == opened  # the file has not changed since it was mapped
+        if same:
+            self.secret()  # an unusable key file is raised here, as a lookup raises it
+            known = self.entry_store.source_key(record, opened)
+            if known is not None:
+                return known
+        key = tensor_key(W0)
+        if same and file_identity(path) == opened:  # and it did not change while it was hashed
+            self.entry_store.remember_source(record, opened, key)
+        return key
 
     def load(self, key: str, dtype: torch.dtype, shape: tuple[int, int]) -> BaseSpectrum | None:
         """The verified spectrum stored under ``key`` for a base matrix of ``dtype`` and ``shape``

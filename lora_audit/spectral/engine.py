@@ -306,7 +306,7 @@ def _workers(settings: SpectrumSettings, cache, base_spectra: Mapping[str, BaseS
             if lookup is None or not any(d is not None and is_changed(d, group.base) for d in group.deltas):
                 return None
             W0 = group.base.to(dtype=settings.torch_dtype)
-            found = _Prepared(*lookup(W0))  # key, spectrum or None, on the CPU
+            found = _Prepared(*lookup(W0, origin=group.origin))  # key, spectrum or None, on the CPU
             # An entry is written only for the spectrum of a screened, finite W0 with these very
             # bytes (the key is their BLAKE3 hash, the entry is authenticated): finite singular
             # values there prove W0 finite, and neither thread needs to read W0 to screen it.

@@ -344,3 +344,93 @@ def test_ls_json_to_a_file(tmp_path):
     r = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(root), "--json", str(notes)])
     assert r.exit_code == 1 and "was not written by lora-audit" in r.output
     assert notes.read_text() == '{"mine": 1}'
+
+
+# ---- the verification memo's source records: a base matrix's content key without hashing it again
+def _base_and_tuned(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base")
+    tuned = tmp_path / "tuned"
+    import shutil
+
+    shutil.copytree(base, tuned)
+    t = load_file(str(tuned / "model.safetensors"))
+    for name in [n for n in t if n.endswith("proj.weight")]:
+        t[name] = t[name] + 0.01 * torch.randn(t[name].shape, generator=torch.Generator().manual_seed(len(name)))
+    save_file(t, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    return base, tuned
+
+
+def _hashes(monkeypatch):
+    import lora_audit.spectral.cache as sc
+
+    calls = []
+    real = sc.tensor_key
+
+    def counted(W0):
+        calls.append(1)
+        return real(W0)
+
+    monkeypatch.setattr(sc, "tensor_key", counted)
+    return calls
+
+
+def test_an_unchanged_base_file_is_not_hashed_again_and_an_edited_one_is(tmp_path, monkeypatch):
+    import time
+
+    import lora_audit.cache as store
+    from lora_audit.spectral.api import run_spectrum
+
+    monkeypatch.setattr(store, "MEMO_MARGIN_NS", 0)  # the fixture's files are seconds old
+    base, tuned = _base_and_tuned(tmp_path)
+    cache = tmp_path / "cache"
+
+    def audit():
+        res = run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=cache)
+        return {m.name: m.max_cos for m in res.results[0].matrices}
+
+    hashes = _hashes(monkeypatch)
+    first = audit()  # cold: every key hashed, remembered
+    n = len(hashes)
+    assert n == len(first) > 0
+    assert audit() == first and len(hashes) == n  # the keys from the memo, the same spectra
+    memo = json.loads((cache / "lora-audit-spectrum.verified.json").read_text())
+    assert len(memo["sources"]) == n
+    # the base edited in place, same size, one matrix changed: its identity changes, every key is hashed
+    time.sleep(0.05)
+    from safetensors.torch import load_file
+
+    t = load_file(str(base / "model.safetensors"))
+    name = sorted(first)[0]
+    t[name] = t[name] + torch.randn(t[name].shape, generator=torch.Generator().manual_seed(9))  # other singular vectors
+    data = (base / "model.safetensors").read_bytes()
+    save_file(t, str(tmp_path / "edited.safetensors"), metadata={"format": "pt"})
+    edited = (tmp_path / "edited.safetensors").read_bytes()
+    assert len(edited) == len(data)
+    with open(base / "model.safetensors", "r+b") as fh:  # in place: the same inode
+        fh.write(edited)
+    third = audit()
+    assert len(hashes) == 2 * n  # hashed again
+    assert third[name] != first[name] and {k: v for k, v in third.items() if k != name} == \
+        {k: v for k, v in first.items() if k != name}
+
+
+def test_a_forged_source_record_is_not_used(tmp_path, monkeypatch):
+    import lora_audit.cache as store
+    from lora_audit.spectral.api import run_spectrum
+
+    monkeypatch.setattr(store, "MEMO_MARGIN_NS", 0)
+    base, tuned = _base_and_tuned(tmp_path)
+    cache = tmp_path / "cache"
+    run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=cache)
+    path = cache / "lora-audit-spectrum.verified.json"
+    memo = json.loads(path.read_text())
+    first = sorted(memo["sources"])[0]
+    memo["sources"][first][5] = "0" * 64  # another key for that matrix, the MAC not recomputed
+    path.write_text(json.dumps(memo))
+    hashes = _hashes(monkeypatch)
+    res = run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=cache)
+    assert len(hashes) == len(memo["sources"]) and res.results[0].matrices
