@@ -55,11 +55,11 @@ in one more authenticated file, ``<root>/<format>.verified.json``::
 and a later read of an entry whose file has the identity recorded (before and after it is
 mapped) does not hash it again (on POSIX systems only: ``MEMO_SOUND``): the header, metadata and
 the caller's ``check`` are still read and checked. "sources" does the same for the content keys
-callers compute from other files (the spectrum cache: a base matrix's key, for a tensor stored
-as it is in a model's safetensors file, by ``source_key`` / ``remember_source``): while that
-file keeps the identity it had when it was opened and hashed, its key is the one remembered,
-and the matrix is not read again. What makes that sound: changing a file's bytes, renaming or linking it sets its
-ctime to the current time, and no unprivileged process can set a ctime back (``utime`` sets
+callers compute from other files (the spectrum cache: the key of a base matrix taken from a
+tensor of a model's safetensors file, by ``source_key`` / ``remember_source``): while that file
+keeps the identity it had when it was opened and hashed, its key is the one remembered, and the
+matrix is not hashed again. What makes that sound: changing a file's bytes, renaming or linking
+it sets its ctime to the current time, and no unprivileged process can set a ctime back (``utime`` sets
 only the access and modification times), so an edited or replaced entry never has the identity
 recorded and is verified (or hashed) in full. Timestamps have a granularity (a clock tick, or a second or
 two on some file systems), so, as git does for its index, a file changed less than

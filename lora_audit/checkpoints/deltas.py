@@ -112,7 +112,7 @@ class MatrixGroup:
     reshaped_from: tuple[int, ...] | None = None  # a conv kernel's stored shape
     expert: int | None = None  # the expert of a fused (experts x out x in) stack; the name ends "[e]"
     dequantization: dict | None = None  # quantisation error record of a quantised base (checkpoints.quantized)
-    origin: tuple | None = None  # (file, identity, stored name) when W0 IS that stored tensor (WeightSource.origin)
+    origin: tuple | None = None  # (file, identity, stored name, how W0 was taken from it): WeightSource.origin
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -117,13 +117,13 @@ class AuditStream:
         deltas: list[Delta | None] = [self._delta(spec, m, raw) for spec in self._specs]
         note = self.base_source.note(m.param)
         dequantization = self.base_source.dequantization(m.param)
-        # W0 is the stored tensor's very bytes (no slice, reshape, transpose, conversion or de-quantisation)
-        as_stored = (m.expert is None and raw.dim() == 2 and not m.transposed and raw.dtype == self.dtype
-                     and dequantization is None and W0.data_ptr() == raw.data_ptr())
+        stored = self.base_source.origin(m.param) if dequantization is None else None
+        # W0 is a function of one stored tensor's bytes, named by how it was taken from them (the
+        # expert, reshape, transpose and conversion): the same file bytes give the same W0
+        how = f"{raw.dtype}|{list(raw.shape)}|expert={m.expert}|transposed={bool(m.transposed)}|{self.dtype}"
         return MatrixGroup(name=m.name, base=W0, deltas=deltas, kind=m.kind, transposed=m.transposed,
                            notes=[note] if note else [], reshaped_from=m.reshaped_from, expert=m.expert,
-                           dequantization=dequantization,
-                           origin=self.base_source.origin(m.param) if as_stored else None)
+                           dequantization=dequantization, origin=(*stored, how) if stored is not None else None)
 
     def _delta(self, spec: _Tuned, m: Matrix, raw: torch.Tensor) -> Delta | None:
         if spec.weights is not None:

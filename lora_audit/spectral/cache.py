@@ -214,15 +214,16 @@ class SpectrumCache:
         return key, self.load(key, W0.dtype, (int(W0.shape[0]), int(W0.shape[1])))
 
     def key_of(self, W0: Tensor, origin: tuple | None = None) -> str:
-        """``tensor_key(W0)``. When W0 is a file's stored tensor as it is (``origin`` = (file, the
-        file's identity when it was opened, the tensor's name in it)) and the file still has that
-        identity, the key the verification memo remembers for that tensor of that file is the
-        same hash, without reading W0 again (``lora_audit.cache``: a file's bytes cannot change
-        without its identity changing); otherwise the key is computed, and remembered."""
+        """``tensor_key(W0)``. When W0 was taken from one stored tensor of a file (``origin`` = (file,
+        the file's identity when it was opened, the tensor's name in it, how W0 was taken from it:
+        ``MatrixGroup.origin``)) and the file still has that identity, the key the verification
+        memo remembers for it is the same hash, without reading W0 again (``lora_audit.cache``: a
+        file's bytes cannot change without its identity changing, and W0 is a function of them);
+        otherwise the key is computed, and remembered."""
         if origin is None:
             return tensor_key(W0)
-        path, opened, stored = origin
-        record = content_key("lora-audit-spectrum-source/1", str(Path(path).resolve()), stored, _KEY_SCHEME,
+        path, opened, stored, how = origin
+        record = content_key("lora-audit-spectrum-source/1", str(Path(path).resolve()), stored, how, _KEY_SCHEME,
                              _DTYPES.get(W0.dtype, str(W0.dtype)), json.dumps(list(W0.shape)))
         same = file_identity(path) == opened  # the file has not changed since it was mapped
         if same:

@@ -347,19 +347,19 @@ def test_ls_json_to_a_file(tmp_path):
 
 
 # ---- the verification memo's source records: a base matrix's content key without hashing it again
-def _base_and_tuned(tmp_path):
+def _base_and_tuned(tmp_path, dtype=torch.float32):
     from safetensors.torch import load_file
 
     from tests.helpers import make_tiny_llama
 
-    base = make_tiny_llama(tmp_path / "base")
+    base = make_tiny_llama(tmp_path / "base", dtype=dtype)
     tuned = tmp_path / "tuned"
     import shutil
 
     shutil.copytree(base, tuned)
     t = load_file(str(tuned / "model.safetensors"))
     for name in [n for n in t if n.endswith("proj.weight")]:
-        t[name] = t[name] + 0.01 * torch.randn(t[name].shape, generator=torch.Generator().manual_seed(len(name)))
+        t[name] = t[name] + 0.01 * torch.randn(t[name].shape, generator=torch.Generator().manual_seed(len(name))).to(dtype)
     save_file(t, str(tuned / "model.safetensors"), metadata={"format": "pt"})
     return base, tuned
 
@@ -434,3 +434,22 @@ def test_a_forged_source_record_is_not_used(tmp_path, monkeypatch):
     hashes = _hashes(monkeypatch)
     res = run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=cache)
     assert len(hashes) == len(memo["sources"]) and res.results[0].matrices
+
+
+def test_a_bfloat16_base_converted_to_float32_is_not_hashed_again_either(tmp_path, monkeypatch):
+    """W0 is a function of the stored bytes (converted to float32 here): the key is remembered under
+    how it was taken from them."""
+    import lora_audit.cache as store
+    from lora_audit.spectral.api import run_spectrum
+
+    monkeypatch.setattr(store, "MEMO_MARGIN_NS", 0)
+    base, tuned = _base_and_tuned(tmp_path, torch.bfloat16)
+    hashes = _hashes(monkeypatch)
+    first = run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    n = len(hashes)
+    again = run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    assert n > 0 and len(hashes) == n
+    assert [m.max_cos for m in again.results[0].matrices] == [m.max_cos for m in first.results[0].matrices]
+    # a float64 audit of the same file is another W0: its own key, hashed
+    run_spectrum(base, [tuned], device="cpu", progress=False, cache_dir=tmp_path / "cache", float64=True)
+    assert len(hashes) == 2 * n
