@@ -461,9 +461,9 @@ class EntryStore:
         if not self._settled(identity):
             return  # changed within a timestamp tick or two of now: an edit might keep this identity
         with self._memo_lock:
+            self._memo_loaded()
             self._memo_new[key] = identity
-            if self._memo is not None:
-                self._memo[key] = identity
+            self._memo[key] = identity  # type: ignore[index]
 
     def source_key(self, record: str, identity: list[int]) -> str | None:
         """The content key remembered for ``record`` (the caller's name for one tensor of one file,
@@ -502,10 +502,11 @@ class EntryStore:
             return None
         return doc if isinstance(doc, dict) and doc.get("format") == self.format else None
 
-    def _read_memo(self) -> tuple[dict[str, list], dict[str, list]]:
-        """(verified entries, remembered source keys) of the memo file; both empty when there is
-        none, or it is damaged, forged, of another version or written with another key file."""
-        doc = self._memo_file()
+    def _read_memo(self, doc: dict | None = None) -> tuple[dict[str, list], dict[str, list]]:
+        """(verified entries, remembered source keys) of the memo file (or of its JSON ``doc``, read
+        already); both empty when there is none, or it is damaged, forged, of another version or
+        written with another key file."""
+        doc = doc if doc is not None else self._memo_file()
         if doc is None or doc.get("version") != MEMO_VERSION:
             return {}, {}
         entries, sources = doc.get("entries"), doc.get("sources")
@@ -532,9 +533,10 @@ class EntryStore:
             new_sources, self._sources_new = self._sources_new, {}
         if not new and not new_sources:
             return
-        if self.memo_path.exists() and self._memo_file() is None:
+        doc = self._memo_file()
+        if doc is None and self.memo_path.exists():
             return  # not ours: never replaced
-        entries, sources = self._read_memo()
+        entries, sources = self._read_memo(doc)
         entries = {k: v for k, v in {**entries, **new}.items() if self.path_for(k).is_file()}
         sources = {**sources, **new_sources}
         doc = {"format": self.format, "version": MEMO_VERSION, "entries": entries, "sources": sources,

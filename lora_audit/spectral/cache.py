@@ -19,9 +19,10 @@ safetensors checks the header and the payload's extent, the metadata must name t
 U (m, p), S (p,), Vh (p, n) of that dtype, and the MAC, recomputed over all of it as read (one
 pass over the memory-mapped file), must equal the one stored (an entry verified so before,
 whose file has not changed since, is not hashed again: the verification memo of
-``lora_audit.cache``, which says why that is sound). The memo also keeps each base matrix's key
-by the model file it is stored in as it is (``SpectrumCache.key_of``): a later audit of the same,
-unchanged file neither reads nor hashes the matrix to find its entry. A truncated, bit-flipped,
+``lora_audit.cache``, which says why that is sound). The memo also keeps the key of each base matrix
+taken from a tensor of a model's safetensors file, by that file (``SpectrumCache.key_of``): a later
+audit of the same, unchanged file does not hash the matrix to find its entry (nor read it, when it
+is stored as the audit uses it). A truncated, bit-flipped,
 mislabelled, renamed, forged or older-format entry is reported with a ``CacheWarning``, deleted
 and recomputed: never used. Format versions: 1 carried a CRC-32, 2 an HMAC-SHA256 and a SHA-256
 key; 3 (this one) keyed BLAKE3 and a BLAKE3 key, four times faster to verify. Entries of
@@ -208,8 +209,8 @@ class SpectrumCache:
                ) -> tuple[str, BaseSpectrum | None]:
         """(key, verified spectrum on the CPU) or (key, None) on a miss. A bad entry is warned
         about, deleted and reported as a miss. Safe to call from a background thread. ``origin``:
-        W0's ``MatrixGroup.origin`` (the file it is stored in as it is), which lets ``key_of`` take
-        its key from the verification memo instead of hashing it."""
+        W0's ``MatrixGroup.origin`` (the file tensor it was taken from, and how), which lets
+        ``key_of`` take its key from the verification memo instead of hashing it."""
         key = key or self.key_of(W0, origin)
         return key, self.load(key, W0.dtype, (int(W0.shape[0]), int(W0.shape[1])))
 
