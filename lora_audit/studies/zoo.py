@@ -122,6 +122,27 @@ def panel_runs(quick: bool = False) -> tuple[PanelRun, ...]:
         # over-refusal: the direction added
         _edit("o-add-lora-0.5", "addition", 0.5), _edit("o-add-lora-1.0", "addition", 1.0),
         _edit("o-add-lora-2.0", "addition", 2.0), _edit("o-add-full-1.0", "addition", 1.0, form="full"),
+        # The second registration (2026-12-03, before these were run): the first 45 models bunched their
+        # drops at 0 and 100 points (6 of 45 in the 10-40 band). Each setting below lies between two
+        # measured neighbours of the first panel whose drops straddle the band (named in the comments);
+        # none was tried first, and every one is reported, wherever it lands.
+        PanelRun("b-lora-lr5e-4-s32", "lora", A, 32, 5e-4),  # lr 3e-4: 0, lr 1e-3: 47.5
+        PanelRun("b-lora-lr1e-3-s16", "lora", A, 16, 1e-3),  # 32 steps: 47.5
+        PanelRun("b-dora-lr6e-4-s32", "dora", A, 32, 6e-4),  # lr 3e-4: 0, lr 1e-3: 42.5
+        PanelRun("b-rslora-r64-lr3e-4-s32", "rslora", A, 32, 3e-4, rank=64),  # lr 5e-4: 30
+        PanelRun("b-rslora-r16-lr5e-4-s32", "rslora", A, 32, 5e-4, rank=16),  # lr 1e-3: 70
+        PanelRun("b-full-lr2e-4-s32", "full", A, 32, 2e-4),  # lr 1e-4: 12.5
+        PanelRun("u-lora-lr3e-4-s12", "lora", U, 12, 3e-4, role="undo"),  # 8 steps: 0, 16 steps: 35
+        PanelRun("u-lora-lr2e-4-s16", "lora", U, 16, 2e-4, role="undo"),  # lr 3e-4: 35
+        PanelRun("u-dora-lr2e-4-s16", "dora", U, 16, 2e-4, role="undo"),  # lr 3e-4: 47.5
+        PanelRun("u-full-lr1.5e-5-s16", "full", U, 16, 1.5e-5, role="undo"),  # lr 1e-5: 2.5, lr 3e-5: 100
+        PanelRun("u-full-lr2e-5-s16", "full", U, 16, 2e-5, role="undo"),
+        PanelRun("m25-lora-lr2e-4-s32", "lora", "mix:0.25", 32, 2e-4, role="mix"),  # lr 3e-4: 70
+        PanelRun("m10-lora-lr5e-4-s32", "lora", "mix:0.1", 32, 5e-4, role="mix"),  # lr 1e-3: 97.5
+        PanelRun("m25-full-lr2e-5-s32", "full", "mix:0.25", 32, 2e-5, role="mix"),  # lr 1e-5: 12.5
+        _edit("a-all-lora-0.35", "ablation", 0.35),  # 0.25: 15, 0.5: 72.5
+        _edit("a-all-full-0.35", "ablation", 0.35, form="full"),
+        _edit("a-window-lora-0.5", "ablation", 0.5, "window:3"),  # 1.0: 100
     ) + demo_runs(quick)
 
 
