@@ -27,7 +27,8 @@ Edits (``ablation_delta``, ``addition_delta``), all exact functions of the base 
 
 ``write_edit`` saves an edit as a PEFT LoRA adapter (rank 1 per edited matrix, from its factors:
 scale 1, B = the left factor, A = the right one) or as a full model folder (the base's weights
-plus dW), each with a training.json saying what it is.
+plus dW), each with a training.json saying what it is. The ablation's factors and the writing are
+``studies.edits``' (``ablation_factors``, ``write_factors``), shared with the tests' edits.
 """
 
 from __future__ import annotations
@@ -182,69 +183,38 @@ def blocks_of(edit: Edit, chosen: int) -> tuple[int, ...]:
 def edit_factors(model: nn.Module, tokenizer, edit: Edit, direction: ChosenDirection) -> dict[str, tuple[Tensor, Tensor]]:
     """module name -> (left (out, 1), right (1, in)) with dW = left @ right in the module's own
     orientation (embedding: (vocab, d) = left (vocab, 1) @ right (1, d))."""
+    from .edits import ablation_factors
+
     r = torch.tensor(direction.unit, dtype=torch.float64)
     emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    emb = model.get_input_embeddings().weight.detach().double()
-    out: dict[str, tuple[Tensor, Tensor]] = {}
     if edit.kind == "addition":
-        out[emb_name] = (torch.ones(emb.shape[0], 1, dtype=torch.float64),
-                         (edit.strength * direction.norm * r)[None, :])
-        return out
+        rows = model.get_input_embeddings().weight.shape[0]
+        return {emb_name: (torch.ones(rows, 1, dtype=torch.float64), (edit.strength * direction.norm * r)[None, :])}
     if edit.kind != "ablation":
         raise ValueError(f"unknown edit {edit.kind!r}")
-    mods = dict(model.named_modules())
     writers = _writers(model, tokenizer, "Hello").writers
-    if edit.layers == "all":
-        out[emb_name] = ((emb @ r)[:, None], (-edit.strength * r)[None, :])
-    chosen = writers if edit.layers == "all" else [w for w in writers if w.layer in blocks_of(edit, direction.layer)]
-    for w in chosen:
-        W = mods[w.module].weight.detach().double()  # (d, in)
-        out[w.module] = ((-edit.strength * r)[:, None], (r @ W)[None, :])
-    return out
+    if edit.layers != "all":
+        writers = [w for w in writers if w.layer in blocks_of(edit, direction.layer)]
+    return ablation_factors(model, [w.module for w in writers], [emb_name] if edit.layers == "all" else [], r,
+                            edit.strength)
 
 
 def write_edit(base: Path, out: Path, edit: Edit, direction: ChosenDirection, *, device: str = "cpu") -> dict:
     """Apply ``edit`` to ``base`` and save it to ``out`` (atomically) with training.json."""
-    from peft import LoraConfig, get_peft_model
-
     from ..checkpoints import load_model
-    from ..io import atomic_dir
     from ..results.training import TrainingResult
+    from .edits import check_form, write_factors
 
+    check_form(edit.form)
     t0 = time.perf_counter()
     loaded = load_model(str(base), device=device)
     model, tok = loaded.model, loaded.tokenizer
     factors = edit_factors(model, tok, edit, direction)
     settings = {"method": f"{edit.kind}-{edit.form}", "base": str(base), "edit": asdict(edit),
                 "layer": direction.layer, "modules": sorted(factors)}
-    with atomic_dir(out, what="zoo weight edit") as tmp:
-        if edit.form == "full":
-            mods = dict(model.named_modules())
-            with torch.no_grad():
-                for name, (left, right) in factors.items():
-                    w = mods[name].weight
-                    w.add_((left @ right).to(w.dtype))
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-        else:
-            emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-            # full module names: peft matches a target by its dotted suffix, so only these modules change
-            peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0,
-                                                          target_modules=sorted(factors)))
-            mods = dict(peft_model.named_modules())
-            with torch.no_grad():
-                for name, (left, right) in factors.items():
-                    m = mods[f"base_model.model.{name}"]
-                    if name == emb_name:  # peft's embedding LoRA: delta = (B A)^T, A (1, vocab), B (d, 1)
-                        m.lora_embedding_A["default"].copy_(left.T.float())
-                        m.lora_embedding_B["default"].copy_(right.T.float())
-                    else:
-                        m.lora_A["default"].weight.copy_(right.float())
-                        m.lora_B["default"].weight.copy_(left.float())
-            peft_model.save_pretrained(str(tmp))
-        record = TrainingResult(method=f"{edit.kind}-{edit.form}", wall_time_s=round(time.perf_counter() - t0, 3),
-                                settings=settings)
-        record.write_json(tmp / "training.json")
+    record = TrainingResult(method=f"{edit.kind}-{edit.form}", wall_time_s=round(time.perf_counter() - t0, 3),
+                            settings=settings)
+    write_factors(model, tok, factors, out, form=edit.form, record=record, what="zoo weight edit")
     return record.to_json()
 
 

@@ -55,15 +55,12 @@ def direction_edit(base: str | Path, out: str | Path, direction, strength: float
     ``strength`` to ``out`` (atomically) as a PEFT adapter (``form="lora"``) or a full model
     (``"full"``); return its training.json record (also written to ``out``)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from ..checkpoints import load_model
-    from ..io import atomic_dir
     from ..results.training import TrainingResult
     from ..scan.direction import trace_residual
 
-    if form not in ("lora", "full"):
-        raise ValueError(f"form must be 'lora' or 'full', got {form!r}")
+    check_form(form)
     t0 = time.perf_counter()
     loaded = load_model(str(base), device=device)
     model, tok = loaded.model, loaded.tokenizer
@@ -72,44 +69,79 @@ def direction_edit(base: str | Path, out: str | Path, direction, strength: float
     r = r / r.norm()
     if r.numel() != residual.d_model:
         raise ValueError(f"the direction has {r.numel()} entries, the stream {residual.d_model}")
-    writers = [w for w in residual.writers if layers is None or w.layer in layers]
+    writers = [w.module for w in residual.writers if layers is None or w.layer in layers]
     tables = residual.embeddings if embeddings and (layers is None or EMBEDDINGS in layers) else []
-    modules = dict(model.named_modules())
     info = {"method": method, "base": str(base), "strength": strength, "form": form,
-            "layers": None if layers is None else sorted(layers), "writers": [w.module for w in writers],
-            "embeddings": list(tables)}
-    if form == "full":
-        with torch.no_grad():
-            for w in writers:
-                W = modules[w.module].weight  # (d, n); GPT-2's Conv1D stores (n, d)
-                if type(modules[w.module]).__name__ == "Conv1D":
-                    W.sub_((strength * (W @ r))[:, None] * r[None, :])  # (n, d) <- (n, d) - a (W r) r^T
-                else:
-                    W.sub_(strength * r[:, None] * (r @ W)[None, :])  # (d, n) <- (d, n) - a r (r^T W)
-            for e in tables:
-                E = modules[e].weight  # (vocab, d)
-                E.sub_((strength * (E @ r))[:, None] * r[None, :])
-        save = model
-    else:
-        targets = sorted({w.module for w in writers} | set(tables))
-        save = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=targets))
-        peft_modules = dict(save.named_modules())
-        with torch.no_grad():
-            for w in writers:
-                m = peft_modules[f"base_model.model.{w.module}"]
-                W = m.base_layer.weight
-                row = (W @ r) if type(m.base_layer).__name__ == "Conv1D" else (r @ W)  # r^T W in (out x in) terms
-                m.lora_A["default"].weight.copy_(row[None, :])  # (1, n)
-                m.lora_B["default"].weight.copy_(-strength * r[:, None])  # (d, 1)
-            for e in tables:
-                m = peft_modules[f"base_model.model.{e}"]
-                m.lora_embedding_A["default"].copy_((m.base_layer.weight @ r)[None, :])  # (1, vocab)
-                m.lora_embedding_B["default"].copy_(-strength * r[:, None])  # (d, 1)
+            "layers": None if layers is None else sorted(layers), "writers": writers, "embeddings": list(tables)}
+    factors = ablation_factors(model, writers, tables, r, strength)
     rec = TrainingResult(method=method, wall_time_s=round(time.perf_counter() - t0, 3),
                          settings={**info, **(record or {})})
-    with atomic_dir(Path(out), what="direction edit") as tmp:
-        save.save_pretrained(str(tmp))
-        if form == "full":
-            tok.save_pretrained(str(tmp))
-        rec.write_json(tmp / "training.json")
+    write_factors(model, tok, factors, out, form=form, record=rec, what="direction edit")
     return rec.to_json()
+
+
+def check_form(form: str) -> None:
+    if form not in ("lora", "full"):
+        raise ValueError(f"form must be 'lora' or 'full', got {form!r}")
+
+
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's: weight stored (in, out)
+
+
+def ablation_factors(model, writers: Sequence[str], tables: Sequence[str], r, strength: float) -> dict:
+    """The ablation of strength a along the unit ``r`` (module docstring) as rank-one factors, computed
+    in ``r``'s dtype: module name -> (left, right) with dW = left @ right in the matrix's own terms,
+    (out x in) for a residual writer W (dW = -a r (r^T W)) whatever its storage, (vocab x d) for an
+    embedding table E (dE = -a (E r) r^T)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in writers:
+        W = modules[name].weight.detach().to(r.dtype)  # (d, n); a Conv1D stores (n, d)
+        row = W @ r if _is_conv1d(modules[name]) else r @ W  # r^T W in (out x in) terms
+        out[name] = ((-strength * r)[:, None], row[None, :])
+    for name in tables:
+        E = modules[name].weight.detach().to(r.dtype)  # (vocab, d)
+        out[name] = ((E @ r)[:, None], (-strength * r)[None, :])
+    return out
+
+
+def write_factors(model, tokenizer, factors: dict, out: str | Path, *, form: str, record, what: str) -> None:
+    """Save ``model`` changed by rank-one ``factors`` (module name -> (left, right), dW = left @ right
+    as ``ablation_factors`` gives them) to ``out`` (atomically) with ``record`` as training.json: as
+    a PEFT LoRA adapter of rank 1 on exactly those modules (scale 1: B = left, A = right; an
+    embedding table as PEFT's embedding LoRA, whose delta is (B A)^T: A = left^T, B = right^T), or
+    as a full model folder (the weights plus dW; with tied embeddings the output head follows)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ..io import atomic_dir
+
+    check_form(form)
+    if form == "full":
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, (left, right) in factors.items():
+                W, dW = modules[name].weight, left @ right
+                W.add_((dW.T if _is_conv1d(modules[name]) else dW).to(W.dtype))
+        save = model
+    else:
+        # full module names: peft matches a target by its dotted suffix, so only these modules change
+        save = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=sorted(factors)))
+        modules = dict(save.named_modules())
+        with torch.no_grad():
+            for name, (left, right) in factors.items():
+                m = modules[f"base_model.model.{name}"]
+                if isinstance(m.get_base_layer(), torch.nn.Embedding):
+                    A, B = m.lora_embedding_A["default"], m.lora_embedding_B["default"]
+                    A.copy_(left.T.to(A.dtype))
+                    B.copy_(right.T.to(B.dtype))
+                else:
+                    A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+                    A.copy_(right.to(A.dtype))
+                    B.copy_(left.to(B.dtype))
+    with atomic_dir(Path(out), what=what) as tmp:
+        save.save_pretrained(str(tmp), safe_serialization=True)
+        if form == "full":
+            tokenizer.save_pretrained(str(tmp))
+        record.write_json(tmp / "training.json")

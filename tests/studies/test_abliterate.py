@@ -132,3 +132,29 @@ def test_direction_is_chosen_by_its_intervention_effect(tmp_path):
     r = (h.double().mean(0) - b.double().mean(0))[chosen.layer]
     assert torch.allclose(torch.tensor(chosen.unit, dtype=torch.float64), r / r.norm(), atol=1e-5)
     assert chosen.norm == pytest.approx(float(r.norm()), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["lora", "full"])
+def test_direction_edit_of_conv1d_writers_matches_the_dense_reference(tmp_path, form):
+    """GPT-2 stores its writers transposed (Conv1D, (in, out)): the shared factor writer
+    (``edits.write_factors``) must still give W - a r (r^T W) in the map's own terms, in both forms."""
+    from peft import PeftModel
+
+    from lora_audit.studies.edits import direction_edit
+    from tests.helpers import make_tiny_gpt2
+
+    base = make_tiny_gpt2(tmp_path / "gpt2")
+    model = _load(base).model
+    r = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = r / r.norm()
+    direction_edit(base, tmp_path / "edit", r.float(), 0.5, form=form)
+    edited = (PeftModel.from_pretrained(_load(base).model, str(tmp_path / "edit")).merge_and_unload()
+              if form == "lora" else _load(tmp_path / "edit").model)
+    orig, got = dict(model.named_parameters()), dict(edited.named_parameters())
+    changed = [n for n in orig if not torch.equal(orig[n], got[n])]
+    writers = {f"transformer.h.{i}.{m}.c_proj.weight" for i in range(model.config.n_layer) for m in ("attn", "mlp")}
+    assert set(changed) == writers | {"transformer.wte.weight", "transformer.wpe.weight"}  # token and position tables
+    for n in changed:
+        W = orig[n].detach().double()  # Conv1D (in, d), embedding (vocab, d): both write along their rows' d
+        want = W - 0.5 * (W @ r)[:, None] * r[None, :]
+        assert torch.allclose(got[n].double(), want, atol=1e-5), n
