@@ -206,3 +206,17 @@ def test_risk_file_carries_the_fit_and_its_validation(tmp_path, tiny_llama):
     assert v.auroc == a["risk"]["method"]["auroc"] and v.baseline_auroc == a["risk"]["method"]["baseline_auroc"]
     assert v.signal_prompts == "builtin:scan-harmful" and v.label_prompts == "builtin:harmful"
     assert v.base_fingerprint and panel["models"] == len(models)
+    from lora_audit.scan.validation import problems
+
+    assert a["risk"]["kept"] == (not problems(v))  # "kept" by the panel is "shown" by safety-scan
+
+
+@pytest.mark.parametrize("gain, ece_value, kept", [(0.04, 0.05, False), (0.05, 0.05, True), (0.06, 0.11, False)])
+def test_keep_rule_is_safety_scans(monkeypatch, gain, ece_value, kept):
+    """A risk 0.04 above the baseline is not kept (safety-scan needs 0.05), nor a miscalibrated one."""
+    from lora_audit.studies import panel as P
+
+    aurocs = iter([0.9 + gain, 0.9] * 2)  # per grouping: the risk's held-out AUROC, then the baseline's
+    monkeypatch.setattr(P, "_auroc", lambda s, y: next(aurocs))
+    monkeypatch.setattr(P, "ece", lambda s, y: (ece_value, []))
+    assert P.risk_model(_panel())["kept"] is kept
