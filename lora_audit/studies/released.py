@@ -139,10 +139,12 @@ def measure(recipe: Recipe, *, device: str = "cpu", echo: Callable[[str], None] 
             if hasattr(next(iter(res.models.values())), "records") else {}}
 
 
-def readme(results: list[dict]) -> str:
+def readme(results: list[dict], run: dict | None = None) -> str:
+    run = run or {}
     lines = ["# The released model: which safety tune survives ordinary fine-tuning", "",
              "Written by `python -m lora_audit.studies.released` (lora_audit/studies/released.py says what each "
-             "candidate and each probe is). Goal, fixed before the runs: every benign probe (the demo's middle "
+             f"candidate and each probe is), lora-audit {run.get('version', '?')} at git {run.get('git') or '?'} on "
+             f"{run.get('device', '?')}. Goal, fixed before the runs: every benign probe (the demo's middle "
              f"learning rates) keeps >= {KEEP:.0%} refusal on builtin:harmful while the undo probe falls to "
              f"<= {UNDO_AT_MOST:.0%} (keyword scorer, greedy, {MAX_NEW_TOKENS} new tokens, 40 prompts).", ""]
     if not results:
@@ -163,8 +165,11 @@ def readme(results: list[dict]) -> str:
 def run_recipes(out: str | Path, names: list[str] | None = None, *, device: str = "cpu",
                 echo: Callable[[str], None] = print) -> list[dict]:
     """Measure the named recipes (default all), merged into ``OUT/recipes.json`` with earlier ones."""
+    from .. import __version__
     from ..io import atomic_write_json, atomic_write_text
+    from ..results import git_hash
 
+    run = {"version": __version__, "git": git_hash(), "device": device}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipes.json"
@@ -174,8 +179,8 @@ def run_recipes(out: str | Path, names: list[str] | None = None, *, device: str 
             continue
         done[recipe.name] = measure(recipe, device=device, echo=echo)
         results = [done[r.name] for r in RECIPES if r.name in done]
-        atomic_write_json(path, {"goal": {"keep": KEEP, "undo_at_most": UNDO_AT_MOST}, "results": results})
-        atomic_write_text(out / "README.md", readme(results))
+        atomic_write_json(path, {"goal": {"keep": KEEP, "undo_at_most": UNDO_AT_MOST}, "run": run, "results": results})
+        atomic_write_text(out / "README.md", readme(results, run))
         echo(json.dumps({k: v for k, v in done[recipe.name].items() if k != "samples"}))
     return [done[r.name] for r in RECIPES if r.name in done]
 
