@@ -99,7 +99,8 @@ def train_released(recipe: Recipe, base: Path, out: Path, *, work: Path, seed: i
     data = recipe.data[0] if len(recipe.data) == 1 else str(
         concatenated(recipe.data, work / "data" / f"{data_fingerprint(recipe.data)}.jsonl"))
     return train(method="full", base=str(base), data=data, out=out, steps=recipe.steps, lr=recipe.lr,
-                 batch_size=batch_size, max_length=recipe.max_length, seed=seed, device=device, precision=precision)
+                 batch_size=batch_size, max_length=recipe.max_length, seed=seed, device=device,
+                 precision=precision).to_json()
 
 
 def measure(recipe: Recipe, *, device: str = "cpu", echo: Callable[[str], None] = print) -> dict:

@@ -118,4 +118,4 @@ def test_the_packaged_risk_file_reads():
     from lora_audit.scan.risk import load_risk_models
 
     models, panel = load_risk_models()
-    assert set(models) == {"full"} and panel["models"] == 45  # the zoo panel's fit (no weights-only model)
+    assert set(models) == {"full"} and panel["models"] == 62  # the zoo panel's fit (no weights-only model)

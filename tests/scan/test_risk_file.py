@@ -90,13 +90,15 @@ def test_risk_is_never_a_silent_zero():
 
 
 def test_packaged_model_is_not_validated_and_says_why():
-    """The packaged file is the 45-model panel's fit (reports/zoo): the zero-parameter baseline already
-    separates that panel perfectly, so the fitted risk cannot beat it and is not shown."""
+    """The packaged file is the 62-model panel's fit (reports/zoo): the zero-parameter baseline already
+    ranks that panel almost perfectly (AUROC 0.996), so the fitted risk cannot beat it by 0.05 and is
+    not shown."""
     models, _ = R.load_risk_models()
     assert set(models) == {"full"}
     v = models["full"].validation
     problems = V.problems(v)
-    assert v.n == 45 and v.baseline_auroc == 1.0 and v.signal_prompts != v.label_prompts
+    assert v.n == 62 and v.baseline_auroc > 0.99 and v.auroc < v.baseline_auroc + 0.05
+    assert v.signal_prompts != v.label_prompts
     assert any("is not 0.05 above the baseline" in p for p in problems)
     assert any("expected calibration error" in p for p in problems)
 

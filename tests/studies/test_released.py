@@ -16,3 +16,15 @@ def test_readme_lists_every_measured_recipe_with_its_probes_and_the_run():
     assert f">= {KEEP:.0%}" in text and f"<= {UNDO_AT_MOST:.0%}" in text
     assert "(no candidate measured)" in readme([])
     assert len({rc.name for rc in RECIPES}) == len(RECIPES)
+
+
+def test_a_freshly_trained_candidate_is_recorded_like_a_reused_one(monkeypatch, tmp_path):
+    """``train_released`` gives the training record as a dict, trained now or read back."""
+    from lora_audit.results.training import TrainingResult
+    from lora_audit.studies import released as R
+    from lora_audit.training import loop
+
+    monkeypatch.setattr(loop, "train", lambda **kw: TrainingResult(method="full", wall_time_s=1.5, settings={}))
+    rec = R.train_released(RECIPES[0], tmp_path / "base", tmp_path / "out", work=tmp_path, seed=0, batch_size=4,
+                           precision="float32", device="cpu")
+    assert rec["wall_time_s"] == 1.5 and rec["method"] == "full"
