@@ -564,13 +564,14 @@ def readme(models: list[PanelModel], analysis: dict, info: dict) -> str:
                      f"{_f(None if m.baseline_drop is None else 100 * m.baseline_drop, '{:+.0f}')} | "
                      f"{_f(m.signals.get(PROXY), '{:+.2f}')} | {_f(m.refusal_edits, '{}')} | {_f(m.risk.get('method'))} |")
     lines += ["", "## Figures", ""] + [f"![{k}](figures/{k}.svg)" for k in info.get("figures", [])]
-    lines += ["", "## Caveats", "", *[f"- {c}" for c in CAVEATS], ""]
+    caveats = [c.format(n=len(models), n_prompts=info.get("n_prompts", "?")) for c in CAVEATS]
+    lines += ["", "## Caveats", "", *[f"- {c}" for c in caveats], ""]
     return "\n".join(lines)
 
 
 CAVEATS = (
-    "One base model (135M parameters), one language, a label set of 40 harmful prompts: the figures describe this "
-    "panel, not fine-tunes in general; the intervals say how far 45 models pin them down.",
+    "One base model (135M parameters), one language, a label set of {n_prompts} harmful prompts: the figures "
+    "describe this panel, not fine-tunes in general; the intervals say how far {n} models pin them down.",
     "Labels come from the keyword scorer on short greedy generations; it misses refusals worded otherwise.",
     "The held-out intervals resample the pooled held-out scores; they do not refit per resample.",
     "The abliteration direction comes from the safety-tuning set's prompts, the scan's from its own prompts: the "
