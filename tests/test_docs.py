@@ -147,3 +147,13 @@ def test_readme_panel_figures_are_the_committed_panels():
         v, b = t["verified_abliterations"], t["benign"]
         assert v["flagged"] == v["n"] and b["flagged"] == 0 and t["undo"]["flagged"] == 0
         assert f"flagged {v['flagged']} of {v['n']} abliterations" in text and f"0 of {b['n']} benign" in text
+
+
+def test_readme_baseline_auroc_is_the_packaged_risk_files():
+    """The README's "AUROC 0.996" for the first-token drop is the packaged risk file's record."""
+    from lora_audit.scan.risk import load_risk_models
+
+    models, _ = load_risk_models()
+    v = models["full"].validation
+    text = " ".join(_readme().split())
+    assert f"almost perfectly: AUROC {v.baseline_auroc:.3f})" in text

@@ -175,7 +175,9 @@ def run_recipes(out: str | Path, names: list[str] | None = None, *, device: str 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "recipes.json"
     if (out / "README.md").exists() and not path.is_file():  # never replace a file this study did not write
-        raise SystemExit(f"{out} holds a README.md that this study did not write (no recipes.json): choose another "
+        from ..text import printable
+
+        raise SystemExit(f"{printable(out)} holds a README.md that this study did not write (no recipes.json): choose another "
                          "folder")
     done = {r["recipe"]["name"]: r for r in json.loads(path.read_text())["results"]} if path.is_file() else {}
     for recipe in RECIPES:
